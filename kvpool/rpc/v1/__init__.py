@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for kvpool.v1 (see tools/gen_proto.py)."""

@@ -1,0 +1,40 @@
+"""The ``kvpool`` command: ``serve``, ``admin``, ``replay``.
+
+Each subcommand lives in its own module with ``register(subparsers)``, which adds its
+parser and sets ``func`` to a callable taking the parsed args and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvpool import __version__
+from kvpool.cli import admin, serve
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpool", description="A tiered KV-cache pool for LLM inference.")
+    parser.add_argument("--version", action="version", version=f"kvpool {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    serve.register(sub)
+    admin.register(sub)
+    try:
+        from kvpool.cli import replay
+    except ImportError:  # the replay tool is optional in a trimmed install
+        replay = None
+    if replay is not None:
+        replay.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

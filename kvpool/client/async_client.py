@@ -1,0 +1,337 @@
+"""AsyncClient: the one real client. ``kvpool.client.Client`` is a blocking facade over it.
+
+Publish (``put_blocks``, ``publish``) follows the two-phase protocol of DESIGN.md §3:
+
+1. ``PutStart(keys, sizes)``: the master answers each key PRESENT (skip), IN_FLIGHT
+   (another writer has it: skip) or GRANTED with a slot on a node;
+2. the client copies each granted block straight into its slot over the data plane and,
+   at the same time on another thread, computes its xxh3-64 checksum;
+3. ``PutCommit(checksums)`` makes the blocks visible. If anything fails before the
+   commit, the client sends ``PutAbort`` so the slots are freed at once.
+
+Read (``get_blocks``, ``fetch``): ``Lookup``/``Get`` leases the blocks (they cannot be
+evicted or freed), the client copies them out, then releases the lease in the background.
+
+Every call is batched: one RPC per batch, whatever its length. gRPC statuses surface as
+:mod:`kvpool.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import numpy as np
+import xxhash
+
+from kvpool.client.buffers import block_views, byte_view
+from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
+from kvpool.identity import Namespace, pack_keys
+from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
+from kvpool.transport.base import Transport
+from kvpool.transport.shm import ShmTransport
+from kvpool.wire import unpack_records
+
+__all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+#: Data-plane transports this client speaks, in order of preference.
+_TRANSPORTS: tuple[type, ...] = (ShmTransport,)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    written: int    # blocks this call wrote and committed
+    present: int    # blocks already in the pool (deduplicated)
+    in_flight: int  # blocks another writer was writing at the time
+
+
+def _checksums(views: Sequence[np.ndarray]) -> list[int]:
+    digest = xxhash.xxh3_64_intdigest
+    return [digest(v) for v in views]
+
+
+def namespace_to_proto(ns: Namespace) -> common_pb2.Namespace:
+    lay = ns.layout
+    return common_pb2.Namespace(
+        model=ns.model, tp_rank=ns.tp_rank, tp_size=ns.tp_size, tenant=ns.tenant, lora=ns.lora, salt=ns.salt,
+        layout=common_pb2.KVLayout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads,
+                                   head_dim=lay.head_dim, dtype=lay.dtype, block_tokens=lay.block_tokens,
+                                   kv_kind=lay.kv_kind),
+    )
+
+
+class AsyncClient:
+    """Client of a kvpool master and its nodes.
+
+    ``namespace`` is the default for every call; pass ``namespace=`` to a call to override.
+    Use as ``async with AsyncClient(addr, ns) as c:`` or call :meth:`close`.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
+                 timeout: float = 30.0, copy_threads: int = 2) -> None:
+        self.address = address
+        self.namespace = namespace
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pool_pb2_grpc.KVPoolStub | None = None
+        self._registered: set[str] = set()
+        self._transports: dict[tuple[int, str], Transport] = {}
+        self._pool = ThreadPoolExecutor(max_workers=copy_threads, thread_name_prefix="kvpool-copy")
+        self._background: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def __aenter__(self) -> "AsyncClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the channel and register the default namespace (optional: calls do it lazily)."""
+        self._ensure_channel()
+        if self.namespace is not None:
+            await self.register(self.namespace)
+
+    def _ensure_channel(self) -> pool_pb2_grpc.KVPoolStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_GRPC_OPTIONS)
+            self._stub = pool_pb2_grpc.KVPoolStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for t in self._transports.values():
+            t.close()
+        self._transports.clear()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+        self._pool.shutdown(wait=True)
+
+    async def _call(self, name: str, request):
+        stub = self._ensure_channel()
+        try:
+            return await getattr(stub, name)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_status(exc.code(), exc.details()) from None
+
+    async def _call_ns(self, ns: Namespace, name: str, request):
+        """Call with the namespace registered; re-register once if the master forgot it (restart)."""
+        if ns.id not in self._registered:
+            await self.register(ns)
+        try:
+            return await self._call(name, request)
+        except NotFound as exc:
+            if "not registered" not in str(exc):
+                raise
+            self._registered.discard(ns.id)
+            await self.register(ns)
+            return await self._call(name, request)
+
+    def _ns(self, namespace: Namespace | None) -> Namespace:
+        ns = namespace or self.namespace
+        if ns is None:
+            raise InvalidArgument("no namespace: pass namespace= here or to the client's constructor")
+        return ns
+
+    def _transport(self, node: common_pb2.NodeEndpoint) -> Transport:
+        endpoint = {"host_id": node.host_id, "transports": dict(node.transports),
+                    "segment_bytes": dict(node.segment_bytes)}
+        for cls in _TRANSPORTS:
+            addr = endpoint["transports"].get(cls.name)
+            if addr is None:
+                continue
+            key = (node.node_id, addr)
+            t = self._transports.get(key)
+            if t is not None:
+                return t
+            if cls.reachable(endpoint):
+                t = self._transports[key] = cls(addr, endpoint["segment_bytes"][cls.name])
+                return t
+        raise Unavailable(
+            f"no data transport reaches node {node.name!r} (id {node.node_id}): it offers "
+            f"{sorted(endpoint['transports'])}, this client speaks {[c.name for c in _TRANSPORTS]}; "
+            f"shared memory needs the client on the node's host"
+        )
+
+    def _by_node(self, locations: common_pb2.Locations):
+        """Records grouped per node transport: yields (transport, record indices, records)."""
+        records = unpack_records(locations.records)
+        nodes = {n.node_id: n for n in locations.nodes}
+        if len(nodes) == 1:
+            (node,) = nodes.values()
+            yield self._transport(node), list(range(len(records))), records
+            return
+        for node_id, node in nodes.items():
+            idx = np.flatnonzero(records["node_id"] == node_id)
+            yield self._transport(node), idx.tolist(), records[idx]
+
+    def _release_later(self, lease_id: str) -> None:
+        if not lease_id:
+            return
+        task = asyncio.ensure_future(self._release([lease_id]))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, lease_ids: list[str]) -> None:
+        try:
+            await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=lease_ids))
+        except KvpoolError:
+            pass  # the lease expires by itself; nothing is lost
+
+    # ------------------------------------------------------------------ namespaces
+
+    async def register(self, namespace: Namespace | None = None) -> str:
+        """Register a namespace with the master; returns its id. Idempotent."""
+        ns = self._ns(namespace)
+        resp = await self._call("RegisterNamespace", pool_pb2.RegisterNamespaceRequest(namespace=namespace_to_proto(ns)))
+        if resp.namespace_id != ns.id:
+            raise KvpoolError(f"master computed namespace id {resp.namespace_id}, client {ns.id}: identity drift")
+        self._registered.add(ns.id)
+        return ns.id
+
+    # ------------------------------------------------------------------ block level
+
+    async def put_blocks(self, keys: Sequence[bytes], blocks, *, namespace: Namespace | None = None,
+                         first_position: int | None = None) -> PutResult:
+        """Publish blocks under ``keys``: a list of buffers or one contiguous buffer of them."""
+        ns = self._ns(namespace)
+        size = ns.layout.block_bytes
+        views = block_views(blocks, len(keys), size)
+        req = pool_pb2.PutStartRequest(namespace_id=ns.id, keys=pack_keys(keys), sizes=[size] * len(keys))
+        if first_position is not None:
+            req.first_position = first_position
+        resp = await self._call_ns(ns, "PutStart", req)
+        status = resp.status
+        granted = [i for i, s in enumerate(status) if s == pool_pb2.PUT_GRANTED]
+        present = sum(1 for s in status if s == pool_pb2.PUT_PRESENT)
+        in_flight = len(keys) - len(granted) - present
+        if not granted:
+            return PutResult(0, present, in_flight)
+        loop = asyncio.get_running_loop()
+        sources = [views[i] for i in granted]
+        try:
+            # Hash on one thread while another copies: both release the GIL.
+            hashing = loop.run_in_executor(self._pool, _checksums, sources)
+            copies = [loop.run_in_executor(self._pool, t.write, recs, [sources[i] for i in idx])
+                      for t, idx, recs in self._by_node(resp.grants)]
+            await asyncio.gather(*copies)
+            checksums = await hashing
+        except BaseException:
+            try:
+                await self._call("PutAbort", pool_pb2.PutAbortRequest(put_id=resp.put_id))
+            except KvpoolError:
+                pass  # the grant expires by itself
+            raise
+        await self._call("PutCommit", pool_pb2.PutCommitRequest(put_id=resp.put_id, checksums=checksums))
+        return PutResult(len(granted), present, in_flight)
+
+    async def get_blocks(self, keys: Sequence[bytes], out=None, *, namespace: Namespace | None = None,
+                         allow_missing: bool = False) -> list:
+        """Read blocks. ``out``: buffers to fill (a list, or one contiguous buffer); else new arrays.
+
+        Raises :class:`BlockNotFound` if any key is absent, unless ``allow_missing``, in which
+        case absent blocks come back as None (and their ``out`` buffers are left untouched).
+        """
+        ns = self._ns(namespace)
+        size = ns.layout.block_bytes
+        dests = block_views(out, len(keys), size, writable=True) if out is not None else None
+        resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys)))
+        found = resp.found
+        try:
+            if not allow_missing and len(resp.locations.records) // 32 != len(keys):
+                missing = [k for k, f in zip(keys, found) if not f]
+                raise BlockNotFound(
+                    f"{len(missing)} of {len(keys)} blocks are not in the pool (first missing: "
+                    f"{missing[0].hex()}); they were never put, or were evicted or removed"
+                )
+            hit_idx = [i for i, f in enumerate(found) if f]
+            if dests is None:
+                targets = [np.empty(size, dtype=np.uint8) for _ in hit_idx]
+            else:
+                targets = [dests[i] for i in hit_idx]
+            if hit_idx:
+                await self._read(resp.locations, targets)
+        finally:
+            self._release_later(resp.lease_id)
+        results: list = [None] * len(keys)
+        for j, i in enumerate(hit_idx):
+            results[i] = (out[i] if isinstance(out, (list, tuple)) else targets[j]) if out is not None else targets[j]
+        return results
+
+    async def _read(self, locations: common_pb2.Locations, targets: list[np.ndarray]) -> None:
+        loop = asyncio.get_running_loop()
+        reads = [loop.run_in_executor(self._pool, t.read, recs, [targets[i] for i in idx])
+                 for t, idx, recs in self._by_node(locations)]
+        await asyncio.gather(*reads)
+
+    async def lookup(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
+        """How many leading ``keys`` are in the pool (no lease taken)."""
+        ns = self._ns(namespace)
+        resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(
+            namespace_id=ns.id, keys=pack_keys(keys), count_only=True))
+        return resp.hit_blocks
+
+    async def lookup_leased(self, keys: Sequence[bytes], *, namespace: Namespace | None = None):
+        """Longest present prefix with its locations, under a read lease (the raw response).
+
+        The caller must ``release([resp.lease_id])`` when done, or let the lease expire.
+        """
+        ns = self._ns(namespace)
+        return await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
+
+    async def release(self, lease_ids: Sequence[str]) -> int:
+        resp = await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=list(lease_ids)))
+        return resp.released
+
+    async def remove(self, keys: Sequence[bytes]) -> int:
+        """Remove blocks; returns how many were present (leased ones go when released)."""
+        resp = await self._call("Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys)))
+        return resp.removed + resp.deferred
+
+    async def stats(self) -> common_pb2.StatsResponse:
+        return await self._call("Stats", common_pb2.StatsRequest())
+
+    # ------------------------------------------------------------------ token level
+
+    async def match(self, tokens, *, namespace: Namespace | None = None) -> int:
+        """Number of leading full blocks of ``tokens`` already cached."""
+        ns = self._ns(namespace)
+        keys = ns.keys(tokens)
+        return await self.lookup(keys, namespace=ns) if keys else 0
+
+    async def publish(self, tokens, kv_blocks, *, namespace: Namespace | None = None) -> PutResult:
+        """Publish the KV of every full block of ``tokens`` (one block per full block)."""
+        ns = self._ns(namespace)
+        keys = ns.keys(tokens)
+        if not keys:
+            return PutResult(0, 0, 0)
+        return await self.put_blocks(keys, kv_blocks, namespace=ns, first_position=0)
+
+    async def fetch(self, tokens, out, *, namespace: Namespace | None = None) -> int:
+        """Copy the cached prefix of ``tokens`` into ``out``; returns the blocks copied.
+
+        ``out`` holds at least as many blocks as ``tokens`` has full blocks (a list of
+        buffers, or one contiguous buffer); blocks past the hit are left untouched.
+        """
+        ns = self._ns(namespace)
+        keys = ns.keys(tokens)
+        if not keys:
+            return 0
+        size = ns.layout.block_bytes
+        dests = block_views(out, len(keys), size, writable=True)
+        resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
+        try:
+            if resp.hit_blocks:
+                await self._read(resp.locations, dests[: resp.hit_blocks])
+        finally:
+            self._release_later(resp.lease_id)
+        return resp.hit_blocks

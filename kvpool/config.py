@@ -1,0 +1,145 @@
+"""Settings of a kvpool process, from flags, a TOML file and ``KVPOOL_*`` variables.
+
+Precedence, highest first: command-line flags, the TOML file (``--config`` or
+``KVPOOL_CONFIG``), environment variables, built-in defaults. Every setting has the same
+name everywhere: ``--metrics-port`` on the command line, ``metrics_port`` in TOML,
+``KVPOOL_METRICS_PORT`` in the environment. Sizes accept units: ``4GiB``, ``512MiB``,
+``2G`` (decimal) or plain bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = ["ServeSettings", "parse_size", "format_size", "resolve_settings", "SIZE_FIELDS"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"4GiB"`` -> 4294967296. Binary units (KiB, MiB, GiB) and decimal (KB, MB, GB)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read size {text!r}; write it like 4GiB, 512MiB, 2GB or 1048576")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return value
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}B"
+
+
+@dataclass
+class ServeSettings:
+    """Settings of ``kvpool serve`` (master and node in one process)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    #: Prometheus exporter port; 0 picks a free one, -1 disables it.
+    metrics_port: int = 9464
+    dram: int = 4 * 2**30
+    data_dir: str = "./kvpool-data"
+    node_name: str = dataclasses.field(default_factory=socket.gethostname)
+    #: Slab chunk size: the largest block a tier accepts, and its allocation granule.
+    slab_bytes: int = 64 * 2**20
+    #: Touch every page of the DRAM tier at start so no put pays for page faults.
+    prefault: bool = True
+    eviction_policy: str = "lru"
+    high_watermark: float = 0.95
+    low_watermark: float = 0.90
+    lease_ttl: float = 30.0
+    grant_ttl: float = 30.0
+    max_batch: int = 65536
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
+        if self.dram <= 0:
+            raise ValueError("dram must be a positive size such as 4GiB")
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ValueError("need 0 < low_watermark <= high_watermark <= 1")
+        if self.lease_ttl <= 0 or self.grant_ttl <= 0:
+            raise ValueError("lease_ttl and grant_ttl must be positive seconds")
+
+
+SIZE_FIELDS = {"dram", "slab_bytes"}
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in SIZE_FIELDS:
+        return parse_size(value)
+    if kind in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if kind in (int, "int"):
+        return int(value)
+    if kind in (float, "float"):
+        return float(value)
+    return str(value)
+
+
+def resolve_settings(cls, flags: Mapping[str, Any], *, config_path: str | None = None,
+                     environ: Mapping[str, str] | None = None):
+    """Build ``cls`` (a settings dataclass) from flags > TOML > environment > defaults.
+
+    ``flags`` maps field names to values, with None for flags not given.
+    """
+    environ = os.environ if environ is None else environ
+    known = {f.name: f.type for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for name, kind in known.items():
+        env = environ.get(f"KVPOOL_{name.upper()}")
+        if env is not None and env != "":
+            values[name] = _coerce(name, kind, env)
+    config_path = config_path or environ.get("KVPOOL_CONFIG") or None
+    if config_path:
+        with open(config_path, "rb") as f:
+            data = tomllib.load(f)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(
+                    f"{config_path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}"
+                )
+            values[name] = _coerce(name, known[name], value)
+    for name, value in flags.items():
+        if name in known and value is not None:
+            values[name] = _coerce(name, known[name], value)
+    settings = cls(**values)
+    if hasattr(settings, "validate"):
+        settings.validate()
+    return settings

@@ -1,0 +1,64 @@
+"""The master's view of nodes: the interface it allocates through, and the registry.
+
+The master never touches block bytes. It reserves and frees slots on a node through
+:class:`NodeHandle`. In ``kvpool serve`` the handle is the in-process node object itself;
+a node in another process is reached through an implementation of the same interface over
+gRPC. The master's code is the same either way (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from kvpool.tiers.base import Slot, TierUsage
+
+__all__ = ["NodeHandle", "NodeRegistry"]
+
+
+@runtime_checkable
+class NodeHandle(Protocol):
+    """What the master needs from a node. Calls are cheap and non-blocking."""
+
+    node_id: int
+    name: str
+
+    def tier_names(self) -> list[str]:
+        """The node's tiers, fastest first."""
+
+    def allocate(self, tier: str, size: int) -> Slot | None:
+        """Reserve a slot of ``size`` bytes in ``tier``, or None if it is full."""
+
+    def free(self, tier: str, slot: Slot) -> None:
+        """Return a slot. The master calls this exactly once per allocated slot."""
+
+    def free_slots_for(self, tier: str, size: int) -> int:
+        """How many more blocks of ``size`` the tier can take without eviction."""
+
+    def usage(self) -> list[TierUsage]: ...
+
+    def endpoint(self) -> dict:
+        """How clients reach the node: ``{"host_id", "transports", "segment_bytes"}``."""
+
+
+class NodeRegistry:
+    """Nodes known to the master, by id. Ids are small ints that appear in location records."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, NodeHandle] = {}
+
+    def add(self, node: NodeHandle) -> None:
+        if node.node_id in self._nodes:
+            raise ValueError(f"node id {node.node_id} is already registered")
+        self._nodes[node.node_id] = node
+
+    def remove(self, node_id: int) -> None:
+        self._nodes.pop(node_id, None)
+
+    def get(self, node_id: int) -> NodeHandle | None:
+        return self._nodes.get(node_id)
+
+    def __iter__(self):
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)

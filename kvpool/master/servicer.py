@@ -1,0 +1,221 @@
+"""gRPC servicers of the master: the client-facing KVPool service and the Admin service.
+
+They translate protos to :class:`~kvpool.master.index.BlockIndex` calls and back, nothing
+more. Every handler goes through :func:`rpc`, which turns :mod:`kvpool.errors` exceptions
+into gRPC statuses (the server keeps serving) and records the RPC's latency.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+
+from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound
+from kvpool.identity import KEY_BYTES, Namespace
+from kvpool.layout import KVLayout
+from kvpool.master.index import BlockIndex, Entry
+from kvpool.metrics import Metrics
+from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
+from kvpool.wire import TIER_CODES
+
+__all__ = ["PoolServicer", "AdminServicer", "stats_response"]
+
+log = logging.getLogger("kvpool.master")
+
+
+def rpc(method):
+    """Map kvpool errors to statuses and time the call (``kvpool_rpc_duration_seconds``)."""
+
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except KvpoolError as exc:
+            code = exc.code
+            await context.abort(code, str(exc))
+        except ValueError as exc:  # validation in constructors (KVLayout, Namespace)
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, f"{name}: {exc}")
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("%s failed", name)
+            code = InternalError.code
+            await context.abort(code, f"{name}: internal error ({type(exc).__name__}: {exc}); please report it")
+        finally:
+            self.metrics.observe_rpc(name, code.name, time.perf_counter() - start)
+
+    return handler
+
+
+def namespace_from_proto(msg: common_pb2.Namespace) -> Namespace:
+    if not msg.HasField("layout"):
+        raise InvalidArgument("RegisterNamespace: the namespace has no layout; set layout (KVLayout)")
+    lay = msg.layout
+    layout = KVLayout(
+        num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
+        dtype=lay.dtype or "bfloat16", block_tokens=lay.block_tokens, kv_kind=lay.kv_kind or "kv",
+    )
+    return Namespace(model=msg.model, layout=layout, tp_rank=msg.tp_rank, tp_size=msg.tp_size or 1,
+                     tenant=msg.tenant, lora=msg.lora, salt=msg.salt)
+
+
+class _Base:
+    def __init__(self, index: BlockIndex, metrics: Metrics) -> None:
+        self.index = index
+        self.metrics = metrics
+        self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
+
+    def _endpoint(self, node_id: int) -> common_pb2.NodeEndpoint:
+        ep = self._endpoints.get(node_id)
+        if ep is None:
+            node = self.index.nodes.get(node_id)
+            if node is None:
+                raise NotFound(f"node {node_id} is not registered")
+            info = node.endpoint()
+            ep = common_pb2.NodeEndpoint(node_id=node_id, name=info["name"], host_id=info["host_id"],
+                                         transports=info["transports"], segment_bytes=info["segment_bytes"])
+            self._endpoints[node_id] = ep
+        return ep
+
+    def _locations(self, entries, out: common_pb2.Locations) -> None:
+        node_ids = {e.node_id for e in entries}
+        out.nodes.extend(self._endpoint(n) for n in sorted(node_ids))
+        out.records = b"".join(e.record for e in entries)
+
+
+class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
+    @rpc
+    def RegisterNamespace(self, request, context):
+        info = self.index.register_namespace(namespace_from_proto(request.namespace))
+        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes)
+
+    @rpc
+    def PutStart(self, request, context):
+        keys = self.index.split_packed(request.keys, "PutStart")
+        first = request.first_position if request.HasField("first_position") else None
+        grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first)
+        resp = pool_pb2.PutStartResponse(put_id=grant.put_id, expires_in_ms=int(self.index.config.grant_ttl_s * 1000))
+        resp.status.extend(statuses)
+        if grant.entries:
+            self._locations(list(grant.entries.values()), resp.grants)
+        return resp
+
+    @rpc
+    def PutCommit(self, request, context):
+        keys = self.index.split_packed(request.keys, "PutCommit") if request.keys else None
+        committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums))
+        return pool_pb2.PutCommitResponse(committed=committed, released=released)
+
+    @rpc
+    def PutAbort(self, request, context):
+        return pool_pb2.PutAbortResponse(released=self.index.put_abort(request.put_id))
+
+    @rpc
+    def Lookup(self, request, context):
+        keys = self.index.split_packed(request.keys, "Lookup")
+        hits, lease = self.index.lookup(request.namespace_id, keys, lease=not request.count_only)
+        resp = pool_pb2.LookupResponse(hit_blocks=hits)
+        if lease is not None:
+            self._locations(lease.entries, resp.locations)
+            resp.lease_id = lease.lease_id
+            resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
+        return resp
+
+    @rpc
+    def Get(self, request, context):
+        keys = self.index.split_packed(request.keys, "Get")
+        found, lease = self.index.get(request.namespace_id, keys)
+        resp = pool_pb2.GetResponse(found=bytes(found))
+        if lease is not None:
+            self._locations(lease.entries, resp.locations)
+            resp.lease_id = lease.lease_id
+            resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
+        return resp
+
+    @rpc
+    def Release(self, request, context):
+        return pool_pb2.ReleaseResponse(released=self.index.release(request.lease_ids))
+
+    @rpc
+    def Remove(self, request, context):
+        keys = self.index.split_packed(request.keys, "Remove")
+        removed, deferred = self.index.remove(keys)
+        return pool_pb2.RemoveResponse(removed=removed, deferred=deferred)
+
+    @rpc
+    def Stats(self, request, context):
+        return stats_response(self.index)
+
+
+def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
+    c = index.counters
+    resp = common_pb2.StatsResponse(
+        blocks=index.block_count, bytes=index.committed_bytes(), hit_blocks=c.hit_blocks,
+        miss_blocks=c.miss_blocks, put_blocks=c.put_blocks, dedup_blocks=c.dedup_blocks,
+        evictions=sum(c.evictions.values()), pending_grants=index.pending_count,
+        active_leases=index.lease_count, namespaces=len(index.namespaces), nodes=len(index.nodes),
+        eviction_policy=index.config.eviction_policy, uptime_seconds=index.clock() - index.started,
+    )
+    for node in index.nodes:
+        for u in node.usage():
+            resp.tiers.add(tier=u.name, node_id=node.node_id, capacity_bytes=u.capacity_bytes,
+                           used_bytes=u.used_bytes, blocks=index.tier_blocks(node.node_id, u.name),
+                           evictions=c.evictions.get((node.node_id, u.name), 0))
+    return resp
+
+
+def block_detail(entry: Entry, now: float) -> admin_pb2.BlockDetail:
+    return admin_pb2.BlockDetail(
+        key=entry.key, namespace_id=entry.ns, state=entry.state, node_id=entry.node_id,
+        tier=TIER_CODES[entry.tier], offset=entry.slot.offset, size=entry.slot.size,
+        checksum=entry.checksum, leases=entry.pins, hits=entry.hits,
+        age_seconds=now - entry.created, idle_seconds=now - entry.last_access, position=entry.position,
+    )
+
+
+class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
+    @rpc
+    def ListBlocks(self, request, context):
+        if request.namespace_id:
+            self.index.namespace(request.namespace_id)
+        limit = request.limit or 100
+        now = self.index.clock()
+        resp = admin_pb2.ListBlocksResponse()
+        total = 0
+        for entry in self.index.entries(request.namespace_id):
+            if request.offset <= total < request.offset + limit:
+                resp.blocks.append(block_detail(entry, now))
+            total += 1
+        resp.total = total
+        return resp
+
+    @rpc
+    def Inspect(self, request, context):
+        if len(request.key) != KEY_BYTES:
+            raise InvalidArgument(f"Inspect: a block key is 16 bytes (32 hex digits); got {len(request.key)} bytes")
+        entry = self.index.entry(request.key)
+        if entry is None:
+            raise NotFound(f"Inspect: block {request.key.hex()} is not in the pool")
+        return admin_pb2.InspectResponse(block=block_detail(entry, self.index.clock()))
+
+    @rpc
+    def Evict(self, request, context):
+        if not request.all and request.bytes == 0:
+            raise InvalidArgument("Evict: say how much: set bytes > 0, or all=true")
+        blocks, freed, leased = self.index.evict(None if request.all else request.bytes)
+        return admin_pb2.EvictResponse(blocks=blocks, bytes=freed, skipped_leased=leased)
+
+    @rpc
+    def Flush(self, request, context):
+        removed, deferred = self.index.flush(request.namespace_id)
+        return admin_pb2.FlushResponse(removed=removed, deferred=deferred)
+
+    @rpc
+    def Stats(self, request, context):
+        return stats_response(self.index)

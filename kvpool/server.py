@@ -1,0 +1,124 @@
+"""The embedded service of ``kvpool serve``: one master and one node in one process.
+
+The master (index + servicers) reaches the node only through the NodeHandle interface,
+exactly as it would reach a node in another process; this module only wires the parts
+together, starts the gRPC server (with health checking and reflection), the Prometheus
+exporter and the expiry sweeper, and tears everything down in order.
+
+Shutdown order (SIGTERM/SIGINT): stop taking RPCs, abort in-flight puts (their slots are
+freed), stop the exporter, then close the node, which unlinks its shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvpool.config import ServeSettings, format_size
+from kvpool.master.index import BlockIndex, IndexConfig
+from kvpool.master.nodes import NodeRegistry
+from kvpool.master.servicer import AdminServicer, PoolServicer
+from kvpool.metrics import Metrics
+from kvpool.node.node import Node
+from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
+
+__all__ = ["PoolServer", "GRPC_OPTIONS"]
+
+log = logging.getLogger("kvpool.serve")
+
+#: Large enough for a 1M-token batch of keys and its location records.
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 2**20),
+    ("grpc.max_send_message_length", 64 * 2**20),
+]
+
+
+class PoolServer:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.node: Node | None = None
+        self.index: BlockIndex | None = None
+        self.metrics: Metrics | None = None
+        self._server: grpc.aio.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+        self.port = 0
+        self.metrics_port = -1
+
+    async def start(self) -> None:
+        s = self.settings
+        os.makedirs(s.data_dir, exist_ok=True)
+        self.node = Node.with_dram(1, s.node_name, s.dram, chunk_bytes=s.slab_bytes, prefault=s.prefault)
+        nodes = NodeRegistry()
+        nodes.add(self.node)
+        self.index = BlockIndex(nodes, IndexConfig(
+            grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
+            high_watermark=s.high_watermark, low_watermark=s.low_watermark,
+            eviction_policy=s.eviction_policy,
+        ))
+        self.metrics = Metrics(self.index)
+
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        services = (
+            pool_pb2.DESCRIPTOR.services_by_name["KVPool"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {s.host}:{s.port} (in use?); pick another --port")
+        await server.start()
+        for name in services[:2] + ("",):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        self._sweeper = asyncio.create_task(self._sweep())
+        shm = self.node.endpoint()["transports"].get("shm.dram", "")
+        metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s shm=/dev/shm/%s policy=%s data_dir=%s",
+                 s.host, self.port, metrics, format_size(self.node.tiers["dram"].capacity), shm,
+                 s.eviction_policy, os.path.abspath(s.data_dir))
+
+    async def _sweep(self) -> None:
+        """Expire grants and leases, and keep tiers under their high watermark."""
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                grants, leases = self.index.expire()
+                if grants or leases:
+                    log.info("expired %d put grants and %d read leases", grants, leases)
+                self.index.enforce_watermarks()
+            except Exception:  # never let the sweeper die silently
+                log.exception("sweeper failed")
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.index is not None:
+            aborted = self.index.abort_all()
+            if aborted:
+                log.info("aborted %d in-flight put blocks", aborted)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.node is not None:
+            self.node.close()
+            log.info("kvpool stopped; shared memory unlinked")
