@@ -36,6 +36,9 @@ log = logging.getLogger("kvpool.serve")
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
+    # gRPC enables SO_REUSEPORT by default: a second server on the same port would then
+    # silently share its traffic. A port in use must be an error instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -75,7 +78,10 @@ class PoolServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(services, server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:  # newer grpcio raises instead of returning 0
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {s.host}:{s.port} (in use?); pick another --port")
         await server.start()

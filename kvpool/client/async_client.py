@@ -319,14 +319,15 @@ class AsyncClient:
     async def fetch(self, tokens, out, *, namespace: Namespace | None = None) -> int:
         """Copy the cached prefix of ``tokens`` into ``out``; returns the blocks copied.
 
-        ``out`` holds at least as many blocks as ``tokens`` has full blocks (a list of
-        buffers, or one contiguous buffer); blocks past the hit are left untouched.
+        ``out`` is a list of block buffers or one contiguous buffer of whole blocks. At most
+        as many blocks as it holds are fetched; blocks past the hit are left untouched.
         """
         ns = self._ns(namespace)
-        keys = ns.keys(tokens)
+        size = ns.layout.block_bytes
+        capacity = len(out) if isinstance(out, (list, tuple)) else byte_view(out, writable=True).size // size
+        keys = ns.keys(tokens)[:capacity]
         if not keys:
             return 0
-        size = ns.layout.block_bytes
         dests = block_views(out, len(keys), size, writable=True)
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
         try:

@@ -8,6 +8,7 @@ into gRPC statuses (the server keeps serving) and records the RPC's latency.
 from __future__ import annotations
 
 import functools
+import operator
 import logging
 import time
 
@@ -22,6 +23,9 @@ from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_
 from kvpool.wire import TIER_CODES
 
 __all__ = ["PoolServicer", "AdminServicer", "stats_response"]
+
+_record_of = operator.attrgetter("record")
+_node_of = operator.attrgetter("node_id")
 
 log = logging.getLogger("kvpool.master")
 
@@ -84,9 +88,9 @@ class _Base:
         return ep
 
     def _locations(self, entries, out: common_pb2.Locations) -> None:
-        node_ids = {e.node_id for e in entries}
+        node_ids = set(map(_node_of, entries))
         out.nodes.extend(self._endpoint(n) for n in sorted(node_ids))
-        out.records = b"".join(e.record for e in entries)
+        out.records = b"".join(map(_record_of, entries))
 
 
 class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):

@@ -1,0 +1,95 @@
+"""Shared test helpers: start real `kvpool serve` processes on ephemeral loopback ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass
+class ServeProcess:
+    """A running `kvpool serve` child process and what its ready line said."""
+
+    proc: subprocess.Popen
+    address: str
+    metrics_url: str
+    shm_path: str
+    lines: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+def start_serve(tmp_path, *args: str, env: dict | None = None, timeout: float = 60.0) -> ServeProcess:
+    """Start `python -m kvpool serve` on port 0 and wait for its ready line."""
+    cmd = [sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "0",
+           "--data-dir", str(tmp_path / "data"), *args]
+    # Tests default to a small DRAM tier through the environment, the lowest precedence,
+    # so that flags and TOML files under test still win.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
+    full_env["KVPOOL_DRAM"] = "64MiB"
+    full_env.update(env or {})
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=full_env)
+    lines: list[str] = []
+    ready = threading.Event()
+    found: dict[str, str] = {}
+
+    def pump() -> None:  # keep reading so the child never blocks on a full pipe
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"ready grpc=(\S+) metrics=(\S+) .*shm=(\S+)", line)
+            if m:
+                found.update(address=m.group(1), metrics=m.group(2), shm=m.group(3))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.1):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("kvpool serve did not become ready:\n" + "".join(lines))
+    if "address" not in found:
+        proc.wait(timeout=10)
+        raise RuntimeError(f"kvpool serve exited with {proc.returncode}:\n" + "".join(lines))
+    return ServeProcess(proc, found["address"], found["metrics"], found["shm"], lines)
+
+
+@pytest.fixture
+def serve_factory(tmp_path):
+    """Start servers with custom flags; all are stopped at the end of the test."""
+    started: list[ServeProcess] = []
+
+    def factory(*args: str, env: dict | None = None) -> ServeProcess:
+        sp = start_serve(tmp_path, *args, env=env)
+        started.append(sp)
+        return sp
+
+    yield factory
+    for sp in started:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+            sp.proc.wait()
+        if os.path.exists(sp.shm_path):
+            os.unlink(sp.shm_path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One shared server (64 MiB DRAM) for a test module."""
+    sp = start_serve(tmp_path_factory.mktemp("serve"))
+    yield sp
+    sp.stop()
