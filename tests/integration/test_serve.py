@@ -103,3 +103,14 @@ def test_port_in_use_is_reported(server, tmp_path):
     port = server.address.rsplit(":", 1)[1]
     r = run_serve("--port", port, "--dram", "8MiB", "--data-dir", str(tmp_path))
     assert r.returncode != 0 and "in use" in r.stderr
+
+
+def test_metrics_pass_promtool_lint(server):
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (make test installs it with the prometheus package)")
+    body = urllib.request.urlopen(server.metrics_url, timeout=5).read()
+    r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()

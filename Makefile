@@ -1,0 +1,44 @@
+# The two quick-start commands:  `make run`  and  `make test`.
+# Both set up everything they need on a fresh machine (a venv in .venv, system packages).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: run test setup system-deps bench proto clean
+
+# torch is installed first and pinned to the CPU build (2.13.0+cpu, from the machine's
+# wheel cache), so that nothing later pulls a multi-GB CUDA build as a dependency.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Real servers for the tests: redis-server, and promtool (from prometheus) to lint /metrics.
+system-deps:
+	@if ! command -v promtool >/dev/null || ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server prometheus >/dev/null; \
+	  else \
+	    echo "note: install redis-server and prometheus (apt) for the full suite; tests needing them skip"; \
+	  fi; \
+	fi
+
+run: setup
+	$(VENV)/bin/kvpool serve
+
+test: setup system-deps
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) tools/bench_local.py
+
+proto: setup
+	$(PY) tools/gen_proto.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvpool-data
