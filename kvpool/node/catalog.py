@@ -22,6 +22,7 @@ All methods block (LMDB commits fsync) and are safe to call from several threads
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -44,7 +45,9 @@ KEY_BYTES = 16
 # value = version, offset, size, checksum, then the namespace id in UTF-8.
 _VALUE = struct.Struct("<BQQQ")
 _VERSION = 1
-_MIN_MAP = 16 << 20
+_MIN_MAP = 256 << 10
+#: A failed commit on a disk with less free space than this is reported as ENOSPC.
+_FULL_DISK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class NvmeCatalog:
     def put_many(self, entries: Iterable[CatalogEntry]) -> None:
         """Add or replace entries in one durable transaction.
 
-        Call only once the entries' bytes are durable (after the arena's ``sync``).
+        Call only once the entries' bytes are durable (after the arena's ``sync``). Raises
+        ``OSError`` (ENOSPC on a full disk) if the commit fails; then nothing was written.
         """
         items = []
         for e in entries:
@@ -129,6 +133,17 @@ class NvmeCatalog:
                     size = self._env.info()["map_size"] * 2
                     log.info("NVMe catalog %s: growing the LMDB map to %d bytes", self.path, size)
                     self._env.set_mapsize(size)
+                except lmdb.Error as exc:
+                    # LMDB aborts a transaction whose commit fails, leaving the previous state
+                    # intact. It reports a full disk as a bare EIO, so look at the disk.
+                    raise OSError(self._write_errno(), f"NVMe catalog {self.path}: {exc}") from exc
+
+    def _write_errno(self) -> int:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return errno.EIO
+        return errno.ENOSPC if st.f_bavail * st.f_frsize < _FULL_DISK_BYTES else errno.EIO
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 #: Adjacent slots are coalesced into one system call up to this many bytes.
 MAX_RUN_BYTES = 16 << 20
 #: Worker threads of the mover's own executor: enough I/O in flight to keep a disk busy.
-DEFAULT_IO_THREADS = 4
+DEFAULT_IO_THREADS = 8
 
 
 def checksum(buf) -> int:
@@ -166,13 +166,13 @@ class _Run(NamedTuple):
     nbytes: int
 
 
-def _runs(offsets: Sequence[tuple[int, int, int]]) -> list[_Run]:
-    """Group (batch index, nvme offset, size) into contiguous runs of <= MAX_RUN_BYTES."""
+def _runs(offsets: Sequence[tuple[int, int, int]], max_bytes: int = MAX_RUN_BYTES) -> list[_Run]:
+    """Group (batch index, nvme offset, size) into contiguous runs of <= ``max_bytes``."""
     runs: list[_Run] = []
     cur: list[int] = []
     start = end = -1
     for i, off, size in sorted(offsets, key=lambda t: t[1]):
-        if cur and off == end and end + size - start <= MAX_RUN_BYTES:
+        if cur and off == end and end + size - start <= max_bytes:
             cur.append(i)
             end += size
             continue
@@ -192,12 +192,14 @@ class TierMover:
     """
 
     def __init__(self, dram: Arena, nvme: NvmeArena, catalog: NvmeCatalog,
-                 executor: Executor | None = None, *, io_threads: int = DEFAULT_IO_THREADS) -> None:
+                 executor: Executor | None = None, *, io_threads: int = DEFAULT_IO_THREADS,
+                 max_run_bytes: int = MAX_RUN_BYTES) -> None:
         self.dram = dram
         self.nvme = nvme
         self.catalog = catalog
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(io_threads, thread_name_prefix="kvpool-io")
+        self.max_run_bytes = max_run_bytes
         self.stats = MoverStats()
 
     # -- restart ---------------------------------------------------------------------------
@@ -255,7 +257,7 @@ class TierMover:
         placed = [(i, s.offset, s.size) for i, s in enumerate(slots) if s is not None]
         errors: dict[int, OSError] = {}
         if placed:
-            runs = _runs(placed)
+            runs = _runs(placed, self.max_run_bytes)
             outcomes = await self._run_all(
                 loop, [(self._write_run, run, batch) for run in runs])
             for run, exc in zip(runs, outcomes):
@@ -341,7 +343,8 @@ class TierMover:
             if item.nvme_slot.size != item.dram_slot.size:
                 raise ValueError(f"block {item.key.hex()}: NVMe slot {item.nvme_slot} and DRAM "
                                  f"slot {item.dram_slot} differ in size")
-        runs = _runs([(i, it.nvme_slot.offset, it.nvme_slot.size) for i, it in enumerate(batch)])
+        runs = _runs([(i, it.nvme_slot.offset, it.nvme_slot.size) for i, it in enumerate(batch)],
+                     self.max_run_bytes)
         outcomes = await self._run_all(loop, [(self._read_run, run, batch) for run in runs])
         bad: dict[int, str] = {}
         for run, out in zip(runs, outcomes):
@@ -355,11 +358,19 @@ class TierMover:
             for i, reason in bad.items():
                 log.error("NVMe block %s failed verification (%s): dropped, not served",
                           batch[i].key.hex(), reason)
-            await self._drop_now(loop, [(batch[i].key, batch[i].nvme_slot) for i in bad])
+            try:
+                await self._drop_now(loop, [(batch[i].key, batch[i].nvme_slot) for i in bad])
+            except OSError as exc:
+                # The entries stay (and keep their slots); the next read fails them again.
+                log.error("NVMe catalog: could not drop %d corrupt block(s): %s", len(bad), exc)
             result.corrupt = [(batch[i].key, reason) for i, reason in bad.items()]
             self.stats.corrupt_blocks += len(bad)
         if good and not keep_nvme:
-            await self._drop_now(loop, [(batch[i].key, batch[i].nvme_slot) for i in good])
+            try:
+                await self._drop_now(loop, [(batch[i].key, batch[i].nvme_slot) for i in good])
+            except OSError as exc:
+                result.kept_nvme = True  # still valid copies; the caller may drop them later
+                log.warning("NVMe catalog: promoted blocks keep their NVMe copies: %s", exc)
         result.promoted = [batch[i].key for i in good]
         result.bytes_moved = sum(batch[i].nvme_slot.size for i in good)
         self.stats.batches += 1
@@ -382,7 +393,11 @@ class TierMover:
     # -- removal ---------------------------------------------------------------------------
 
     async def drop(self, items: Sequence[tuple[bytes, Slot]]) -> None:
-        """Remove blocks from NVMe (eviction): catalog entries first, then their slots."""
+        """Remove blocks from NVMe (eviction): catalog entries first, then their slots.
+
+        Raises ``OSError`` if the catalog cannot be updated (LMDB needs a little free disk
+        even to delete); then no slot is freed and every entry still stands.
+        """
         await self._drop_now(asyncio.get_running_loop(), list(items))
 
     async def _drop_now(self, loop, items: list[tuple[bytes, Slot]]) -> None:
@@ -390,6 +405,7 @@ class TierMover:
             return
         await loop.run_in_executor(self.executor, self.catalog.delete_many,
                                    [k for k, _ in items])
+        # Only now, with the entries durably gone, may the slots be reused.
         for _, slot in items:
             if self.nvme.slots.is_allocated(slot):
                 self.nvme.free(slot)
