@@ -21,6 +21,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from kvpool.master.eviction import DEFAULT_POLICY
+
 __all__ = ["ServeSettings", "parse_size", "format_size", "resolve_settings", "SIZE_FIELDS"]
 
 _UNITS = {
@@ -67,7 +69,7 @@ class ServeSettings:
     slab_bytes: int = 64 * 2**20
     #: Touch every page of the DRAM tier at start so no put pays for page faults.
     prefault: bool = True
-    eviction_policy: str = "lru"
+    eviction_policy: str = DEFAULT_POLICY
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     lease_ttl: float = 30.0

@@ -17,7 +17,8 @@ makes, on a real :class:`~kvpool.master.eviction.EvictionPolicy` instance:
 1. *Lookup*: ``access(key)`` for each block of the leading resident run, head first.
 2. *Publish*: every block of the request that is not resident is committed, head first, with
    ``insert(key, BlockInfo(size=block_size, position=i))``. Blocks past the first miss that are
-   still resident are deduplicated by the publish step: no policy call, as in the master.
+   still resident are deduplicated by the publish step, which calls ``access`` on them (the
+   master's ``put_start`` does the same, so that the put cannot evict them).
 3. *Room*: before the inserts, if they would take the tier past ``capacity`` blocks, the index
    asks ``select_victims(n, evictable)`` where ``evictable`` protects every block of the request
    being served (they are leased or being written), then evicts what it got and calls
@@ -48,6 +49,8 @@ __all__ = [
     "belady",
     "compare",
     "block_key",
+    "geomean",
+    "PolicyContractError",
 ]
 
 _INF = 1 << 62
@@ -170,7 +173,12 @@ def replay(
         hits += i
         if i == n:
             continue
-        missing = [j for j in range(i, n) if rkeys[j] not in resident]
+        missing = []
+        for j in range(i, n):
+            if rkeys[j] in resident:
+                access(rkeys[j])  # publish dedup: the master touches a present block
+            else:
+                missing.append(j)
         need = len(resident) + len(missing) - capacity
         if need > 0:
             protected = set(rkeys)
@@ -227,10 +235,10 @@ def belady(trace: Trace | Iterable[Sequence[int]], capacity: int) -> ReplayResul
     its ancestor for a future reference (ties go to the deeper block), which is exactly what a
     prefix cache wants; it keeps the chains that are reused soonest. MIN is provably optimal for
     the count of *all* block hits on the stream; the prefix hit count equals the block hit
-    count whenever the cached set is closed under ancestors, which this tie rule keeps for
-    every block with a future use. It is not a formal bound on the prefix metric for every
-    possible trace, so a policy could in principle exceed it slightly; reports show
-    ``policy / belady`` so that would be visible.
+    count whenever the cached set is closed under ancestors, which the rule above keeps for
+    every block with a future use (unless one request alone exceeds the capacity). It is not
+    a formal bound on the prefix metric for every possible trace, so a policy could in
+    principle exceed it slightly; reports show ``policy / belady`` so that would be visible.
     """
     trace = _as_trace(trace)
     t0 = time.perf_counter()
@@ -324,6 +332,8 @@ def compare(
     return {
         "bench": "replay",
         "trace": trace.name,
+        "requests": len(trace),
+        "blocks": trace.total_blocks,
         "policy_name": pname,
         "capacities": [c for c, *_ in rows],
         "policy": [round(p.hit_rate, 6) for _, p, _, _ in rows],

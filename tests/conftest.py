@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
+# Triton decides once, at its first import, whether to compile or interpret. Without CUDA
+# the kernels can only run interpreted, so say so before any test module imports triton.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @dataclass
 class ServeProcess:

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--node-name", help="node name in stats and metrics (default: hostname)")
     p.add_argument("--slab-bytes", help="slab chunk size = largest block (default 64MiB)")
     p.add_argument("--prefault", choices=("true", "false"), help="touch all DRAM pages at start (default true)")
-    p.add_argument("--eviction-policy", help="eviction policy name (default lru)")
+    p.add_argument("--eviction-policy", help="eviction policy: paced (default) or lru")
     p.add_argument("--high-watermark", type=float, help="start evicting above this fraction (default 0.95)")
     p.add_argument("--low-watermark", type=float, help="evict down to this fraction (default 0.90)")
     p.add_argument("--lease-ttl", type=float, help="seconds a read lease lives (default 30)")

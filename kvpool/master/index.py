@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull
 from kvpool.identity import KEY_BYTES, Namespace, split_keys
-from kvpool.master.eviction import BlockInfo, EvictionPolicy, make_policy
+from kvpool.master.eviction import DEFAULT_POLICY, BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
 from kvpool.wire import pack_record
@@ -48,7 +48,7 @@ class IndexConfig:
     #: Evict down to ``low_watermark`` once a tier's usage passes ``high_watermark``.
     high_watermark: float = 0.95
     low_watermark: float = 0.90
-    eviction_policy: str = "lru"
+    eviction_policy: str = DEFAULT_POLICY
 
 
 class Entry:

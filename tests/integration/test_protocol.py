@@ -124,7 +124,7 @@ def test_forgotten_lease_expires(serve_factory):
 
 def test_full_pool_evicts_lru_then_refuses_when_all_leased(serve_factory):
     # 256 KiB of DRAM holds 16 blocks of 16 KiB.
-    sp = serve_factory("--dram", "256KiB", "--slab-bytes", "256KiB")
+    sp = serve_factory("--dram", "256KiB", "--slab-bytes", "256KiB", "--eviction-policy", "lru")
     ns = fresh_namespace()
     keys = [os.urandom(16) for _ in range(40)]
     with Client(sp.address, ns) as c:

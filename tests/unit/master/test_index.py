@@ -31,7 +31,7 @@ def env():
     nodes = NodeRegistry()
     nodes.add(node)
     clock = Clock()
-    index = BlockIndex(nodes, IndexConfig(grant_ttl_s=5, lease_ttl_s=10, high_watermark=1.0, low_watermark=1.0), clock)
+    index = BlockIndex(nodes, IndexConfig(grant_ttl_s=5, lease_ttl_s=10, high_watermark=1.0, low_watermark=1.0, eviction_policy="lru"), clock)
     ns = Namespace("m", LAYOUT)
     index.register_namespace(ns)
     yield index, node, clock, ns.id

@@ -1,0 +1,81 @@
+"""``kvpool replay TRACE --capacity BLOCKS [--capacity ...] [--policy NAME] [--json]``.
+
+Replays a FAST'25 trace against an eviction policy from the registry, against LRU and against
+Belady's MIN at each capacity, prints a table and, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["register", "run", "format_report"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from kvpool.master.eviction import DEFAULT_POLICY, POLICIES
+
+    p = subparsers.add_parser(
+        "replay",
+        help="replay a FAST'25 trace against an eviction policy, LRU and Belady",
+        description="Prefix hit rate of an eviction policy, LRU and Belady's MIN on a FAST'25 trace.",
+    )
+    p.add_argument("trace", metavar="TRACE", help="FAST'25 jsonl trace (one request per line with hash_ids)")
+    p.add_argument(
+        "--capacity", metavar="BLOCKS", type=int, action="append", required=True,
+        help="cache capacity in blocks; repeat for several capacities",
+    )
+    p.add_argument(
+        "--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
+        help=f"policy to measure (default: {DEFAULT_POLICY})",
+    )
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.set_defaults(func=run)
+    return p
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"trace {report.get('trace', '')}: {report.get('requests', '?')} requests, "
+        f"{report.get('blocks', '?')} blocks; policy {report['policy_name']!r}",
+        f"{'capacity':>10} {'policy':>9} {'lru':>9} {'belady':>9} {'vs lru':>8} {'of belady':>10}",
+    ]
+    for cap, p, l, b in zip(report["capacities"], report["policy"], report["lru"], report["belady"]):
+        gain = p / l if l else float("nan")
+        frac = p / b if b else float("nan")
+        lines.append(f"{cap:>10} {p:>9.4f} {l:>9.4f} {b:>9.4f} {gain:>7.3f}x {frac:>10.3f}")
+    lines.append(f"geometric mean gain vs lru: {report['geomean_gain_vs_lru']:.3f}x")
+    return "\n".join(lines)
+
+
+def json_line(report: dict) -> str:
+    keys = ("bench", "capacities", "policy", "lru", "belady", "geomean_gain_vs_lru")
+    return json.dumps({k: report[k] for k in keys}, separators=(",", ":"))
+
+
+def run(args) -> int:
+    from kvpool.replay import compare, load_trace
+
+    if any(c <= 0 for c in args.capacity):
+        print("kvpool replay: capacities must be positive", file=sys.stderr)
+        return 2
+    try:
+        trace = load_trace(args.trace, limit=getattr(args, "limit", None))
+    except (OSError, ValueError) as e:
+        print(f"kvpool replay: {e}", file=sys.stderr)
+        return 2
+    report = compare(trace, args.capacity, args.policy)
+    if not getattr(args, "json", False):
+        print(format_report(report))
+    print(json_line(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # python -m kvpool.cli.replay TRACE --capacity N
+    _parser = argparse.ArgumentParser(prog="kvpool")
+    _sub = _parser.add_subparsers(dest="command", required=True)
+    register(_sub)
+    _args = _parser.parse_args(["replay", *sys.argv[1:]])
+    sys.exit(_args.func(_args))

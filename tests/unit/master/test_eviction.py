@@ -1,0 +1,216 @@
+"""Eviction policies: the LRU baseline and the paced-admission default, on their own."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpool.master.eviction import (
+    DEFAULT_POLICY,
+    POLICIES,
+    BlockInfo,
+    EvictionPolicy,
+    LRUPolicy,
+    PacedAdmissionPolicy,
+    make_policy,
+)
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(4, "big")
+
+
+def everything(_key: bytes) -> bool:
+    return True
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_registry_and_default():
+    assert POLICIES["lru"] is LRUPolicy
+    assert POLICIES["paced"] is PacedAdmissionPolicy
+    assert DEFAULT_POLICY == "paced"
+    assert isinstance(make_policy(), PacedAdmissionPolicy)
+    assert isinstance(make_policy("lru"), LRUPolicy)
+    for name, cls in POLICIES.items():
+        assert cls.name == name and issubclass(cls, EvictionPolicy)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        make_policy("nope")
+
+
+# ---------------------------------------------------------------------------- LRU
+
+
+def test_lru_order_access_and_remove():
+    p = LRUPolicy()
+    for i in range(4):
+        p.insert(k(i), BlockInfo(size=1, position=i))
+    p.access(k(0))
+    p.access(k(99))  # unknown: ignored
+    assert len(p) == 4
+    assert p.select_victims(2, everything) == [k(1), k(2)]
+    assert len(p) == 4  # selecting does not remove
+    p.remove(k(1))
+    p.remove(k(1))  # twice is harmless
+    assert len(p) == 3
+    assert p.select_victims(10, everything) == [k(2), k(3), k(0)]
+
+
+def test_lru_respects_evictable_and_count():
+    p = LRUPolicy()
+    for i in range(5):
+        p.insert(k(i), BlockInfo(size=1))
+    assert p.select_victims(2, lambda key: key not in (k(0), k(2))) == [k(1), k(3)]
+    assert p.select_victims(0, everything) == []
+    assert p.select_victims(3, lambda key: False) == []
+
+
+# ---------------------------------------------------------------------------- paced
+
+
+def chain(p: EvictionPolicy, ids, start: int = 0) -> None:
+    for pos, i in enumerate(ids, start):
+        p.insert(k(i), BlockInfo(size=1, position=pos))
+
+
+def test_paced_starts_as_lru_for_interior_blocks():
+    p = PacedAdmissionPolicy()
+    chain(p, [1, 2, 3])
+    assert p.admit_fraction == 1.0
+    # The run is still open (its tail is not known to be a leaf yet): plain LRU order.
+    assert p.select_victims(3, everything) == [k(1), k(2), k(3)]
+    assert len(p) == 3
+
+
+def test_paced_demotes_the_tail_of_a_finished_chain():
+    p, lru = PacedAdmissionPolicy(), LRUPolicy()
+    for pol in (p, lru):
+        chain(pol, [1, 2, 3])
+        pol.access(k(1))  # the next request starts again at position 0: block 3 was a leaf
+    assert lru.select_victims(1, everything) == [k(2)]
+    assert p.select_victims(1, everything) == [k(3)]
+    assert p.select_victims(3, everything) == [k(3), k(2), k(1)]
+
+
+def test_paced_needs_positions_for_leaves():
+    p = PacedAdmissionPolicy()
+    for i in (1, 2, 3):
+        p.insert(k(i), BlockInfo(size=4096, position=-1))  # live master: position unknown
+    p.access(k(1))
+    assert p.select_victims(3, everything) == [k(2), k(3), k(1)]
+
+
+def test_paced_a_gap_in_the_chain_is_not_a_leaf():
+    p = PacedAdmissionPolicy()
+    chain(p, [1, 2])
+    p.insert(k(4), BlockInfo(size=1, position=3))  # position 2 is resident elsewhere: a gap
+    assert p.select_victims(3, everything) == [k(1), k(2), k(4)]
+
+
+class Stingy(PacedAdmissionPolicy):
+    INITIAL_ADMIT = 0.0
+
+
+def test_paced_admits_first_seen_blocks_at_its_pace_and_seen_ones_always():
+    p = Stingy()
+    for i in (1, 2, 3):  # three one-block runs, positions unknown
+        p.insert(k(i), BlockInfo(size=1))
+    # The credit starts at zero, so the first run is admitted; the next two go to probation,
+    # which is evicted first, oldest first.
+    assert p.select_victims(3, everything) == [k(2), k(3), k(1)]
+    p.remove(k(2))
+    p.insert(k(2), BlockInfo(size=1))  # referenced before: admitted to main
+    assert p.select_victims(3, everything) == [k(3), k(1), k(2)]
+
+
+def test_paced_access_promotes_out_of_probation():
+    p = Stingy()
+    for i in (1, 2, 3):
+        p.insert(k(i), BlockInfo(size=1))
+    p.access(k(2))
+    assert p.select_victims(3, everything) == [k(3), k(1), k(2)]
+
+
+def test_paced_respects_evictable_count_and_remove():
+    p = PacedAdmissionPolicy()
+    chain(p, range(6))
+    assert p.select_victims(2, lambda key: key not in (k(0), k(2))) == [k(1), k(3)]
+    assert p.select_victims(0, everything) == []
+    assert p.select_victims(5, lambda key: False) == []
+    p.remove(k(3))
+    p.remove(k(3))
+    p.remove(k(77))
+    p.access(k(3))  # gone: ignored
+    assert len(p) == 5
+    assert k(3) not in p.select_victims(10, everything)
+
+
+def test_paced_slows_admission_when_admitted_blocks_die_young():
+    p = PacedAdmissionPolicy()
+    # Nothing is reused within the ~8 calls a block lives: admitting everything is useless.
+    for i in range(2000):
+        p.insert(k(i), BlockInfo(size=1, position=-1))
+        if len(p) > 8:
+            victims = p.select_victims(len(p) - 8, everything)
+            for v in victims:
+                p.remove(v)
+    assert p.admit_fraction < 0.1
+    # A Remove (not an eviction) does not move the pace.
+    before = p.admit_fraction
+    q = next(iter(p.select_victims(1, everything)))
+    p.select_victims(0, everything)  # forget the selection
+    p.remove(q)
+    assert p.admit_fraction == before
+
+
+def test_paced_history_is_bounded():
+    class Small(PacedAdmissionPolicy):
+        HISTORY_MIN = 100
+        HISTORY_MULT = 1
+
+    p = Small()
+    for i in range(5000):
+        p.insert(k(i), BlockInfo(size=1, position=-1))
+        p.remove(k(i))
+    assert len(p) == 0
+    assert len(p._history) <= 2 * 1100
+
+
+# ---------------------------------------------------------------------------- all policies
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["insert", "access", "remove", "select"]), st.integers(0, 15), st.integers(-1, 5)),
+    max_size=200,
+)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@settings(max_examples=60, deadline=None)
+@given(script=ops)
+def test_policy_contract_against_a_model(name, script):
+    p = make_policy(name)
+    resident: set[bytes] = set()
+    for op, i, pos in script:
+        key = k(i)
+        if op == "insert" and key not in resident:
+            p.insert(key, BlockInfo(size=1, position=pos))
+            resident.add(key)
+        elif op == "access":
+            p.access(key)
+        elif op == "remove":
+            p.remove(key)
+            resident.discard(key)
+        elif op == "select":
+            protected = {k(j) for j in range(pos + 1, pos + 4)}
+            victims = p.select_victims(i % 6, lambda x: x not in protected)
+            assert len(victims) == len(set(victims)) <= i % 6
+            assert set(victims) <= resident - protected
+            if len(victims) < i % 6:  # fewer only when nothing else is evictable
+                assert set(victims) == resident - protected
+            for v in victims[: len(victims) // 2 + 1]:
+                p.remove(v)
+                resident.discard(v)
+        assert len(p) == len(resident)

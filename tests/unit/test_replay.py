@@ -1,0 +1,187 @@
+"""The replay tool: hand-checked hit rates on short traces, and that it drives the real policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from kvpool.master.eviction import POLICIES, BlockInfo, LRUPolicy, PacedAdmissionPolicy, make_policy
+from kvpool.replay import PolicyContractError, Trace, belady, block_key, compare, load_trace, replay
+
+# Four conversations' worth of prompts over a shared root block 0, capacity 4 blocks.
+# Worked by hand (see the comments in each test); 15 blocks in all.
+TRACE = [
+    [0, 1, 2],
+    [0, 3, 4],
+    [0, 1, 5],
+    [0, 3, 6],
+    [0, 1, 2],
+]
+
+
+def test_lru_by_hand():
+    # r1 misses 0,1,2.          LRU order 0,1,2
+    # r2 hits 0; evicts 1.      order 2,0,3,4                  hits 1
+    # r3 hits 0 (1 is gone); 1 and 5 missing: evicts 2,3.  order 4,0,1,5   hits 1
+    # r4 hits 0 (3 is gone); evicts 4,1.  order 5,0,3,6       hits 1
+    # r5 hits 0; evicts 5,3.                                   hits 1
+    r = replay(TRACE, LRUPolicy(), 4)
+    assert (r.hit_blocks, r.total_blocks) == (4, 15)
+    assert r.evictions == 7 and r.inserts == 11
+
+
+def test_paced_by_hand():
+    # r1 misses 0,1,2; all admitted (pace 1.0) into main.
+    # r2 hits 0: its lookup starts a new run at position 0, so 2 (r1's tail) goes to the front
+    #    of probation and is the victim; 3,4 admitted.                          hits 1
+    # r3 hits 0 and 1 (1 survived); 4, r2's tail, is demoted and evicted; 5 admitted. hits 2
+    # r4 hits 0 and 3; 5 demoted and evicted; 6 admitted.                       hits 2
+    # r5 hits 0 and 1; 6 demoted and evicted; 2 inserted (seen before: main).   hits 2
+    r = replay(TRACE, PacedAdmissionPolicy(), 4)
+    assert (r.hit_blocks, r.total_blocks) == (7, 15)
+    assert r.evictions == 4
+
+
+def test_belady_by_hand():
+    # Next uses: 2 is next needed in r5, 4/5/6 never, 1 in r3 then r5, 3 in r4.
+    # r2 evicts 2 (farthest: r5), r3 evicts 4 (never), r4 evicts 5 (never; 1 is needed in r5),
+    # r5 evicts 6 (never, deeper than 3): hits 1 + 2 + 2 + 2 = 7.
+    r = belady(TRACE, 4)
+    assert (r.hit_blocks, r.total_blocks) == (7, 15)
+
+
+def test_belady_beats_lru_and_paced_on_single_block_requests():
+    # 1,2,3,1,2 at capacity 2: LRU always evicts what comes next (0 hits). The paced policy
+    # demotes each one-block request's block as a leaf and ends up the same (0 hits). MIN
+    # evicts 2 at the third request and hits 1 once: 1/5.
+    tr = [[1], [2], [3], [1], [2]]
+    assert replay(tr, LRUPolicy(), 2).hit_blocks == 0
+    assert replay(tr, PacedAdmissionPolicy(), 2).hit_blocks == 0
+    assert belady(tr, 2).hit_blocks == 1
+    assert belady(tr, 2).hit_rate == pytest.approx(0.2)
+
+
+def test_unbounded_capacity_is_the_same_for_everyone():
+    tr = TRACE * 3
+    best = sum(len(r) for r in tr) - len({b for r in tr for b in r})  # only compulsory misses
+    for name in POLICIES:
+        assert replay(tr, name, 1000).hit_blocks == best
+    assert belady(tr, 1000).hit_blocks == best
+
+
+class Recorder(LRUPolicy):
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def insert(self, key, info):
+        self.calls.append(("insert", key, info))
+        super().insert(key, info)
+
+    def access(self, key):
+        self.calls.append(("access", key))
+        super().access(key)
+
+    def remove(self, key):
+        self.calls.append(("remove", key))
+        super().remove(key)
+
+    def select_victims(self, count, evictable):
+        out = super().select_victims(count, evictable)
+        self.calls.append(("select", count, tuple(out)))
+        return out
+
+
+def test_replay_makes_the_master_calls():
+    p = Recorder()
+    replay([[0, 1, 2], [0, 3], [0, 1, 4]], p, 4, block_size=7)
+    b = block_key
+    assert p.calls == [
+        ("insert", b(0), BlockInfo(7, 0)), ("insert", b(1), BlockInfo(7, 1)), ("insert", b(2), BlockInfo(7, 2)),
+        ("access", b(0)), ("insert", b(3), BlockInfo(7, 1)),
+        # lookup hits 0 and 1; 4 needs room: one victim, not a block of this request.
+        ("access", b(0)), ("access", b(1)), ("select", 1, (b(2),)), ("remove", b(2)),
+        ("insert", b(4), BlockInfo(7, 2)),
+    ]
+
+
+def test_replay_dedups_present_blocks_past_the_first_miss():
+    p = Recorder()
+    # r2 needs one slot and LRU gives up block 0, so r3 misses at once although 1 and 2 are
+    # still there: the publish step touches them (dedup) and only 0 is inserted again.
+    replay([[0, 1, 2], [5, 6], [0, 1, 2]], p, 4)
+    b = block_key
+    assert p.calls[-5:] == [
+        ("access", b(1)), ("access", b(2)), ("select", 1, (b(5),)), ("remove", b(5)),
+        ("insert", b(0), BlockInfo(1, 0)),
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_replay_drives_the_registry_classes(name, monkeypatch):
+    made = []
+    real = POLICIES[name]
+
+    class Spy(real):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+            self.n = 0
+
+        def insert(self, key, info):
+            self.n += 1
+            super().insert(key, info)
+
+    monkeypatch.setitem(POLICIES, name, Spy)
+    r = replay(TRACE, name, 4)
+    assert len(made) == 1 and isinstance(made[0], real)
+    assert made[0].n == r.inserts > 0
+    rep = compare(Trace(tuple(map(tuple, TRACE))), [2, 4], name)
+    assert rep["capacities"] == [2, 4] and len(rep["policy"]) == 2
+
+
+def test_replay_rejects_a_policy_that_breaks_the_contract():
+    class Greedy(LRUPolicy):
+        def select_victims(self, count, evictable):
+            return list(self._order)[::-1][:count]  # newest first, ignoring evictable
+
+    with pytest.raises(PolicyContractError):
+        replay([[0, 1, 2], [0, 3, 4]], Greedy(), 4)  # offers 0, which r2 is using
+
+
+def test_a_request_bigger_than_the_pool_caches_its_head():
+    r = replay([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]], LRUPolicy(), 3)
+    assert r.uncached == 4 and r.hit_blocks == 3
+    assert belady([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]], 3).hit_blocks == 3
+
+
+def test_load_trace_and_cli(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"timestamp": i, "input_length": 1, "output_length": 1, "hash_ids": ids}) + "\n"
+                            for i, ids in enumerate(TRACE)))
+    tr = load_trace(path)
+    assert tr.requests == tuple(map(tuple, TRACE)) and tr.total_blocks == 15
+
+    from kvpool.cli import replay as cli
+
+    parser = argparse.ArgumentParser(prog="kvpool")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["replay", str(path), "--capacity", "4", "--capacity", "1000", "--policy", "paced"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "belady" in out[1]
+    last = json.loads(out[-1])
+    assert last["bench"] == "replay" and last["capacities"] == [4, 1000]
+    assert last["policy"][0] == pytest.approx(7 / 15, abs=1e-6)
+    assert last["lru"][0] == pytest.approx(4 / 15, abs=1e-6)
+    assert last["belady"][0] == pytest.approx(7 / 15, abs=1e-6)
+    assert last["geomean_gain_vs_lru"] == pytest.approx((7 / 4) ** 0.5, abs=1e-4)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0}\n')
+    args = parser.parse_args(["replay", str(bad), "--capacity", "4", "--json"])
+    assert args.func(args) == 2
