@@ -50,9 +50,25 @@ class PutResult:
     in_flight: int  # blocks another writer was writing at the time
 
 
-def _checksums(views: Sequence[np.ndarray]) -> list[int]:
+#: Blocks are copied and then hashed in groups of about this many bytes, so the hash
+#: reads them from cache rather than from memory a second time.
+_HASH_GROUP_BYTES = 4 << 20
+
+
+def _write_and_hash(transport: Transport, records: np.ndarray, sources: Sequence[np.ndarray]) -> list[int]:
+    """Copy sources into their slots and return their xxh3-64 checksums (one thread's share)."""
     digest = xxhash.xxh3_64_intdigest
-    return [digest(v) for v in views]
+    sums: list[int] = []
+    start = 0
+    while start < len(sources):
+        end, size = start, 0
+        while end < len(sources) and (size == 0 or size + sources[end].nbytes <= _HASH_GROUP_BYTES):
+            size += sources[end].nbytes
+            end += 1
+        transport.write(records[start:end], sources[start:end])
+        sums.extend(digest(src) for src in sources[start:end])
+        start = end
+    return sums
 
 
 def namespace_to_proto(ns: Namespace) -> common_pb2.Namespace:
@@ -81,6 +97,7 @@ class AsyncClient:
         self._stub: pool_pb2_grpc.KVPoolStub | None = None
         self._registered: set[str] = set()
         self._transports: dict[tuple[int, str], Transport] = {}
+        self._threads = copy_threads
         self._pool = ThreadPoolExecutor(max_workers=copy_threads, thread_name_prefix="kvpool-copy")
         self._background: set[asyncio.Task] = set()
 
@@ -218,13 +235,17 @@ class AsyncClient:
             return PutResult(0, present, in_flight)
         loop = asyncio.get_running_loop()
         sources = [views[i] for i in granted]
+        checksums = [0] * len(granted)
         try:
-            # Hash on one thread while another copies: both release the GIL.
-            hashing = loop.run_in_executor(self._pool, _checksums, sources)
-            copies = [loop.run_in_executor(self._pool, t.write, recs, [sources[i] for i in idx])
-                      for t, idx, recs in self._by_node(resp.grants)]
-            await asyncio.gather(*copies)
-            checksums = await hashing
+            # Each share is copied and hashed on its own thread (numpy copies and xxhash
+            # release the GIL), so both cores work on a batch.
+            shares = self._shares(resp.grants)
+            results = await asyncio.gather(*(
+                loop.run_in_executor(self._pool, _write_and_hash, t, recs, [sources[i] for i in idx])
+                for t, idx, recs in shares))
+            for (_, idx, _), sums in zip(shares, results):
+                for i, c in zip(idx, sums):
+                    checksums[i] = c
         except BaseException:
             try:
                 await self._call("PutAbort", pool_pb2.PutAbortRequest(put_id=resp.put_id))
@@ -267,10 +288,19 @@ class AsyncClient:
             results[i] = (out[i] if isinstance(out, (list, tuple)) else targets[j]) if out is not None else targets[j]
         return results
 
+    def _shares(self, locations: common_pb2.Locations) -> list[tuple[Transport, list[int], np.ndarray]]:
+        """Split a batch into one contiguous share per copy thread, never across nodes."""
+        shares = []
+        for t, idx, recs in self._by_node(locations):
+            n = max(1, min(self._threads, len(idx)))
+            bounds = [len(idx) * k // n for k in range(n + 1)]
+            shares.extend((t, idx[a:b], recs[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a)
+        return shares
+
     async def _read(self, locations: common_pb2.Locations, targets: list[np.ndarray]) -> None:
         loop = asyncio.get_running_loop()
         reads = [loop.run_in_executor(self._pool, t.read, recs, [targets[i] for i in idx])
-                 for t, idx, recs in self._by_node(locations)]
+                 for t, idx, recs in self._shares(locations)]
         await asyncio.gather(*reads)
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:

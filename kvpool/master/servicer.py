@@ -88,7 +88,10 @@ class _Base:
         return ep
 
     def _locations(self, entries, out: common_pb2.Locations) -> None:
-        node_ids = set(map(_node_of, entries))
+        if len(self.index.nodes) == 1:  # the embedded case: skip a pass over the batch
+            node_ids = {next(iter(self.index.nodes)).node_id}
+        else:
+            node_ids = set(map(_node_of, entries))
         out.nodes.extend(self._endpoint(n) for n in sorted(node_ids))
         out.records = b"".join(map(_record_of, entries))
 
