@@ -63,6 +63,10 @@ class ServeSettings:
     #: Prometheus exporter port; 0 picks a free one, -1 disables it.
     metrics_port: int = 9464
     dram: int = 4 * 2**30
+    #: NVMe tier size, in ``data_dir/nvme``; 0 disables the tier.
+    nvme: int = 0
+    #: Copy every committed block to NVMe too (needs ``nvme``).
+    write_through: bool = False
     data_dir: str = "./kvpool-data"
     node_name: str = dataclasses.field(default_factory=socket.gethostname)
     #: Slab chunk size: the largest block a tier accepts, and its allocation granule.
@@ -86,11 +90,13 @@ class ServeSettings:
             raise ValueError("dram must be a positive size such as 4GiB")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
             raise ValueError("need 0 < low_watermark <= high_watermark <= 1")
+        if self.write_through and not self.nvme:
+            raise ValueError("write_through needs an NVMe tier: set nvme (e.g. --nvme 64GiB)")
         if self.lease_ttl <= 0 or self.grant_ttl <= 0:
             raise ValueError("lease_ttl and grant_ttl must be positive seconds")
 
 
-SIZE_FIELDS = {"dram", "slab_bytes"}
+SIZE_FIELDS = {"dram", "nvme", "slab_bytes"}
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

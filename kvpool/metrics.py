@@ -51,6 +51,10 @@ class _IndexCollector:
         yield CounterMetricFamily("kvpool_dedup", "PutStart keys already present (skipped)", value=c.dedup_blocks)
         yield CounterMetricFamily("kvpool_expired_grants", "Put grants released by expiry", value=c.expired_grants)
         yield CounterMetricFamily("kvpool_expired_leases", "Read leases ended by expiry", value=c.expired_leases)
+        yield CounterMetricFamily("kvpool_demotions", "Blocks moved from DRAM to NVMe", value=c.demoted_blocks)
+        yield CounterMetricFamily("kvpool_promotions", "Blocks read back from NVMe into DRAM on a hit", value=c.promoted_blocks)
+        yield CounterMetricFamily("kvpool_write_throughs", "Committed blocks copied to NVMe", value=c.written_through_blocks)
+        yield CounterMetricFamily("kvpool_corrupt_blocks", "Blocks that failed their checksum and were dropped", value=c.corrupt_blocks)
         yield GaugeMetricFamily("kvpool_pending_blocks", "Blocks granted and not yet committed", value=index.pending_count)
         yield GaugeMetricFamily("kvpool_active_leases", "Read leases held", value=index.lease_count)
 

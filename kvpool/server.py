@@ -24,6 +24,7 @@ from kvpool.config import ServeSettings, format_size
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
 from kvpool.master.servicer import AdminServicer, PoolServicer
+from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
@@ -50,25 +51,32 @@ class PoolServer:
         self.metrics: Metrics | None = None
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
+        self.tiering: Tiering | None = None
         self.port = 0
         self.metrics_port = -1
 
     async def start(self) -> None:
         s = self.settings
         os.makedirs(s.data_dir, exist_ok=True)
-        self.node = Node.with_dram(1, s.node_name, s.dram, chunk_bytes=s.slab_bytes, prefault=s.prefault)
+        self.node = Node.build(1, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, data_dir=s.data_dir,
+                               chunk_bytes=s.slab_bytes, prefault=s.prefault)
         nodes = NodeRegistry()
         nodes.add(self.node)
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
-            eviction_policy=s.eviction_policy,
+            eviction_policy=s.eviction_policy, write_through=s.write_through,
         ))
+        # The index is rebuilt from what the node holds: blocks that survived on NVMe.
+        recovered = self.index.adopt(self.node.node_id, self.node.recover())
+        if recovered:
+            log.info("serving %d blocks recovered from NVMe", recovered)
+        self.tiering = Tiering(self.index, write_through=s.write_through)
         self.metrics = Metrics(self.index)
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics), server)
+        pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = (
@@ -93,8 +101,9 @@ class PoolServer:
         self._sweeper = asyncio.create_task(self._sweep())
         shm = self.node.endpoint()["transports"].get("shm.dram", "")
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
-        log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s shm=/dev/shm/%s policy=%s data_dir=%s",
-                 s.host, self.port, metrics, format_size(self.node.tiers["dram"].capacity), shm,
+        nvme = format_size(self.node.tiers["nvme"].capacity) if "nvme" in self.node.tiers else "off"
+        log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s nvme=%s shm=/dev/shm/%s policy=%s data_dir=%s",
+                 s.host, self.port, metrics, format_size(self.node.tiers["dram"].capacity), nvme, shm,
                  s.eviction_policy, os.path.abspath(s.data_dir))
 
     async def _sweep(self) -> None:
@@ -106,6 +115,7 @@ class PoolServer:
                 if grants or leases:
                     log.info("expired %d put grants and %d read leases", grants, leases)
                 self.index.enforce_watermarks()
+                await self.tiering.cycle()
             except Exception:  # never let the sweeper die silently
                 log.exception("sweeper failed")
 
@@ -123,6 +133,8 @@ class PoolServer:
             aborted = self.index.abort_all()
             if aborted:
                 log.info("aborted %d in-flight put blocks", aborted)
+            with contextlib.suppress(Exception):
+                await self.tiering.flush_drops()
         if self.metrics is not None:
             self.metrics.close()
         if self.node is not None:

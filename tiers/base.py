@@ -153,6 +153,70 @@ class SlabAllocator:
         del cls.live_in_chunk[chunk]
         self._unbound.append(chunk)
 
+    def claim(self, slot: Slot) -> None:
+        """Mark ``slot`` allocated at its exact offset (restart: a catalog says it holds a block).
+
+        The slot must sit on the slab grid: inside one chunk, at a multiple of its size from
+        the chunk's start, with the chunk either unbound or bound to the same block size.
+        Raises ``ValueError`` for a slot that is out of bounds or off the grid, and
+        ``RuntimeError`` for one that overlaps an allocated slot or a chunk bound to another
+        size. Cost: O(log chunks) to bind a chunk on a freshly built allocator (the restart
+        case), O(slots per chunk) otherwise; claiming a chunk's slots in order is cheap.
+        """
+        import bisect
+
+        offset, size = slot.offset, slot.size
+        if size <= 0 or size > self.chunk_bytes:
+            raise ValueError(f"cannot claim {slot}: size must be in 1..{self.chunk_bytes}")
+        if offset < 0 or offset + size > self.capacity:
+            raise ValueError(f"cannot claim {slot}: outside the arena of {self.capacity} bytes")
+        chunk, within = divmod(offset, self.chunk_bytes)
+        per_chunk = self.chunk_bytes // size
+        if within % size or within // size >= per_chunk:
+            raise ValueError(
+                f"cannot claim {slot}: not on the slot grid of {size}-byte blocks "
+                f"in {self.chunk_bytes}-byte chunks"
+            )
+        if offset in self._allocated:
+            raise RuntimeError(f"cannot claim {slot}: offset already allocated")
+        cls = self._classes.get(size)
+        if cls is None or chunk not in cls.live_in_chunk:
+            for other in self._classes.values():
+                if chunk in other.live_in_chunk:
+                    raise RuntimeError(
+                        f"cannot claim {slot}: its chunk holds {other.size}-byte blocks"
+                    )
+            # Bind the chunk exactly as allocate() does. A fresh allocator keeps _unbound in
+            # descending order, so bisect finds the chunk; otherwise fall back to a scan.
+            unbound = self._unbound
+            i = bisect.bisect_left(unbound, -chunk, key=lambda c: -c)
+            if i < len(unbound) and unbound[i] == chunk:
+                del unbound[i]
+            else:
+                try:
+                    unbound.remove(chunk)
+                except ValueError:
+                    raise RuntimeError(f"cannot claim {slot}: chunk {chunk} is lost") from None
+            if cls is None:
+                cls = self._classes[size] = _SizeClass(size, per_chunk)
+            base = chunk * self.chunk_bytes
+            cls.free.extend(base + i * size for i in range(per_chunk - 1, -1, -1))
+            cls.live_in_chunk[chunk] = 0
+        free = cls.free
+        # The chunk's free offsets were most likely pushed last: look at the tail first.
+        try:
+            i = free.index(offset, max(0, len(free) - 2 * per_chunk))
+        except ValueError:
+            try:
+                i = free.index(offset)
+            except ValueError:
+                raise RuntimeError(f"cannot claim {slot}: not free in its chunk") from None
+        free[i] = free[-1]  # swap-remove: the free list's order is only a preference
+        free.pop()
+        cls.live_in_chunk[chunk] += 1
+        self._allocated[offset] = size
+        self.used_bytes += size
+
     def is_allocated(self, slot: Slot) -> bool:
         return self._allocated.get(slot.offset) == slot.size
 

@@ -70,6 +70,8 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
         ["blocks", s.blocks], ["bytes", format_size(s.bytes)],
         ["hit rate (blocks)", f"{_pct(s.hit_blocks, lookups)} ({s.hit_blocks} of {lookups})"],
         ["puts (blocks)", s.put_blocks], ["deduplicated", s.dedup_blocks], ["evictions", s.evictions],
+        ["demotions", s.demoted_blocks], ["promotions", s.promoted_blocks],
+        ["written through", s.written_through_blocks], ["corrupt (dropped)", s.corrupt_blocks],
         ["pending grants", s.pending_grants], ["active leases", s.active_leases],
         ["namespaces", s.namespaces], ["nodes", s.nodes], ["eviction policy", s.eviction_policy],
         ["uptime", f"{s.uptime_seconds:.0f}s"],

@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 picks, -1 disables)")
     p.add_argument("--dram", help="DRAM tier size, e.g. 4GiB (default 4GiB)")
+    p.add_argument("--nvme", help="NVMe tier size in DATA_DIR/nvme, e.g. 64GiB (default 0: off)")
+    p.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     p.add_argument("--data-dir", help="directory for the node's files (default ./kvpool-data)")
     p.add_argument("--node-name", help="node name in stats and metrics (default: hostname)")
     p.add_argument("--slab-bytes", help="slab chunk size = largest block (default 64MiB)")

@@ -2,18 +2,25 @@
 
 Life of a block entry::
 
-    put_start ──► PENDING ──put_commit──► COMMITTED ──evict/remove/flush──► freed
+    put_start ──► PENDING ──put_commit──► COMMITTED ──evict/remove/flush──► gone
                      │                        │
-                     └─abort / grant expiry─► freed      remove while leased ─► DOOMED
-                                                          (invisible) ── last release ─► freed
+                     └─abort / grant expiry─► freed      remove while pinned ─► DOOMED
+                                                          (invisible) ── last unpin ─► freed
+
+A committed entry has a DRAM copy, an NVMe copy, or both (``entry.dram``, ``entry.nvme``).
+Clients read only DRAM copies; an NVMe-only block is promoted before it is served
+(:mod:`kvpool.master.tiering` drives demotion, promotion and write-through; this module
+keeps the books synchronously).
 
 Invariants (each one is tested):
 
 * Only COMMITTED entries live in ``_blocks``; Lookup and Get read nothing else, so a block
   that was not committed is never readable.
-* An entry with ``pins > 0`` (a live read lease) is never evicted or freed. Removing it
-  makes it invisible at once and frees it when the last lease ends.
-* Every slot the index allocates is freed exactly once (``_free_slot``).
+* An entry with ``pins > 0`` is never evicted, moved or freed. Read leases pin; so does the
+  tier mover for the duration of a copy. Removing a pinned entry makes it invisible at once
+  and frees its storage at the last unpin.
+* Every slot is released exactly once: DRAM slots through ``NodeHandle.free``, NVMe copies
+  through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
 
 All methods run on the master's event-loop thread: the index takes no locks.
@@ -38,6 +45,7 @@ __all__ = ["BlockIndex", "IndexConfig", "Entry", "PutGrant", "ReadLease", "PUT_G
 
 PUT_GRANTED, PUT_PRESENT, PUT_IN_FLIGHT = 1, 2, 3
 PENDING, COMMITTED = "pending", "committed"
+DRAM, NVME = "dram", "nvme"
 
 
 @dataclass
@@ -49,21 +57,23 @@ class IndexConfig:
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     eviction_policy: str = DEFAULT_POLICY
+    #: Copy every committed block to NVMe as well (when the node has an NVMe tier).
+    write_through: bool = False
 
 
 class Entry:
-    """One block (one replica) in the index."""
+    """One block in the index, with its DRAM and/or NVMe copy on one node."""
 
-    __slots__ = ("key", "ns", "node_id", "tier", "slot", "checksum", "state", "pins",
-                 "doomed", "position", "created", "last_access", "hits", "record", "policy")
+    __slots__ = ("key", "ns", "node_id", "dram", "nvme", "checksum", "state", "pins", "doomed",
+                 "position", "created", "last_access", "hits", "record")
 
-    def __init__(self, key: bytes, ns: str, node_id: int, tier: str, slot: Slot,
-                 position: int, now: float, policy: EvictionPolicy) -> None:
+    def __init__(self, key: bytes, ns: str, node_id: int, dram: Slot | None, nvme: Slot | None,
+                 position: int, now: float) -> None:
         self.key = key
         self.ns = ns
         self.node_id = node_id
-        self.tier = tier
-        self.slot = slot
+        self.dram = dram
+        self.nvme = nvme
         self.checksum = 0
         self.state = PENDING
         self.pins = 0
@@ -72,8 +82,25 @@ class Entry:
         self.created = now
         self.last_access = now
         self.hits = 0
-        self.policy = policy
-        self.record = pack_record(node_id, tier, slot.offset, slot.size, 0)
+        self.record = b""
+        self.update_record()
+
+    @property
+    def tier(self) -> str:
+        """Where clients read it: "dram", or "nvme" for a block that must be promoted first."""
+        return DRAM if self.dram is not None else NVME
+
+    @property
+    def slot(self) -> Slot:
+        return self.dram if self.dram is not None else self.nvme
+
+    @property
+    def size(self) -> int:
+        return self.slot.size
+
+    def update_record(self) -> None:
+        slot = self.slot
+        self.record = pack_record(self.node_id, self.tier, slot.offset, slot.size, self.checksum)
 
 
 @dataclass
@@ -100,6 +127,10 @@ class Counters:
     evictions: dict[tuple[int, str], int] = field(default_factory=dict)
     expired_grants: int = 0
     expired_leases: int = 0
+    demoted_blocks: int = 0
+    promoted_blocks: int = 0
+    written_through_blocks: int = 0
+    corrupt_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,11 @@ class BlockIndex:
         self._leases: dict[str, ReadLease] = {}
         self._policies: dict[tuple[int, str], EvictionPolicy] = {}
         self._tier_blocks: dict[tuple[int, str], int] = {}
+        #: NVMe copies to drop, per node: (key, slot). Dropping touches the node's catalog,
+        #: which is I/O, so the tiering task does it off this (synchronous) path.
+        self.nvme_drops: dict[int, list[tuple[bytes, Slot]]] = {}
+        #: Entries committed since the tiering task last looked (for write-through).
+        self.committed: list[Entry] = []
         self.counters = Counters()
 
     # ------------------------------------------------------------------ namespaces
@@ -192,7 +228,7 @@ class BlockIndex:
             entry = self._blocks.get(key)
             if entry is not None:
                 statuses.append(PUT_PRESENT)
-                entry.policy.access(key)  # about to be reused: keep it out of this put's evictions
+                self._touch(entry)  # about to be reused: keep it out of this put's evictions
                 self.counters.dedup_blocks += 1
             elif key in self._pending or key in seen:
                 statuses.append(PUT_IN_FLIGHT)
@@ -203,8 +239,7 @@ class BlockIndex:
         granted: dict[bytes, Entry] = {}
         if wanted:
             node, tier = self._place(info.block_bytes, len(wanted))
-            policy = self._policy(node.node_id, tier)
-            base = first_position if first_position is not None else None
+            base = first_position
             try:
                 for i in wanted:
                     slot = node.allocate(tier, info.block_bytes)
@@ -214,10 +249,10 @@ class BlockIndex:
                         if slot is None:
                             raise PoolFull(self._full_message(node, tier, info.block_bytes, len(wanted)))
                     position = base + i if base is not None else -1
-                    granted[keys[i]] = Entry(keys[i], ns_id, node.node_id, tier, slot, position, now, policy)
+                    granted[keys[i]] = Entry(keys[i], ns_id, node.node_id, slot, None, position, now)
             except BaseException:
                 for entry in granted.values():
-                    node.free(tier, entry.slot)
+                    node.free(tier, entry.dram)
                 raise
         grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s)
         if granted:
@@ -253,12 +288,12 @@ class BlockIndex:
             del self._pending[key]
             entry.state = COMMITTED
             entry.checksum = checksum
-            entry.record = pack_record(entry.node_id, entry.tier, entry.slot.offset, entry.slot.size, checksum)
+            entry.update_record()
             entry.last_access = now
             self._blocks[key] = entry
-            tk = (entry.node_id, entry.tier)
-            self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
-            entry.policy.insert(key, BlockInfo(entry.slot.size, entry.position, entry.ns))
+            self._enter(entry, DRAM)
+            if self.config.write_through:
+                self.committed.append(entry)
             self.counters.put_blocks += 1
             self.counters.put_bytes += entry.slot.size
         released = self._release_grant_entries(grant)
@@ -274,7 +309,7 @@ class BlockIndex:
     def _release_grant_entries(self, grant: PutGrant) -> int:
         for key, entry in grant.entries.items():
             self._pending.pop(key, None)
-            self._free_slot(entry)
+            self._release_storage(entry)
         n = len(grant.entries)
         grant.entries.clear()
         return n
@@ -326,6 +361,21 @@ class BlockIndex:
         self._leases[lease.lease_id] = lease
         return lease
 
+    def shrink_lease(self, lease: ReadLease, keep) -> ReadLease | None:
+        """Unpin the entries of ``lease`` not kept: ``keep`` is a prefix length or a list of
+        positions. Returns the lease, or None if nothing is left (it is then ended)."""
+        positions = range(keep) if isinstance(keep, int) else keep
+        kept = [lease.entries[i] for i in positions]
+        kept_ids = {id(e) for e in kept}
+        for entry in lease.entries:
+            if id(entry) not in kept_ids:
+                self.unpin(entry)
+        lease.entries = kept
+        if not kept:
+            self._leases.pop(lease.lease_id, None)
+            return None
+        return lease
+
     def release(self, lease_ids: Iterable[str]) -> int:
         """End leases. Unknown ids (already released or expired) are ignored: release is idempotent."""
         released = 0
@@ -339,14 +389,28 @@ class BlockIndex:
     def _unpin(self, lease: ReadLease) -> None:
         now = self.clock()
         for entry in lease.entries:
-            entry.pins -= 1
-            if entry.doomed:
-                if entry.pins == 0:
-                    self._free_slot(entry)
-                continue
-            entry.hits += 1
-            entry.last_access = now
-            entry.policy.access(entry.key)
+            if self.unpin(entry):
+                entry.hits += 1
+                entry.last_access = now
+                self._touch(entry)
+
+    def pin(self, entry: Entry) -> None:
+        entry.pins += 1
+
+    def unpin(self, entry: Entry) -> bool:
+        """Drop one pin. Returns False if the entry is gone (its storage freed at last unpin)."""
+        entry.pins -= 1
+        if entry.doomed:
+            if entry.pins == 0:
+                self._release_storage(entry)
+            return False
+        return True
+
+    def _touch(self, entry: Entry) -> None:
+        if entry.dram is not None:
+            self._policy(entry.node_id, DRAM).access(entry.key)
+        if entry.nvme is not None:
+            self._policy(entry.node_id, NVME).access(entry.key)
 
     # ------------------------------------------------------------------ removal and eviction
 
@@ -372,45 +436,89 @@ class BlockIndex:
     def _drop(self, entry: Entry) -> bool:
         """Take a committed entry out of the index. True if freed now, False if deferred."""
         del self._blocks[entry.key]
-        entry.policy.remove(entry.key)
-        tk = (entry.node_id, entry.tier)
-        self._tier_blocks[tk] -= 1
+        if entry.dram is not None:
+            self._leave(entry, DRAM)
+        if entry.nvme is not None:
+            self._leave(entry, NVME)
+        entry.doomed = True
         if entry.pins:
-            entry.doomed = True
             return False
-        self._free_slot(entry)
+        self._release_storage(entry)
         return True
 
-    def _free_slot(self, entry: Entry) -> None:
-        node = self.nodes.get(entry.node_id)
-        if node is not None:
-            node.free(entry.tier, entry.slot)
+    def _release_storage(self, entry: Entry) -> None:
+        """Free whatever copies an unpinned entry still has (exactly once)."""
+        if entry.dram is not None:
+            node = self.nodes.get(entry.node_id)
+            if node is not None:
+                node.free(DRAM, entry.dram)
+            entry.dram = None
+        if entry.nvme is not None:
+            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
+            entry.nvme = None
+
+    def _enter(self, entry: Entry, tier: str) -> None:
+        """Count a new copy of ``entry`` in ``tier`` and hand it to that tier's policy."""
+        tk = (entry.node_id, tier)
+        self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
+        self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
+
+    def _leave(self, entry: Entry, tier: str) -> None:
+        tk = (entry.node_id, tier)
+        self._tier_blocks[tk] -= 1
+        self._policy(*tk).remove(entry.key)
 
     def _evictable(self, key: bytes) -> bool:
         entry = self._blocks.get(key)
         return entry is not None and entry.pins == 0
 
-    def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, size: int | None = None) -> tuple[int, int]:
-        """Evict unleased blocks of one tier, policy order, until ``want_bytes`` are freed."""
+    def victims(self, node_id: int, tier: str, want_bytes: int | None) -> list[Entry]:
+        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all)."""
         policy = self._policies.get((node_id, tier))
         if policy is None:
-            return 0, 0
-        blocks = freed = 0
-        while want_bytes is None or freed < want_bytes:
-            victims = policy.select_victims(64, self._evictable)
-            if not victims:
+            return []
+        chosen: list[Entry] = []
+        taken: set[bytes] = set()
+        total = 0
+        while want_bytes is None or total < want_bytes:
+            batch = policy.select_victims(64 + len(taken), lambda k: k not in taken and self._evictable(k))
+            batch = [k for k in batch if k not in taken]
+            if not batch:
                 break
-            for key in victims:
+            for key in batch:
                 entry = self._blocks[key]
-                self._drop(entry)
-                blocks += 1
-                freed += entry.slot.size
-                if want_bytes is not None and freed >= want_bytes:
+                chosen.append(entry)
+                taken.add(key)
+                total += entry.size
+                if want_bytes is not None and total >= want_bytes:
                     break
-        if blocks:
+        return chosen
+
+    def drop_copy(self, entry: Entry, tier: str) -> None:
+        """Evict one copy. An entry that loses its last copy leaves the index."""
+        other = entry.nvme if tier == DRAM else entry.dram
+        if other is None:
+            self._drop(entry)
+            return
+        self._leave(entry, tier)
+        if tier == DRAM:
+            self.nodes.get(entry.node_id).free(DRAM, entry.dram)
+            entry.dram = None
+            entry.update_record()
+        else:
+            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
+            entry.nvme = None
+
+    def _evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
+        """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
+        victims = self.victims(node_id, tier, want_bytes)
+        freed = sum(e.size for e in victims)
+        for entry in victims:
+            self.drop_copy(entry, tier)
+        if victims:
             tk = (node_id, tier)
-            self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + blocks
-        return blocks, freed
+            self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
+        return len(victims), freed
 
     def _make_room(self, node: NodeHandle, tier: str, size: int, count: int) -> None:
         need = count - node.free_slots_for(tier, size)
@@ -418,28 +526,102 @@ class BlockIndex:
             self._evict_from(node.node_id, tier, need * size)
 
     def evict(self, want_bytes: int | None) -> tuple[int, int, int]:
-        """Admin eviction across all tiers. ``None`` evicts everything evictable."""
+        """Admin eviction of DRAM copies (None: all evictable). NVMe copies are kept."""
         blocks = freed = 0
         for node in self.nodes:
-            for tier in node.tier_names():
-                remaining = None if want_bytes is None else want_bytes - freed
-                if remaining is not None and remaining <= 0:
-                    break
-                b, f = self._evict_from(node.node_id, tier, remaining)
-                blocks += b
-                freed += f
+            remaining = None if want_bytes is None else want_bytes - freed
+            if remaining is not None and remaining <= 0:
+                break
+            b, f = self._evict_from(node.node_id, DRAM, remaining)
+            blocks += b
+            freed += f
         leased = sum(1 for e in self._blocks.values() if e.pins)
         return blocks, freed, leased
 
+    def over_watermark(self, node: NodeHandle, tier: str) -> int:
+        """Bytes to free in a tier above its high watermark to reach the low one (0 if under)."""
+        for usage in node.usage():
+            if usage.name == tier and usage.capacity_bytes:
+                if usage.used_bytes > self.config.high_watermark * usage.capacity_bytes:
+                    return usage.used_bytes - int(self.config.low_watermark * usage.capacity_bytes)
+        return 0
+
     def enforce_watermarks(self) -> int:
-        """Evict tiers above the high watermark down to the low one. Returns blocks evicted."""
+        """Evict tiers above the high watermark down to the low one. Returns blocks evicted.
+
+        Nodes with an NVMe tier are left to the tiering task, which demotes instead.
+        """
         evicted = 0
         for node in self.nodes:
-            for usage in node.usage():
-                if usage.capacity_bytes and usage.used_bytes > self.config.high_watermark * usage.capacity_bytes:
-                    target = usage.used_bytes - int(self.config.low_watermark * usage.capacity_bytes)
-                    evicted += self._evict_from(node.node_id, usage.name, target)[0]
+            for tier in node.tier_names():
+                if tier == DRAM and NVME in node.tier_names():
+                    continue
+                excess = self.over_watermark(node, tier)
+                if excess:
+                    evicted += self._evict_from(node.node_id, tier, excess)[0]
         return evicted
+
+    # ------------------------------------------------------------------ tier movement
+
+    def demoted(self, entry: Entry, nvme_slot: Slot) -> None:
+        """The mover copied ``entry`` to ``nvme_slot``; drop its DRAM copy if nobody reads it."""
+        if entry.doomed:  # removed while moving: the new copy goes when the entry is freed
+            entry.nvme = entry.nvme or nvme_slot
+            return
+        if entry.nvme is None:
+            entry.nvme = nvme_slot
+            self._enter(entry, NVME)
+        self.counters.demoted_blocks += 1
+        if entry.pins == 1 and entry.dram is not None:  # only the mover's own pin
+            self._leave(entry, DRAM)
+            self.nodes.get(entry.node_id).free(DRAM, entry.dram)
+            entry.dram = None
+            entry.update_record()
+
+    def written_through(self, entry: Entry, nvme_slot: Slot) -> None:
+        if entry.doomed:
+            entry.nvme = entry.nvme or nvme_slot
+            return
+        if entry.nvme is None:
+            entry.nvme = nvme_slot
+            self._enter(entry, NVME)
+            self.counters.written_through_blocks += 1
+
+    def promoted(self, entry: Entry, dram_slot: Slot) -> None:
+        if entry.doomed:
+            self.nodes.get(entry.node_id).free(DRAM, dram_slot)
+            return
+        entry.dram = dram_slot
+        entry.update_record()
+        self._enter(entry, DRAM)
+        self.counters.promoted_blocks += 1
+
+    def corrupt(self, entry: Entry, dram_slot: Slot | None) -> None:
+        """A copy failed its checksum: the node already dropped it from NVMe; forget the block."""
+        if dram_slot is not None:
+            self.nodes.get(entry.node_id).free(DRAM, dram_slot)
+        if entry.nvme is not None and not entry.doomed:
+            self._leave(entry, NVME)
+        entry.nvme = None  # the mover freed the slot and its catalog entry
+        if not entry.doomed:
+            self._drop(entry)
+        self.counters.corrupt_blocks += 1
+
+    def adopt(self, node_id: int, blocks) -> int:
+        """Index blocks a node found on NVMe at start (``key, slot, checksum, namespace``)."""
+        now = self.clock()
+        adopted = 0
+        for key, slot, checksum, ns in blocks:
+            if key in self._blocks:
+                continue
+            entry = Entry(key, ns, node_id, None, slot, -1, now)
+            entry.state = COMMITTED
+            entry.checksum = checksum
+            entry.update_record()
+            self._blocks[key] = entry
+            self._enter(entry, NVME)
+            adopted += 1
+        return adopted
 
     # ------------------------------------------------------------------ placement
 
@@ -511,4 +693,4 @@ class BlockIndex:
         return self._tier_blocks.get((node_id, tier), 0)
 
     def committed_bytes(self) -> int:
-        return sum(e.slot.size for e in self._blocks.values())
+        return sum(e.size for e in self._blocks.values())

@@ -8,6 +8,7 @@ into gRPC statuses (the server keeps serving) and records the RPC's latency.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 import logging
 import time
@@ -18,6 +19,7 @@ from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound
 from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
 from kvpool.master.index import BlockIndex, Entry
+from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.wire import TIER_CODES
@@ -40,7 +42,10 @@ def rpc(method):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
+            if inspect.isawaitable(result):  # handlers that wait on tier movement
+                result = await result
+            return result
         except KvpoolError as exc:
             code = exc.code
             await context.abort(code, str(exc))
@@ -70,10 +75,17 @@ def namespace_from_proto(msg: common_pb2.Namespace) -> Namespace:
 
 
 class _Base:
-    def __init__(self, index: BlockIndex, metrics: Metrics) -> None:
+    def __init__(self, index: BlockIndex, metrics: Metrics, tiering: Tiering | None = None) -> None:
         self.index = index
         self.metrics = metrics
+        self.tiering = tiering
         self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
+
+    async def _resident(self, lease) -> list[bool] | None:
+        """Promote the lease's NVMe-only blocks; None when all were in DRAM already."""
+        if self.tiering is None or all(e.dram is not None for e in lease.entries):
+            return None
+        return await self.tiering.make_resident(lease.entries)
 
     def _endpoint(self, node_id: int) -> common_pb2.NodeEndpoint:
         ep = self._endpoints.get(node_id)
@@ -124,9 +136,15 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         return pool_pb2.PutAbortResponse(released=self.index.put_abort(request.put_id))
 
     @rpc
-    def Lookup(self, request, context):
+    async def Lookup(self, request, context):
         keys = self.index.split_packed(request.keys, "Lookup")
         hits, lease = self.index.lookup(request.namespace_id, keys, lease=not request.count_only)
+        if lease is not None:
+            ok = await self._resident(lease)
+            if ok is not None and not all(ok):
+                # The hit ends at the first block that could not be made readable.
+                hits = ok.index(False)
+                lease = self.index.shrink_lease(lease, hits)
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
             self._locations(lease.entries, resp.locations)
@@ -135,9 +153,18 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         return resp
 
     @rpc
-    def Get(self, request, context):
+    async def Get(self, request, context):
         keys = self.index.split_packed(request.keys, "Get")
         found, lease = self.index.get(request.namespace_id, keys)
+        if lease is not None:
+            ok = await self._resident(lease)
+            if ok is not None and not all(ok):
+                keep = [i for i, good in enumerate(ok) if good]
+                found_at = [i for i, f in enumerate(found) if f]
+                for j, good in enumerate(ok):
+                    if not good:
+                        found[found_at[j]] = False
+                lease = self.index.shrink_lease(lease, keep)
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
             self._locations(lease.entries, resp.locations)
@@ -168,6 +195,8 @@ def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
         evictions=sum(c.evictions.values()), pending_grants=index.pending_count,
         active_leases=index.lease_count, namespaces=len(index.namespaces), nodes=len(index.nodes),
         eviction_policy=index.config.eviction_policy, uptime_seconds=index.clock() - index.started,
+        demoted_blocks=c.demoted_blocks, promoted_blocks=c.promoted_blocks,
+        written_through_blocks=c.written_through_blocks, corrupt_blocks=c.corrupt_blocks,
     )
     for node in index.nodes:
         for u in node.usage():
@@ -212,10 +241,20 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         return admin_pb2.InspectResponse(block=block_detail(entry, self.index.clock()))
 
     @rpc
-    def Evict(self, request, context):
+    async def Evict(self, request, context):
         if not request.all and request.bytes == 0:
             raise InvalidArgument("Evict: say how much: set bytes > 0, or all=true")
-        blocks, freed, leased = self.index.evict(None if request.all else request.bytes)
+        want = None if request.all else request.bytes
+        if self.tiering is not None and any(self.tiering.has_nvme(n) for n in self.index.nodes):
+            # With an NVMe tier, evicting DRAM means demoting: nothing is lost.
+            blocks = freed = 0
+            for node in self.index.nodes:
+                if self.tiering.has_nvme(node):
+                    b, f = await self.tiering.demote(node, None if want is None else max(0, want - freed))
+                    blocks, freed = blocks + b, freed + f
+            leased = sum(1 for e in self.index.entries() if e.pins)
+        else:
+            blocks, freed, leased = self.index.evict(want)
         return admin_pb2.EvictResponse(blocks=blocks, bytes=freed, skipped_leased=leased)
 
     @rpc

@@ -122,6 +122,32 @@ class NvmeCatalog:
             return 0
         return sum(self._write(lambda txn: [txn.delete(k) for k in keys]))
 
+    def delete_matching(self, items: Iterable[tuple[bytes, Slot]]) -> list[bool]:
+        """Remove each entry that still names the given slot, in one durable transaction.
+
+        Returns, per item, whether it was removed. An entry that names another slot (the
+        block was written again elsewhere) or that is gone already is left alone, so a
+        caller holding a stale slot can never remove the current copy.
+        """
+        items = [(k, Slot(*s)) for k, s in items]
+        if not items:
+            return []
+
+        def txn_fn(txn):
+            done = []
+            for k, slot in items:
+                value = txn.get(k)
+                ok = False
+                if value is not None:
+                    try:
+                        ok = CatalogEntry.decode(k, value).slot == slot
+                    except ValueError:
+                        ok = False
+                done.append(ok and txn.delete(k))
+            return done
+
+        return self._write(txn_fn)
+
     def _write(self, fn):
         with self._lock:
             while True:

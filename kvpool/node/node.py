@@ -1,8 +1,13 @@
 """A storage node: owns the tier arenas and tells clients how to reach them.
 
-The node holds memory; the master holds metadata. The master reserves and frees slots
-through the :class:`kvpool.master.nodes.NodeHandle` interface, which :class:`Node`
-implements, and clients copy bytes straight into the arenas over the data plane.
+The node holds memory and disk; the master holds metadata. The master reserves and frees
+DRAM slots through the :class:`kvpool.master.nodes.NodeHandle` interface, which
+:class:`Node` implements, and asks it to move blocks between its tiers (``demote``,
+``promote``, ``drop_nvme``). Clients copy bytes straight into the DRAM arena over the
+data plane.
+
+With an NVMe tier, the node's :class:`~kvpool.node.mover.TierMover` does the I/O and keeps
+the LMDB catalog, so blocks on NVMe survive a restart: ``recover()`` reports them.
 
 Invariant: ``close()`` unlinks every shared-memory segment the node created, so a clean
 shutdown leaves nothing in /dev/shm.
@@ -11,9 +16,14 @@ shutdown leaves nothing in /dev/shm.
 from __future__ import annotations
 
 import logging
+import os
+from typing import Sequence
 
+from kvpool.node.catalog import NvmeCatalog
+from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResult, TierMover
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
+from kvpool.tiers.nvme import NvmeArena
 from kvpool.transport.shm import host_id
 
 __all__ = ["Node"]
@@ -22,19 +32,38 @@ log = logging.getLogger("kvpool.node")
 
 
 class Node:
-    def __init__(self, node_id: int, name: str, tiers: list[Arena]) -> None:
+    def __init__(self, node_id: int, name: str, tiers: list[Arena], mover: TierMover | None = None) -> None:
         if not tiers:
             raise ValueError("a node needs at least one tier")
         self.node_id = node_id
         self.name = name
         self.tiers: dict[str, Arena] = {t.name: t for t in tiers}
+        self.mover = mover
+        if mover is not None:
+            self.tiers[mover.nvme.name] = mover.nvme
 
     @classmethod
     def with_dram(cls, node_id: int, name: str, dram_bytes: int, *, chunk_bytes: int = 64 << 20,
                   prefault: bool = True) -> "Node":
         return cls(node_id, name, [DramArena(dram_bytes, chunk_bytes=chunk_bytes, prefault=prefault)])
 
-    # NodeHandle ---------------------------------------------------------------
+    @classmethod
+    def build(cls, node_id: int, name: str, *, dram_bytes: int, nvme_bytes: int = 0, data_dir: str = ".",
+              chunk_bytes: int = 64 << 20, prefault: bool = True) -> "Node":
+        """A node with a DRAM tier and, if ``nvme_bytes``, an NVMe tier in ``data_dir/nvme``."""
+        dram = DramArena(dram_bytes, chunk_bytes=chunk_bytes, prefault=prefault)
+        if not nvme_bytes:
+            return cls(node_id, name, [dram])
+        try:
+            # data_dir/nvme/ holds the slot file (NvmeArena) and the LMDB catalog.
+            nvme = NvmeArena(data_dir, nvme_bytes, chunk_bytes=chunk_bytes)
+            mover = TierMover(dram, nvme, NvmeCatalog(os.path.join(data_dir, "nvme")))
+        except BaseException:
+            dram.close()
+            raise
+        return cls(node_id, name, [dram], mover)
+
+    # NodeHandle: slots --------------------------------------------------------
 
     def tier_names(self) -> list[str]:
         return list(self.tiers)
@@ -62,9 +91,31 @@ class Node:
         return {"node_id": self.node_id, "name": self.name, "host_id": host_id(),
                 "transports": transports, "segment_bytes": sizes}
 
-    def max_block_bytes(self, tier: str) -> int:
-        return self.tiers[tier].slots.max_block_bytes
+    # NodeHandle: tier movement (nodes with an NVMe tier) -------------------------
+
+    def recover(self) -> list[tuple[bytes, Slot, int, str]]:
+        """Blocks found on NVMe at start: (key, slot, checksum, namespace)."""
+        if self.mover is None:
+            return []
+        return [(e.key, e.slot, e.checksum, e.namespace) for e in self.mover.recover()]
+
+    async def demote(self, items: Sequence[tuple], *, keep_dram: bool) -> DemoteResult:
+        """Copy (key, dram_slot, checksum, namespace) blocks to NVMe; keep DRAM if asked."""
+        batch = [DemoteItem(*item) for item in items]
+        if keep_dram:
+            return await self.mover.write_through(batch)
+        return await self.mover.demote(batch)
+
+    async def promote(self, items: Sequence[tuple]) -> PromoteResult:
+        """Read (key, nvme_slot, checksum, dram_slot) blocks into DRAM, verifying checksums."""
+        return await self.mover.promote([PromoteItem(*item) for item in items], keep_nvme=True)
+
+    async def drop_nvme(self, items: Sequence[tuple[bytes, Slot]]) -> None:
+        await self.mover.drop(items)
 
     def close(self) -> None:
+        if self.mover is not None:
+            self.mover.close()
+            self.mover.catalog.close()
         for arena in self.tiers.values():
             arena.close()

@@ -22,6 +22,6 @@ def test_check_detects_stale_stubs(tmp_path, monkeypatch):
     for part in ("proto", "kvpool/rpc/v1", "tools"):
         shutil.copytree(ROOT / part, copy / part)
     proto = copy / "proto" / "kvpool" / "v1" / "common.proto"
-    proto.write_text(proto.read_text().replace("double uptime_seconds = 14;", "double uptime_seconds = 14;\n  uint32 extra = 15;"))
+    proto.write_text(proto.read_text() + "\nmessage StaleCheckExtra {\n  uint32 x = 1;\n}\n")
     r = subprocess.run([sys.executable, str(copy / "tools" / "gen_proto.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 1 and "common_pb2.py" in r.stderr
