@@ -63,6 +63,8 @@ class ServeSettings:
     #: Prometheus exporter port; 0 picks a free one, -1 disables it.
     metrics_port: int = 9464
     dram: int = 4 * 2**30
+    #: HBM tier size on the current CUDA device; 0 disables it. Needs CUDA.
+    hbm: int = 0
     #: NVMe tier size, in ``data_dir/nvme``; 0 disables the tier.
     nvme: int = 0
     #: Copy every committed block to NVMe too (needs ``nvme``).
@@ -96,7 +98,7 @@ class ServeSettings:
             raise ValueError("lease_ttl and grant_ttl must be positive seconds")
 
 
-SIZE_FIELDS = {"dram", "nvme", "slab_bytes"}
+SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes"}
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

@@ -58,7 +58,8 @@ class PoolServer:
     async def start(self) -> None:
         s = self.settings
         os.makedirs(s.data_dir, exist_ok=True)
-        self.node = Node.build(1, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, data_dir=s.data_dir,
+        self.node = Node.build(1, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, hbm_bytes=s.hbm,
+                               data_dir=s.data_dir,
                                chunk_bytes=s.slab_bytes, prefault=s.prefault)
         nodes = NodeRegistry()
         nodes.add(self.node)
@@ -101,9 +102,11 @@ class PoolServer:
         self._sweeper = asyncio.create_task(self._sweep())
         shm = self.node.endpoint()["transports"].get("shm.dram", "")
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
-        nvme = format_size(self.node.tiers["nvme"].capacity) if "nvme" in self.node.tiers else "off"
-        log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s nvme=%s shm=/dev/shm/%s policy=%s data_dir=%s",
-                 s.host, self.port, metrics, format_size(self.node.tiers["dram"].capacity), nvme, shm,
+        def size(tier: str) -> str:
+            return format_size(self.node.tiers[tier].capacity) if tier in self.node.tiers else "off"
+
+        log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s hbm=%s nvme=%s shm=/dev/shm/%s policy=%s "
+                 "data_dir=%s", s.host, self.port, metrics, size("dram"), size("hbm"), size("nvme"), shm,
                  s.eviction_policy, os.path.abspath(s.data_dir))
 
     async def _sweep(self) -> None:

@@ -9,9 +9,10 @@ One run measures, in the same directory on the same filesystem:
    xxh3-64 checksum verified (included in the time);
 3. **disk write**: the first ``--size`` bytes of the same preallocated file (the arena's slot
    file, between rounds, so both sides hit the same extents and host cache state) written
-   sequentially with O_DIRECT in ``--disk-buffer``-byte aligned requests, with one fdatasync per ``--batch`` blocks'
-   worth of bytes (the same durability the mover pays), once with one request in flight
-   (like ``dd oflag=direct``) and once with ``--disk-depth`` in flight (like fio's iodepth);
+   sequentially with O_DIRECT in ``--disk-buffer``-byte aligned requests, with one fdatasync
+   per ``--batch`` blocks' worth of bytes (the same durability the mover pays), once with one
+   request in flight (like ``dd oflag=direct``) and once with ``--disk-depth`` in flight
+   (like fio's iodepth);
 4. **disk read**: the same file read back sequentially with O_DIRECT, at both depths.
 
 Reads are taken twice per round, interleaved with the other side's (promote, disk reads,
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block", default="2MiB", help="block size (default 2MiB)")
     ap.add_argument("--batch", type=int, default=64, help="blocks per demote/promote batch")
     ap.add_argument("--inflight", type=int, default=2,
-                    help="batches in flight at once, as a demotion sweeper or concurrent requests keep them")
+                    help="batches in flight at once (a demotion sweeper or concurrent requests)")
     ap.add_argument("--io-threads", type=int, default=8, help="mover I/O threads")
     ap.add_argument("--run-bytes", default="16MiB", help="mover: adjacent slots per system call")
     ap.add_argument("--disk-buffer", default="16MiB", help="request size of the disk baseline")

@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 picks, -1 disables)")
     p.add_argument("--dram", help="DRAM tier size, e.g. 4GiB (default 4GiB)")
+    p.add_argument("--hbm", help="HBM tier size on the GPU, e.g. 8GiB (default 0: off; needs CUDA)")
     p.add_argument("--nvme", help="NVMe tier size in DATA_DIR/nvme, e.g. 64GiB (default 0: off)")
     p.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     p.add_argument("--data-dir", help="directory for the node's files (default ./kvpool-data)")
@@ -67,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kvpool.tiers.hbm import HbmUnavailableError
+
     try:
         asyncio.run(_serve(settings))
-    except (MemoryError, OSError) as exc:
+    except (MemoryError, OSError, HbmUnavailableError) as exc:
         print(f"kvpool serve: {exc}", file=sys.stderr)
         return 1
     return 0

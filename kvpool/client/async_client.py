@@ -27,20 +27,21 @@ import grpc
 import numpy as np
 import xxhash
 
-from kvpool.client.buffers import block_views, byte_view
+from kvpool.client.buffers import block_views, byte_view, is_device
 from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
 from kvpool.identity import Namespace, pack_keys
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.transport.base import Transport
+from kvpool.transport.cuda_ipc import CudaIpcTransport
 from kvpool.transport.shm import ShmTransport
-from kvpool.wire import unpack_records
+from kvpool.wire import TIER_NAMES, unpack_records
 
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 #: Data-plane transports this client speaks, in order of preference.
-_TRANSPORTS: tuple[type, ...] = (ShmTransport,)
+_TRANSPORTS: tuple[type, ...] = (CudaIpcTransport, ShmTransport)
 
 
 @dataclass(frozen=True)
@@ -55,18 +56,26 @@ class PutResult:
 _HASH_GROUP_BYTES = 4 << 20
 
 
-def _write_and_hash(transport: Transport, records: np.ndarray, sources: Sequence[np.ndarray]) -> list[int]:
+def _host_bytes(transport: Transport, record, src) -> np.ndarray:
+    """Host memory holding a block's bytes, to checksum: the source, the slot, or a copy."""
+    if not is_device(src):
+        return src
+    slot = transport.host_view(record)
+    return slot if slot is not None else src.cpu().numpy()  # HBM to HBM: one staging copy
+
+
+def _write_and_hash(transport: Transport, records: np.ndarray, sources: Sequence) -> list[int]:
     """Copy sources into their slots and return their xxh3-64 checksums (one thread's share)."""
     digest = xxhash.xxh3_64_intdigest
     sums: list[int] = []
     start = 0
     while start < len(sources):
         end, size = start, 0
-        while end < len(sources) and (size == 0 or size + sources[end].nbytes <= _HASH_GROUP_BYTES):
-            size += sources[end].nbytes
+        while end < len(sources) and (size == 0 or size + records[end]["size"] <= _HASH_GROUP_BYTES):
+            size += int(records[end]["size"])
             end += 1
         transport.write(records[start:end], sources[start:end])
-        sums.extend(digest(src) for src in sources[start:end])
+        sums.extend(digest(_host_bytes(transport, records[i], sources[i])) for i in range(start, end))
         start = end
     return sums
 
@@ -159,10 +168,13 @@ class AsyncClient:
             raise InvalidArgument("no namespace: pass namespace= here or to the client's constructor")
         return ns
 
-    def _transport(self, node: common_pb2.NodeEndpoint) -> Transport:
+    def _transport(self, node: common_pb2.NodeEndpoint, tier: str = "dram") -> Transport:
+        """The transport that reaches ``tier`` of ``node`` (transports are named "<kind>.<tier>")."""
         endpoint = {"host_id": node.host_id, "transports": dict(node.transports),
                     "segment_bytes": dict(node.segment_bytes)}
         for cls in _TRANSPORTS:
+            if not cls.name.endswith("." + tier):
+                continue
             addr = endpoint["transports"].get(cls.name)
             if addr is None:
                 continue
@@ -174,22 +186,24 @@ class AsyncClient:
                 t = self._transports[key] = cls(addr, endpoint["segment_bytes"][cls.name])
                 return t
         raise Unavailable(
-            f"no data transport reaches node {node.name!r} (id {node.node_id}): it offers "
-            f"{sorted(endpoint['transports'])}, this client speaks {[c.name for c in _TRANSPORTS]}; "
-            f"shared memory needs the client on the node's host"
+            f"no data transport reaches the {tier} tier of node {node.name!r} (id {node.node_id}): it "
+            f"offers {sorted(endpoint['transports'])}, this client speaks {[c.name for c in _TRANSPORTS]}; "
+            f"shared memory and CUDA IPC need the client on the node's host"
         )
 
-    def _by_node(self, locations: common_pb2.Locations):
-        """Records grouped per node transport: yields (transport, record indices, records)."""
+    def _groups(self, locations: common_pb2.Locations):
+        """Records grouped by (node, tier): yields (transport, record indices, records)."""
         records = unpack_records(locations.records)
         nodes = {n.node_id: n for n in locations.nodes}
-        if len(nodes) == 1:
+        if len(nodes) == 1 and (len(records) == 0 or (records["tier"] == records["tier"][0]).all()):
             (node,) = nodes.values()
-            yield self._transport(node), list(range(len(records))), records
+            tier = TIER_NAMES[int(records["tier"][0])] if len(records) else "dram"
+            yield self._transport(node, tier), list(range(len(records))), records
             return
-        for node_id, node in nodes.items():
-            idx = np.flatnonzero(records["node_id"] == node_id)
-            yield self._transport(node), idx.tolist(), records[idx]
+        pairs = {(int(n), int(t)) for n, t in zip(records["node_id"], records["tier"])}
+        for node_id, tier in sorted(pairs):
+            idx = np.flatnonzero((records["node_id"] == node_id) & (records["tier"] == tier))
+            yield self._transport(nodes[node_id], TIER_NAMES[tier]), idx.tolist(), records[idx]
 
     def _release_later(self, lease_id: str) -> None:
         if not lease_id:
@@ -218,12 +232,19 @@ class AsyncClient:
     # ------------------------------------------------------------------ block level
 
     async def put_blocks(self, keys: Sequence[bytes], blocks, *, namespace: Namespace | None = None,
-                         first_position: int | None = None) -> PutResult:
-        """Publish blocks under ``keys``: a list of buffers or one contiguous buffer of them."""
+                         first_position: int | None = None, tier: str | None = None) -> PutResult:
+        """Publish blocks under ``keys``: a list of buffers or one contiguous buffer of them.
+
+        Blocks may be host memory or CUDA tensors. ``tier`` asks for "hbm" or "dram"; by
+        default CUDA blocks go to the node's HBM tier when it has one, others to DRAM.
+        """
         ns = self._ns(namespace)
         size = ns.layout.block_bytes
-        views = block_views(blocks, len(keys), size)
-        req = pool_pb2.PutStartRequest(namespace_id=ns.id, keys=pack_keys(keys), sizes=[size] * len(keys))
+        views = block_views(blocks, len(keys), size, allow_device=True)
+        if tier is None:
+            tier = "hbm" if any(is_device(v) for v in views) else ""
+        req = pool_pb2.PutStartRequest(namespace_id=ns.id, keys=pack_keys(keys), sizes=[size] * len(keys),
+                                       tier=tier)
         if first_position is not None:
             req.first_position = first_position
         resp = await self._call_ns(ns, "PutStart", req)
@@ -257,14 +278,15 @@ class AsyncClient:
 
     async def get_blocks(self, keys: Sequence[bytes], out=None, *, namespace: Namespace | None = None,
                          allow_missing: bool = False) -> list:
-        """Read blocks. ``out``: buffers to fill (a list, or one contiguous buffer); else new arrays.
+        """Read blocks. ``out``: buffers to fill (a list, or one contiguous buffer; host memory
+        or CUDA tensors); else new numpy arrays.
 
         Raises :class:`BlockNotFound` if any key is absent, unless ``allow_missing``, in which
         case absent blocks come back as None (and their ``out`` buffers are left untouched).
         """
         ns = self._ns(namespace)
         size = ns.layout.block_bytes
-        dests = block_views(out, len(keys), size, writable=True) if out is not None else None
+        dests = block_views(out, len(keys), size, writable=True, allow_device=True) if out is not None else None
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys)))
         found = resp.found
         try:
@@ -291,7 +313,7 @@ class AsyncClient:
     def _shares(self, locations: common_pb2.Locations) -> list[tuple[Transport, list[int], np.ndarray]]:
         """Split a batch into one contiguous share per copy thread, never across nodes."""
         shares = []
-        for t, idx, recs in self._by_node(locations):
+        for t, idx, recs in self._groups(locations):
             n = max(1, min(self._threads, len(idx)))
             bounds = [len(idx) * k // n for k in range(n + 1)]
             shares.extend((t, idx[a:b], recs[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a)
@@ -354,11 +376,15 @@ class AsyncClient:
         """
         ns = self._ns(namespace)
         size = ns.layout.block_bytes
-        capacity = len(out) if isinstance(out, (list, tuple)) else byte_view(out, writable=True).size // size
+        if isinstance(out, (list, tuple)):
+            capacity = len(out)
+        else:
+            flat = byte_view(out, writable=True, allow_device=True)
+            capacity = (flat.size if not is_device(flat) else flat.numel()) // size
         keys = ns.keys(tokens)[:capacity]
         if not keys:
             return 0
-        dests = block_views(out, len(keys), size, writable=True)
+        dests = block_views(out, len(keys), size, writable=True, allow_device=True)
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
         try:
             if resp.hit_blocks:

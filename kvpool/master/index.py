@@ -7,8 +7,9 @@ Life of a block entry::
                      └─abort / grant expiry─► freed      remove while pinned ─► DOOMED
                                                           (invisible) ── last unpin ─► freed
 
-A committed entry has a DRAM copy, an NVMe copy, or both (``entry.dram``, ``entry.nvme``).
-Clients read only DRAM copies; an NVMe-only block is promoted before it is served
+A committed entry has a memory copy (``entry.mem``, in DRAM or HBM), an NVMe copy
+(``entry.nvme``), or both. Clients read only memory copies; an NVMe-only block is promoted
+into DRAM before it is served
 (:mod:`kvpool.master.tiering` drives demotion, promotion and write-through; this module
 keeps the books synchronously).
 
@@ -19,7 +20,7 @@ Invariants (each one is tested):
 * An entry with ``pins > 0`` is never evicted, moved or freed. Read leases pin; so does the
   tier mover for the duration of a copy. Removing a pinned entry makes it invisible at once
   and frees its storage at the last unpin.
-* Every slot is released exactly once: DRAM slots through ``NodeHandle.free``, NVMe copies
+* Every slot is released exactly once: memory slots through ``NodeHandle.free``, NVMe copies
   through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
 
@@ -62,17 +63,20 @@ class IndexConfig:
 
 
 class Entry:
-    """One block in the index, with its DRAM and/or NVMe copy on one node."""
+    """One block in the index: a memory copy (DRAM or HBM) and/or an NVMe copy, on one node."""
 
-    __slots__ = ("key", "ns", "node_id", "dram", "nvme", "checksum", "state", "pins", "doomed",
-                 "position", "created", "last_access", "hits", "record")
+    __slots__ = ("key", "ns", "node_id", "mem", "mem_tier", "nvme", "checksum", "state", "pins",
+                 "doomed", "position", "created", "last_access", "hits", "record")
 
-    def __init__(self, key: bytes, ns: str, node_id: int, dram: Slot | None, nvme: Slot | None,
-                 position: int, now: float) -> None:
+    def __init__(self, key: bytes, ns: str, node_id: int, mem: Slot | None, nvme: Slot | None,
+                 position: int, now: float, mem_tier: str = "dram") -> None:
         self.key = key
         self.ns = ns
         self.node_id = node_id
-        self.dram = dram
+        #: The copy clients read: a slot in a memory tier (``mem_tier``: "dram" or "hbm").
+        self.mem = mem
+        self.mem_tier = mem_tier
+        #: The durable copy on NVMe, if any.
         self.nvme = nvme
         self.checksum = 0
         self.state = PENDING
@@ -87,12 +91,12 @@ class Entry:
 
     @property
     def tier(self) -> str:
-        """Where clients read it: "dram", or "nvme" for a block that must be promoted first."""
-        return DRAM if self.dram is not None else NVME
+        """Where clients read it: its memory tier, or "nvme" for a block to promote first."""
+        return self.mem_tier if self.mem is not None else NVME
 
     @property
     def slot(self) -> Slot:
-        return self.dram if self.dram is not None else self.nvme
+        return self.mem if self.mem is not None else self.nvme
 
     @property
     def size(self) -> int:
@@ -204,12 +208,17 @@ class BlockIndex:
     # ------------------------------------------------------------------ publish
 
     def put_start(self, ns_id: str, keys: list[bytes], sizes: list[int],
-                  first_position: int | None = None) -> tuple[PutGrant, list[int]]:
+                  first_position: int | None = None, tier: str = "") -> tuple[PutGrant, list[int]]:
         """Grant slots for the keys that are neither present nor in flight.
 
         All-or-nothing: if the pool cannot make room for every grant (after evicting what
         the policy allows), nothing is granted and :class:`PoolFull` is raised.
+
+        ``tier`` is the writer's preference ("hbm" for a GPU writer); a node without that tier
+        places the blocks in DRAM.
         """
+        if tier and tier not in (DRAM, "hbm"):
+            raise InvalidArgument(f"PutStart: cannot put into tier {tier!r}; ask for \"dram\" or \"hbm\"")
         info = self.namespace(ns_id)
         self._check_keys(keys, "PutStart")
         if len(sizes) != len(keys):
@@ -238,7 +247,7 @@ class BlockIndex:
                 seen.add(key)
         granted: dict[bytes, Entry] = {}
         if wanted:
-            node, tier = self._place(info.block_bytes, len(wanted))
+            node, tier = self._place(info.block_bytes, len(wanted), tier)
             base = first_position
             try:
                 for i in wanted:
@@ -249,10 +258,10 @@ class BlockIndex:
                         if slot is None:
                             raise PoolFull(self._full_message(node, tier, info.block_bytes, len(wanted)))
                     position = base + i if base is not None else -1
-                    granted[keys[i]] = Entry(keys[i], ns_id, node.node_id, slot, None, position, now)
+                    granted[keys[i]] = Entry(keys[i], ns_id, node.node_id, slot, None, position, now, tier)
             except BaseException:
                 for entry in granted.values():
-                    node.free(tier, entry.dram)
+                    node.free(tier, entry.mem)
                 raise
         grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s)
         if granted:
@@ -291,7 +300,7 @@ class BlockIndex:
             entry.update_record()
             entry.last_access = now
             self._blocks[key] = entry
-            self._enter(entry, DRAM)
+            self._enter(entry, entry.mem_tier)
             if self.config.write_through:
                 self.committed.append(entry)
             self.counters.put_blocks += 1
@@ -407,8 +416,8 @@ class BlockIndex:
         return True
 
     def _touch(self, entry: Entry) -> None:
-        if entry.dram is not None:
-            self._policy(entry.node_id, DRAM).access(entry.key)
+        if entry.mem is not None:
+            self._policy(entry.node_id, entry.mem_tier).access(entry.key)
         if entry.nvme is not None:
             self._policy(entry.node_id, NVME).access(entry.key)
 
@@ -436,8 +445,8 @@ class BlockIndex:
     def _drop(self, entry: Entry) -> bool:
         """Take a committed entry out of the index. True if freed now, False if deferred."""
         del self._blocks[entry.key]
-        if entry.dram is not None:
-            self._leave(entry, DRAM)
+        if entry.mem is not None:
+            self._leave(entry, entry.mem_tier)
         if entry.nvme is not None:
             self._leave(entry, NVME)
         entry.doomed = True
@@ -448,11 +457,11 @@ class BlockIndex:
 
     def _release_storage(self, entry: Entry) -> None:
         """Free whatever copies an unpinned entry still has (exactly once)."""
-        if entry.dram is not None:
+        if entry.mem is not None:
             node = self.nodes.get(entry.node_id)
             if node is not None:
-                node.free(DRAM, entry.dram)
-            entry.dram = None
+                node.free(entry.mem_tier, entry.mem)
+            entry.mem = None
         if entry.nvme is not None:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
@@ -496,14 +505,14 @@ class BlockIndex:
 
     def drop_copy(self, entry: Entry, tier: str) -> None:
         """Evict one copy. An entry that loses its last copy leaves the index."""
-        other = entry.nvme if tier == DRAM else entry.dram
+        other = entry.mem if tier == NVME else entry.nvme
         if other is None:
             self._drop(entry)
             return
         self._leave(entry, tier)
-        if tier == DRAM:
-            self.nodes.get(entry.node_id).free(DRAM, entry.dram)
-            entry.dram = None
+        if tier != NVME:
+            self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
+            entry.mem = None
             entry.update_record()
         else:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
@@ -526,15 +535,16 @@ class BlockIndex:
             self._evict_from(node.node_id, tier, need * size)
 
     def evict(self, want_bytes: int | None) -> tuple[int, int, int]:
-        """Admin eviction of DRAM copies (None: all evictable). NVMe copies are kept."""
+        """Admin eviction of memory copies (None: all evictable). NVMe copies are kept."""
         blocks = freed = 0
         for node in self.nodes:
-            remaining = None if want_bytes is None else want_bytes - freed
-            if remaining is not None and remaining <= 0:
-                break
-            b, f = self._evict_from(node.node_id, DRAM, remaining)
-            blocks += b
-            freed += f
+            for tier in node.tier_names():
+                remaining = None if want_bytes is None else want_bytes - freed
+                if tier == NVME or (remaining is not None and remaining <= 0):
+                    continue
+                b, f = self._evict_from(node.node_id, tier, remaining)
+                blocks += b
+                freed += f
         leased = sum(1 for e in self._blocks.values() if e.pins)
         return blocks, freed, leased
 
@@ -572,10 +582,10 @@ class BlockIndex:
             entry.nvme = nvme_slot
             self._enter(entry, NVME)
         self.counters.demoted_blocks += 1
-        if entry.pins == 1 and entry.dram is not None:  # only the mover's own pin
-            self._leave(entry, DRAM)
-            self.nodes.get(entry.node_id).free(DRAM, entry.dram)
-            entry.dram = None
+        if entry.pins == 1 and entry.mem is not None:  # only the mover's own pin
+            self._leave(entry, entry.mem_tier)
+            self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
+            entry.mem = None
             entry.update_record()
 
     def written_through(self, entry: Entry, nvme_slot: Slot) -> None:
@@ -591,7 +601,8 @@ class BlockIndex:
         if entry.doomed:
             self.nodes.get(entry.node_id).free(DRAM, dram_slot)
             return
-        entry.dram = dram_slot
+        entry.mem = dram_slot
+        entry.mem_tier = DRAM
         entry.update_record()
         self._enter(entry, DRAM)
         self.counters.promoted_blocks += 1
@@ -631,11 +642,13 @@ class BlockIndex:
             policy = self._policies[(node_id, tier)] = make_policy(self.config.eviction_policy)
         return policy
 
-    def _place(self, size: int, count: int) -> tuple[NodeHandle, str]:
-        """New blocks go to the top tier of the node with the most room for them."""
+    def _place(self, size: int, count: int, prefer: str = "") -> tuple[NodeHandle, str]:
+        """New blocks go to the node with the most room in the preferred memory tier (DRAM
+        unless the writer asks for HBM and the node has it)."""
         best = None
         for node in self.nodes:
-            tier = node.tier_names()[0]
+            names = node.tier_names()
+            tier = prefer if prefer in names else (DRAM if DRAM in names else names[0])
             room = node.free_slots_for(tier, size)
             if best is None or room > best[0]:
                 best = (room, node, tier)

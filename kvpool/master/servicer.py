@@ -83,7 +83,7 @@ class _Base:
 
     async def _resident(self, lease) -> list[bool] | None:
         """Promote the lease's NVMe-only blocks; None when all were in DRAM already."""
-        if self.tiering is None or all(e.dram is not None for e in lease.entries):
+        if self.tiering is None or all(e.mem is not None for e in lease.entries):
             return None
         return await self.tiering.make_resident(lease.entries)
 
@@ -118,7 +118,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     def PutStart(self, request, context):
         keys = self.index.split_packed(request.keys, "PutStart")
         first = request.first_position if request.HasField("first_position") else None
-        grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first)
+        grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first, request.tier)
         resp = pool_pb2.PutStartResponse(put_id=grant.put_id, expires_in_ms=int(self.index.config.grant_ttl_s * 1000))
         resp.status.extend(statuses)
         if grant.entries:

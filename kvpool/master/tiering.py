@@ -82,7 +82,7 @@ class Tiering:
             if v.nvme is not None:  # already durable: no I/O, just let the DRAM copy go
                 index.drop_copy(v, DRAM)
                 index.counters.demoted_blocks += 1
-        moving = [v for v in victims if v.dram is not None]
+        moving = [v for v in victims if v.mem is not None]
         for v in moving:
             index.pin(v)
         try:
@@ -95,7 +95,7 @@ class Tiering:
 
     async def _demote_batch(self, node: NodeHandle, batch: list[Entry], retry: bool = True) -> None:
         index = self.index
-        result = await node.demote([(e.key, e.dram, e.checksum, e.ns) for e in batch], keep_dram=False)
+        result = await node.demote([(e.key, e.mem, e.checksum, e.ns) for e in batch], keep_dram=False)
         moved = dict(result.moved)
         for e in batch:
             if e.key in moved:
@@ -120,7 +120,7 @@ class Tiering:
     async def write_through_committed(self) -> None:
         index = self.index
         pending, index.committed = index.committed, []
-        todo = [e for e in pending if not e.doomed and e.dram is not None and e.nvme is None
+        todo = [e for e in pending if not e.doomed and e.mem is not None and e.nvme is None
                 and self.has_nvme(self._node(e))]
         for e in todo:
             index.pin(e)
@@ -128,7 +128,7 @@ class Tiering:
             for start in range(0, len(todo), BATCH_BLOCKS):
                 batch = todo[start : start + BATCH_BLOCKS]
                 node = self._node(batch[0])
-                result = await node.demote([(e.key, e.dram, e.checksum, e.ns) for e in batch], keep_dram=True)
+                result = await node.demote([(e.key, e.mem, e.checksum, e.ns) for e in batch], keep_dram=True)
                 moved = dict(result.moved)
                 for e in batch:
                     if e.key in moved:
@@ -149,7 +149,7 @@ class Tiering:
         waits: list[asyncio.Future] = []
         by_node: dict[int, list[Entry]] = {}
         for e in entries:
-            if e.dram is not None or e.doomed:
+            if e.mem is not None or e.doomed:
                 continue
             fut = self._promotions.get(e.key)
             if fut is not None:
@@ -167,7 +167,7 @@ class Tiering:
                         fut.set_result(None)
         if waits:
             await asyncio.gather(*waits)
-        return [e.dram is not None and not e.doomed for e in entries]
+        return [e.mem is not None and not e.doomed for e in entries]
 
     async def _promote(self, node: NodeHandle, todo: list[Entry]) -> None:
         index = self.index

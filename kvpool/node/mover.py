@@ -101,8 +101,9 @@ class DemoteResult:
 
     ``moved``: (key, nvme_slot) of every block now durable on NVMe and in the catalog, in
     batch order, including blocks that were already there with the same checksum (no I/O;
-    not counted in ``bytes_moved``, which is what this batch wrote). ``no_space``: keys that did not move because NVMe had no room (no free slot
-    or ENOSPC); retry them after evicting. ``failed``: (key, reason) for other I/O errors.
+    not counted in ``bytes_moved``, which is what this batch wrote). ``no_space``: keys that
+    did not move because NVMe had no room (no free slot or ENOSPC); retry them after
+    evicting. ``failed``: (key, reason) for other I/O errors (and "cancelled").
     ``keep_dram``: True for a write-through (the DRAM copies stay), False for a demotion
     (the caller frees the DRAM slots of ``moved``).
     """
@@ -353,7 +354,8 @@ class TierMover:
 
     # -- NVMe -> DRAM ----------------------------------------------------------------------
 
-    async def promote(self, batch: Sequence[PromoteItem], *, keep_nvme: bool = True) -> PromoteResult:
+    async def promote(self, batch: Sequence[PromoteItem], *,
+                      keep_nvme: bool = True) -> PromoteResult:
         """Read NVMe blocks into DRAM slots and verify them; serve only ``result.promoted``.
 
         ``keep_nvme=False`` also drops the NVMe copies of the promoted blocks (catalog

@@ -15,6 +15,7 @@ shutdown leaves nothing in /dev/shm.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Sequence
@@ -39,6 +40,7 @@ class Node:
         self.name = name
         self.tiers: dict[str, Arena] = {t.name: t for t in tiers}
         self.mover = mover
+        self._ipc_handle: str | None = None
         if mover is not None:
             self.tiers[mover.nvme.name] = mover.nvme
 
@@ -48,20 +50,28 @@ class Node:
         return cls(node_id, name, [DramArena(dram_bytes, chunk_bytes=chunk_bytes, prefault=prefault)])
 
     @classmethod
-    def build(cls, node_id: int, name: str, *, dram_bytes: int, nvme_bytes: int = 0, data_dir: str = ".",
-              chunk_bytes: int = 64 << 20, prefault: bool = True) -> "Node":
-        """A node with a DRAM tier and, if ``nvme_bytes``, an NVMe tier in ``data_dir/nvme``."""
-        dram = DramArena(dram_bytes, chunk_bytes=chunk_bytes, prefault=prefault)
-        if not nvme_bytes:
-            return cls(node_id, name, [dram])
+    def build(cls, node_id: int, name: str, *, dram_bytes: int, nvme_bytes: int = 0, hbm_bytes: int = 0,
+              data_dir: str = ".", chunk_bytes: int = 64 << 20, prefault: bool = True) -> "Node":
+        """A node with a DRAM tier and, if asked, an HBM tier (needs CUDA) and an NVMe tier
+        in ``data_dir/nvme``. Tiers are listed fastest first."""
+        made: list[Arena] = []
         try:
-            # data_dir/nvme/ holds the slot file (NvmeArena) and the LMDB catalog.
-            nvme = NvmeArena(data_dir, nvme_bytes, chunk_bytes=chunk_bytes)
-            mover = TierMover(dram, nvme, NvmeCatalog(os.path.join(data_dir, "nvme")))
+            if hbm_bytes:
+                from kvpool.tiers.hbm import HbmArena
+
+                made.append(HbmArena(hbm_bytes, chunk_bytes=chunk_bytes))
+            dram = DramArena(dram_bytes, chunk_bytes=chunk_bytes, prefault=prefault)
+            made.append(dram)
+            mover = None
+            if nvme_bytes:
+                # data_dir/nvme/ holds the slot file (NvmeArena) and the LMDB catalog.
+                nvme = NvmeArena(data_dir, nvme_bytes, chunk_bytes=chunk_bytes)
+                mover = TierMover(dram, nvme, NvmeCatalog(os.path.join(data_dir, "nvme")))
         except BaseException:
-            dram.close()
+            for arena in made:
+                arena.close()
             raise
-        return cls(node_id, name, [dram], mover)
+        return cls(node_id, name, made, mover)
 
     # NodeHandle: slots --------------------------------------------------------
 
@@ -69,10 +79,17 @@ class Node:
         return list(self.tiers)
 
     def allocate(self, tier: str, size: int) -> Slot | None:
-        return self.tiers[tier].allocate(size)
+        return self._memory_tier(tier).allocate(size)
 
     def free(self, tier: str, slot: Slot) -> None:
-        self.tiers[tier].free(slot)
+        self._memory_tier(tier).free(slot)
+
+    def _memory_tier(self, tier: str) -> Arena:
+        arena = self.tiers[tier]
+        if TierCaps.PERSISTENT in arena.caps:
+            # NVMe slots belong to the mover: a slot is allocated iff the catalog names it.
+            raise ValueError(f"{tier} slots are allocated and freed only by the tier mover")
+        return arena
 
     def free_slots_for(self, tier: str, size: int) -> int:
         return self.tiers[tier].slots.free_slots_for(size)
@@ -88,6 +105,11 @@ class Node:
                 desc = arena.describe()
                 transports[f"shm.{arena.name}"] = desc["shm_name"]
                 sizes[f"shm.{arena.name}"] = arena.capacity
+            if TierCaps.CUDA_IPC in arena.caps:
+                if self._ipc_handle is None:  # export once: every client maps the same handle
+                    self._ipc_handle = json.dumps(arena.ipc_handle().to_dict(), sort_keys=True)
+                transports[f"cuda_ipc.{arena.name}"] = self._ipc_handle
+                sizes[f"cuda_ipc.{arena.name}"] = arena.capacity
         return {"node_id": self.node_id, "name": self.name, "host_id": host_id(),
                 "transports": transports, "segment_bytes": sizes}
 

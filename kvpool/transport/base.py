@@ -11,6 +11,10 @@ Protocol of one batch:
   commits only after every write of the batch returned.
 * get: ``read(records, outs)`` copies each slot into its destination while the client holds
   the read lease that pins those slots.
+
+Sources and destinations are flat uint8 views: numpy arrays for host memory, or CUDA
+tensors where the transport declares ``DEVICE_BUFFERS``. A transport returns only when its
+copies are complete (device copies included), so a commit never races a copy.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class TransportCaps(enum.Flag):
     SAME_HOST = enum.auto()
     #: Bytes cross a network, so reads verify checksums.
     NETWORK = enum.auto()
+    #: Accepts CUDA tensors as sources and destinations (DMA, no host staging by the caller).
+    DEVICE_BUFFERS = enum.auto()
 
 
 class Transport(ABC):
@@ -46,6 +52,10 @@ class Transport(ABC):
     @abstractmethod
     def read(self, records: np.ndarray, outs: Sequence[np.ndarray]) -> None:
         """Copy the slot of ``records[i]`` into ``outs[i]``."""
+
+    def host_view(self, record) -> np.ndarray | None:
+        """The slot's bytes as host memory the client can read (for checksums), if any."""
+        return None
 
     def close(self) -> None:
         pass

@@ -2,12 +2,17 @@
 
 The node never touches the bytes of a same-host put or get: the client copies from its own
 buffer straight into the arena slot and back. That is the one copy a put or get needs.
+
+CUDA tensors are copied with DMA: on first use, this process registers its mapping of the
+arena as pinned memory (cudaHostRegister), and copies run on the current CUDA stream of
+the calling thread (a copy thread, never the event loop), synchronized before returning.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from functools import lru_cache
 from typing import Sequence
 
@@ -32,29 +37,71 @@ def host_id() -> str:
 
 class ShmTransport(Transport):
     name = "shm.dram"
-    caps = TransportCaps.ZERO_COPY | TransportCaps.SAME_HOST
+    caps = TransportCaps.ZERO_COPY | TransportCaps.SAME_HOST | TransportCaps.DEVICE_BUFFERS
 
     def __init__(self, segment_name: str, size: int) -> None:
         self.segment = map_shared_arena(segment_name, size)
         self._arena = self.segment.array
+        self._pinned = None
+        self._pin_lock = threading.Lock()
+
+    def _pin(self) -> None:
+        with self._pin_lock:
+            if self._pinned is None:
+                from kvpool.tiers.pinning import register_pinned
+
+                # False (not None) marks "tried": an unpinned arena still works, only slower.
+                self._pinned = register_pinned(self._arena) or False
+
+    def _device_copy(self, pairs) -> None:
+        import torch
+
+        self._pin()
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
 
     @classmethod
     def reachable(cls, endpoint: dict) -> bool:
         name = endpoint.get("transports", {}).get(cls.name)
         return bool(name) and endpoint.get("host_id") == host_id() and os.path.exists(os.path.join(SHM_DIR, name))
 
-    def write(self, records: np.ndarray, sources: Sequence[np.ndarray]) -> None:
-        arena = self._arena
-        for rec, src in zip(records, sources):
-            off = int(rec["offset"])
-            np.copyto(arena[off : off + int(rec["size"])], src)
+    def _slot(self, rec) -> np.ndarray:
+        off = int(rec["offset"])
+        return self._arena[off : off + int(rec["size"])]
 
-    def read(self, records: np.ndarray, outs: Sequence[np.ndarray]) -> None:
-        arena = self._arena
+    def host_view(self, record) -> np.ndarray:
+        return self._slot(record)
+
+    def write(self, records: np.ndarray, sources: Sequence) -> None:
+        device = []
+        for rec, src in zip(records, sources):
+            if isinstance(src, np.ndarray):
+                np.copyto(self._slot(rec), src)
+            else:
+                device.append((rec, src))
+        if device:
+            import torch
+
+            self._device_copy([(torch.from_numpy(self._slot(rec)), src) for rec, src in device])
+
+    def read(self, records: np.ndarray, outs: Sequence) -> None:
+        device = []
         for rec, dst in zip(records, outs):
-            off = int(rec["offset"])
-            np.copyto(dst, arena[off : off + int(rec["size"])])
+            if isinstance(dst, np.ndarray):
+                np.copyto(dst, self._slot(rec))
+            else:
+                device.append((rec, dst))
+        if device:
+            import torch
+
+            self._device_copy([(dst, torch.from_numpy(self._slot(rec))) for rec, dst in device])
 
     def close(self) -> None:
+        if self._pinned:
+            from kvpool.tiers.pinning import unregister_pinned
+
+            unregister_pinned(self._pinned)
+        self._pinned = None
         self._arena = None
         self.segment.close()

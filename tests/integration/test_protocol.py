@@ -37,7 +37,7 @@ def test_uncommitted_block_is_invisible(server):
         start = pool.PutStart(pool_pb2.PutStartRequest(namespace_id=ns_id, keys=key, sizes=[BLOCK]))
         assert list(start.status) == [pool_pb2.PUT_GRANTED]
         # Bytes are written into the slot, but nothing is committed yet.
-        c._async._transport(start.grants.nodes[0]).write(unpack_records(start.grants.records), [random_blocks(1)[0]])
+        c._async._transport(start.grants.nodes[0], "dram").write(unpack_records(start.grants.records), [random_blocks(1)[0]])
         assert c.lookup([key]) == 0
         assert c.get_blocks([key], allow_missing=True) == [None]
         # A second writer is told the key is in flight, not granted twice.
@@ -104,7 +104,7 @@ def test_leased_block_is_never_evicted_or_freed(serve_factory):
         assert used_bytes(admin) == 2 * BLOCK
         recs = unpack_records(lease.locations.records)
         out = [bytearray(BLOCK), bytearray(BLOCK)]
-        c._async._transport(lease.locations.nodes[0]).read(recs, [byte_view(o, writable=True) for o in out])
+        c._async._transport(lease.locations.nodes[0], "dram").read(recs, [byte_view(o, writable=True) for o in out])
         assert [bytes(o) for o in out] == [data[0].tobytes(), data[1].tobytes()]
         assert c.release([lease.lease_id]) == 1
         assert used_bytes(admin) == 0

@@ -114,3 +114,12 @@ def test_metrics_pass_promtool_lint(server):
     body = urllib.request.urlopen(server.metrics_url, timeout=5).read()
     r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_hbm_without_cuda_fails_with_a_reason(tmp_path):
+    from kvpool.tiers.hbm import HbmArena
+
+    if HbmArena.available()[0]:
+        pytest.skip("CUDA is present: tests/gpu covers the HBM tier")
+    r = run_serve("--hbm", "64MiB", "--dram", "8MiB", "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "needs CUDA" in r.stderr and "Traceback" not in r.stderr

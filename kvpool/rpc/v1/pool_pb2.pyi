@@ -35,16 +35,18 @@ class RegisterNamespaceResponse(_message.Message):
     def __init__(self, namespace_id: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class PutStartRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "sizes", "first_position")
+    __slots__ = ("namespace_id", "keys", "sizes", "first_position", "tier")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     keys: bytes
     sizes: _containers.RepeatedScalarFieldContainer[int]
     first_position: int
-    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., first_position: _Optional[int] = ...) -> None: ...
+    tier: str
+    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., first_position: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class PutStartResponse(_message.Message):
     __slots__ = ("put_id", "status", "grants", "expires_in_ms")

@@ -305,7 +305,8 @@ CHILD = textwrap.dedent("""
             items = []
             for _ in range(6):
                 s = dram.allocate(256 << 10)
-                dram.array[s.offset:s.offset + s.size] = rng.integers(0, 256, s.size, dtype=np.uint8)
+                dram.array[s.offset:s.offset + s.size] = rng.integers(0, 256, s.size,
+                                                                      dtype=np.uint8)
                 items.append(DemoteItem(n.to_bytes(16, "big"), s, checksum(dram.view(s)), "x"))
                 n += 1
             res = await mover.demote(items)
