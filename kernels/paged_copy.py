@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpool.kernels.paged_layout import BoundPagedCache, PagedCacheLayout
+from kvpool.kernels.runtime import runnable_kernel
 from kvpool.layout import KVLayout
 
 try:  # triton is optional: the references work without it
@@ -92,21 +93,6 @@ def _require_triton() -> None:
         )
 
 
-def _kernel_for(kernel, device):
-    """The kernel, checked to be runnable on ``device``.
-
-    Triton decides once, when a kernel is defined (at import), whether it is compiled or
-    interpreted; CPU tensors need the interpreter, and so does triton's own standard library
-    (tl.max, tl.sum) that a kernel calls, so the choice cannot be made here per call.
-    """
-    if device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
-            "before triton is first imported, or use gather_blocks_ref/scatter_blocks_ref"
-        )
-    return kernel
-
-
 def _prepare(kv_caches: Any, block_table, pool_blocks, layout: PagedCacheLayout,
              pool_layout: KVLayout | None, validate: bool):
     """Shared argument checks. Returns (bound cache, flat table, raw pool view, sub_blocks)."""
@@ -172,7 +158,7 @@ def _launch(bound: BoundPagedCache, table, raw_pool, sub_blocks: int, to_pool: b
     chunk = layout.chunk_elems
     tile = min(triton.next_power_of_2(chunk), 4096)
     grid = (n_entries, layout.num_layers * layout.planes)
-    _kernel_for(_paged_copy_kernel, bound.device)[grid](
+    runnable_kernel(_paged_copy_kernel, bound.device, "gather_blocks_ref/scatter_blocks_ref")[grid](
         bound.anchor, bound.layer_offsets, table, raw_pool,
         bound.plane_stride, bound.block_stride, n_entries,
         NUM_LAYERS=layout.num_layers, PLANES=layout.planes, SUB_BLOCKS=sub_blocks,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 from kvpool.kernels.paged_layout import PagedCacheLayout
+from kvpool.kernels.runtime import runnable_kernel
 
 try:  # triton is optional: the reference works without it
     import triton
@@ -176,21 +177,6 @@ if triton is not None:
                      mask=md_mask)
 
 
-def _kernel_for(kernel, device):
-    """The kernel, checked to be runnable on ``device``.
-
-    Triton decides once, when a kernel is defined (at import), whether it is compiled or
-    interpreted; CPU tensors need the interpreter, and so does triton's own standard library
-    (tl.max, tl.sum) that a kernel calls, so the choice cannot be made here per call.
-    """
-    if device.type == "cpu" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
-            "before triton is first imported, or use prefix_attention_ref"
-        )
-    return kernel
-
-
 def _check_args(q, k, v, kv_cache, block_table, query_start_loc, prefix_lens, layout, out,
                 validate):
     """Shape, dtype and device checks shared by the kernel and the reference."""
@@ -308,7 +294,7 @@ def prefix_attention(q, k, v, kv_cache, block_table, query_start_loc, prefix_len
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     scale = 1.0 / math.sqrt(layout.head_dim) if scale is None else float(scale)
-    kernel = _kernel_for(_prefix_attention_kernel, q.device)
+    kernel = runnable_kernel(_prefix_attention_kernel, q.device, "prefix_attention_ref")
     interpreting = type(kernel).__name__ == "InterpretedFunction"
     block_d = max(16, triton.next_power_of_2(layout.head_dim))
     if interpreting:
