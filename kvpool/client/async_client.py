@@ -34,7 +34,7 @@ from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.transport.base import Transport
 from kvpool.transport.cuda_ipc import CudaIpcTransport
 from kvpool.transport.shm import ShmTransport
-from kvpool.wire import TIER_NAMES, unpack_records
+from kvpool.wire import TIER_NAMES, decode_locations
 
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 
@@ -193,7 +193,7 @@ class AsyncClient:
 
     def _groups(self, locations: common_pb2.Locations):
         """Records grouped by (node, tier): yields (transport, record indices, records)."""
-        records = unpack_records(locations.records)
+        records = decode_locations(locations)
         nodes = {n.node_id: n for n in locations.nodes}
         if len(nodes) == 1 and (len(records) == 0 or (records["tier"] == records["tier"][0]).all()):
             (node,) = nodes.values()
@@ -290,7 +290,7 @@ class AsyncClient:
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys)))
         found = resp.found
         try:
-            if not allow_missing and len(resp.locations.records) // 32 != len(keys):
+            if not allow_missing and sum(found) != len(keys):
                 missing = [k for k, f in zip(keys, found) if not f]
                 raise BlockNotFound(
                     f"{len(missing)} of {len(keys)} blocks are not in the pool (first missing: "

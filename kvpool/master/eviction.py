@@ -53,6 +53,12 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def access(self, key: bytes) -> None: ...
 
+    def access_many(self, keys) -> None:
+        """``access`` of each key in order; policies override it to batch the work (a
+        128K-token read touches 8,192 blocks at once)."""
+        for key in keys:
+            self.access(key)
+
     @abstractmethod
     def remove(self, key: bytes) -> None: ...
 
@@ -78,6 +84,13 @@ class LRUPolicy(EvictionPolicy):
     def access(self, key: bytes) -> None:
         if key in self._order:
             self._order.move_to_end(key)
+
+    def access_many(self, keys) -> None:
+        order = self._order
+        move = order.move_to_end
+        for key in keys:
+            if key in order:
+                move(key)
 
     def remove(self, key: bytes) -> None:
         self._order.pop(key, None)
@@ -158,7 +171,13 @@ class PacedAdmissionPolicy(EvictionPolicy):
         self._history: dict[bytes, int] = {}
         self._tick = 0
         self._pruned_at = 0
-        self._log_median = math.log(1024.0)
+        # The streaming median of reuse distances moves by a factor of exp(±MEDIAN_STEP) per
+        # observation (a median in log space), kept in linear space so the hot path needs no
+        # log or exp. The history horizon is recomputed only when a prune is due.
+        self._median = 1024.0
+        self._up = math.exp(self.MEDIAN_STEP)
+        self._down = math.exp(-self.MEDIAN_STEP)
+        self._horizon = self._horizon_now()
         self._eps = min(1.0, max(1e-6, self.INITIAL_ADMIT))
         self._credit = 0.0
         # The previous call, for run tracking: key, position, whether it was an insert.
@@ -179,7 +198,18 @@ class PacedAdmissionPolicy(EvictionPolicy):
 
     @property
     def median_reuse_distance(self) -> float:
-        return math.exp(self._log_median)
+        return self._median
+
+    def _horizon_now(self) -> int:
+        return max(self.HISTORY_MIN, int(self.HISTORY_MULT * self._median))
+
+    def _maybe_prune(self, now: int) -> None:
+        """Forget history older than the horizon, once per horizon of ticks."""
+        self._horizon = horizon = self._horizon_now()
+        if now - self._pruned_at >= horizon:
+            cut = now - horizon
+            self._history = {k: t for k, t in self._history.items() if t >= cut}
+            self._pruned_at = now
 
     def _reference(self, key: bytes) -> bool:
         """Record a reference; return whether the key was referenced before (within the horizon)."""
@@ -187,15 +217,11 @@ class PacedAdmissionPolicy(EvictionPolicy):
         now = self._tick
         before = self._history.get(key)
         if before is not None:
-            d = now - before
-            # Streaming median (stochastic approximation) of the log reuse distance.
-            self._log_median += self.MEDIAN_STEP if math.log(d) > self._log_median else -self.MEDIAN_STEP
+            # Streaming median (stochastic approximation) of the reuse distance.
+            self._median *= self._up if now - before > self._median else self._down
         self._history[key] = now
-        horizon = max(self.HISTORY_MIN, int(self.HISTORY_MULT * math.exp(self._log_median)))
-        if now - self._pruned_at >= horizon:
-            cut = now - horizon
-            self._history = {k: t for k, t in self._history.items() if t >= cut}
-            self._pruned_at = now
+        if now - self._pruned_at >= self._horizon:
+            self._maybe_prune(now)
         return before is not None
 
     def _end_run(self, position: int) -> None:
@@ -248,6 +274,49 @@ class PacedAdmissionPolicy(EvictionPolicy):
         self._place(key, self._main)
         self._last_key, self._last_pos, self._last_insert = key, pos, False
 
+    def access_many(self, keys) -> None:
+        """Exactly ``access`` of each key in order (tested), with the calls inlined and the
+        hot state in locals (written back at the end, and before a prune reads it)."""
+        where, pos_of, main, prob = self._where, self._pos, self._main, self._prob
+        up, down = self._up, self._down
+        history = self._history
+        tick, median = self._tick, self._median
+        last_key, last_pos = self._last_key, self._last_pos
+        prune_at = self._pruned_at + self._horizon
+        seen = False
+        for key in keys:
+            q = where.get(key)
+            if q is None:
+                continue
+            seen = True
+            tick += 1
+            before = history.get(key)
+            if before is not None:
+                median *= up if tick - before > median else down
+            history[key] = tick
+            if tick >= prune_at:
+                self._tick, self._median = tick, median
+                self._maybe_prune(tick)
+                history = self._history
+                prune_at = self._pruned_at + self._horizon
+            pos = pos_of.get(key, -1)
+            if last_key is not None and pos >= 0 and last_pos >= 0 and pos <= last_pos:
+                lq = where.get(last_key)
+                if lq is not None:
+                    del lq[last_key]
+                    prob[last_key] = tick
+                    prob.move_to_end(last_key, last=False)
+                    where[last_key] = prob
+                    if last_key == key:
+                        q = prob
+            del q[key]
+            main[key] = tick
+            where[key] = main
+            last_key, last_pos = key, pos
+        self._tick, self._median = tick, median
+        if seen:
+            self._last_key, self._last_pos, self._last_insert = last_key, last_pos, False
+
     def remove(self, key: bytes) -> None:
         q = self._where.pop(key, None)
         if q is None:
@@ -259,7 +328,7 @@ class PacedAdmissionPolicy(EvictionPolicy):
         if q is self._main and key in self._selected:
             # An eviction from main: pace admission by the age it reached.
             age = max(self._tick - born, 1)
-            err = math.log(age) - self._log_median
+            err = math.log(age / self._median)
             self._eps = min(1.0, max(1e-6, self._eps * math.exp(self.GAIN * max(-5.0, min(5.0, err)))))
         self._selected.discard(key)
 

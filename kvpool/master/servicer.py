@@ -28,6 +28,9 @@ __all__ = ["PoolServicer", "AdminServicer", "stats_response"]
 
 _record_of = operator.attrgetter("record")
 _node_of = operator.attrgetter("node_id")
+_loc_of = operator.attrgetter("loc")
+_tier_of = operator.attrgetter("mem_tier")
+_mem_of = operator.attrgetter("mem")
 
 log = logging.getLogger("kvpool.master")
 
@@ -82,8 +85,8 @@ class _Base:
         self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
 
     async def _resident(self, lease) -> list[bool] | None:
-        """Promote the lease's NVMe-only blocks; None when all were in DRAM already."""
-        if self.tiering is None or all(e.mem is not None for e in lease.entries):
+        """Promote the lease's NVMe-only blocks; None when all were in memory already."""
+        if self.tiering is None or not self.tiering.any_nvme() or None not in map(_mem_of, lease.entries):
             return None
         return await self.tiering.make_resident(lease.entries)
 
@@ -99,13 +102,26 @@ class _Base:
             self._endpoints[node_id] = ep
         return ep
 
+    def _several_memory_tiers(self) -> bool:
+        """Whether blocks of one batch can sit in different memory tiers (HBM and DRAM)."""
+        return any(len([t for t in n.tier_names() if t != "nvme"]) > 1 for n in self.index.nodes)
+
     def _locations(self, entries, out: common_pb2.Locations) -> None:
         if len(self.index.nodes) == 1:  # the embedded case: skip a pass over the batch
             node_ids = {next(iter(self.index.nodes)).node_id}
         else:
             node_ids = set(map(_node_of, entries))
         out.nodes.extend(self._endpoint(n) for n in sorted(node_ids))
-        out.records = b"".join(map(_record_of, entries))
+        tiers = set(map(_tier_of, entries)) if self._several_memory_tiers() else {entries[0].mem_tier}
+        sizes = {entries[0].size, entries[-1].size}  # one namespace: one block size
+        if len(node_ids) == 1 and len(tiers) == 1 and len(sizes) == 1:
+            first = entries[0]
+            out.uniform.node_id = first.node_id
+            out.uniform.tier = TIER_CODES[first.tier]
+            out.uniform.size = first.size
+            out.slots = b"".join(map(_loc_of, entries))
+        else:
+            out.records = b"".join(map(_record_of, entries))
 
 
 class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):

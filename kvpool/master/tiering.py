@@ -46,6 +46,9 @@ class Tiering:
     def has_nvme(node: NodeHandle) -> bool:
         return NVME in node.tier_names()
 
+    def any_nvme(self) -> bool:
+        return any(self.has_nvme(n) for n in self.index.nodes)
+
     # ------------------------------------------------------------------ background cycle
 
     async def cycle(self) -> None:

@@ -82,12 +82,26 @@ class NodeEndpoint(_message.Message):
     def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., transports: _Optional[_Mapping[str, str]] = ..., segment_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Locations(_message.Message):
-    __slots__ = ("nodes", "records")
+    __slots__ = ("nodes", "records", "uniform", "slots")
     NODES_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    UNIFORM_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeEndpoint]
     records: bytes
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeEndpoint, _Mapping]]] = ..., records: _Optional[bytes] = ...) -> None: ...
+    uniform: UniformLocation
+    slots: bytes
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeEndpoint, _Mapping]]] = ..., records: _Optional[bytes] = ..., uniform: _Optional[_Union[UniformLocation, _Mapping]] = ..., slots: _Optional[bytes] = ...) -> None: ...
+
+class UniformLocation(_message.Message):
+    __slots__ = ("node_id", "tier", "size")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    tier: Tier
+    size: int
+    def __init__(self, node_id: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., size: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("tier", "node_id", "capacity_bytes", "used_bytes", "blocks", "evictions")

@@ -214,3 +214,32 @@ def test_policy_contract_against_a_model(name, script):
                 p.remove(v)
                 resident.discard(v)
         assert len(p) == len(resident)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_access_many_equals_access_in_order(name):
+    """The master batches accesses; the policy must end in the same state as one by one."""
+    import random
+
+    rng = random.Random(3)
+    keys = [bytes([i % 256, i // 256]) * 8 for i in range(600)]
+    a, b = make_policy(name), make_policy(name)
+    calls = []
+    for i, k in enumerate(keys):
+        info = BlockInfo(size=1, position=i % 40)
+        a.insert(k, info)
+        b.insert(k, info)
+    for _ in range(40):
+        batch = rng.sample(keys, 50) + [b"\xff" * 16]   # includes a key never inserted
+        calls.append(batch)
+        for k in batch:
+            a.access(k)
+        b.access_many(batch)
+        victims_a = a.select_victims(20, lambda k: True)
+        victims_b = b.select_victims(20, lambda k: True)
+        assert victims_a == victims_b
+        for k in victims_a[:5]:
+            a.remove(k)
+            b.remove(k)
+    assert len(a) == len(b)
+    assert a.select_victims(10_000, lambda k: True) == b.select_victims(10_000, lambda k: True)
