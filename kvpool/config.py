@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from kvpool.master.eviction import DEFAULT_POLICY
 
-__all__ = ["ServeSettings", "parse_size", "format_size", "resolve_settings", "SIZE_FIELDS"]
+__all__ = ["MasterSettings", "NodeSettings", "ServeSettings", "TierSettings", "parse_size", "format_size", "resolve_settings", "SIZE_FIELDS"]
 
 _UNITS = {
     "": 1, "b": 1,
@@ -55,32 +55,23 @@ def format_size(n: float) -> str:
 
 
 @dataclass
-class ServeSettings:
-    """Settings of ``kvpool serve`` (master and node in one process)."""
+class MasterSettings:
+    """Settings of a master (``kvpool master``, and the master inside ``kvpool serve``)."""
 
     host: str = "127.0.0.1"
     port: int = 50051
     #: Prometheus exporter port; 0 picks a free one, -1 disables it.
     metrics_port: int = 9464
-    dram: int = 4 * 2**30
-    #: HBM tier size on the current CUDA device; 0 disables it. Needs CUDA.
-    hbm: int = 0
-    #: NVMe tier size, in ``data_dir/nvme``; 0 disables the tier.
-    nvme: int = 0
-    #: Copy every committed block to NVMe too (needs ``nvme``).
-    write_through: bool = False
-    data_dir: str = "./kvpool-data"
-    node_name: str = dataclasses.field(default_factory=socket.gethostname)
-    #: Slab chunk size: the largest block a tier accepts, and its allocation granule.
-    slab_bytes: int = 64 * 2**20
-    #: Touch every page of the DRAM tier at start so no put pays for page faults.
-    prefault: bool = True
     eviction_policy: str = DEFAULT_POLICY
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     lease_ttl: float = 30.0
     grant_ttl: float = 30.0
     max_batch: int = 65536
+    #: Copy every committed block to NVMe too, on nodes that have an NVMe tier.
+    write_through: bool = False
+    #: Seconds between node heartbeats; a node that misses 5 is forgotten.
+    heartbeat_interval: float = 1.0
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -88,14 +79,58 @@ class ServeSettings:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
-        if self.dram <= 0:
-            raise ValueError("dram must be a positive size such as 4GiB")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
             raise ValueError("need 0 < low_watermark <= high_watermark <= 1")
+        if self.lease_ttl <= 0 or self.grant_ttl <= 0 or self.heartbeat_interval <= 0:
+            raise ValueError("lease_ttl, grant_ttl and heartbeat_interval must be positive seconds")
+
+
+@dataclass
+class TierSettings:
+    """The storage of a node (``kvpool node``, and the node inside ``kvpool serve``)."""
+
+    dram: int = 4 * 2**30
+    #: HBM tier size on the current CUDA device; 0 disables it. Needs CUDA.
+    hbm: int = 0
+    #: NVMe tier size, in ``data_dir/nvme``; 0 disables the tier.
+    nvme: int = 0
+    data_dir: str = "./kvpool-data"
+    node_name: str = dataclasses.field(default_factory=socket.gethostname)
+    #: Slab chunk size: the largest block a tier accepts, and its allocation granule.
+    slab_bytes: int = 64 * 2**20
+    #: Touch every page of the DRAM tier at start so no put pays for page faults.
+    prefault: bool = True
+
+    def validate_tiers(self) -> None:
+        if self.dram <= 0:
+            raise ValueError("dram must be a positive size such as 4GiB")
+
+
+@dataclass
+class ServeSettings(TierSettings, MasterSettings):
+    """Settings of ``kvpool serve``: a master and a node in one process."""
+
+    def validate(self) -> None:
+        MasterSettings.validate(self)
+        self.validate_tiers()
         if self.write_through and not self.nvme:
             raise ValueError("write_through needs an NVMe tier: set nvme (e.g. --nvme 64GiB)")
-        if self.lease_ttl <= 0 or self.grant_ttl <= 0:
-            raise ValueError("lease_ttl and grant_ttl must be positive seconds")
+
+
+@dataclass
+class NodeSettings(TierSettings):
+    """Settings of ``kvpool node``: storage that registers with a master."""
+
+    master: str = "127.0.0.1:50051"
+    host: str = "127.0.0.1"
+    #: Port of the node's NodeControl service (the master calls it); 0 picks one.
+    port: int = 50061
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        self.validate_tiers()
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
 
 
 SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes"}

@@ -1,9 +1,11 @@
-"""The embedded service of ``kvpool serve``: one master and one node in one process.
+"""The master process: ``kvpool master``, and ``kvpool serve`` with a node inside it.
 
-The master (index + servicers) reaches the node only through the NodeHandle interface,
-exactly as it would reach a node in another process; this module only wires the parts
-together, starts the gRPC server (with health checking and reflection), the Prometheus
-exporter and the expiry sweeper, and tears everything down in order.
+The master (index + servicers) reaches every node through the NodeHandle interface: the
+node inside ``kvpool serve`` directly, nodes in other processes (``kvpool node``) through
+:class:`~kvpool.master.remote.RemoteNode`. The master code is the same either way. This
+module only wires the parts together, starts the gRPC server (pool, admin and registry
+services, with health checking and reflection), the Prometheus exporter and the sweeper
+(expiry, watermarks, tier movement, node liveness), and tears everything down in order.
 
 Shutdown order (SIGTERM/SIGINT): stop taking RPCs, abort in-flight puts (their slots are
 freed), stop the exporter, then close the node, which unlinks its shared memory.
@@ -20,14 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvpool.config import ServeSettings, format_size
+from kvpool.config import MasterSettings, TierSettings, format_size
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
 from kvpool.master.servicer import AdminServicer, PoolServicer
+from kvpool.master.remote import RegistryServicer, RemoteNode
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.node.node import Node
-from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
+from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc, pool_pb2, pool_pb2_grpc
 
 __all__ = ["PoolServer", "GRPC_OPTIONS"]
 
@@ -44,9 +47,13 @@ GRPC_OPTIONS = [
 
 
 class PoolServer:
-    def __init__(self, settings: ServeSettings) -> None:
+    """A master; with ``tiers``, also a node in the same process (``kvpool serve``)."""
+
+    def __init__(self, settings: MasterSettings, tiers: TierSettings | None = None) -> None:
         self.settings = settings
+        self.tiers = tiers
         self.node: Node | None = None
+        self.registry: RegistryServicer | None = None
         self.index: BlockIndex | None = None
         self.metrics: Metrics | None = None
         self._server: grpc.aio.Server | None = None
@@ -56,33 +63,37 @@ class PoolServer:
         self.metrics_port = -1
 
     async def start(self) -> None:
-        s = self.settings
-        os.makedirs(s.data_dir, exist_ok=True)
-        self.node = Node.build(1, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, hbm_bytes=s.hbm,
-                               data_dir=s.data_dir,
-                               chunk_bytes=s.slab_bytes, prefault=s.prefault)
+        s, t = self.settings, self.tiers
         nodes = NodeRegistry()
-        nodes.add(self.node)
+        if t is not None:
+            os.makedirs(t.data_dir, exist_ok=True)
+            self.node = Node.build(1, t.node_name, dram_bytes=t.dram, nvme_bytes=t.nvme, hbm_bytes=t.hbm,
+                                   data_dir=t.data_dir, chunk_bytes=t.slab_bytes, prefault=t.prefault)
+            nodes.add(self.node)
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through,
         ))
-        # The index is rebuilt from what the node holds: blocks that survived on NVMe.
-        recovered = self.index.adopt(self.node.node_id, self.node.recover())
-        if recovered:
-            log.info("serving %d blocks recovered from NVMe", recovered)
+        # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
+        if self.node is not None:
+            recovered = self.index.adopt(self.node.node_id, self.node.recover())
+            if recovered:
+                log.info("serving %d blocks recovered from NVMe", recovered)
         self.tiering = Tiering(self.index, write_through=s.write_through)
         self.metrics = Metrics(self.index)
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
         pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
+        self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval)
+        node_pb2_grpc.add_RegistryServicer_to_server(self.registry, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = (
             pool_pb2.DESCRIPTOR.services_by_name["KVPool"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            node_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -100,14 +111,19 @@ class PoolServer:
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep())
-        shm = self.node.endpoint()["transports"].get("shm.dram", "")
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        if self.node is None:
+            log.info("kvpool master ready grpc=%s:%d metrics=%s policy=%s (nodes join with: kvpool node "
+                     "--master %s:%d)", s.host, self.port, metrics, s.eviction_policy, s.host, self.port)
+            return
+        shm = self.node.endpoint()["transports"].get("shm.dram", "")
+
         def size(tier: str) -> str:
             return format_size(self.node.tiers[tier].capacity) if tier in self.node.tiers else "off"
 
         log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s hbm=%s nvme=%s shm=/dev/shm/%s policy=%s "
                  "data_dir=%s", s.host, self.port, metrics, size("dram"), size("hbm"), size("nvme"), shm,
-                 s.eviction_policy, os.path.abspath(s.data_dir))
+                 s.eviction_policy, os.path.abspath(t.data_dir))
 
     async def _sweep(self) -> None:
         """Expire grants and leases, and keep tiers under their high watermark."""
@@ -119,6 +135,7 @@ class PoolServer:
                     log.info("expired %d put grants and %d read leases", grants, leases)
                 self.index.enforce_watermarks()
                 await self.tiering.cycle()
+                await self.registry.sweep()
             except Exception:  # never let the sweeper die silently
                 log.exception("sweeper failed")
 
@@ -140,6 +157,9 @@ class PoolServer:
                 await self.tiering.flush_drops()
         if self.metrics is not None:
             self.metrics.close()
+        for node in list(self.index.nodes) if self.index is not None else []:
+            if isinstance(node, RemoteNode):
+                await node.close()
         if self.node is not None:
             self.node.close()
             log.info("kvpool stopped; shared memory unlinked")

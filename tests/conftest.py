@@ -41,39 +41,48 @@ class ServeProcess:
         return "".join(self.lines)
 
 
-def start_serve(tmp_path, *args: str, env: dict | None = None, timeout: float = 60.0) -> ServeProcess:
-    """Start `python -m kvpool serve` on port 0 and wait for its ready line."""
-    cmd = [sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "0",
-           "--data-dir", str(tmp_path / "data"), *args]
+def start_kvpool(args: list[str], ready: str, env: dict | None = None, timeout: float = 60.0):
+    """Start ``python -m kvpool ARGS`` and wait for a log line matching ``ready``.
+
+    Returns (process, the ready line's match, the list of log lines so far and to come).
+    """
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
     # Tests default to a small DRAM tier through the environment, the lowest precedence,
     # so that flags and TOML files under test still win.
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
     full_env["KVPOOL_DRAM"] = "64MiB"
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=full_env)
+    proc = subprocess.Popen([sys.executable, "-m", "kvpool", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=full_env)
     lines: list[str] = []
-    ready = threading.Event()
-    found: dict[str, str] = {}
+    found: dict[str, re.Match] = {}
+    done = threading.Event()
 
     def pump() -> None:  # keep reading so the child never blocks on a full pipe
         for line in proc.stderr:
             lines.append(line)
-            m = re.search(r"ready grpc=(\S+) metrics=(\S+) .*shm=(\S+)", line)
-            if m:
-                found.update(address=m.group(1), metrics=m.group(2), shm=m.group(3))
-                ready.set()
-        ready.set()
+            if "m" not in found:
+                m = re.search(ready, line)
+                if m:
+                    found["m"] = m
+                    done.set()
+        done.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(0.1):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("kvpool serve did not become ready:\n" + "".join(lines))
-    if "address" not in found:
+    if not done.wait(timeout):
+        proc.kill()
+        raise RuntimeError(f"kvpool {args[0]} did not become ready:\n" + "".join(lines))
+    if "m" not in found:
         proc.wait(timeout=10)
-        raise RuntimeError(f"kvpool serve exited with {proc.returncode}:\n" + "".join(lines))
-    return ServeProcess(proc, found["address"], found["metrics"], found["shm"], lines)
+        raise RuntimeError(f"kvpool {args[0]} exited with {proc.returncode}:\n" + "".join(lines))
+    return proc, found["m"], lines
+
+
+def start_serve(tmp_path, *args: str, env: dict | None = None, timeout: float = 60.0) -> ServeProcess:
+    """Start `python -m kvpool serve` on port 0 and wait for its ready line."""
+    proc, m, lines = start_kvpool(
+        ["serve", "--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "data"), *args],
+        r"ready grpc=(\S+) metrics=(\S+) .*shm=(\S+)", env, timeout)
+    return ServeProcess(proc, m.group(1), m.group(2), m.group(3), lines)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The ``kvpool`` command: ``serve``, ``admin``, ``replay``.
+"""The ``kvpool`` command: ``serve``, ``master``, ``node``, ``admin``, ``replay``.
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds its
 parser and sets ``func`` to a callable taking the parsed args and returning an exit code.
@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from kvpool import __version__
-from kvpool.cli import admin, serve
+from kvpool.cli import admin, master, node, serve
 
 __all__ = ["main", "build_parser"]
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     serve.register(sub)
+    master.register(sub)
+    node.register(sub)
     admin.register(sub)
     try:
         from kvpool.cli import replay

@@ -631,6 +631,31 @@ class BlockIndex:
             self._drop(entry)
         self.counters.corrupt_blocks += 1
 
+    def forget_node(self, node_id: int) -> int:
+        """Forget every block and grant of a node process that is gone. Returns blocks forgotten.
+
+        Its memory died with it, and what survived on its NVMe comes back when its next
+        incarnation registers (under a new id). Nothing is freed or dropped on the node: it
+        is not there to ask, and a drop sent to its next incarnation could delete a block
+        that survived.
+        """
+        gone = [e for e in self._blocks.values() if e.node_id == node_id]
+        for entry in gone:
+            del self._blocks[entry.key]
+            entry.doomed = True
+            entry.mem = entry.nvme = None
+        for grant in list(self._grants.values()):
+            for key in [k for k, e in grant.entries.items() if e.node_id == node_id]:
+                del grant.entries[key]
+                self._pending.pop(key, None)
+            if not grant.entries:
+                del self._grants[grant.put_id]
+        self.nvme_drops.pop(node_id, None)
+        for tk in [tk for tk in self._policies if tk[0] == node_id]:
+            del self._policies[tk]
+            self._tier_blocks.pop(tk, None)
+        return len(gone)
+
     def adopt(self, node_id: int, blocks) -> int:
         """Index blocks a node found on NVMe at start (``key, slot, checksum, namespace``)."""
         now = self.clock()

@@ -121,6 +121,12 @@ class Node:
             return []
         return [(e.key, e.slot, e.checksum, e.namespace) for e in self.mover.recover()]
 
+    def nvme_blocks(self) -> list[tuple[bytes, Slot, int, str]]:
+        """Every block on NVMe now (the catalog), for a master that asks again."""
+        if self.mover is None:
+            return []
+        return [(e.key, e.slot, e.checksum, e.namespace) for e in self.mover.catalog]
+
     async def demote(self, items: Sequence[tuple], *, keep_dram: bool) -> DemoteResult:
         """Copy (key, dram_slot, checksum, namespace) blocks to NVMe; keep DRAM if asked."""
         batch = [DemoteItem(*item) for item in items]

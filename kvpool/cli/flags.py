@@ -1,0 +1,74 @@
+"""Flags shared by `kvpool serve`, `kvpool master` and `kvpool node`, and how they become settings.
+
+Every flag has a setting of the same name in TOML (``--metrics-port`` = ``metrics_port``) and
+in the environment (``KVPOOL_METRICS_PORT``); flags win over the file, which wins over the
+environment. Flags left unset are None here, so they never mask the file or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from kvpool.config import resolve_settings
+
+__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "settings_from_args", "setup_logging",
+           "run_until_signal"]
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file of settings (also KVPOOL_CONFIG)")
+    p.add_argument("--log-level", help="debug, info, warning (default info)")
+
+
+def add_master_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("master")
+    g.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    g.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 picks, -1 disables)")
+    g.add_argument("--eviction-policy", help="eviction policy: paced (default) or lru")
+    g.add_argument("--high-watermark", type=float, help="start evicting/demoting above this fraction (default 0.95)")
+    g.add_argument("--low-watermark", type=float, help="evict/demote down to this fraction (default 0.90)")
+    g.add_argument("--lease-ttl", type=float, help="seconds a read lease lives (default 30)")
+    g.add_argument("--grant-ttl", type=float, help="seconds a put grant lives (default 30)")
+    g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
+    g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
+    g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+
+
+def add_tier_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage")
+    g.add_argument("--dram", help="DRAM tier size, e.g. 4GiB (default 4GiB)")
+    g.add_argument("--hbm", help="HBM tier size on the GPU, e.g. 8GiB (default 0: off; needs CUDA)")
+    g.add_argument("--nvme", help="NVMe tier size in DATA_DIR/nvme, e.g. 64GiB (default 0: off)")
+    g.add_argument("--data-dir", help="directory for the node's files (default ./kvpool-data)")
+    g.add_argument("--node-name", help="node name in stats and metrics (default: hostname)")
+    g.add_argument("--slab-bytes", help="slab chunk size = largest block (default 64MiB)")
+    g.add_argument("--prefault", choices=("true", "false"), help="touch all DRAM pages at start (default true)")
+
+
+def settings_from_args(cls, args: argparse.Namespace):
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    return resolve_settings(cls, flags, config_path=args.config)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def run_until_signal(server, name: str) -> None:
+    """Start ``server``, wait for SIGTERM or SIGINT, then stop it (even if start failed)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        logging.getLogger(f"kvpool.{name}").info("shutting down")
+    finally:
+        await server.stop()

@@ -1,0 +1,197 @@
+"""Nodes in other processes: the master's side of the master <-> node services (node.proto).
+
+:class:`RemoteNode` is a :class:`~kvpool.master.nodes.NodeHandle` for a node reached over
+gRPC. It mirrors the node's memory tiers with :class:`SlabAllocator` bookkeeping of the
+same geometry, so allocation and free stay synchronous and local to the master, exactly as
+for the node inside ``kvpool serve``; only tier movement (demote, promote, drop) crosses
+the network. The node reports its NVMe usage with every reply and heartbeat.
+
+:class:`RegistryServicer` lets nodes join. Every registration is a new incarnation with a
+new node id: the index forgets everything about an earlier incarnation of the same node
+(its memory is gone) and adopts what the node found on its NVMe. A node that misses its
+heartbeats is forgotten the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvpool.errors import Unavailable
+from kvpool.master.index import NVME, BlockIndex
+from kvpool.metrics import Metrics
+from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
+from kvpool.master.servicer import rpc
+from kvpool.tiers.base import SlabAllocator, Slot, TierUsage
+
+__all__ = ["RemoteNode", "RegistryServicer"]
+
+log = logging.getLogger("kvpool.master")
+
+
+@dataclass
+class MoveResult:
+    """What a node reports for a demote or promote batch (the fields tiering reads)."""
+
+    moved: list[tuple[bytes, Slot]] = field(default_factory=list)
+    no_space: list[bytes] = field(default_factory=list)
+    failed: list[tuple[bytes, str]] = field(default_factory=list)
+    promoted: list[bytes] = field(default_factory=list)
+    corrupt: list[tuple[bytes, str]] = field(default_factory=list)
+
+
+class RemoteNode:
+    """A node in another process, reached through its NodeControl service."""
+
+    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic) -> None:
+        self.node_id = node_id
+        self.name = request.name
+        self.incarnation = request.incarnation
+        self.control_address = request.control_address
+        self._clock = clock
+        self.last_seen = clock()
+        self._tiers = [t.tier for t in request.tiers]
+        self._memory = {t.tier: SlabAllocator(t.capacity_bytes, t.chunk_bytes)
+                        for t in request.tiers if t.tier != NVME}
+        self._nvme: TierUsage | None = None
+        for t in request.tiers:
+            if t.tier == NVME:
+                self._update_nvme(t)
+        ep = request.endpoint
+        self._endpoint = {"node_id": node_id, "name": self.name, "host_id": ep.host_id,
+                          "transports": dict(ep.transports), "segment_bytes": dict(ep.segment_bytes)}
+        self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
+        self._channel = grpc.aio.insecure_channel(self.control_address)
+        self._stub = node_pb2_grpc.NodeControlStub(self._channel)
+
+    def _update_nvme(self, t: node_pb2.TierGeometry) -> None:
+        if t.tier == NVME and t.capacity_bytes:
+            self._nvme = TierUsage(NVME, t.capacity_bytes, t.used_bytes, t.used_slots)
+
+    def heartbeat(self, tiers) -> None:
+        self.last_seen = self._clock()
+        for t in tiers:
+            self._update_nvme(t)
+
+    # NodeHandle: slots (mirrored here) ---------------------------------------
+
+    def tier_names(self) -> list[str]:
+        return list(self._tiers)
+
+    def allocate(self, tier: str, size: int) -> Slot | None:
+        return self._memory[tier].allocate(size)
+
+    def free(self, tier: str, slot: Slot) -> None:
+        self._memory[tier].free(slot)
+
+    def free_slots_for(self, tier: str, size: int) -> int:
+        if tier in self._memory:
+            return self._memory[tier].free_slots_for(size)
+        return 0 if self._nvme is None else self._nvme.free_bytes // size
+
+    def usage(self) -> list[TierUsage]:
+        out = [TierUsage(name, a.capacity, a.used_bytes, a.used_slots) for name, a in self._memory.items()]
+        if self._nvme is not None:
+            out.append(self._nvme)
+        return out
+
+    def endpoint(self) -> dict:
+        return self._endpoint
+
+    def recover(self) -> list[tuple[bytes, Slot, int, str]]:
+        recovered, self._recovered = self._recovered, []
+        return recovered
+
+    # NodeHandle: tier movement (over gRPC) ----------------------------------
+
+    async def _call(self, name: str, request):
+        try:
+            return await getattr(self._stub, name)(request, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"node {self.name} ({self.control_address}) did not answer {name}: "
+                              f"{exc.code().name}: {exc.details()}") from None
+
+    async def demote(self, items, *, keep_dram: bool) -> MoveResult:
+        req = node_pb2.DemoteRequest(keep_memory=keep_dram, items=[
+            node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, namespace_id=ns)
+            for k, s, c, ns in items])
+        resp = await self._call("Demote", req)
+        self._update_nvme(resp.nvme)
+        return MoveResult(moved=[(b.key, Slot(b.offset, b.size)) for b in resp.moved],
+                          no_space=list(resp.no_space),
+                          failed=[(k, resp.first_error) for k in resp.failed])
+
+    async def promote(self, items) -> MoveResult:
+        req = node_pb2.PromoteRequest(items=[
+            node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, target_offset=d.offset)
+            for k, s, c, d in items])
+        resp = await self._call("Promote", req)
+        self._update_nvme(resp.nvme)
+        return MoveResult(promoted=list(resp.promoted),
+                          corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
+
+    async def drop_nvme(self, items) -> None:
+        req = node_pb2.DropNvmeRequest(blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
+                                               for k, s in items])
+        resp = await self._call("DropNvme", req)
+        self._update_nvme(resp.nvme)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class RegistryServicer(node_pb2_grpc.RegistryServicer):
+    """Nodes join, heartbeat, and are forgotten when they restart or go silent."""
+
+    def __init__(self, index: BlockIndex, metrics: Metrics, *, heartbeat_interval: float = 1.0,
+                 missed_heartbeats: int = 5) -> None:
+        self.index = index
+        self.metrics = metrics
+        self.heartbeat_interval = heartbeat_interval
+        self.missed_heartbeats = missed_heartbeats
+        self._next_id = 100  # ids below are for nodes inside this process
+        self._closing: list[RemoteNode] = []
+
+    def _remote_nodes(self) -> list[RemoteNode]:
+        return [n for n in self.index.nodes if isinstance(n, RemoteNode)]
+
+    def _forget(self, node: RemoteNode, why: str) -> None:
+        forgotten = self.index.forget_node(node.node_id)
+        self.index.nodes.remove(node.node_id)
+        self._closing.append(node)
+        log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
+
+    @rpc
+    def RegisterNode(self, request, context):
+        for old in self._remote_nodes():
+            if old.name == request.name or old.control_address == request.control_address:
+                self._forget(old, "registered again (restarted)")
+        node_id = self._next_id
+        self._next_id += 1
+        node = RemoteNode(node_id, request, self.index.clock)
+        self.index.nodes.add(node)
+        adopted = self.index.adopt(node_id, node.recover())
+        log.info("node %s joined as id %d at %s; %d blocks on its NVMe", node.name, node_id,
+                 request.control_address, adopted)
+        return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval)
+
+    @rpc
+    def Heartbeat(self, request, context):
+        node = self.index.nodes.get(request.node_id)
+        if not isinstance(node, RemoteNode) or node.incarnation != request.incarnation:
+            return node_pb2.HeartbeatResponse(register_again=True)
+        node.heartbeat(request.tiers)
+        return node_pb2.HeartbeatResponse()
+
+    async def sweep(self) -> None:
+        """Forget nodes that stopped sending heartbeats; close channels of forgotten ones."""
+        deadline = self.index.clock() - self.heartbeat_interval * self.missed_heartbeats
+        for node in self._remote_nodes():
+            if node.last_seen < deadline:
+                self._forget(node, f"missed {self.missed_heartbeats} heartbeats")
+        closing, self._closing = self._closing, []
+        for node in closing:
+            await node.close()

@@ -1,0 +1,189 @@
+"""A node as its own process (``kvpool node``): the NodeControl service and the agent that
+keeps the node registered with its master (node.proto).
+
+The agent registers the node (its endpoint, its tier geometry and every block on its NVMe),
+then sends a heartbeat every interval. When the master answers "register again" (it
+restarted, or it had declared this node dead), the agent registers again with what is on
+NVMe at that moment; when the master is unreachable, it keeps trying. The node keeps
+serving clients' data-plane copies meanwhile: they never go through the master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+import grpc
+
+from kvpool.node.node import Node
+from kvpool.rpc.v1 import common_pb2, node_pb2, node_pb2_grpc
+from kvpool.tiers.base import Slot
+
+__all__ = ["NodeControlServicer", "NodeAgent"]
+
+log = logging.getLogger("kvpool.node")
+
+
+def _geometry(node: Node) -> list[node_pb2.TierGeometry]:
+    out = []
+    for name, arena in node.tiers.items():
+        u = arena.usage()
+        out.append(node_pb2.TierGeometry(tier=name, capacity_bytes=arena.capacity,
+                                         chunk_bytes=arena.slots.chunk_bytes,
+                                         used_bytes=u.used_bytes, used_slots=u.used_slots))
+    return out
+
+
+def _nvme_geometry(node: Node) -> node_pb2.TierGeometry:
+    for g in _geometry(node):
+        if g.tier == "nvme":
+            return g
+    return node_pb2.TierGeometry()
+
+
+class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
+    """Tier movement on the master's request. Memory slots in requests were allocated by
+    the master (on its mirror of this node's slabs); NVMe slots belong to the node's mover."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def Demote(self, request, context):
+        if self.node.mover is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
+        items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id) for i in request.items]
+        result = await self.node.demote(items, keep_dram=request.keep_memory)
+        return node_pb2.DemoteResponse(
+            moved=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size) for k, s in result.moved],
+            no_space=result.no_space, failed=[k for k, _ in result.failed],
+            first_error=result.failed[0][1] if result.failed else "", nvme=_nvme_geometry(self.node))
+
+    async def Promote(self, request, context):
+        if self.node.mover is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
+        items = [(i.key, Slot(i.offset, i.size), i.checksum, Slot(i.target_offset, i.size)) for i in request.items]
+        result = await self.node.promote(items)
+        return node_pb2.PromoteResponse(promoted=result.promoted, corrupt=[k for k, _ in result.corrupt],
+                                        corrupt_reasons=[r for _, r in result.corrupt],
+                                        nvme=_nvme_geometry(self.node))
+
+    async def DropNvme(self, request, context):
+        if self.node.mover is None:
+            return node_pb2.DropNvmeResponse()
+        await self.node.drop_nvme([(b.key, Slot(b.offset, b.size)) for b in request.blocks])
+        return node_pb2.DropNvmeResponse(dropped=len(request.blocks), nvme=_nvme_geometry(self.node))
+
+
+class NodeAgent:
+    """Registers ``node`` with the master at ``master_address`` and keeps it registered."""
+
+    def __init__(self, node: Node, master_address: str, control_address: str) -> None:
+        self.node = node
+        self.master_address = master_address
+        self.control_address = control_address
+        self.incarnation = secrets.token_hex(8)
+        self.node_id: int | None = None
+        self.interval = 1.0
+        self._channel = grpc.aio.insecure_channel(master_address)
+        self._stub = node_pb2_grpc.RegistryStub(self._channel)
+        self._first = True
+
+    def _blocks(self) -> list[node_pb2.StoredBlock]:
+        if self._first:  # at start the catalog was verified and its slots claimed
+            found = self.node.recover()
+            self._first = False
+        else:
+            found = self.node.nvme_blocks()
+        return [node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size, checksum=c, namespace_id=ns)
+                for k, s, c, ns in found]
+
+    async def register(self) -> None:
+        ep = self.node.endpoint()
+        req = node_pb2.RegisterNodeRequest(
+            name=self.node.name, control_address=self.control_address, incarnation=self.incarnation,
+            endpoint=common_pb2.NodeEndpoint(name=ep["name"], host_id=ep["host_id"], transports=ep["transports"],
+                                             segment_bytes=ep["segment_bytes"]),
+            tiers=_geometry(self.node), nvme_blocks=self._blocks())
+        resp = await self._stub.RegisterNode(req, timeout=30)
+        self.node_id = resp.node_id
+        self.interval = resp.heartbeat_interval_s or 1.0
+        log.info("registered with master %s as node %d (%d blocks on NVMe)", self.master_address,
+                 self.node_id, len(req.nvme_blocks))
+
+    async def run(self) -> None:
+        """Register, then heartbeat forever; re-register whenever the master asks."""
+        while True:
+            try:
+                if self.node_id is None:
+                    await self.register()
+                else:
+                    resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
+                        node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node)), timeout=10)
+                    if resp.register_again:
+                        log.info("master %s asks this node to register again", self.master_address)
+                        self.node_id = None
+                        continue
+            except grpc.aio.AioRpcError as exc:
+                log.warning("master %s unreachable (%s); retrying", self.master_address, exc.code().name)
+                self.node_id = None
+            await asyncio.sleep(self.interval)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class NodeServer:
+    """``kvpool node``: the node, its NodeControl service, and the agent that registers it."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.node: Node | None = None
+        self.agent: NodeAgent | None = None
+        self._server: grpc.aio.Server | None = None
+        self._agent_task: asyncio.Task | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        import os
+
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        s = self.settings
+        os.makedirs(s.data_dir, exist_ok=True)
+        self.node = Node.build(0, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, hbm_bytes=s.hbm,
+                               data_dir=s.data_dir, chunk_bytes=s.slab_bytes, prefault=s.prefault)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        node_pb2_grpc.add_NodeControlServicer_to_server(NodeControlServicer(self.node), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise OSError(f"cannot bind the node's control service to {s.host}:{s.port} (in use?); pick another --port")
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        control = f"{s.host}:{self.port}"
+        self.agent = NodeAgent(self.node, s.master, control)
+        self._agent_task = asyncio.create_task(self.agent.run())
+        shm = self.node.endpoint()["transports"].get("shm.dram", "")
+        tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())
+        log.info("kvpool node ready control=%s master=%s %s shm=/dev/shm/%s", control, s.master, tiers, shm)
+
+    async def stop(self) -> None:
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            try:
+                await self._agent_task
+            except asyncio.CancelledError:
+                pass
+        if self._server is not None:
+            await self._server.stop(2)
+        if self.agent is not None:
+            await self.agent.close()
+        if self.node is not None:
+            self.node.close()
+            log.info("kvpool node stopped; shared memory unlinked")
