@@ -11,6 +11,7 @@ those imports are rewritten. Generation is deterministic, so --check compares by
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -42,7 +43,20 @@ def generate(dest: Path) -> dict[str, str]:
     return files
 
 
+def _ensure_grpc_tools() -> None:
+    """grpcio-tools is a test extra: run under the project's venv when this Python lacks it."""
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        venv_python = ROOT / ".venv" / "bin" / "python"
+        # A venv's python links to the base interpreter: compare prefixes, not executables.
+        if venv_python.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+            os.execv(str(venv_python), [str(venv_python), *sys.argv])
+        raise SystemExit("gen_proto needs grpcio-tools: run `make setup` (or pip install -e '.[test]')")
+
+
 def main() -> int:
+    _ensure_grpc_tools()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the stubs are stale")
     args = parser.parse_args()

@@ -108,9 +108,11 @@ def test_port_in_use_is_reported(server, tmp_path):
 def test_metrics_pass_promtool_lint(server):
     import shutil
 
+    from tests.conftest import unavailable
+
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (make test installs it with the prometheus package)")
+        unavailable("promtool is not installed (make test installs it with the prometheus package)")
     body = urllib.request.urlopen(server.metrics_url, timeout=5).read()
     r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()

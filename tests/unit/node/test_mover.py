@@ -62,28 +62,6 @@ def node(tmp_path):
     n.close()
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    mounted = []
-
-    def mount(fstype: str, options: str = "") -> str:
-        path = tmp_path / f"mnt-{fstype}-{len(mounted)}"
-        path.mkdir()
-        cmd = ["mount", "-t", fstype] + (["-o", options] if options else []) + [fstype, str(path)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"cannot run mount: {e}")
-        if res.returncode != 0:
-            pytest.skip(f"mount -t {fstype} is not permitted here: {res.stderr.strip()}")
-        mounted.append(str(path))
-        return str(path)
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", path], capture_output=True)
-
-
 def promote_items(n: Node, items, moved) -> list[PromoteItem]:
     nvme_of = dict(moved)
     return [PromoteItem(it.key, nvme_of[it.key], it.checksum, n.dram.allocate(it.dram_slot.size))

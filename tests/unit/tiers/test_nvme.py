@@ -6,7 +6,6 @@ import errno
 import logging
 import mmap
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -23,29 +22,6 @@ def aligned_buffer(size: int, seed: int = 0) -> memoryview:
     np.frombuffer(m, dtype=np.uint8)[:] = np.random.default_rng(seed).integers(
         0, 256, size, dtype=np.uint8)
     return memoryview(m)
-
-
-@pytest.fixture
-def mount_point(tmp_path):
-    """Mount a filesystem of the given type at a fresh directory; unmount after the test."""
-    mounted = []
-
-    def mount(fstype: str, options: str = "") -> str:
-        path = tmp_path / f"mnt-{fstype}-{len(mounted)}"
-        path.mkdir()
-        cmd = ["mount", "-t", fstype] + (["-o", options] if options else []) + [fstype, str(path)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"cannot run mount: {e}")
-        if res.returncode != 0:
-            pytest.skip(f"mount -t {fstype} is not permitted here: {res.stderr.strip()}")
-        mounted.append(str(path))
-        return str(path)
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", path], capture_output=True)
 
 
 def test_caps_and_file_layout(tmp_path):
