@@ -250,7 +250,6 @@ class BlockIndex:
         granted: dict[bytes, Entry] = {}
         if wanted:
             node, tier = self._place(info.block_bytes, len(wanted), tier)
-            base = first_position
             try:
                 for i in wanted:
                     slot = node.allocate(tier, info.block_bytes)
@@ -259,7 +258,7 @@ class BlockIndex:
                         slot = node.allocate(tier, info.block_bytes)
                         if slot is None:
                             raise PoolFull(self._full_message(node, tier, info.block_bytes, len(wanted)))
-                    position = base + i if base is not None else -1
+                    position = first_position + i if first_position is not None else -1
                     granted[keys[i]] = Entry(keys[i], ns_id, node.node_id, slot, None, position, now, tier)
             except BaseException:
                 for entry in granted.values():
@@ -286,6 +285,8 @@ class BlockIndex:
                 f"PutCommit: {len(keys)} blocks to commit but {len(checksums)} checksums; send one "
                 f"xxh3-64 checksum per block"
             )
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("PutCommit: a key is listed twice; list each granted key once")
         for key in keys:
             if key not in grant.entries:
                 raise FailedPrecondition(

@@ -103,20 +103,25 @@ class Tiering:
         for e in batch:
             if e.key in moved:
                 index.demoted(e, moved[e.key])
-        no_space = [e for e in batch if e.key in set(result.no_space) and not e.doomed]
+        failed_keys = {k for k, _ in result.failed}
+        failed = [e for e in batch if e.key in failed_keys and not e.doomed]
+        if result.failed:
+            log.warning("demotion failed for %d block(s): %s", len(result.failed), result.failed[0][1])
+        no_space_keys = set(result.no_space)
+        no_space = [e for e in batch if e.key in no_space_keys and not e.doomed]
         if no_space and retry:
             # Make room on NVMe by its own policy, then try once more.
             index._evict_from(node.node_id, NVME, sum(e.size for e in no_space))
             await self.flush_drops()
             await self._demote_batch(node, no_space, retry=False)
-            return
-        failed = no_space + [e for e in batch if e.key in {k for k, _ in result.failed} and not e.doomed]
-        for e in failed:  # nowhere to keep it: plain eviction
-            index.drop_copy(e, DRAM)
-            tk = (node.node_id, DRAM)
-            index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + 1
-        if result.failed:
-            log.warning("demotion failed for %d block(s): %s", len(result.failed), result.failed[0][1])
+            no_space = []
+        for e in failed + no_space:
+            # Nowhere to keep it: plain eviction, unless a reader leased it meanwhile (the
+            # mover's own pin is the only one allowed): a leased block is never evicted.
+            if e.pins == 1 and e.mem is not None:
+                index.drop_copy(e, DRAM)
+                tk = (node.node_id, DRAM)
+                index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + 1
 
     # ------------------------------------------------------------------ write-through
 

@@ -100,6 +100,15 @@ def test_commit_key_not_granted(rpc):
     assert pool.PutAbort(pool_pb2.PutAbortRequest(put_id=resp.put_id)).released == 1
 
 
+def test_commit_with_a_key_twice(rpc):
+    pool, _, ns = rpc
+    key = os.urandom(16)
+    resp = pool.PutStart(pool_pb2.PutStartRequest(namespace_id=ns, keys=key, sizes=[SMALL.block_bytes]))
+    code, msg = status_of(pool.PutCommit, pool_pb2.PutCommitRequest(put_id=resp.put_id, keys=key * 2, checksums=[1, 1]))
+    assert code == Code.INVALID_ARGUMENT and "listed twice" in msg
+    assert pool.PutAbort(pool_pb2.PutAbortRequest(put_id=resp.put_id)).released == 1
+
+
 def test_commit_with_wrong_checksum_count(rpc):
     pool, _, ns = rpc
     resp = pool.PutStart(pool_pb2.PutStartRequest(namespace_id=ns, keys=os.urandom(32), sizes=[SMALL.block_bytes] * 2))
