@@ -239,6 +239,8 @@ class AsyncClient:
         default CUDA blocks go to the node's HBM tier when it has one, others to DRAM.
         """
         ns = self._ns(namespace)
+        if not keys:
+            return PutResult(0, 0, 0)
         size = ns.layout.block_bytes
         views = block_views(blocks, len(keys), size, allow_device=True)
         if tier is None:
@@ -285,6 +287,8 @@ class AsyncClient:
         case absent blocks come back as None (and their ``out`` buffers are left untouched).
         """
         ns = self._ns(namespace)
+        if not keys:
+            return []
         size = ns.layout.block_bytes
         dests = block_views(out, len(keys), size, writable=True, allow_device=True) if out is not None else None
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys)))
@@ -307,7 +311,7 @@ class AsyncClient:
             self._release_later(resp.lease_id)
         results: list = [None] * len(keys)
         for j, i in enumerate(hit_idx):
-            results[i] = (out[i] if isinstance(out, (list, tuple)) else targets[j]) if out is not None else targets[j]
+            results[i] = out[i] if isinstance(out, (list, tuple)) else targets[j]
         return results
 
     def _shares(self, locations: common_pb2.Locations) -> list[tuple[Transport, list[int], np.ndarray]]:
@@ -328,6 +332,8 @@ class AsyncClient:
     async def lookup(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
         """How many leading ``keys`` are in the pool (no lease taken)."""
         ns = self._ns(namespace)
+        if not keys:
+            return 0
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(
             namespace_id=ns.id, keys=pack_keys(keys), count_only=True))
         return resp.hit_blocks

@@ -131,6 +131,14 @@ def test_client_reregisters_after_master_restart(serve_factory):
         assert c.publish(tokens(32), random_blocks(2)).written == 2
 
 
+def test_empty_batches_are_no_ops(server):
+    with Client(server.address, fresh_namespace()) as c:
+        assert c.put_blocks([], []).written == 0
+        assert c.get_blocks([]) == []
+        assert c.lookup([]) == 0
+        assert c.match([1, 2, 3]) == 0        # no full block: no RPC, no keys
+
+
 def test_no_namespace_is_an_actionable_error(server):
     with Client(server.address) as c:
         with pytest.raises(errors.InvalidArgument, match="no namespace"):
