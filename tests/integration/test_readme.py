@@ -13,12 +13,11 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_readme_client_example_runs(server):
     text = README.read_text()
     code = re.search(r"## Using the client\s+```python\n(.*?)```", text, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 12
+    assert len([l for l in code.splitlines() if l.strip()]) <= 10
     scope: dict = {}
     exec(compile(code.replace("127.0.0.1:50051", server.address), "README.md", "exec"), scope)
     out, kv = scope["out"], scope["kv"]
-    assert scope["hit"] == 4
-    assert out.shape == kv.shape
+    assert out.shape == kv.shape == (6, *scope["layout"].shape)
     assert torch.equal(out.view(torch.int16), kv.view(torch.int16))  # bit-exact, NaN-safe
 
 
