@@ -126,7 +126,8 @@ class PoolServer:
                  s.eviction_policy, os.path.abspath(t.data_dir))
 
     async def _sweep(self) -> None:
-        """Expire grants and leases, and keep tiers under their high watermark."""
+        """Twice a second: expire grants and leases, keep tiers under their high watermark
+        (evicting, or demoting where there is NVMe), and forget nodes that went silent."""
         while True:
             await asyncio.sleep(0.5)
             try:
@@ -138,9 +139,6 @@ class PoolServer:
                 await self.registry.sweep()
             except Exception:  # never let the sweeper die silently
                 log.exception("sweeper failed")
-
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._sweeper is not None:
