@@ -55,6 +55,7 @@ class _IndexCollector:
         yield CounterMetricFamily("kvpool_promotions", "Blocks read back from NVMe into DRAM on a hit", value=c.promoted_blocks)
         yield CounterMetricFamily("kvpool_write_throughs", "Committed blocks copied to NVMe", value=c.written_through_blocks)
         yield CounterMetricFamily("kvpool_corrupt_blocks", "Blocks that failed their checksum and were dropped", value=c.corrupt_blocks)
+        yield GaugeMetricFamily("kvpool_nodes", "Storage nodes registered with this master", value=len(index.nodes))
         yield GaugeMetricFamily("kvpool_pending_blocks", "Blocks granted and not yet committed", value=index.pending_count)
         yield GaugeMetricFamily("kvpool_active_leases", "Read leases held", value=index.lease_count)
 

@@ -1,6 +1,7 @@
 """``kvpool admin``: operators' commands over the Admin gRPC service.
 
     kvpool admin [--address HOST:PORT] [--json] stats
+    kvpool admin nodes
     kvpool admin ls [--namespace ID] [--limit N] [--offset N]
     kvpool admin inspect KEY
     kvpool admin evict (--bytes SIZE | --all)
@@ -37,6 +38,7 @@ def register(sub) -> None:
     cmds = p.add_subparsers(dest="admin_command", metavar="COMMAND")
     cmds.required = True
     cmds.add_parser("stats", help="pool usage, hits and evictions")
+    cmds.add_parser("nodes", help="storage nodes, their tiers and heartbeats")
     ls = cmds.add_parser("ls", help="list blocks")
     ls.add_argument("--namespace", default="", help="only this namespace id")
     ls.add_argument("--limit", type=int, default=50)
@@ -77,7 +79,7 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
         ["uptime", f"{s.uptime_seconds:.0f}s"],
     ])
     tiers = _table(["node", "tier", "blocks", "used", "capacity", "use%", "evictions"], [
-        [t.node_id, t.tier, t.blocks, format_size(t.used_bytes), format_size(t.capacity_bytes),
+        [t.node_name or t.node_id, t.tier, t.blocks, format_size(t.used_bytes), format_size(t.capacity_bytes),
          _pct(t.used_bytes, t.capacity_bytes), t.evictions] for t in s.tiers
     ])
     return summary + "\n\n" + tiers
@@ -104,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "stats":
             resp = stub.Stats(common_pb2.StatsRequest(), **kw)
             text = _show_stats(resp)
+        elif cmd == "nodes":
+            resp = stub.ListNodes(admin_pb2.ListNodesRequest(), **kw)
+            text = _table(["id", "name", "where", "heartbeat", "tiers"], [
+                [n.node_id, n.name, "in process" if n.in_process else n.control_address,
+                 "-" if n.in_process else f"{n.seconds_since_heartbeat:.1f}s ago",
+                 ", ".join(f"{t.tier} {format_size(t.used_bytes)}/{format_size(t.capacity_bytes)}" for t in n.tiers)]
+                for n in resp.nodes])
         elif cmd == "ls":
             resp = stub.ListBlocks(admin_pb2.ListBlocksRequest(limit=args.limit, offset=args.offset,
                                                                namespace_id=args.namespace), **kw)

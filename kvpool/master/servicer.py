@@ -216,7 +216,7 @@ def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
     )
     for node in index.nodes:
         for u in node.usage():
-            resp.tiers.add(tier=u.name, node_id=node.node_id, capacity_bytes=u.capacity_bytes,
+            resp.tiers.add(tier=u.name, node_id=node.node_id, node_name=node.name, capacity_bytes=u.capacity_bytes,
                            used_bytes=u.used_bytes, blocks=index.tier_blocks(node.node_id, u.name),
                            evictions=c.evictions.get((node.node_id, u.name), 0))
     return resp
@@ -281,3 +281,19 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     @rpc
     def Stats(self, request, context):
         return stats_response(self.index)
+
+    @rpc
+    def ListNodes(self, request, context):
+        now = self.index.clock()
+        resp = admin_pb2.ListNodesResponse()
+        stats = stats_response(self.index)
+        for node in self.index.nodes:
+            last_seen = getattr(node, "last_seen", None)  # only nodes in other processes beat
+            info = resp.nodes.add(
+                node_id=node.node_id, name=node.name, in_process=last_seen is None,
+                control_address=getattr(node, "control_address", ""),
+                seconds_since_heartbeat=0.0 if last_seen is None else now - last_seen,
+                transports={k: (v if k.startswith("shm.") else "(handle)") for k, v in node.endpoint()["transports"].items()},
+            )
+            info.tiers.extend(t for t in stats.tiers if t.node_id == node.node_id)
+        return resp

@@ -51,6 +51,14 @@ def test_stats_ls_inspect_evict_flush(serve_factory):
     assert r.returncode == 0 and "removed 4 blocks" in r.stdout
 
 
+def test_nodes_lists_the_in_process_node(server):
+    r = admin(server.address, "nodes")
+    assert r.returncode == 0 and "in process" in r.stdout and "dram" in r.stdout
+    nodes = json.loads(admin(server.address, "--json", "nodes").stdout)["nodes"]
+    assert len(nodes) == 1 and nodes[0]["in_process"] is True
+    assert any(t["tier"] == "dram" for t in nodes[0]["tiers"])
+
+
 def test_errors_are_readable_and_exit_nonzero(server):
     r = admin(server.address, "inspect", "zz")
     assert r.returncode == 2 and "32 hex digits" in r.stderr

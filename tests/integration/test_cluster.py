@@ -85,6 +85,10 @@ def test_master_and_node_processes_serve_clients(cluster):
         assert c.fetch(toks, out) == 4 and bytes(out) == data.tobytes()
     s = stats(address)
     assert s.blocks == 4 and s.tiers[0].tier == "dram" and s.tiers[0].used_bytes == 4 * SMALL.block_bytes
+    assert s.tiers[0].node_name == "node-a"
+    r = subprocess.run([sys.executable, "-m", "kvpool", "admin", "--address", address, "nodes"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "node-a" in r.stdout and "s ago" in r.stdout
 
 
 def test_two_nodes_share_the_load(cluster):

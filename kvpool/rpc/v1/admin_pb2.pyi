@@ -8,6 +8,41 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "name", "in_process", "control_address", "seconds_since_heartbeat", "tiers", "transports")
+    class TransportsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IN_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    name: str
+    in_process: bool
+    control_address: str
+    seconds_since_heartbeat: float
+    tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.TierStats]
+    transports: _containers.ScalarMap[str, str]
+    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., in_process: _Optional[bool] = ..., control_address: _Optional[str] = ..., seconds_since_heartbeat: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.TierStats, _Mapping]]] = ..., transports: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
 class BlockDetail(_message.Message):
     __slots__ = ("key", "namespace_id", "state", "node_id", "tier", "offset", "size", "checksum", "leases", "hits", "age_seconds", "idle_seconds", "position")
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,11 @@ class AdminStub:
                 request_serializer=kvpool_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_common__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/kvpool.v1.Admin/ListNodes',
+                request_serializer=kvpool_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -98,6 +103,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """The storage nodes this master knows, with their tiers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvpool_dot_v1_dot_common__pb2.StatsRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_common__pb2.StatsResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=kvpool_dot_v1_dot_admin__pb2.ListNodesRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_admin__pb2.ListNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +279,33 @@ class Admin:
             '/kvpool.v1.Admin/Stats',
             kvpool_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
             kvpool_dot_v1_dot_common__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.Admin/ListNodes',
+            kvpool_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
+            kvpool_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,20 +104,22 @@ class UniformLocation(_message.Message):
     def __init__(self, node_id: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., size: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "node_id", "capacity_bytes", "used_bytes", "blocks", "evictions")
+    __slots__ = ("tier", "node_id", "node_name", "capacity_bytes", "used_bytes", "blocks", "evictions")
     TIER_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     tier: str
     node_id: int
+    node_name: str
     capacity_bytes: int
     used_bytes: int
     blocks: int
     evictions: int
-    def __init__(self, tier: _Optional[str] = ..., node_id: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    def __init__(self, tier: _Optional[str] = ..., node_id: _Optional[int] = ..., node_name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
