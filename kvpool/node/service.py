@@ -20,7 +20,7 @@ from kvpool.node.node import Node
 from kvpool.rpc.v1 import common_pb2, node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
 
-__all__ = ["NodeControlServicer", "NodeAgent"]
+__all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
 
 log = logging.getLogger("kvpool.node")
 
