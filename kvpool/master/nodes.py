@@ -1,9 +1,10 @@
 """The master's view of nodes: the interface it allocates through, and the registry.
 
-The master never touches block bytes. It reserves and frees slots on a node through
-:class:`NodeHandle`. In ``kvpool serve`` the handle is the in-process node object itself;
-a node in another process is reached through an implementation of the same interface over
-gRPC. The master's code is the same either way (DESIGN.md §1).
+The master never touches block bytes. It reserves and frees memory slots on a node through
+:class:`NodeHandle`, and asks it to move blocks between its tiers. In ``kvpool serve`` the
+handle is the in-process node object itself (:class:`kvpool.node.node.Node`); a node in
+another process is a :class:`kvpool.master.remote.RemoteNode`. The master's code is the same
+either way (DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ class NodeHandle(Protocol):
 
     def endpoint(self) -> dict:
         """How clients reach the node: ``{"host_id", "transports", "segment_bytes"}``."""
+
+    def recover(self) -> list:
+        """Blocks found on NVMe at start: (key, slot, checksum, namespace id)."""
+
+    # Tier movement, for nodes with an NVMe tier (kvpool.master.tiering drives it):
+
+    async def demote(self, items, *, keep_dram: bool):
+        """Copy (key, memory slot, checksum, namespace) blocks to NVMe; the result lists
+        ``moved`` (key, nvme slot), ``no_space`` keys and ``failed`` (key, reason)."""
+
+    async def promote(self, items):
+        """Read (key, nvme slot, checksum, dram slot) blocks into DRAM, verifying checksums;
+        the result lists ``promoted`` keys and ``corrupt`` (key, reason)."""
+
+    async def drop_nvme(self, items) -> None:
+        """Remove (key, nvme slot) copies from the node's NVMe tier and catalog."""
 
 
 class NodeRegistry:
