@@ -100,10 +100,20 @@ class TierSettings:
     slab_bytes: int = 64 * 2**20
     #: Touch every page of the DRAM tier at start so no put pays for page faults.
     prefault: bool = True
+    #: Port of the TCP data server, on the same address as gRPC; 0 picks a free one (clients
+    #: learn it from the master). -1 turns it off: then only same-host clients reach the node.
+    data_port: int = 0
+    #: Address other hosts reach this node's data plane at, when it binds a wildcard address
+    #: (0.0.0.0) or sits behind NAT. Empty: the bind address.
+    advertise_host: str = ""
+    #: Register the DRAM arena with UCX for one-sided GET/PUT (needs ucxx: pip install kvpool[ucx]).
+    ucx: bool = False
 
     def validate_tiers(self) -> None:
         if self.dram <= 0:
             raise ValueError("dram must be a positive size such as 4GiB")
+        if not -1 <= self.data_port < 65536:
+            raise ValueError(f"data_port {self.data_port} is out of range (-1 disables, 0 picks a free port)")
 
 
 @dataclass

@@ -69,6 +69,7 @@ class PoolServer:
             os.makedirs(t.data_dir, exist_ok=True)
             self.node = Node.build(1, t.node_name, dram_bytes=t.dram, nvme_bytes=t.nvme, hbm_bytes=t.hbm,
                                    data_dir=t.data_dir, chunk_bytes=t.slab_bytes, prefault=t.prefault)
+            self.node.serve_data(s.host, t.data_port, advertise_host=t.advertise_host or None, ucx=t.ucx)
             nodes.add(self.node)
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
@@ -116,13 +117,15 @@ class PoolServer:
             log.info("kvpool master ready grpc=%s:%d metrics=%s policy=%s (nodes join with: kvpool node "
                      "--master %s:%d)", s.host, self.port, metrics, s.eviction_policy, s.host, self.port)
             return
-        shm = self.node.endpoint()["transports"].get("shm.dram", "")
+        ep = self.node.endpoint()
+        shm = ep.segment("dram", "shm").handle
 
         def size(tier: str) -> str:
             return format_size(self.node.tiers[tier].capacity) if tier in self.node.tiers else "off"
 
-        log.info("kvpool serve ready grpc=%s:%d metrics=%s dram=%s hbm=%s nvme=%s shm=/dev/shm/%s policy=%s "
-                 "data_dir=%s", s.host, self.port, metrics, size("dram"), size("hbm"), size("nvme"), shm,
+        log.info("kvpool serve ready grpc=%s:%d metrics=%s data=%s ucx=%s dram=%s hbm=%s nvme=%s shm=/dev/shm/%s "
+                 "policy=%s data_dir=%s", s.host, self.port, metrics, ep.tcp_address or "off",
+                 "on" if ep.ucx_worker_address else "off", size("dram"), size("hbm"), size("nvme"), shm,
                  s.eviction_policy, os.path.abspath(t.data_dir))
 
     async def _sweep(self) -> None:

@@ -41,8 +41,11 @@ class ServeProcess:
         return "".join(self.lines)
 
 
-def start_kvpool(args: list[str], ready: str, env: dict | None = None, timeout: float = 60.0):
+def start_kvpool(args: list[str], ready: str, env: dict | None = None, timeout: float = 60.0,
+                 popen=subprocess.Popen):
     """Start ``python -m kvpool ARGS`` and wait for a log line matching ``ready``.
+
+    ``popen`` starts it (tests/hosts.py passes ``Host.popen`` to run it inside a host).
 
     Returns (process, the ready line's match, the list of log lines so far and to come).
     """
@@ -51,8 +54,8 @@ def start_kvpool(args: list[str], ready: str, env: dict | None = None, timeout: 
     # so that flags and TOML files under test still win.
     full_env["KVPOOL_DRAM"] = "64MiB"
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "kvpool", *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=full_env)
+    proc = popen([sys.executable, "-m", "kvpool", *args], stderr=subprocess.PIPE,
+                 stdout=subprocess.DEVNULL, text=True, env=full_env)
     lines: list[str] = []
     found: dict[str, re.Match] = {}
     done = threading.Event()

@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
             text = _show_stats(resp)
         elif cmd == "nodes":
             resp = stub.ListNodes(admin_pb2.ListNodesRequest(), **kw)
-            text = _table(["id", "name", "where", "heartbeat", "tiers"], [
+            text = _table(["id", "name", "where", "data", "heartbeat", "tiers"], [
                 [n.node_id, n.name, "in process" if n.in_process else n.control_address,
+                 " ".join(sorted(k if k != "tcp" else f"tcp {v}" for k, v in n.transports.items() if k != "host")),
                  "-" if n.in_process else f"{n.seconds_since_heartbeat:.1f}s ago",
                  ", ".join(f"{t.tier} {format_size(t.used_bytes)}/{format_size(t.capacity_bytes)}" for t in n.tiers)]
                 for n in resp.nodes])

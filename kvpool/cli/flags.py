@@ -48,6 +48,12 @@ def add_tier_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--node-name", help="node name in stats and metrics (default: hostname)")
     g.add_argument("--slab-bytes", help="slab chunk size = largest block (default 64MiB)")
     g.add_argument("--prefault", choices=("true", "false"), help="touch all DRAM pages at start (default true)")
+    g = p.add_argument_group("data plane (clients on other hosts)")
+    g.add_argument("--data-port", type=int, help="TCP data server port, on the --host address (default 0: a free "
+                   "one, published through the master; -1: off, same-host clients only)")
+    g.add_argument("--advertise-host", help="address other hosts use for this node's data plane (default: --host)")
+    g.add_argument("--ucx", choices=("true", "false"), help="serve one-sided UCX GET/PUT too (needs kvpool[ucx]; "
+                   "default false)")
 
 
 def settings_from_args(cls, args: argparse.Namespace):

@@ -19,6 +19,7 @@ Every call is batched: one RPC per batch, whatever its length. gRPC statuses sur
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,20 +29,24 @@ import numpy as np
 import xxhash
 
 from kvpool.client.buffers import block_views, byte_view, is_device
+from kvpool.client.shares import Planned, plan
 from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
 from kvpool.identity import Namespace, pack_keys
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
-from kvpool.transport.base import Transport
+from kvpool.transport.base import (READ, WRITE, BlockIntegrityError, Share, Transport, TransportCaps, TransportFactory,
+                                   TransportOptions)
 from kvpool.transport.cuda_ipc import CudaIpcTransport
-from kvpool.transport.shm import ShmTransport
-from kvpool.wire import TIER_NAMES, decode_locations
+from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.transport.shm import ShmTransport, host_id
+from kvpool.transport.tcp import TcpTransport
+
 
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
-#: Data-plane transports this client speaks, in order of preference.
-_TRANSPORTS: tuple[type, ...] = (CudaIpcTransport, ShmTransport)
+#: Data-plane transports this client speaks; the factory ranks them by capability.
+TRANSPORTS: tuple[type[Transport], ...] = (CudaIpcTransport, ShmTransport, TcpTransport)
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,15 @@ def _host_bytes(transport: Transport, record, src) -> np.ndarray:
     return slot if slot is not None else src.cpu().numpy()  # HBM to HBM: one staging copy
 
 
-def _write_and_hash(transport: Transport, records: np.ndarray, sources: Sequence) -> list[int]:
-    """Copy sources into their slots and return their xxh3-64 checksums (one thread's share)."""
+def _copy_and_hash(transport: Transport, share, sources: Sequence) -> list[int]:
+    """Copy sources into their slots and return their xxh3-64 checksums (one thread's share).
+
+    A network transport hashes each block as it sends it and returns the sums. Otherwise the
+    blocks are copied and then hashed in groups small enough to be read again from cache.
+    """
+    records = share.records
+    if TransportCaps.NETWORK in transport.caps:
+        return transport.write(share, sources)
     digest = xxhash.xxh3_64_intdigest
     sums: list[int] = []
     start = 0
@@ -74,7 +86,8 @@ def _write_and_hash(transport: Transport, records: np.ndarray, sources: Sequence
         while end < len(sources) and (size == 0 or size + records[end]["size"] <= _HASH_GROUP_BYTES):
             size += int(records[end]["size"])
             end += 1
-        transport.write(records[start:end], sources[start:end])
+        part = Share(records[start:end], share.positions[start:end], share.access)
+        transport.write(part, sources[start:end])
         sums.extend(digest(_host_bytes(transport, records[i], sources[i])) for i in range(start, end))
         start = end
     return sums
@@ -95,17 +108,29 @@ class AsyncClient:
 
     ``namespace`` is the default for every call; pass ``namespace=`` to a call to override.
     Use as ``async with AsyncClient(addr, ns) as c:`` or call :meth:`close`.
+
+    The data plane to each node is chosen by capability (shared memory on the node's host,
+    one-sided UCX where the fabric makes it one-sided, else TCP); ``transport="tcp"`` (or
+    ``KVPOOL_TRANSPORT``) forces one. ``connect_timeout`` and ``io_timeout`` bound how long a
+    transfer waits on a node that stopped answering before it fails, naming the node.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
-                 timeout: float = 30.0, copy_threads: int = 2) -> None:
+                 timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
+                 connect_timeout: float = 3.0, io_timeout: float = 10.0) -> None:
         self.address = address
         self.namespace = namespace
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
         self._stub: pool_pb2_grpc.KVPoolStub | None = None
         self._registered: set[str] = set()
-        self._transports: dict[tuple[int, str], Transport] = {}
+        force = transport or os.environ.get("KVPOOL_TRANSPORT") or None
+        self.transports = TransportFactory(
+            TRANSPORTS, force=force,
+            options=TransportOptions(connect_timeout=connect_timeout, io_timeout=io_timeout,
+                                     connections=copy_threads))
+        self._endpoints: dict[int, NodeEndpoint] = {}
+        self._host = host_id()
         self._threads = copy_threads
         self._pool = ThreadPoolExecutor(max_workers=copy_threads, thread_name_prefix="kvpool-copy")
         self._background: set[asyncio.Task] = set()
@@ -134,9 +159,7 @@ class AsyncClient:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        for t in self._transports.values():
-            t.close()
-        self._transports.clear()
+        self.transports.close()
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
@@ -168,42 +191,28 @@ class AsyncClient:
             raise InvalidArgument("no namespace: pass namespace= here or to the client's constructor")
         return ns
 
-    def _transport(self, node: common_pb2.NodeEndpoint, tier: str = "dram") -> Transport:
-        """The transport that reaches ``tier`` of ``node`` (transports are named "<kind>.<tier>")."""
-        endpoint = {"host_id": node.host_id, "transports": dict(node.transports),
-                    "segment_bytes": dict(node.segment_bytes)}
-        for cls in _TRANSPORTS:
-            if not cls.name.endswith("." + tier):
-                continue
-            addr = endpoint["transports"].get(cls.name)
-            if addr is None:
-                continue
-            key = (node.node_id, addr)
-            t = self._transports.get(key)
-            if t is not None:
-                return t
-            if cls.reachable(endpoint):
-                t = self._transports[key] = cls(addr, endpoint["segment_bytes"][cls.name])
-                return t
-        raise Unavailable(
-            f"no data transport reaches the {tier} tier of node {node.name!r} (id {node.node_id}): it "
-            f"offers {sorted(endpoint['transports'])}, this client speaks {[c.name for c in _TRANSPORTS]}; "
-            f"shared memory and CUDA IPC need the client on the node's host"
-        )
+    def _plan(self, locations: common_pb2.Locations, op: int, grant_id: str) -> list[Planned]:
+        return plan(locations, self.transports, op, grant_id, self._threads, self._endpoints)
 
-    def _groups(self, locations: common_pb2.Locations):
-        """Records grouped by (node, tier): yields (transport, record indices, records)."""
-        records = decode_locations(locations)
-        nodes = {n.node_id: n for n in locations.nodes}
-        if len(nodes) == 1 and (len(records) == 0 or (records["tier"] == records["tier"][0]).all()):
-            (node,) = nodes.values()
-            tier = TIER_NAMES[int(records["tier"][0])] if len(records) else "dram"
-            yield self._transport(node, tier), list(range(len(records))), records
-            return
-        pairs = {(int(n), int(t)) for n, t in zip(records["node_id"], records["tier"])}
-        for node_id, tier in sorted(pairs):
-            idx = np.flatnonzero((records["node_id"] == node_id) & (records["tier"] == tier))
-            yield self._transport(nodes[node_id], TIER_NAMES[tier]), idx.tolist(), records[idx]
+    async def _run_shares(self, planned: list[Planned], fn, buffers: list) -> list:
+        """Run ``fn(transport, share, buffers of its blocks)`` for every share on the copy
+        threads. A node that fails mid-transfer has its transports dropped (reconnect later)."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(
+            loop.run_in_executor(self._pool, fn, p.transport, p.share, [buffers[i] for i in p.index])
+            for p in planned), return_exceptions=True)
+        failed = [(p, r) for p, r in zip(planned, results) if isinstance(r, BaseException)]
+        for p, r in failed:
+            if isinstance(r, Unavailable):
+                self.transports.drop_node(p.node.node_id)
+        corrupt = [(p, r) for p, r in failed if isinstance(r, BlockIntegrityError)]
+        if corrupt:  # name every damaged block of the batch, by its position in the batch
+            err = corrupt[0][1]
+            err.batch_index = [p.index[i] for p, r in corrupt for i in r.positions]
+            raise err
+        if failed:
+            raise failed[0][1]
+        return results
 
     def _release_later(self, lease_id: str) -> None:
         if not lease_id:
@@ -246,9 +255,19 @@ class AsyncClient:
         if tier is None:
             tier = "hbm" if any(is_device(v) for v in views) else ""
         req = pool_pb2.PutStartRequest(namespace_id=ns.id, keys=pack_keys(keys), sizes=[size] * len(keys),
-                                       tier=tier)
+                                       tier=tier, client_host=self._host)
         if first_position is not None:
             req.first_position = first_position
+        try:
+            return await self._put_once(ns, keys, views, req)
+        except Unavailable as exc:
+            # A node died under this put: its slots are gone with it. Once more, placed
+            # elsewhere: the master skips nodes this writer could not reach.
+            failed = getattr(exc, "node_ids", ())
+            req.exclude_nodes.extend(failed)
+            return await self._put_once(ns, keys, views, req)
+
+    async def _put_once(self, ns: Namespace, keys: Sequence[bytes], views: list, req) -> PutResult:
         resp = await self._call_ns(ns, "PutStart", req)
         status = resp.status
         granted = [i for i, s in enumerate(status) if s == pool_pb2.PUT_GRANTED]
@@ -256,24 +275,23 @@ class AsyncClient:
         in_flight = len(keys) - len(granted) - present
         if not granted:
             return PutResult(0, present, in_flight)
-        loop = asyncio.get_running_loop()
         sources = [views[i] for i in granted]
         checksums = [0] * len(granted)
         try:
-            # Each share is copied and hashed on its own thread (numpy copies and xxhash
-            # release the GIL), so both cores work on a batch.
-            shares = self._shares(resp.grants)
-            results = await asyncio.gather(*(
-                loop.run_in_executor(self._pool, _write_and_hash, t, recs, [sources[i] for i in idx])
-                for t, idx, recs in shares))
-            for (_, idx, _), sums in zip(shares, results):
-                for i, c in zip(idx, sums):
+            # Each share is copied and hashed on its own thread (numpy copies, socket calls
+            # and xxhash release the GIL), so both cores work on a batch.
+            planned = self._plan(resp.grants, WRITE, resp.put_id)
+            results = await self._run_shares(planned, _copy_and_hash, sources)
+            for p, sums in zip(planned, results):
+                for i, c in zip(p.index, sums):
                     checksums[i] = c
-        except BaseException:
+        except BaseException as exc:
             try:
                 await self._call("PutAbort", pool_pb2.PutAbortRequest(put_id=resp.put_id))
             except KvpoolError:
                 pass  # the grant expires by itself
+            if isinstance(exc, Unavailable):
+                exc.node_ids = sorted({p.node.node_id for p in planned})  # type: ignore[attr-defined]
             raise
         await self._call("PutCommit", pool_pb2.PutCommitRequest(put_id=resp.put_id, checksums=checksums))
         return PutResult(len(granted), present, in_flight)
@@ -306,7 +324,7 @@ class AsyncClient:
             else:
                 targets = [dests[i] for i in hit_idx]
             if hit_idx:
-                await self._read(resp.locations, targets)
+                await self._read(resp.locations, targets, resp.lease_id, [keys[i] for i in hit_idx])
         finally:
             self._release_later(resp.lease_id)
         results: list = [None] * len(keys)
@@ -314,20 +332,18 @@ class AsyncClient:
             results[i] = out[i] if isinstance(out, (list, tuple)) else targets[j]
         return results
 
-    def _shares(self, locations: common_pb2.Locations) -> list[tuple[Transport, list[int], np.ndarray]]:
-        """Split a batch into one contiguous share per copy thread, never across nodes."""
-        shares = []
-        for t, idx, recs in self._groups(locations):
-            n = max(1, min(self._threads, len(idx)))
-            bounds = [len(idx) * k // n for k in range(n + 1)]
-            shares.extend((t, idx[a:b], recs[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a)
-        return shares
-
-    async def _read(self, locations: common_pb2.Locations, targets: list[np.ndarray]) -> None:
-        loop = asyncio.get_running_loop()
-        reads = [loop.run_in_executor(self._pool, t.read, recs, [targets[i] for i in idx])
-                 for t, idx, recs in self._shares(locations)]
-        await asyncio.gather(*reads)
+    async def _read(self, locations: common_pb2.Locations, targets: list, lease_id: str,
+                    keys: Sequence[bytes]) -> None:
+        """Copy leased blocks into ``targets``. Blocks that fail their checksum (network reads
+        verify them) are reported to the master, which drops them, and the read fails."""
+        planned = self._plan(locations, READ, lease_id)
+        try:
+            await self._run_shares(planned, lambda t, share, outs: t.read(share, outs), targets)
+        except BlockIntegrityError as exc:
+            bad = [keys[i] for i in exc.batch_index]
+            if bad:
+                await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=[lease_id], corrupt_keys=pack_keys(bad)))
+            raise
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
         """How many leading ``keys`` are in the pool (no lease taken)."""
@@ -394,7 +410,7 @@ class AsyncClient:
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
         try:
             if resp.hit_blocks:
-                await self._read(resp.locations, dests[: resp.hit_blocks])
+                await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks])
         finally:
             self._release_later(resp.lease_id)
         return resp.hit_blocks

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull
+from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull, Unavailable
 from kvpool.identity import KEY_BYTES, Namespace, split_keys
 from kvpool.master.eviction import DEFAULT_POLICY, BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.nodes import NodeHandle, NodeRegistry
@@ -157,6 +157,8 @@ class BlockIndex:
         self._blocks: dict[bytes, Entry] = {}        # committed, visible
         self._pending: dict[bytes, Entry] = {}       # granted, not yet committed
         self._grants: dict[str, PutGrant] = {}
+        #: Puts that lost slots with a node that left: put id -> (node name, grant expiry).
+        self._lost_grants: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, ReadLease] = {}
         self._policies: dict[tuple[int, str], EvictionPolicy] = {}
         self._tier_blocks: dict[tuple[int, str], int] = {}
@@ -210,14 +212,16 @@ class BlockIndex:
     # ------------------------------------------------------------------ publish
 
     def put_start(self, ns_id: str, keys: list[bytes], sizes: list[int],
-                  first_position: int | None = None, tier: str = "") -> tuple[PutGrant, list[int]]:
+                  first_position: int | None = None, tier: str = "", client_host: str = "",
+                  exclude: Iterable[int] = ()) -> tuple[PutGrant, list[int]]:
         """Grant slots for the keys that are neither present nor in flight.
 
         All-or-nothing: if the pool cannot make room for every grant (after evicting what
         the policy allows), nothing is granted and :class:`PoolFull` is raised.
 
-        ``tier`` is the writer's preference ("hbm" for a GPU writer); a node without that tier
-        places the blocks in DRAM.
+        ``tier`` is the writer's preference ("hbm" for a GPU writer on the node's host); a node
+        without that tier places the blocks in DRAM. ``client_host`` and ``exclude`` steer
+        placement (see :meth:`_place`).
         """
         if tier and tier not in (DRAM, "hbm"):
             raise InvalidArgument(f"PutStart: cannot put into tier {tier!r}; ask for \"dram\" or \"hbm\"")
@@ -249,7 +253,7 @@ class BlockIndex:
                 seen.add(key)
         granted: dict[bytes, Entry] = {}
         if wanted:
-            node, tier = self._place(info.block_bytes, len(wanted), tier)
+            node, tier = self._place(info.block_bytes, len(wanted), tier, client_host, set(exclude))
             try:
                 for i in wanted:
                     slot = node.allocate(tier, info.block_bytes)
@@ -273,6 +277,12 @@ class BlockIndex:
     def put_commit(self, put_id: str, keys: list[bytes] | None, checksums: list[int]) -> tuple[int, int]:
         """Make granted blocks visible. Grants of the put that are not committed are released."""
         grant = self._grants.get(put_id)
+        if grant is None and put_id in self._lost_grants:
+            raise Unavailable(
+                f"PutCommit: node {self._lost_grants[put_id][0]} holding slots of put {put_id} left the pool "
+                f"(it stopped answering heartbeats or restarted), so those blocks were not stored; call "
+                f"PutStart again and they are placed on another node"
+            )
         if grant is None:
             raise NotFound(
                 f"PutCommit: no open put {put_id!r}; it was committed or aborted already, or its "
@@ -388,15 +398,27 @@ class BlockIndex:
             return None
         return lease
 
-    def release(self, lease_ids: Iterable[str]) -> int:
-        """End leases. Unknown ids (already released or expired) are ignored: release is idempotent."""
-        released = 0
+    def release(self, lease_ids: Iterable[str], corrupt: Iterable[bytes] = ()) -> tuple[int, int]:
+        """End leases. Unknown ids (already released or expired) are ignored: release is idempotent.
+
+        ``corrupt`` are keys a reader found damaged (checksum mismatch over the network): those
+        held under one of the leases lose that replica, counted as corrupt. Returns (leases
+        released, blocks dropped).
+        """
+        bad = set(corrupt)
+        released = dropped = 0
         for lease_id in lease_ids:
             lease = self._leases.pop(lease_id, None)
-            if lease is not None:
-                self._unpin(lease)
-                released += 1
-        return released
+            if lease is None:
+                continue
+            for entry in lease.entries if bad else ():
+                if entry.key in bad and not entry.doomed and self._blocks.get(entry.key) is entry:
+                    self._drop(entry)  # pinned by this lease: freed at the unpin below
+                    self.counters.corrupt_blocks += 1
+                    dropped += 1
+            self._unpin(lease)
+            released += 1
+        return released, dropped
 
     def _unpin(self, lease: ReadLease) -> None:
         now = self.clock()
@@ -645,12 +667,20 @@ class BlockIndex:
             del self._blocks[entry.key]
             entry.doomed = True
             entry.mem = entry.nvme = None
+        node = self.nodes.get(node_id)
+        name = node.name if node is not None else str(node_id)
         for grant in list(self._grants.values()):
-            for key in [k for k, e in grant.entries.items() if e.node_id == node_id]:
+            lost = [k for k, e in grant.entries.items() if e.node_id == node_id]
+            for key in lost:
                 del grant.entries[key]
                 self._pending.pop(key, None)
-            if not grant.entries:
+            if lost:
+                # The writer is told why at commit, and its next PutStart goes elsewhere.
+                self._lost_grants[grant.put_id] = (name, grant.expires_at)
                 del self._grants[grant.put_id]
+                for entry in grant.entries.values():  # slots on other nodes: free them now
+                    self._pending.pop(entry.key, None)
+                    self._release_storage(entry)
         self.nvme_drops.pop(node_id, None)
         for tk in [tk for tk in self._policies if tk[0] == node_id]:
             del self._policies[tk]
@@ -681,18 +711,41 @@ class BlockIndex:
             policy = self._policies[(node_id, tier)] = make_policy(self.config.eviction_policy)
         return policy
 
-    def _place(self, size: int, count: int, prefer: str = "") -> tuple[NodeHandle, str]:
-        """New blocks go to the node with the most room in the preferred memory tier (DRAM
-        unless the writer asks for HBM and the node has it)."""
+    def _place(self, size: int, count: int, prefer: str = "", client_host: str = "",
+               exclude: set[int] = frozenset()) -> tuple[NodeHandle, str]:
+        """Choose the node and memory tier for ``count`` new blocks of a writer on ``client_host``.
+
+        Only nodes the writer can reach are candidates: those on its host, and those with a
+        network data plane (nodes in ``exclude``, which the writer failed to reach, are not).
+        Among them, a node with room for the whole batch wins over one without; then a node
+        on the writer's host (its copy is one memcpy); then the most free room. The writer's
+        tier preference (HBM) holds only on its own host, where CUDA IPC reaches it.
+        """
         best = None
+        reachable = 0
         for node in self.nodes:
+            if node.node_id in exclude:
+                continue
+            ep = node.endpoint()
+            local = not client_host or ep.host_id == client_host
+            if not local and not (ep.tcp_address or ep.ucx_worker_address):
+                continue
+            reachable += 1
             names = node.tier_names()
-            tier = prefer if prefer in names else (DRAM if DRAM in names else names[0])
+            want = prefer if local else DRAM
+            tier = want if want in names else (DRAM if DRAM in names else names[0])
             room = node.free_slots_for(tier, size)
-            if best is None or room > best[0]:
-                best = (room, node, tier)
+            rank = (room >= count, local, room)
+            if best is None or rank > best[0]:
+                best = (rank, node, tier)
         if best is None:
-            raise PoolFull("no storage node is registered with this master; start a kvpool node")
+            if len(self.nodes) == 0:
+                raise PoolFull("no storage node is registered with this master; start a kvpool node")
+            skipped = f" (excluding nodes {sorted(exclude)}, which this writer could not reach)" if exclude else ""
+            raise Unavailable(
+                f"no storage node can take this writer's blocks{skipped}: nodes on other hosts need a data "
+                f"server (kvpool node --data-port), and nodes on the writer's host ({client_host}) have none left"
+            )
         return best[1], best[2]
 
     def _full_message(self, node: NodeHandle, tier: str, size: int, count: int) -> str:
@@ -717,6 +770,8 @@ class BlockIndex:
         for lease in leases:
             del self._leases[lease.lease_id]
             self._unpin(lease)
+        for put_id in [p for p, (_, exp) in self._lost_grants.items() if exp <= now]:
+            del self._lost_grants[put_id]
         self.counters.expired_grants += len(grants)
         self.counters.expired_leases += len(leases)
         return len(grants), len(leases)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from kvpool.tiers.base import Slot, TierUsage
+from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = ["NodeHandle", "NodeRegistry"]
 
@@ -22,6 +23,9 @@ class NodeHandle(Protocol):
 
     node_id: int
     name: str
+    #: Key of the node's data-plane capabilities (kvpool.capability): grants and leases are
+    #: signed with it, and the node's data server checks them.
+    data_key: bytes
 
     def tier_names(self) -> list[str]:
         """The node's tiers, fastest first."""
@@ -37,8 +41,8 @@ class NodeHandle(Protocol):
 
     def usage(self) -> list[TierUsage]: ...
 
-    def endpoint(self) -> dict:
-        """How clients reach the node: ``{"host_id", "transports", "segment_bytes"}``."""
+    def endpoint(self) -> NodeEndpoint:
+        """How clients reach the node (host, shared segments, data server, UCX)."""
 
     def recover(self) -> list:
         """Blocks found on NVMe at start: (key, slot, checksum, namespace id)."""

@@ -26,6 +26,7 @@ from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.servicer import rpc
 from kvpool.tiers.base import SlabAllocator, Slot, TierUsage
+from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = ["RemoteNode", "RegistryServicer"]
 
@@ -60,9 +61,8 @@ class RemoteNode:
         for t in request.tiers:
             if t.tier == NVME:
                 self._update_nvme(t)
-        ep = request.endpoint
-        self._endpoint = {"node_id": node_id, "name": self.name, "host_id": ep.host_id,
-                          "transports": dict(ep.transports), "segment_bytes": dict(ep.segment_bytes)}
+        self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
+        self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
         self._channel = grpc.aio.insecure_channel(self.control_address)
         self._stub = node_pb2_grpc.NodeControlStub(self._channel)
@@ -98,7 +98,7 @@ class RemoteNode:
             out.append(self._nvme)
         return out
 
-    def endpoint(self) -> dict:
+    def endpoint(self) -> NodeEndpoint:
         return self._endpoint
 
     def recover(self) -> list[tuple[bytes, Slot, int, str]]:

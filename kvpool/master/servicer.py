@@ -22,6 +22,8 @@ from kvpool.master.index import BlockIndex, Entry
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
+from kvpool.capability import expiry_ms, sign
+from kvpool.transport.base import READ, WRITE
 from kvpool.wire import TIER_CODES
 
 __all__ = ["PoolServicer", "AdminServicer", "stats_response"]
@@ -96,9 +98,8 @@ class _Base:
             node = self.index.nodes.get(node_id)
             if node is None:
                 raise NotFound(f"node {node_id} is not registered")
-            info = node.endpoint()
-            ep = common_pb2.NodeEndpoint(node_id=node_id, name=info["name"], host_id=info["host_id"],
-                                         transports=info["transports"], segment_bytes=info["segment_bytes"])
+            ep = common_pb2.NodeEndpoint()
+            node.endpoint().fill(ep)
             self._endpoints[node_id] = ep
         return ep
 
@@ -106,7 +107,8 @@ class _Base:
         """Whether blocks of one batch can sit in different memory tiers (HBM and DRAM)."""
         return any(len([t for t in n.tier_names() if t != "nvme"]) > 1 for n in self.index.nodes)
 
-    def _locations(self, entries, out: common_pb2.Locations) -> None:
+    def _locations(self, entries, out: common_pb2.Locations, op: int, grant_id: str, ttl_s: float) -> None:
+        """Fill ``out`` with where ``entries`` are, and a capability per node for ``op``."""
         if len(self.index.nodes) == 1:  # the embedded case: skip a pass over the batch
             node_ids = {next(iter(self.index.nodes)).node_id}
         else:
@@ -122,6 +124,16 @@ class _Base:
             out.slots = b"".join(map(_loc_of, entries))
         else:
             out.records = b"".join(map(_record_of, entries))
+        # The data plane's proof: per node, an HMAC over exactly the records the client sees.
+        expires = expiry_ms(ttl_s)
+        for node_id in sorted(node_ids):
+            node = self.index.nodes.get(node_id)
+            if node is None or not node.data_key:
+                continue
+            mine = entries if len(node_ids) == 1 else [e for e in entries if e.node_id == node_id]
+            records = b"".join(map(_record_of, mine))
+            out.caps.add(node_id=node_id, expires_unix_ms=expires,
+                         mac=sign(node.data_key, op, grant_id, node_id, expires, records))
 
 
 class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
@@ -134,11 +146,13 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     def PutStart(self, request, context):
         keys = self.index.split_packed(request.keys, "PutStart")
         first = request.first_position if request.HasField("first_position") else None
-        grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first, request.tier)
+        grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first, request.tier,
+                                               request.client_host, request.exclude_nodes)
         resp = pool_pb2.PutStartResponse(put_id=grant.put_id, expires_in_ms=int(self.index.config.grant_ttl_s * 1000))
         resp.status.extend(statuses)
         if grant.entries:
-            self._locations(list(grant.entries.values()), resp.grants)
+            self._locations(list(grant.entries.values()), resp.grants, WRITE, grant.put_id,
+                            self.index.config.grant_ttl_s)
         return resp
 
     @rpc
@@ -163,7 +177,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, hits)
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
-            self._locations(lease.entries, resp.locations)
+            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
@@ -183,14 +197,18 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, keep)
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
-            self._locations(lease.entries, resp.locations)
+            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
 
     @rpc
     def Release(self, request, context):
-        return pool_pb2.ReleaseResponse(released=self.index.release(request.lease_ids))
+        corrupt = self.index.split_packed(request.corrupt_keys, "Release") if request.corrupt_keys else ()
+        released, dropped = self.index.release(request.lease_ids, corrupt)
+        if dropped:
+            log.warning("dropped %d blocks that a reader found corrupt (checksum mismatch)", dropped)
+        return pool_pb2.ReleaseResponse(released=released, dropped_corrupt=dropped)
 
     @rpc
     def Remove(self, request, context):
@@ -229,6 +247,16 @@ def block_detail(entry: Entry, now: float) -> admin_pb2.BlockDetail:
         checksum=entry.checksum, leases=entry.pins, hits=entry.hits,
         age_seconds=now - entry.created, idle_seconds=now - entry.last_access, position=entry.position,
     )
+
+
+def _transport_summary(ep) -> dict[str, str]:
+    """What a node offers clients, for operators: segment names and addresses, not secrets."""
+    out = {f"{s.kind}.{s.tier}": (s.handle if s.kind == "shm" else "(handle)") for s in ep.segments}
+    if ep.tcp_address:
+        out["tcp"] = ep.tcp_address
+    out.update({f"ucx.{r.tier}": "(registered)" for r in ep.ucx_regions})
+    out["host"] = ep.host_id
+    return out
 
 
 class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
@@ -293,7 +321,7 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
                 node_id=node.node_id, name=node.name, in_process=last_seen is None,
                 control_address=getattr(node, "control_address", ""),
                 seconds_since_heartbeat=0.0 if last_seen is None else now - last_seen,
-                transports={k: (v if k.startswith("shm.") else "(handle)") for k, v in node.endpoint()["transports"].items()},
+                transports=_transport_summary(node.endpoint()),
             )
             info.tiers.extend(t for t in stats.tiers if t.node_id == node.node_id)
         return resp

@@ -20,11 +20,15 @@ import logging
 import os
 from typing import Sequence
 
+import numpy as np
+
+from kvpool.capability import new_data_key
 from kvpool.node.catalog import NvmeCatalog
 from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResult, TierMover
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
 from kvpool.tiers.nvme import NvmeArena
+from kvpool.transport.endpoint import NodeEndpoint, SharedSegment
 from kvpool.transport.shm import host_id
 
 __all__ = ["Node"]
@@ -41,6 +45,11 @@ class Node:
         self.tiers: dict[str, Arena] = {t.name: t for t in tiers}
         self.mover = mover
         self._ipc_handle: str | None = None
+        #: Key of this node's data-plane capabilities (kvpool.capability), shared with the master.
+        self.data_key = new_data_key()
+        self.data_server = None
+        self.ucx = None
+        self._endpoint: NodeEndpoint | None = None
         if mover is not None:
             self.tiers[mover.nvme.name] = mover.nvme
 
@@ -97,21 +106,62 @@ class Node:
     def usage(self) -> list[TierUsage]:
         return [t.usage() for t in self.tiers.values()]
 
-    def endpoint(self) -> dict:
-        transports: dict[str, str] = {}
-        sizes: dict[str, int] = {}
+    def endpoint(self) -> NodeEndpoint:
+        if self._endpoint is None:
+            self._endpoint = self._describe()
+        return self._endpoint
+
+    def _describe(self) -> NodeEndpoint:
+        segments: list[SharedSegment] = []
         for arena in self.tiers.values():
             if TierCaps.HOST_SHARED in arena.caps:
-                desc = arena.describe()
-                transports[f"shm.{arena.name}"] = desc["shm_name"]
-                sizes[f"shm.{arena.name}"] = arena.capacity
+                segments.append(SharedSegment(arena.name, "shm", arena.describe()["shm_name"], arena.capacity))
             if TierCaps.CUDA_IPC in arena.caps:
                 if self._ipc_handle is None:  # export once: every client maps the same handle
                     self._ipc_handle = json.dumps(arena.ipc_handle().to_dict(), sort_keys=True)
-                transports[f"cuda_ipc.{arena.name}"] = self._ipc_handle
-                sizes[f"cuda_ipc.{arena.name}"] = arena.capacity
-        return {"node_id": self.node_id, "name": self.name, "host_id": host_id(),
-                "transports": transports, "segment_bytes": sizes}
+                segments.append(SharedSegment(arena.name, "cuda_ipc", self._ipc_handle, arena.capacity))
+        ucx_address, ucx_regions = self.ucx.describe() if self.ucx is not None else (b"", [])
+        return NodeEndpoint(node_id=self.node_id, name=self.name, host_id=host_id(), segments=tuple(segments),
+                            tcp_address=self.data_server.address if self.data_server is not None else "",
+                            ucx_worker_address=ucx_address, ucx_regions=tuple(ucx_regions))
+
+    # Data plane for other hosts --------------------------------------------------
+
+    def host_arenas(self) -> dict[str, np.ndarray]:
+        """Host-memory tiers a network data plane can serve: tier name -> the arena's bytes."""
+        return {name: arena.array for name, arena in self.tiers.items()
+                if TierCaps.ADDRESSABLE in arena.caps and TierCaps.DEVICE not in arena.caps}
+
+    def serve_data(self, host: str, port: int = 0, *, advertise_host: str | None = None,
+                   ucx: bool = False) -> None:
+        """Start the TCP data server (and, with ``ucx``, register the arenas with UCX).
+
+        Capabilities are checked against ``node_id`` and ``data_key``; call
+        :meth:`set_identity` when the master assigns new ones.
+        """
+        from kvpool.node.data_server import DataServer
+
+        self._endpoint = None
+        if port >= 0:
+            self.data_server = DataServer(self.host_arenas(), host, port, advertise_host=advertise_host)
+            self.data_server.set_identity(self.node_id, self.data_key)
+            self.data_server.start()
+        if ucx:
+            from kvpool.node.ucx_server import UcxArenaServer
+
+            ok, reason = UcxArenaServer.available()
+            if not ok:
+                log.warning("UCX data plane off: %s", reason)
+            else:
+                self.ucx = UcxArenaServer(self.host_arenas())
+                self.ucx.start()
+
+    def set_identity(self, node_id: int, data_key: bytes) -> None:
+        """The id and capability key the master knows this node incarnation by."""
+        self.node_id, self.data_key = node_id, data_key
+        self._endpoint = None
+        if self.data_server is not None:
+            self.data_server.set_identity(node_id, data_key)
 
     # NodeHandle: tier movement (nodes with an NVMe tier) -------------------------
 
@@ -142,6 +192,10 @@ class Node:
         await self.mover.drop(items)
 
     def close(self) -> None:
+        if self.data_server is not None:
+            self.data_server.close()
+        if self.ucx is not None:
+            self.ucx.close()
         if self.mover is not None:
             self.mover.close()
             self.mover.catalog.close()

@@ -16,8 +16,9 @@ import secrets
 
 import grpc
 
+from kvpool.capability import new_data_key
 from kvpool.node.node import Node
-from kvpool.rpc.v1 import common_pb2, node_pb2, node_pb2_grpc
+from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
 
 __all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
@@ -99,13 +100,15 @@ class NodeAgent:
                 for k, s, c, ns in found]
 
     async def register(self) -> None:
-        ep = self.node.endpoint()
+        # A new capability key at every registration: grants and leases a master signed for an
+        # earlier registration (whose blocks it has forgotten) stop working on this node.
+        key = new_data_key()
         req = node_pb2.RegisterNodeRequest(
             name=self.node.name, control_address=self.control_address, incarnation=self.incarnation,
-            endpoint=common_pb2.NodeEndpoint(name=ep["name"], host_id=ep["host_id"], transports=ep["transports"],
-                                             segment_bytes=ep["segment_bytes"]),
-            tiers=_geometry(self.node), nvme_blocks=self._blocks())
+            tiers=_geometry(self.node), nvme_blocks=self._blocks(), data_key=key)
+        self.node.endpoint().fill(req.endpoint)
         resp = await self._stub.RegisterNode(req, timeout=30)
+        self.node.set_identity(resp.node_id, key)
         self.node_id = resp.node_id
         self.interval = resp.heartbeat_interval_s or 1.0
         log.info("registered with master %s as node %d (%d blocks on NVMe)", self.master_address,
@@ -167,11 +170,14 @@ class NodeServer:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         control = f"{s.host}:{self.port}"
+        self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx)
         self.agent = NodeAgent(self.node, s.master, control)
         self._agent_task = asyncio.create_task(self.agent.run())
-        shm = self.node.endpoint()["transports"].get("shm.dram", "")
+        ep = self.node.endpoint()
+        shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())
-        log.info("kvpool node ready control=%s master=%s %s shm=/dev/shm/%s", control, s.master, tiers, shm)
+        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s %s shm=/dev/shm/%s", control,
+                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, tiers, shm)
 
     async def stop(self) -> None:
         if self._agent_task is not None:

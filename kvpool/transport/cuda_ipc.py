@@ -15,14 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
-from kvpool.transport.base import Transport, TransportCaps
+from kvpool.transport.base import Share, Transport, TransportCaps, TransportOptions
+from kvpool.transport.endpoint import NodeEndpoint
 from kvpool.transport.shm import host_id
 
 __all__ = ["CudaIpcTransport"]
 
 
 class CudaIpcTransport(Transport):
-    name = "cuda_ipc.hbm"
+    kind = "cuda_ipc"
     caps = TransportCaps.ZERO_COPY | TransportCaps.SAME_HOST | TransportCaps.DEVICE_BUFFERS
 
     def __init__(self, handle_json: str, size: int) -> None:
@@ -33,12 +34,19 @@ class CudaIpcTransport(Transport):
             raise ValueError(f"HBM arena mapping has {self._arena.numel()} bytes, expected {size}")
 
     @classmethod
-    def reachable(cls, endpoint: dict) -> bool:
-        if not endpoint.get("transports", {}).get(cls.name) or endpoint.get("host_id") != host_id():
-            return False
+    def available(cls) -> tuple[bool, str]:
         from kvpool.tiers.hbm import HbmArena
 
-        return HbmArena.available()[0]
+        return HbmArena.available()
+
+    @classmethod
+    def reachable(cls, endpoint: NodeEndpoint, tier: str) -> bool:
+        return endpoint.segment(tier, cls.kind) is not None and endpoint.host_id == host_id()
+
+    @classmethod
+    def open(cls, endpoint: NodeEndpoint, tier: str, options: TransportOptions) -> "CudaIpcTransport":
+        seg = endpoint.segment(tier, cls.kind)
+        return cls(seg.handle, seg.size)
 
     def _slot(self, rec):
         off = int(rec["offset"])
@@ -52,17 +60,17 @@ class CudaIpcTransport(Transport):
             return torch.from_numpy(buf)
         return buf
 
-    def write(self, records: np.ndarray, sources: Sequence) -> None:
+    def write(self, share: Share, sources: Sequence) -> None:
         import torch
 
-        for rec, src in zip(records, sources):
+        for rec, src in zip(share.records, sources):
             self._slot(rec).copy_(self._as_tensor(src), non_blocking=True)
         torch.cuda.current_stream().synchronize()
 
-    def read(self, records: np.ndarray, outs: Sequence) -> None:
+    def read(self, share: Share, outs: Sequence) -> None:
         import torch
 
-        for rec, dst in zip(records, outs):
+        for rec, dst in zip(share.records, outs):
             self._as_tensor(dst).copy_(self._slot(rec), non_blocking=True)
         torch.cuda.current_stream().synchronize()
 

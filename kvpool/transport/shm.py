@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from kvpool.tiers.dram import SHM_DIR, map_shared_arena
-from kvpool.transport.base import Transport, TransportCaps
+from kvpool.transport.base import Share, Transport, TransportCaps, TransportOptions
+from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = ["ShmTransport", "host_id"]
 
@@ -36,7 +37,7 @@ def host_id() -> str:
 
 
 class ShmTransport(Transport):
-    name = "shm.dram"
+    kind = "shm"
     caps = TransportCaps.ZERO_COPY | TransportCaps.SAME_HOST | TransportCaps.DEVICE_BUFFERS
 
     def __init__(self, segment_name: str, size: int) -> None:
@@ -44,6 +45,17 @@ class ShmTransport(Transport):
         self._arena = self.segment.array
         self._pinned = None
         self._pin_lock = threading.Lock()
+
+    @classmethod
+    def reachable(cls, endpoint: NodeEndpoint, tier: str) -> bool:
+        seg = endpoint.segment(tier, cls.kind)
+        return (seg is not None and endpoint.host_id == host_id()
+                and os.path.exists(os.path.join(SHM_DIR, seg.handle)))
+
+    @classmethod
+    def open(cls, endpoint: NodeEndpoint, tier: str, options: TransportOptions) -> "ShmTransport":
+        seg = endpoint.segment(tier, cls.kind)
+        return cls(seg.handle, seg.size)
 
     def _pin(self) -> None:
         with self._pin_lock:
@@ -61,11 +73,6 @@ class ShmTransport(Transport):
             dst.copy_(src, non_blocking=True)
         torch.cuda.current_stream().synchronize()
 
-    @classmethod
-    def reachable(cls, endpoint: dict) -> bool:
-        name = endpoint.get("transports", {}).get(cls.name)
-        return bool(name) and endpoint.get("host_id") == host_id() and os.path.exists(os.path.join(SHM_DIR, name))
-
     def _slot(self, rec) -> np.ndarray:
         off = int(rec["offset"])
         return self._arena[off : off + int(rec["size"])]
@@ -73,9 +80,9 @@ class ShmTransport(Transport):
     def host_view(self, record) -> np.ndarray:
         return self._slot(record)
 
-    def write(self, records: np.ndarray, sources: Sequence) -> None:
+    def write(self, share: Share, sources: Sequence) -> None:
         device = []
-        for rec, src in zip(records, sources):
+        for rec, src in zip(share.records, sources):
             if isinstance(src, np.ndarray):
                 np.copyto(self._slot(rec), src)
             else:
@@ -85,9 +92,9 @@ class ShmTransport(Transport):
 
             self._device_copy([(torch.from_numpy(self._slot(rec)), src) for rec, src in device])
 
-    def read(self, records: np.ndarray, outs: Sequence) -> None:
+    def read(self, share: Share, outs: Sequence) -> None:
         device = []
-        for rec, dst in zip(records, outs):
+        for rec, dst in zip(share.records, outs):
             if isinstance(dst, np.ndarray):
                 np.copyto(dst, self._slot(rec))
             else:

@@ -35,3 +35,14 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def raw_copy(client, locations, op: int, grant_id: str, buffers: list) -> None:
+    """Move bytes through a client's data plane alone, outside the put/get protocol (to show
+    what the protocol around it guarantees). ``op`` is kvpool.transport.base.READ or WRITE."""
+    from kvpool.client.shares import plan
+    from kvpool.transport.base import WRITE
+
+    for p in plan(locations, client._async.transports, op, grant_id, 1, {}):
+        mine = [buffers[i] for i in p.index]
+        (p.transport.write if op == WRITE else p.transport.read)(p.share, mine)

@@ -18,8 +18,8 @@ import xxhash
 from kvpool import Client, errors
 from kvpool.client.buffers import byte_view
 from kvpool.rpc.v1 import admin_pb2, common_pb2, pool_pb2
-from kvpool.wire import decode_locations
-from tests.integration.helpers import SMALL, fresh_namespace, random_blocks, wait_for
+from kvpool.transport.base import READ, WRITE
+from tests.integration.helpers import SMALL, fresh_namespace, raw_copy, random_blocks, wait_for
 from tests.integration.rpc_helpers import register, status_of, stubs
 
 BLOCK = SMALL.block_bytes
@@ -37,7 +37,7 @@ def test_uncommitted_block_is_invisible(server):
         start = pool.PutStart(pool_pb2.PutStartRequest(namespace_id=ns_id, keys=key, sizes=[BLOCK]))
         assert list(start.status) == [pool_pb2.PUT_GRANTED]
         # Bytes are written into the slot, but nothing is committed yet.
-        c._async._transport(start.grants.nodes[0], "dram").write(decode_locations(start.grants), [random_blocks(1)[0]])
+        raw_copy(c, start.grants, WRITE, start.put_id, [random_blocks(1)[0]])
         assert c.lookup([key]) == 0
         assert c.get_blocks([key], allow_missing=True) == [None]
         # A second writer is told the key is in flight, not granted twice.
@@ -102,9 +102,8 @@ def test_leased_block_is_never_evicted_or_freed(serve_factory):
         assert (removed.removed, removed.deferred) == (0, 2)
         assert c.lookup(keys[:1]) == 0
         assert used_bytes(admin) == 2 * BLOCK
-        recs = decode_locations(lease.locations)
         out = [bytearray(BLOCK), bytearray(BLOCK)]
-        c._async._transport(lease.locations.nodes[0], "dram").read(recs, [byte_view(o, writable=True) for o in out])
+        raw_copy(c, lease.locations, READ, lease.lease_id, [byte_view(o, writable=True) for o in out])
         assert [bytes(o) for o in out] == [data[0].tobytes(), data[1].tobytes()]
         assert c.release([lease.lease_id]) == 1
         assert used_bytes(admin) == 0

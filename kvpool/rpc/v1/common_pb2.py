@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvpool/v1/common.proto\x12\tkvpool.v1\"|\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x0f\n\x07kv_kind\x18\x06 \x01(\t\"\x8d\x01\n\tNamespace\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.kvpool.v1.KVLayout\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x0c\n\x04lora\x18\x06 \x01(\t\x12\x0c\n\x04salt\x18\x07 \x01(\t\"\xa5\x02\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12;\n\ntransports\x18\x04 \x03(\x0b\x32\'.kvpool.v1.NodeEndpoint.TransportsEntry\x12@\n\rsegment_bytes\x18\x05 \x03(\x0b\x32).kvpool.v1.NodeEndpoint.SegmentBytesEntry\x1a\x31\n\x0fTransportsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11SegmentBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x80\x01\n\tLocations\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.kvpool.v1.NodeEndpoint\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12+\n\x07uniform\x18\x03 \x01(\x0b\x32\x1a.kvpool.v1.UniformLocation\x12\r\n\x05slots\x18\x04 \x01(\x0c\"O\n\x0fUniformLocation\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvpool.v1.Tier\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x8c\x01\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\r\x12\x11\n\tnode_name\x18\x07 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa5\x03\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvpool.v1.TierStats\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x12\n\nhit_blocks\x18\x04 \x01(\x04\x12\x13\n\x0bmiss_blocks\x18\x05 \x01(\x04\x12\x12\n\nput_blocks\x18\x06 \x01(\x04\x12\x14\n\x0c\x64\x65\x64up_blocks\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x16\n\x0epending_grants\x18\t \x01(\x04\x12\x15\n\ractive_leases\x18\n \x01(\x04\x12\x12\n\nnamespaces\x18\x0b \x01(\r\x12\r\n\x05nodes\x18\x0c \x01(\r\x12\x17\n\x0f\x65viction_policy\x18\r \x01(\t\x12\x16\n\x0euptime_seconds\x18\x0e \x01(\x01\x12\x16\n\x0e\x64\x65moted_blocks\x18\x0f \x01(\x04\x12\x17\n\x0fpromoted_blocks\x18\x10 \x01(\x04\x12\x1e\n\x16written_through_blocks\x18\x11 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x12 \x01(\x04*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvpool/v1/common.proto\x12\tkvpool.v1\"|\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\x12\x0f\n\x07kv_kind\x18\x06 \x01(\t\"\x8d\x01\n\tNamespace\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06layout\x18\x02 \x01(\x0b\x32\x13.kvpool.v1.KVLayout\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x0c\n\x04lora\x18\x06 \x01(\t\x12\x0c\n\x04salt\x18\x07 \x01(\t\"\xae\x01\n\x0cNodeEndpoint\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12*\n\x08segments\x18\x06 \x03(\x0b\x32\x18.kvpool.v1.SharedSegment\x12\x13\n\x0btcp_address\x18\x07 \x01(\t\x12!\n\x03ucx\x18\x08 \x01(\x0b\x32\x14.kvpool.v1.UcxAccessJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"I\n\rSharedSegment\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\"J\n\tUcxAccess\x12\x16\n\x0eworker_address\x18\x01 \x01(\x0c\x12%\n\x07regions\x18\x02 \x03(\x0b\x32\x14.kvpool.v1.UcxRegion\"C\n\tUcxRegion\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04rkey\x18\x04 \x01(\x0c\"C\n\nCapability\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x17\n\x0f\x65xpires_unix_ms\x18\x02 \x01(\x04\x12\x0b\n\x03mac\x18\x03 \x01(\x0c\"\xa5\x01\n\tLocations\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.kvpool.v1.NodeEndpoint\x12\x0f\n\x07records\x18\x02 \x01(\x0c\x12+\n\x07uniform\x18\x03 \x01(\x0b\x32\x1a.kvpool.v1.UniformLocation\x12\r\n\x05slots\x18\x04 \x01(\x0c\x12#\n\x04\x63\x61ps\x18\x05 \x03(\x0b\x32\x15.kvpool.v1.Capability\"O\n\x0fUniformLocation\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x1d\n\x04tier\x18\x02 \x01(\x0e\x32\x0f.kvpool.v1.Tier\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x8c\x01\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\r\x12\x11\n\tnode_name\x18\x07 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa5\x03\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvpool.v1.TierStats\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x12\n\nhit_blocks\x18\x04 \x01(\x04\x12\x13\n\x0bmiss_blocks\x18\x05 \x01(\x04\x12\x12\n\nput_blocks\x18\x06 \x01(\x04\x12\x14\n\x0c\x64\x65\x64up_blocks\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x16\n\x0epending_grants\x18\t \x01(\x04\x12\x15\n\ractive_leases\x18\n \x01(\x04\x12\x12\n\nnamespaces\x18\x0b \x01(\r\x12\r\n\x05nodes\x18\x0c \x01(\r\x12\x17\n\x0f\x65viction_policy\x18\r \x01(\t\x12\x16\n\x0euptime_seconds\x18\x0e \x01(\x01\x12\x16\n\x0e\x64\x65moted_blocks\x18\x0f \x01(\x04\x12\x17\n\x0fpromoted_blocks\x18\x10 \x01(\x04\x12\x1e\n\x16written_through_blocks\x18\x11 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x12 \x01(\x04*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvpool.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEENDPOINT_TRANSPORTSENTRY']._loaded_options = None
-  _globals['_NODEENDPOINT_TRANSPORTSENTRY']._serialized_options = b'8\001'
-  _globals['_NODEENDPOINT_SEGMENTBYTESENTRY']._loaded_options = None
-  _globals['_NODEENDPOINT_SEGMENTBYTESENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=1398
-  _globals['_TIER']._serialized_end=1470
+  _globals['_TIER']._serialized_start=1605
+  _globals['_TIER']._serialized_end=1677
   _globals['_KVLAYOUT']._serialized_start=37
   _globals['_KVLAYOUT']._serialized_end=161
   _globals['_NAMESPACE']._serialized_start=164
   _globals['_NAMESPACE']._serialized_end=305
   _globals['_NODEENDPOINT']._serialized_start=308
-  _globals['_NODEENDPOINT']._serialized_end=601
-  _globals['_NODEENDPOINT_TRANSPORTSENTRY']._serialized_start=499
-  _globals['_NODEENDPOINT_TRANSPORTSENTRY']._serialized_end=548
-  _globals['_NODEENDPOINT_SEGMENTBYTESENTRY']._serialized_start=550
-  _globals['_NODEENDPOINT_SEGMENTBYTESENTRY']._serialized_end=601
-  _globals['_LOCATIONS']._serialized_start=604
-  _globals['_LOCATIONS']._serialized_end=732
-  _globals['_UNIFORMLOCATION']._serialized_start=734
-  _globals['_UNIFORMLOCATION']._serialized_end=813
-  _globals['_TIERSTATS']._serialized_start=816
-  _globals['_TIERSTATS']._serialized_end=956
-  _globals['_STATSREQUEST']._serialized_start=958
-  _globals['_STATSREQUEST']._serialized_end=972
-  _globals['_STATSRESPONSE']._serialized_start=975
-  _globals['_STATSRESPONSE']._serialized_end=1396
+  _globals['_NODEENDPOINT']._serialized_end=482
+  _globals['_SHAREDSEGMENT']._serialized_start=484
+  _globals['_SHAREDSEGMENT']._serialized_end=557
+  _globals['_UCXACCESS']._serialized_start=559
+  _globals['_UCXACCESS']._serialized_end=633
+  _globals['_UCXREGION']._serialized_start=635
+  _globals['_UCXREGION']._serialized_end=702
+  _globals['_CAPABILITY']._serialized_start=704
+  _globals['_CAPABILITY']._serialized_end=771
+  _globals['_LOCATIONS']._serialized_start=774
+  _globals['_LOCATIONS']._serialized_end=939
+  _globals['_UNIFORMLOCATION']._serialized_start=941
+  _globals['_UNIFORMLOCATION']._serialized_end=1020
+  _globals['_TIERSTATS']._serialized_start=1023
+  _globals['_TIERSTATS']._serialized_end=1163
+  _globals['_STATSREQUEST']._serialized_start=1165
+  _globals['_STATSREQUEST']._serialized_end=1179
+  _globals['_STATSRESPONSE']._serialized_start=1182
+  _globals['_STATSRESPONSE']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)

@@ -54,44 +54,76 @@ class Namespace(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tenant: _Optional[str] = ..., lora: _Optional[str] = ..., salt: _Optional[str] = ...) -> None: ...
 
 class NodeEndpoint(_message.Message):
-    __slots__ = ("node_id", "name", "host_id", "transports", "segment_bytes")
-    class TransportsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    class SegmentBytesEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: int
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    __slots__ = ("node_id", "name", "host_id", "segments", "tcp_address", "ucx")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
-    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
-    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TCP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UCX_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     name: str
     host_id: str
-    transports: _containers.ScalarMap[str, str]
-    segment_bytes: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., transports: _Optional[_Mapping[str, str]] = ..., segment_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    segments: _containers.RepeatedCompositeFieldContainer[SharedSegment]
+    tcp_address: str
+    ucx: UcxAccess
+    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[SharedSegment, _Mapping]]] = ..., tcp_address: _Optional[str] = ..., ucx: _Optional[_Union[UcxAccess, _Mapping]] = ...) -> None: ...
+
+class SharedSegment(_message.Message):
+    __slots__ = ("tier", "kind", "handle", "size")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    kind: str
+    handle: str
+    size: int
+    def __init__(self, tier: _Optional[str] = ..., kind: _Optional[str] = ..., handle: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class UcxAccess(_message.Message):
+    __slots__ = ("worker_address", "regions")
+    WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    worker_address: bytes
+    regions: _containers.RepeatedCompositeFieldContainer[UcxRegion]
+    def __init__(self, worker_address: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[UcxRegion, _Mapping]]] = ...) -> None: ...
+
+class UcxRegion(_message.Message):
+    __slots__ = ("tier", "base", "size", "rkey")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RKEY_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    base: int
+    size: int
+    rkey: bytes
+    def __init__(self, tier: _Optional[str] = ..., base: _Optional[int] = ..., size: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
+
+class Capability(_message.Message):
+    __slots__ = ("node_id", "expires_unix_ms", "mac")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    expires_unix_ms: int
+    mac: bytes
+    def __init__(self, node_id: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class Locations(_message.Message):
-    __slots__ = ("nodes", "records", "uniform", "slots")
+    __slots__ = ("nodes", "records", "uniform", "slots", "caps")
     NODES_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     UNIFORM_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CAPS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeEndpoint]
     records: bytes
     uniform: UniformLocation
     slots: bytes
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeEndpoint, _Mapping]]] = ..., records: _Optional[bytes] = ..., uniform: _Optional[_Union[UniformLocation, _Mapping]] = ..., slots: _Optional[bytes] = ...) -> None: ...
+    caps: _containers.RepeatedCompositeFieldContainer[Capability]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeEndpoint, _Mapping]]] = ..., records: _Optional[bytes] = ..., uniform: _Optional[_Union[UniformLocation, _Mapping]] = ..., slots: _Optional[bytes] = ..., caps: _Optional[_Iterable[_Union[Capability, _Mapping]]] = ...) -> None: ...
 
 class UniformLocation(_message.Message):
     __slots__ = ("node_id", "tier", "size")

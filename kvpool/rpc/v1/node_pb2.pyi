@@ -37,20 +37,22 @@ class StoredBlock(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., namespace_id: _Optional[str] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("name", "control_address", "endpoint", "tiers", "nvme_blocks", "incarnation")
+    __slots__ = ("name", "control_address", "endpoint", "tiers", "nvme_blocks", "incarnation", "data_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     NVME_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     control_address: str
     endpoint: _common_pb2.NodeEndpoint
     tiers: _containers.RepeatedCompositeFieldContainer[TierGeometry]
     nvme_blocks: _containers.RepeatedCompositeFieldContainer[StoredBlock]
     incarnation: str
-    def __init__(self, name: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoint: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierGeometry, _Mapping]]] = ..., nvme_blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    data_key: bytes
+    def __init__(self, name: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoint: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierGeometry, _Mapping]]] = ..., nvme_blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ..., incarnation: _Optional[str] = ..., data_key: _Optional[bytes] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_s")

@@ -35,18 +35,22 @@ class RegisterNamespaceResponse(_message.Message):
     def __init__(self, namespace_id: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class PutStartRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "sizes", "first_position", "tier")
+    __slots__ = ("namespace_id", "keys", "sizes", "first_position", "tier", "client_host", "exclude_nodes")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_NODES_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     keys: bytes
     sizes: _containers.RepeatedScalarFieldContainer[int]
     first_position: int
     tier: str
-    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., first_position: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
+    client_host: str
+    exclude_nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., first_position: _Optional[int] = ..., tier: _Optional[str] = ..., client_host: _Optional[str] = ..., exclude_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutStartResponse(_message.Message):
     __slots__ = ("put_id", "status", "grants", "expires_in_ms")
@@ -133,16 +137,20 @@ class GetResponse(_message.Message):
     def __init__(self, found: _Optional[bytes] = ..., locations: _Optional[_Union[_common_pb2.Locations, _Mapping]] = ..., lease_id: _Optional[str] = ..., lease_expires_in_ms: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("lease_ids",)
+    __slots__ = ("lease_ids", "corrupt_keys")
     LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_KEYS_FIELD_NUMBER: _ClassVar[int]
     lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    corrupt_keys: bytes
+    def __init__(self, lease_ids: _Optional[_Iterable[str]] = ..., corrupt_keys: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("released",)
+    __slots__ = ("released", "dropped_corrupt")
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_CORRUPT_FIELD_NUMBER: _ClassVar[int]
     released: int
-    def __init__(self, released: _Optional[int] = ...) -> None: ...
+    dropped_corrupt: int
+    def __init__(self, released: _Optional[int] = ..., dropped_corrupt: _Optional[int] = ...) -> None: ...
 
 class RemoveRequest(_message.Message):
     __slots__ = ("keys",)

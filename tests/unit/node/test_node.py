@@ -15,8 +15,9 @@ def test_node_tiers_endpoint_and_cleanup(tmp_path):
     try:
         assert node.tier_names() == ["dram", "nvme"]
         ep = node.endpoint()
-        shm = ep["transports"]["shm.dram"]
-        assert os.path.exists(f"/dev/shm/{shm}") and ep["segment_bytes"]["shm.dram"] == 4 << 20
+        seg = ep.segment("dram", "shm")
+        assert os.path.exists(f"/dev/shm/{seg.handle}") and seg.size == 4 << 20
+        assert ep.tcp_address == ""  # no data server until serve_data()
         slot = node.allocate("dram", 65536)
         assert slot is not None and node.free_slots_for("dram", 65536) == 4 * 16 - 1
         node.free("dram", slot)
@@ -27,7 +28,7 @@ def test_node_tiers_endpoint_and_cleanup(tmp_path):
             node.free("nvme", slot)
     finally:
         node.close()
-    assert not os.path.exists(f"/dev/shm/{shm}")
+    assert not os.path.exists(f"/dev/shm/{seg.handle}")
 
 
 def test_failed_build_releases_what_it_made(tmp_path):
