@@ -205,6 +205,7 @@ class AsyncClient:
         for p, r in failed:
             if isinstance(r, Unavailable):
                 self.transports.drop_node(p.node.node_id)
+                r.node_ids = [p.node.node_id]
         corrupt = [(p, r) for p, r in failed if isinstance(r, BlockIntegrityError)]
         if corrupt:  # name every damaged block of the batch, by its position in the batch
             err = corrupt[0][1]
@@ -261,10 +262,9 @@ class AsyncClient:
         try:
             return await self._put_once(ns, keys, views, req)
         except Unavailable as exc:
-            # A node died under this put: its slots are gone with it. Once more, placed
-            # elsewhere: the master skips nodes this writer could not reach.
-            failed = getattr(exc, "node_ids", ())
-            req.exclude_nodes.extend(failed)
+            # A node died under this put, or this writer cannot reach it: once more, placed
+            # elsewhere (the master skips the nodes named here, and forgets dead ones).
+            req.exclude_nodes.extend(getattr(exc, "node_ids", ()))
             return await self._put_once(ns, keys, views, req)
 
     async def _put_once(self, ns: Namespace, keys: Sequence[bytes], views: list, req) -> PutResult:
@@ -277,6 +277,7 @@ class AsyncClient:
             return PutResult(0, present, in_flight)
         sources = [views[i] for i in granted]
         checksums = [0] * len(granted)
+        planned: list[Planned] = []
         try:
             # Each share is copied and hashed on its own thread (numpy copies, socket calls
             # and xxhash release the GIL), so both cores work on a batch.
@@ -290,8 +291,6 @@ class AsyncClient:
                 await self._call("PutAbort", pool_pb2.PutAbortRequest(put_id=resp.put_id))
             except KvpoolError:
                 pass  # the grant expires by itself
-            if isinstance(exc, Unavailable):
-                exc.node_ids = sorted({p.node.node_id for p in planned})  # type: ignore[attr-defined]
             raise
         await self._call("PutCommit", pool_pb2.PutCommitRequest(put_id=resp.put_id, checksums=checksums))
         return PutResult(len(granted), present, in_flight)

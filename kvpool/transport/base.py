@@ -220,7 +220,7 @@ class TransportFactory:
         for cls in self.candidates(endpoint, tier):
             try:
                 transport = cls.open(endpoint, tier, self.options)
-            except (OSError, RuntimeError) as exc:
+            except (OSError, RuntimeError, Unavailable) as exc:
                 errors.append(f"{cls.kind}: {exc}")
                 continue
             with self._lock:
@@ -229,8 +229,10 @@ class TransportFactory:
                 transport.close()
             return held.transport
         why = "; ".join(errors) if errors else self._why_unreachable(endpoint, tier)
-        raise Unavailable(f"no data transport reaches the {tier} tier of node {endpoint.name!r} "
+        exc = Unavailable(f"no data transport reaches the {tier} tier of node {endpoint.name!r} "
                           f"(id {endpoint.node_id}, host {endpoint.host_id}): {why}")
+        exc.node_ids = [endpoint.node_id]
+        raise exc
 
     def _why_unreachable(self, endpoint: NodeEndpoint, tier: str) -> str:
         offered = endpoint.offers()
