@@ -235,7 +235,7 @@ class TransportFactory:
         raise exc
 
     def _why_unreachable(self, endpoint: NodeEndpoint, tier: str) -> str:
-        offered = endpoint.offers()
+        offered = ", ".join(endpoint.offers())
         notes = []
         for cls in self.classes:
             if self.force is not None and cls.kind != self.force:
