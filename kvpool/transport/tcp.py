@@ -105,8 +105,11 @@ class TcpTransport(Transport):
             self._all.discard(sock)
         sock.close()
 
-    def _exchange(self, op: int, share: Share, payload_out, sources=None) -> None:
-        """Run one request on a pooled connection; on any failure the connection is dropped."""
+    def _exchange(self, op: int, share: Share, payload_out, sources=None) -> list[int]:
+        """Run one request on a pooled connection; on any failure the connection is dropped.
+
+        A read returns the positions of blocks that failed their checksum."""
+        bad: list[int] = []
         access = share.access
         if access is None:
             raise FailedPrecondition(f"node {self._label}: no capability for this transfer; the master "
@@ -136,8 +139,11 @@ class TcpTransport(Transport):
                 expected = sum(len(o) for o in payload_out)
                 if payload_len != expected:
                     raise ConnectionError(f"node sent {payload_len} bytes for {expected} requested")
-                for out in payload_out:
+                digest = xxhash.xxh3_64_intdigest
+                for i, (out, rec) in enumerate(zip(payload_out, share.records)):
                     recv_into_exact(sock, memoryview(out))
+                    if digest(out) != int(rec["checksum"]):  # now, while the block is in cache
+                        bad.append(i)
         except KvpoolError:
             raise
         except (OSError, ConnectionError) as exc:
@@ -148,6 +154,7 @@ class TcpTransport(Transport):
             self._discard(sock)
             raise
         self._release(sock)
+        return bad
 
     # ------------------------------------------------------------------ Transport
 
@@ -162,9 +169,7 @@ class TcpTransport(Transport):
     def read(self, share: Share, outs: Sequence) -> None:
         if any(not isinstance(o, np.ndarray) for o in outs):
             raise InvalidArgument("the TCP data plane moves host memory; read into host buffers")
-        self._exchange(READ, share, outs)
-        digest = xxhash.xxh3_64_intdigest
-        bad = [i for i, (o, rec) in enumerate(zip(outs, share.records)) if digest(o) != int(rec["checksum"])]
+        bad = self._exchange(READ, share, outs)
         if bad:
             raise BlockIntegrityError(
                 f"{len(bad)} of {len(outs)} blocks read from node {self._label} failed their xxh3-64 checksum "
