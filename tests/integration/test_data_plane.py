@@ -141,8 +141,10 @@ def test_byte_flipped_on_the_wire_is_caught_and_dropped(serve_factory):
         out = np.zeros_like(data)
         with pytest.raises(errors.IntegrityError, match="failed their xxh3-64 checksum"):
             c.get_blocks(keys, out)
-        # The damaged replica is dropped and counted; the other block is still served.
+        # The damaged replica (whichever share the node served first) is dropped and counted;
+        # the other block is still served, intact.
         assert c.stats().corrupt_blocks == 1
-        assert c.get_blocks(keys, allow_missing=True)[0] is None
-        assert bytes(c.get_blocks(keys[1:])[0]) == data[1].tobytes()
+        after = c.get_blocks(keys, allow_missing=True)
+        assert [b is None for b in after].count(True) == 1
+        assert all(bytes(b) == d.tobytes() for b, d in zip(after, data) if b is not None)
     assert "corrupting one block" in sp.log()
