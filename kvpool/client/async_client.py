@@ -39,6 +39,7 @@ from kvpool.transport.cuda_ipc import CudaIpcTransport
 from kvpool.transport.endpoint import NodeEndpoint
 from kvpool.transport.shm import ShmTransport, host_id
 from kvpool.transport.tcp import TcpTransport
+from kvpool.transport.ucx import UcxTransport
 
 
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
@@ -46,7 +47,7 @@ __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 #: Data-plane transports this client speaks; the factory ranks them by capability.
-TRANSPORTS: tuple[type[Transport], ...] = (CudaIpcTransport, ShmTransport, TcpTransport)
+TRANSPORTS: tuple[type[Transport], ...] = (CudaIpcTransport, ShmTransport, UcxTransport, TcpTransport)
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,10 @@ def _copy_and_hash(transport: Transport, share, sources: Sequence) -> list[int]:
     blocks are copied and then hashed in groups small enough to be read again from cache.
     """
     records = share.records
-    if TransportCaps.NETWORK in transport.caps:
-        return transport.write(share, sources)
     digest = xxhash.xxh3_64_intdigest
+    if TransportCaps.NETWORK in transport.caps:  # one request for the share, however large
+        sums = transport.write(share, sources)
+        return sums if sums is not None else [digest(_host_bytes(transport, r, s)) for r, s in zip(records, sources)]
     sums: list[int] = []
     start = 0
     while start < len(sources):
@@ -238,6 +240,13 @@ class AsyncClient:
             raise KvpoolError(f"master computed namespace id {resp.namespace_id}, client {ns.id}: identity drift")
         self._registered.add(ns.id)
         return ns.id
+
+    async def register_buffers(self, buffers) -> None:
+        """Register buffers you will put from or get into again and again (a paged KV cache,
+        a staging area) with the data plane: transports that need it (RDMA) pin and register
+        them once instead of per transfer. Optional; a list of blocks or one buffer."""
+        views = buffers if isinstance(buffers, (list, tuple)) else [buffers]
+        self.transports.register([byte_view(b, writable=False) for b in views])
 
     # ------------------------------------------------------------------ block level
 

@@ -17,7 +17,7 @@ __all__ = ["Client"]
 
 #: AsyncClient coroutines exposed as blocking methods.
 _FORWARDED = (
-    "connect", "register", "put_blocks", "get_blocks", "lookup", "lookup_leased", "release",
+    "connect", "register", "register_buffers", "put_blocks", "get_blocks", "lookup", "lookup_leased", "release",
     "remove", "stats", "match", "publish", "fetch",
 )
 

@@ -70,15 +70,20 @@ class TransportCaps(enum.Flag):
     ONE_SIDED = enum.auto()
     #: Needs :meth:`Transport.register` of the client's buffers to reach full speed.
     REGISTERS_MEMORY = enum.auto()
+    #: A one-sided API that the node's CPU serves over a stream (UCX RMA over TCP): it works,
+    #: and measures slower than a transport built for the stream (tools/bench_throughput.py).
+    EMULATED_RMA = enum.auto()
 
 
 def rank(caps: TransportCaps) -> int:
     """Preference among reachable transports, lower first: same-host mapping, one-sided
-    network access, then two-sided network access."""
+    network access, a native two-sided protocol, then one-sided access emulated by the node."""
     if TransportCaps.SAME_HOST in caps:
         return 0
     if TransportCaps.ONE_SIDED in caps:
         return 1
+    if TransportCaps.EMULATED_RMA in caps:
+        return 3
     return 2
 
 
@@ -149,6 +154,12 @@ class Transport(ABC):
         return True, ""
 
     @classmethod
+    def caps_to(cls, endpoint: NodeEndpoint) -> TransportCaps:
+        """The capabilities this transport has towards one node (for ranking). Most have the
+        same towards every node; one whose fabric decides (UCX) answers per node."""
+        return cls.caps
+
+    @classmethod
     @abstractmethod
     def open(cls, endpoint: NodeEndpoint, tier: str, options: TransportOptions) -> "Transport":
         """Open the transport to ``tier`` of a node (map, connect, unpack keys)."""
@@ -157,8 +168,10 @@ class Transport(ABC):
         """Register client buffers for the data plane before they are used (no-op by default)."""
 
     @abstractmethod
-    def write(self, share: Share, sources: Sequence) -> None:
-        """Copy ``sources[i]`` into the slot of ``share.records[i]``."""
+    def write(self, share: Share, sources: Sequence) -> list[int] | None:
+        """Copy ``sources[i]`` into the slot of ``share.records[i]``. A transport that hashed
+        the blocks on the way (a network transport sends the sums along) returns their
+        xxh3-64 checksums; others return None and the client hashes."""
 
     @abstractmethod
     def read(self, share: Share, outs: Sequence) -> None:
@@ -197,6 +210,7 @@ class TransportFactory:
         self.idle_s = idle_s
         self._clock = clock
         self._open: dict[tuple[int, str], _Open] = {}
+        self._buffers: list = []
         self._lock = threading.Lock()
         if self.force is not None and self.force not in {c.kind for c in self.classes}:
             raise ValueError(f"unknown transport {self.force!r}; this client speaks "
@@ -206,7 +220,7 @@ class TransportFactory:
         """Transports that can reach ``tier`` of the node, best first."""
         usable = [c for c in self.classes if (self.force is None or c.kind == self.force)
                   and c.available()[0] and c.reachable(endpoint, tier)]
-        return sorted(usable, key=lambda c: rank(c.caps))
+        return sorted(usable, key=lambda c: rank(c.caps_to(endpoint)))
 
     def get(self, endpoint: NodeEndpoint, tier: str) -> Transport:
         """The open transport to ``tier`` of the node, opening the best one if needed."""
@@ -225,8 +239,11 @@ class TransportFactory:
                 continue
             with self._lock:
                 held = self._open.setdefault(key, _Open(transport, self._clock()))
+                buffers = list(self._buffers)
             if held.transport is not transport:  # another thread opened one meanwhile
                 transport.close()
+            elif buffers and TransportCaps.REGISTERS_MEMORY in transport.caps:
+                transport.register(buffers)
             return held.transport
         why = "; ".join(errors) if errors else self._why_unreachable(endpoint, tier)
         exc = Unavailable(f"no data transport reaches the {tier} tier of node {endpoint.name!r} "
@@ -246,6 +263,15 @@ class TransportFactory:
         return (f"the node offers {offered or 'nothing'} for {tier}, this client tried {', '.join(notes)}{forced}; "
                 f"shared memory and CUDA IPC need the client on the node's host, and network transports "
                 f"need the node's data server (kvpool node --data-port)")
+
+    def register(self, buffers: Sequence) -> None:
+        """Register client buffers with every transport that wants it, now and when opened."""
+        with self._lock:
+            self._buffers.extend(buffers)
+            held = [h.transport for h in self._open.values()]
+        for t in held:
+            if TransportCaps.REGISTERS_MEMORY in t.caps:
+                t.register(buffers)
 
     def drop_node(self, node_id: int) -> None:
         """Close every transport to a node (it failed, or left the pool)."""

@@ -148,3 +148,17 @@ def test_byte_flipped_on_the_wire_is_caught_and_dropped(serve_factory):
         assert [b is None for b in after].count(True) == 1
         assert all(bytes(b) == d.tobytes() for b, d in zip(after, data) if b is not None)
     assert "corrupting one block" in sp.log()
+
+
+def test_serve_with_ucx_moves_blocks_one_sided(serve_factory):
+    sp = serve_factory("--ucx", "true")
+    assert "ucx=on" in sp.log()
+    ns = fresh_namespace()
+    keys = [os.urandom(16) for _ in range(4)]
+    data = random_blocks(4, seed=11)
+    with Client(sp.address, ns, transport="ucx", connect_timeout=2, io_timeout=5) as c:
+        c.put_blocks(keys, data)
+        out = np.zeros_like(data)
+        c.register_buffers([out])  # explicit registration: RDMA pins it once
+        c.get_blocks(keys, out)
+        assert (out == data).all() and c._async.transports.open_kinds() == {1: "ucx"}

@@ -31,15 +31,15 @@ def run_client(host, *args, timeout: float = 60) -> dict:
 class Cluster:
     """Node A on host a, node B on host b, the master on host c."""
 
-    def __init__(self, hosts_fixture, node_a_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, hosts_fixture, node_a_args: tuple[str, ...] = (), node_args: tuple[str, ...] = ()) -> None:
         h = hosts_fixture(["a", "b", "c"])
         self.a, self.b, self.c = h["a"], h["b"], h["c"]  # host c has no node: a client alone
         self.master_proc, m, self.master_log = self.c.start_kvpool(
             ["master", "--host", self.c.address, "--port", "0", "--metrics-port", "-1",
              "--heartbeat-interval", HEARTBEAT], r"ready grpc=(\S+)")
         self.master = m.group(1)
-        self.node_a = self._node(self.a, "node-a", *node_a_args)
-        self.node_b = self._node(self.b, "node-b")
+        self.node_a = self._node(self.a, "node-a", *node_args, *node_a_args)
+        self.node_b = self._node(self.b, "node-b", *node_args)
         deadline = time.monotonic() + 20
         while run_client(self.a, "stats", self.master)["nodes"] != 2:
             assert time.monotonic() < deadline, "nodes did not register"
@@ -70,6 +70,22 @@ def test_reader_on_another_host_pulls_over_tcp(hosts):
     assert c.used()["node-b"] == 3 * 16384
     got = run_client(c.a, "fetch", c.master, 2, 3)
     assert got["hit"] == 3 and got["ok"] and set(got["kinds"].values()) == {"tcp"}
+
+
+def test_reader_on_another_host_pulls_over_ucx(hosts):
+    c = Cluster(hosts, node_args=("--ucx", "true"))
+    assert run_client(c.a, "publish", c.master, 6, 6)["written"] == 6
+    assert c.used()["node-a"] == 6 * 16384
+    got = run_client(c.b, "fetch", c.master, 6, 6, "--transport", "ucx")
+    assert got["hit"] == 6 and got["ok"] and set(got["kinds"].values()) == {"ucx"}, got
+    # Unforced, the client asks UCX how it would reach the node: these hosts share a kernel,
+    # so UCX finds CMA, which is one-sided, and the client prefers it to TCP.
+    got = run_client(c.b, "fetch", c.master, 6, 6)
+    assert got["ok"] and set(got["kinds"].values()) == {"ucx"}, got
+    # And the other way: a writer forced onto UCX puts into a node on another host.
+    assert run_client(c.c, "publish", c.master, 7, 3, "--transport", "ucx")["written"] == 3
+    got = run_client(c.b, "fetch", c.master, 7, 3)
+    assert got["hit"] == 3 and got["ok"], got
 
 
 def test_killed_node_never_yields_wrong_bytes(hosts):
