@@ -64,8 +64,9 @@ class RemoteNode:
         self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
         self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
-        self._channel = grpc.aio.insecure_channel(self.control_address)
-        self._stub = node_pb2_grpc.NodeControlStub(self._channel)
+        # Opened at the first tier movement, on the event loop that needs it.
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: node_pb2_grpc.NodeControlStub | None = None
 
     def _update_nvme(self, t: node_pb2.TierGeometry) -> None:
         if t.tier == NVME and t.capacity_bytes:
@@ -109,6 +110,9 @@ class RemoteNode:
 
     async def _call(self, name: str, request):
         try:
+            if self._stub is None:
+                self._channel = grpc.aio.insecure_channel(self.control_address)
+                self._stub = node_pb2_grpc.NodeControlStub(self._channel)
             return await getattr(self._stub, name)(request, timeout=60)
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"node {self.name} ({self.control_address}) did not answer {name}: "
@@ -140,7 +144,8 @@ class RemoteNode:
         self._update_nvme(resp.nvme)
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 class RegistryServicer(node_pb2_grpc.RegistryServicer):
