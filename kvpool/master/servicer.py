@@ -168,6 +168,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     async def Lookup(self, request, context):
         keys = self.index.split_packed(request.keys, "Lookup")
+        if request.release_lease_ids:
+            self.index.release(request.release_lease_ids)
         hits, lease = self.index.lookup(request.namespace_id, keys, lease=not request.count_only)
         if lease is not None:
             ok = await self._resident(lease)
@@ -185,6 +187,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     async def Get(self, request, context):
         keys = self.index.split_packed(request.keys, "Get")
+        if request.release_lease_ids:
+            self.index.release(request.release_lease_ids)
         found, lease = self.index.get(request.namespace_id, keys)
         if lease is not None:
             ok = await self._resident(lease)

@@ -95,14 +95,16 @@ class PutAbortResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "count_only")
+    __slots__ = ("namespace_id", "keys", "count_only", "release_lease_ids")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     COUNT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     keys: bytes
     count_only: bool
-    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., count_only: _Optional[bool] = ...) -> None: ...
+    release_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., count_only: _Optional[bool] = ..., release_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit_blocks", "locations", "lease_id", "lease_expires_in_ms")
@@ -117,12 +119,14 @@ class LookupResponse(_message.Message):
     def __init__(self, hit_blocks: _Optional[int] = ..., locations: _Optional[_Union[_common_pb2.Locations, _Mapping]] = ..., lease_id: _Optional[str] = ..., lease_expires_in_ms: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys")
+    __slots__ = ("namespace_id", "keys", "release_lease_ids")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     keys: bytes
-    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ...) -> None: ...
+    release_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., release_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("found", "locations", "lease_id", "lease_expires_in_ms")
