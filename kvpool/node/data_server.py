@@ -38,7 +38,6 @@ __all__ = ["DataServer"]
 
 log = logging.getLogger("kvpool.node.data")
 
-_SOCKET_BUFFER = 4 << 20
 
 
 class _Refused(Exception):
@@ -103,8 +102,6 @@ class DataServer:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
             with self._lock:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn, peer), name="kvpool-data-conn", daemon=True).start()

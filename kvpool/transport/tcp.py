@@ -34,7 +34,6 @@ from kvpool.transport.frames import (REQUEST, REQUEST_MAGIC, RESPONSE, RESPONSE_
 
 __all__ = ["TcpTransport"]
 
-_SOCKET_BUFFER = 4 << 20
 
 
 def _error_for(status: int, message: str, node: str) -> KvpoolError:
@@ -81,8 +80,6 @@ class TcpTransport(Transport):
             raise Unavailable(f"cannot connect to the data server of node {self._label} within "
                               f"{self._options.connect_timeout:g}s: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         sock.settimeout(self._options.io_timeout)
         with self._lock:
             self._all.add(sock)
