@@ -40,6 +40,11 @@ log = logging.getLogger("kvpool.node.data")
 
 
 
+#: After refusing a request, how long and how much of the client's rest is read and dropped.
+_LINGER_S = 2.0
+_LINGER_BYTES = 256 << 20
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -119,6 +124,7 @@ class DataServer:
                     self.served["refused"] += 1
                     log.warning("data request from %s:%s refused: %s", peer[0], peer[1], exc)
                     self._respond(conn, exc.status, str(exc))
+                    self._linger(conn)
                     return  # the rest of the request cannot be framed: close
         except (ConnectionError, OSError):
             pass
@@ -126,6 +132,24 @@ class DataServer:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    @staticmethod
+    def _linger(conn: socket.socket) -> None:
+        """Close after a refusal without losing the answer: a close with unread bytes sends a
+        reset, which can discard the answer before the client reads it, so say we are done
+        writing and drop what the client still sends (bounded in time and bytes)."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(_LINGER_S)
+            scratch = bytearray(1 << 20)
+            drained = 0
+            while drained < _LINGER_BYTES:
+                n = conn.recv_into(scratch)
+                if n == 0:
+                    break
+                drained += n
+        except OSError:
+            pass
 
     @staticmethod
     def _respond(conn: socket.socket, status: int, message: str = "", payload: list | None = None,

@@ -117,14 +117,17 @@ class TcpTransport(Transport):
                               access.expires_unix_ms, access.mac)
         sock = self._acquire()
         try:
-            send_buffers(sock, [header, gid, access.records, moves])
-            if op == WRITE:
-                # Hash each block just before it is sent, while it is in cache; the sums trail.
-                digest = xxhash.xxh3_64_intdigest
-                for src in sources:
-                    payload_out.append(digest(src))
-                    send_buffers(sock, [src])
-                send_buffers(sock, [np.array(payload_out, dtype="<u8")])
+            try:
+                send_buffers(sock, [header, gid, access.records, moves])
+                if op == WRITE:
+                    # Hash each block just before it is sent, while it is in cache; the sums trail.
+                    digest = xxhash.xxh3_64_intdigest
+                    for src in sources:
+                        payload_out.append(digest(src))
+                        send_buffers(sock, [src])
+                    send_buffers(sock, [np.array(payload_out, dtype="<u8")])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the node may have refused the request mid-send: its answer says why
             magic, status, msg_len, payload_len = RESPONSE.unpack(recv_exact(sock, RESPONSE.size))
             if magic != RESPONSE_MAGIC:
                 raise ConnectionError("the peer is not a kvpool data server (bad response magic)")
