@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: run test setup system-deps bench proto clean
+.PHONY: run test setup system-deps bench bench-throughput proto clean
 
 # torch is installed first and pinned to the CPU build (2.13.0+cpu, from the machine's
 # wheel cache), so that nothing later pulls a multi-GB CUDA build as a dependency.
@@ -36,6 +36,9 @@ test: setup system-deps
 
 bench: setup
 	$(PY) tools/bench_local.py
+
+bench-throughput: setup system-deps
+	$(PY) tools/bench_throughput.py
 
 proto: setup
 	$(PY) tools/gen_proto.py
