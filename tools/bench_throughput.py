@@ -64,6 +64,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from kvpool import KVLayout  # noqa: E402
+from kvpool.transport.frames import recv_into_exact, send_buffers  # noqa: E402
 
 #: name -> (layout, batch): the two block sizes the issue asks for.
 SIZES = {
@@ -87,27 +88,9 @@ def log(msg: str) -> None:
 
 # ============================================================================ raw socket
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got, n = 0, len(view)
-    while got < n:
-        r = sock.recv_into(view[got:], n - got)
-        if r == 0:
-            raise ConnectionError("peer closed")
-        got += r
-
-
-def _sendmsg_all(sock: socket.socket, buffers: list) -> None:
-    views = [memoryview(b).cast("B") for b in buffers]
-    i = 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i:i + 1024])
-        while sent:
-            if sent >= len(views[i]):
-                sent -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+# The ceiling moves bytes with the same zero-copy helpers as kvpool's TCP data plane.
+_recv_into = recv_into_exact
+_sendmsg_all = send_buffers
 
 
 def socket_server(bind: str, arena_bytes: int) -> int:

@@ -4,7 +4,13 @@ The node holds memory and disk; the master holds metadata. The master reserves a
 DRAM slots through the :class:`kvpool.master.nodes.NodeHandle` interface, which
 :class:`Node` implements, and asks it to move blocks between its tiers (``demote``,
 ``promote``, ``drop_nvme``). Clients copy bytes straight into the DRAM arena over the
-data plane.
+data plane: clients on the node's host map it (shared memory, CUDA IPC), clients on other
+hosts go through the node's TCP data server, or UCX where it is on (:meth:`serve_data`).
+:meth:`endpoint` describes all of it, for the master to hand to clients.
+
+The data server checks the capability the master signed for each transfer, under the data
+key the node makes for each registration (:mod:`kvpool.capability`); ``set_identity``
+installs the id and key the master knows the node by.
 
 With an NVMe tier, the node's :class:`~kvpool.node.mover.TierMover` does the I/O and keeps
 the LMDB catalog, so blocks on NVMe survive a restart: ``recover()`` reports them.

@@ -47,13 +47,9 @@ class UcxArenaServer:
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        try:
-            from kvpool.transport import ucp
+        from kvpool.transport import ucp
 
-            ucp.load()
-        except (OSError, ImportError) as exc:
-            return False, str(exc)
-        return True, ""
+        return ucp.availability()
 
     def __init__(self, regions: dict[str, np.ndarray]) -> None:
         from kvpool.transport import ucp

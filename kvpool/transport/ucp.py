@@ -277,6 +277,15 @@ def load() -> ctypes.CDLL:
         return lib
 
 
+def availability() -> tuple[bool, str]:
+    """(True, "") where libucp loads, else (False, why and how to install it). Never raises."""
+    try:
+        load()
+    except (OSError, ImportError) as exc:
+        return False, str(exc)
+    return True, ""
+
+
 def version() -> tuple[int, int, int]:
     lib = load()
     major, minor, release = c_uint(), c_uint(), c_uint()

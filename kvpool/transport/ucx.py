@@ -245,13 +245,9 @@ class UcxTransport(Transport):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        try:
-            from kvpool.transport import ucp
+        from kvpool.transport import ucp
 
-            ucp.load()
-        except (OSError, ImportError) as exc:
-            return False, str(exc)
-        return True, ""
+        return ucp.availability()
 
     @classmethod
     def reachable(cls, endpoint: NodeEndpoint, tier: str) -> bool:
