@@ -211,6 +211,7 @@ class TransportFactory:
         self._clock = clock
         self._open: dict[tuple[int, str], _Open] = {}
         self._buffers: list = []
+        self._swept = clock()
         self._lock = threading.Lock()
         if self.force is not None and self.force not in {c.kind for c in self.classes}:
             raise ValueError(f"unknown transport {self.force!r}; this client speaks "
@@ -224,6 +225,8 @@ class TransportFactory:
 
     def get(self, endpoint: NodeEndpoint, tier: str) -> Transport:
         """The open transport to ``tier`` of the node, opening the best one if needed."""
+        if self._clock() - self._swept > self.idle_s / 4:
+            self.drop_idle()
         key = (endpoint.node_id, tier)
         with self._lock:
             held = self._open.get(key)
@@ -283,7 +286,8 @@ class TransportFactory:
 
     def drop_idle(self) -> None:
         """Close transports unused for ``idle_s`` seconds."""
-        cutoff = self._clock() - self.idle_s
+        self._swept = self._clock()
+        cutoff = self._swept - self.idle_s
         with self._lock:
             idle = [k for k, h in self._open.items() if h.last_used < cutoff]
             held = [self._open.pop(k) for k in idle]

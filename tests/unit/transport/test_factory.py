@@ -71,3 +71,10 @@ def test_idle_transports_are_closed(node):
     now[0] = 11.0
     f.drop_idle()
     assert f.open_kinds() == {}
+    # Nobody has to call drop_idle: getting any transport sweeps now and then.
+    f.get(node.endpoint(), "dram")
+    gone = dataclasses.replace(node.endpoint(), node_id=2)
+    f.get(gone, "dram")
+    now[0] = 30.0
+    f.get(node.endpoint(), "dram")
+    assert f.open_kinds() == {1: "shm"}
