@@ -187,18 +187,21 @@ class DataServer:
             raise _Refused(Status.DENIED, str(exc)) from None
         if len(moves) and int(moves.max()) >= len(records):
             raise _Refused(Status.INVALID, "a move names a record outside the capability")
+        moved = records[moves]
+        wrong = moved["node_id"] != node_id
+        if wrong.any():
+            other = int(moved["node_id"][wrong.argmax()])
+            raise _Refused(Status.DENIED, f"slot belongs to node {other}, not this node ({node_id})")
+        offsets, sizes = moved["offset"].tolist(), moved["size"].tolist()
         views = []
-        for rec in records[moves]:
-            if int(rec["node_id"]) != node_id:
-                raise _Refused(Status.DENIED, f"slot belongs to node {int(rec['node_id'])}, not this node ({node_id})")
-            tier = self._arenas.get(int(rec["tier"]))
+        for code, off, size in zip(moved["tier"].tolist(), offsets, sizes):
+            tier = self._arenas.get(code)
             if tier is None:
-                raise _Refused(Status.UNAVAILABLE, f"tier code {int(rec['tier'])} is not served over TCP by this node "
+                raise _Refused(Status.UNAVAILABLE, f"tier code {code} is not served over TCP by this node "
                                                    f"(host-memory tiers only)")
-            off, size = int(rec["offset"]), int(rec["size"])
-            arena = tier[1]
+            name, arena = tier
             if size == 0 or off + size > arena.size:
-                raise _Refused(Status.DENIED, f"slot {off}+{size} lies outside the {tier[0]} arena")
+                raise _Refused(Status.DENIED, f"slot {off}+{size} lies outside the {name} arena")
             views.append(arena[off:off + size])
         return views
 
