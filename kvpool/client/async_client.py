@@ -41,7 +41,6 @@ from kvpool.transport.shm import ShmTransport, host_id
 from kvpool.transport.tcp import TcpTransport
 from kvpool.transport.ucx import UcxTransport
 
-
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -57,8 +56,7 @@ class PutResult:
     in_flight: int  # blocks another writer was writing at the time
 
 
-#: Transfers of at most this many bytes run on the event loop's thread: cheaper than a hop
-#: to a copy thread and back (about 0.2 ms), and short enough not to hold up the loop.
+#: Transfers of at most this many bytes may run on the event loop's thread (see _inline).
 _INLINE_BYTES = 256 << 10
 #: How long a finished lease waits to ride on the next Lookup or Get before it is released
 #: on its own (it is pinned meanwhile, so keep this short).
@@ -145,6 +143,8 @@ class AsyncClient:
         self._background: set[asyncio.Task] = set()
         self._done_leases: list[str] = []
         self._release_task: asyncio.Task | None = None
+        #: Set by :class:`kvpool.Client`, whose event loop runs nothing but this client.
+        self._private_loop = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -210,8 +210,7 @@ class AsyncClient:
     async def _run_shares(self, planned: list[Planned], fn, buffers: list) -> list:
         """Run ``fn(transport, share, buffers of its blocks)`` for every share on the copy
         threads. A node that fails mid-transfer has its transports dropped (reconnect later)."""
-        if len(planned) == 1 and int(planned[0].share.records["size"].sum()) <= _INLINE_BYTES:
-            # A small transfer costs less than handing it to a thread and back: do it here.
+        if self._inline(planned):
             p = planned[0]
             try:
                 results = [fn(p.transport, p.share, [buffers[i] for i in p.index])]
@@ -235,6 +234,14 @@ class AsyncClient:
         if failed:
             raise failed[0][1]
         return results
+
+    def _inline(self, planned: list[Planned]) -> bool:
+        """Whether to run a transfer on the loop's own thread: a small one costs less than a
+        hop to a copy thread and back. A network transfer may stall until ``io_timeout``, so
+        it runs inline only where the loop serves this client alone (the blocking facade)."""
+        if len(planned) != 1 or int(planned[0].share.records["size"].sum()) > _INLINE_BYTES:
+            return False
+        return self._private_loop or TransportCaps.NETWORK not in planned[0].transport.caps
 
     def _release_later(self, lease_id: str) -> None:
         """End a lease off the caller's path: it rides on this client's next Lookup or Get,

@@ -30,6 +30,7 @@ class Client:
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvpool-client", daemon=True)
         self._thread.start()
         self._async = AsyncClient(*args, **kwargs)
+        self._async._private_loop = True  # the loop below runs this client alone
 
     @property
     def namespace(self):
