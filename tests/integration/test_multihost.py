@@ -70,6 +70,13 @@ def test_reader_on_another_host_pulls_over_tcp(hosts):
     assert c.used()["node-b"] == 3 * 16384
     got = run_client(c.a, "fetch", c.master, 2, 3)
     assert got["hit"] == 3 and got["ok"] and set(got["kinds"].values()) == {"tcp"}
+    # One prompt whose first half is on node A and second half on node B: a reader on host c
+    # pulls from both nodes in one fetch, each share under its own node's capability.
+    assert run_client(c.a, "publish", c.master, 8, 3)["written"] == 3
+    got = run_client(c.b, "publish", c.master, 8, 6)
+    assert (got["written"], got["present"]) == (3, 3), got
+    got = run_client(c.c, "fetch", c.master, 8, 6)
+    assert got["hit"] == 6 and got["ok"] and len(got["kinds"]) == 2, got
 
 
 def test_reader_on_another_host_pulls_over_ucx(hosts):
