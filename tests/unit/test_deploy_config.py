@@ -13,5 +13,6 @@ def test_example_config_loads_and_matches_defaults():
     loaded = resolve_settings(ServeSettings, {}, config_path=str(EXAMPLE), environ={})
     defaults = ServeSettings()
     for name in ("port", "metrics_port", "dram", "slab_bytes", "lease_ttl", "grant_ttl", "max_batch",
-                 "high_watermark", "low_watermark", "eviction_policy", "prefault"):
+                 "high_watermark", "low_watermark", "eviction_policy", "prefault", "data_port",
+                 "advertise_host", "ucx"):
         assert getattr(loaded, name) == getattr(defaults, name), name
