@@ -326,7 +326,6 @@ class AsyncClient:
             return PutResult(0, present, in_flight)
         sources = [views[i] for i in granted]
         checksums = [0] * len(granted)
-        planned: list[Planned] = []
         try:
             # Each share is copied and hashed on its own thread (numpy copies, socket calls
             # and xxhash release the GIL), so both cores work on a batch.
@@ -335,7 +334,7 @@ class AsyncClient:
             for p, sums in zip(planned, results):
                 for i, c in zip(p.index, sums):
                     checksums[i] = c
-        except BaseException as exc:
+        except BaseException:
             try:
                 await self._call("PutAbort", pool_pb2.PutAbortRequest(put_id=resp.put_id))
             except KvpoolError:

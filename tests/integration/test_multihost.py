@@ -14,8 +14,6 @@ import signal
 import sys
 import time
 
-import pytest
-
 from tests.hosts import hosts  # noqa: F401  (the fixture)
 
 CLIENT = os.path.join(os.path.dirname(__file__), "remote_client.py")
