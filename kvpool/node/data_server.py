@@ -9,7 +9,8 @@ Zero copies in user space: a read is one ``sendmsg`` of memoryviews of the slots
 
 Nothing is touched before the request's capability checks out (:mod:`kvpool.capability`):
 the MAC under the node's current data key, the operation, the expiry, and every moved record
-names this node, a memory tier it serves and a slot inside that arena. Written blocks are
+names this node, a memory tier it serves and a slot inside that arena. A grant writes each of
+its slots once, so its capability cannot overwrite a block after it was committed. Written blocks are
 verified against the checksums that trail them; a mismatch is answered DATA_LOSS, and the
 client aborts the put, so the slot is never committed.
 
@@ -24,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import xxhash
@@ -70,6 +72,8 @@ class DataServer:
         self.address = f"{advertise_host or host}:{self.port}"
         self._closing = False
         self._conns: set[socket.socket] = set()
+        #: Grant id -> (capability expiry, record positions written): see _claim.
+        self._written: dict[str, tuple[int, set[int]]] = {}
         self._lock = threading.Lock()
         self._corrupt_sends = int(os.environ.get("KVPOOL_FAULT_CORRUPT_SENDS", "0") or 0)
         self.served = {"reads": 0, "writes": 0, "refused": 0, "corrupt_writes": 0}
@@ -171,6 +175,8 @@ class DataServer:
         records = np.frombuffer(raw_records, dtype=RECORD_DTYPE)
         moves = np.frombuffer(body[id_len + 32 * n_records:], dtype="<u4")
         views = self._authorize(op, grant_id, expires, raw_records, mac, records, moves)
+        if op == WRITE:
+            self._claim(grant_id, expires, moves)
         if op == READ:
             self._read(conn, views, records[moves])
         else:
@@ -204,6 +210,20 @@ class DataServer:
                 raise _Refused(Status.DENIED, f"slot {off}+{size} lies outside the {name} arena")
             views.append(arena[off:off + size])
         return views
+
+    def _claim(self, grant_id: str, expires: int, moves: np.ndarray) -> None:
+        """A grant writes each of its slots once. Its capability stays valid until it expires,
+        past the commit, so without this a client could overwrite a block others already read."""
+        now_ms = int(time.time() * 1000)
+        with self._lock:
+            if len(self._written) > 4096:  # forget grants whose capability can no longer be used
+                self._written = {g: v for g, v in self._written.items() if v[0] > now_ms}
+            done = self._written.setdefault(grant_id, (expires, set()))[1]
+            again = done.intersection(moves.tolist())
+            if again:
+                raise _Refused(Status.DENIED, f"{len(again)} slots of grant {grant_id} were written already; "
+                                              f"a grant writes each slot once (PutStart again to rewrite)")
+            done.update(moves.tolist())
 
     def _read(self, conn: socket.socket, views: list[np.ndarray], records: np.ndarray) -> None:
         total = sum(v.size for v in views)

@@ -111,6 +111,22 @@ def _raw(address: str, payload: bytes) -> tuple[int, str]:
         return status, recv_exact(s, msg_len).decode()
 
 
+def test_a_grant_writes_each_slot_once(pool):
+    _, c, keys, data = pool
+    new = [os.urandom(16)]
+    start = c._run(c._async._call_ns(c.namespace, "PutStart", pool_pb2.PutStartRequest(
+        namespace_id=c.namespace.id, keys=new[0], sizes=[SMALL.block_bytes])))
+    (p,) = plan(start.grants, c._async.transports, WRITE, start.put_id, 1, {})
+    block = random_blocks(1, seed=12)[0]
+    (checksum,) = p.transport.write(p.share, [block])
+    c._run(c._async._call("PutCommit", pool_pb2.PutCommitRequest(put_id=start.put_id, checksums=[checksum])))
+    # The grant's capability has not expired, but the committed block cannot be overwritten.
+    with pytest.raises(errors.FailedPrecondition, match="written already"):
+        p.transport.write(p.share, [np.zeros(SMALL.block_bytes, np.uint8)])
+    assert bytes(c.get_blocks(new)[0]) == block.tobytes()
+    still_serving(c, keys, data)
+
+
 def test_garbage_and_damaged_writes_are_refused(pool):
     sp, c, keys, data = pool
     address = c._async._endpoints[1].tcp_address
