@@ -49,13 +49,12 @@ def plan(locations, factory: TransportFactory, op: int, grant_id: str, threads: 
     caps = {c.node_id: c for c in locations.caps}
     out: list[Planned] = []
     node_ids = records["node_id"]
-    uniform = locations.HasField("uniform")
-    for node_id in (sorted(set(node_ids.tolist())) if not uniform else [int(locations.uniform.node_id)]):
-        node_idx = np.arange(len(records)) if uniform else np.flatnonzero(node_ids == node_id)
-        node_recs = records if uniform else records[node_idx]
+    for node_id in np.unique(node_ids).tolist():
+        node_idx = np.flatnonzero(node_ids == node_id)
+        node_recs = records[node_idx]  # the records this node's capability covers, in order
         tiers = node_recs["tier"]
-        for tier in sorted(set(tiers.tolist())) if not uniform else [int(locations.uniform.tier)]:
-            pos = np.arange(len(node_recs)) if uniform else np.flatnonzero(tiers == tier)
+        for tier in np.unique(tiers).tolist():
+            pos = np.flatnonzero(tiers == tier)
             transport = factory.get(nodes[node_id], TIER_NAMES[tier])
             access = None
             if TransportCaps.NETWORK in transport.caps and node_id in caps:

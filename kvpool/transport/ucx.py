@@ -401,34 +401,28 @@ class UcxTransport(Transport):
         return out
 
     def write(self, share: Share, sources: Sequence) -> None:
-        slots = self._slots(share, sources, writable=False)
-        ucp = self._ucx.ucp
-        with self._batch() as (lane, conn):
-            requests = []
-            try:
-                for addr, size, remote, memh in slots:
-                    requests.append(conn.ep.put(addr, size, remote, conn.rkey, memh))
-                requests.append(conn.ep.flush())
-                pending, requests = requests, []
-                lane.worker.wait(pending, self.options.io_timeout, endpoint=conn.ep)
-            except ucp.UcxError as exc:
-                lane.worker.abandon(requests)
-                self._fail(lane, exc)
+        # The flush returns once every PUT has landed in the node's memory: then commit.
+        self._transfer(self._slots(share, sources, writable=False), lambda conn, *a: conn.ep.put(*a), flush=True)
 
     def read(self, share: Share, outs: Sequence) -> None:
-        slots = self._slots(share, outs, writable=True)
+        self._transfer(self._slots(share, outs, writable=True), lambda conn, *a: conn.ep.get(*a), flush=False)
+        self._verify(share, outs)
+
+    def _transfer(self, slots, issue, *, flush: bool) -> None:
+        """Issue one request per slot on a free lane and wait for all of them (and a flush)."""
         ucp = self._ucx.ucp
         with self._batch() as (lane, conn):
             requests = []
             try:
                 for addr, size, remote, memh in slots:
-                    requests.append(conn.ep.get(addr, size, remote, conn.rkey, memh))
+                    requests.append(issue(conn, addr, size, remote, conn.rkey, memh))
+                if flush:
+                    requests.append(conn.ep.flush())
                 pending, requests = requests, []
                 lane.worker.wait(pending, self.options.io_timeout, endpoint=conn.ep)
             except ucp.UcxError as exc:
                 lane.worker.abandon(requests)
                 self._fail(lane, exc)
-        self._verify(share, outs)
 
     def _verify(self, share: Share, outs: Sequence) -> None:
         import xxhash
