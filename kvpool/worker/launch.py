@@ -1,0 +1,78 @@
+"""Start the processes of a deployment: ``kvpool serve`` and workers, each as a child.
+
+Used by ``kvpool demo``, ``tools/bench_ttft.py`` and the tests. ``popen`` starts a process
+(the multi-host tests pass a host's own ``popen`` to run it inside a network namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+__all__ = ["Child", "start_child", "start_serve", "start_worker"]
+
+
+class Child:
+    """A child process and the match of its ready line; ``log()`` is what it printed."""
+
+    def __init__(self, proc: subprocess.Popen, match: re.Match, lines: list[str]) -> None:
+        self.proc = proc
+        self.match = match
+        self.lines = lines
+
+    @property
+    def address(self) -> str:
+        return self.match.group(1)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_child(argv: list[str], ready: str, env: dict | None = None, timeout: float = 120.0,
+                popen=subprocess.Popen) -> Child:
+    """Start ``argv`` and wait until a stderr line matches ``ready``."""
+    proc = popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                 env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    found: dict = {}
+    done = threading.Event()
+
+    def pump() -> None:  # keep reading so the child never blocks on a full pipe
+        for line in proc.stderr:
+            lines.append(line)
+            if "m" not in found and (m := re.search(ready, line)):
+                found["m"] = m
+                done.set()
+        done.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not done.wait(timeout) or "m" not in found:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{' '.join(argv[:4])} did not become ready:\n" + "".join(lines))
+    return Child(proc, found["m"], lines)
+
+
+def start_serve(data_dir: str, dram: str = "256MiB", extra: tuple[str, ...] = (), **kw) -> Child:
+    """An embedded pool (``kvpool serve``) on a free loopback port."""
+    return start_child([sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "-1",
+                        "--dram", dram, "--prefault", "false", "--data-dir", data_dir, *extra],
+                       r"ready grpc=(\S+)", **kw)
+
+
+def start_worker(role: str, *args: str, **kw) -> Child:
+    """``python -m kvpool.worker ROLE ARGS`` on a free port."""
+    return start_child([sys.executable, "-m", "kvpool.worker", role, *args], r"worker ready .*listen=(\S+)", **kw)
