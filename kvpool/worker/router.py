@@ -40,6 +40,7 @@ class _Conn:
         self.address = address
         self.on_event = on_event
         self.in_flight = 0
+        self.stats_reply = None
         self.reader = self.writer = None
         self.task = None
 
@@ -111,8 +112,21 @@ class Router:
         finally:
             self._pending.pop(rid, None)
 
+    async def stats(self) -> dict[str, dict]:
+        """Each worker's counters (requests, batches, largest batch, transports in use)."""
+        out = {}
+        for conn in (*self.prefill, *self.decode, *self.colocated):
+            conn.stats_reply = asyncio.get_running_loop().create_future()
+            await send(conn.writer, {"op": "stats"})
+            out[conn.address] = await conn.stats_reply
+        return out
+
     def _on_event(self, conn: _Conn, msg: dict) -> None:
         event = msg.get("event")
+        if event == "stats":
+            if conn.stats_reply is not None and not conn.stats_reply.done():
+                conn.stats_reply.set_result({k: v for k, v in msg.items() if k != "event"})
+            return
         if event == "closed":
             for result, _, fut, _ in list(self._pending.values()):
                 if not fut.done():

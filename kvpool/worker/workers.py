@@ -67,7 +67,9 @@ class Worker:
         try:
             while (msg := await receive(reader)) is not None:
                 if msg.get("op") == "stats":
-                    await send(writer, {"event": "stats", "role": self.role, **self.totals})
+                    kinds = self.client.transports.open_kinds() if self.client is not None else {}
+                    await send(writer, {"event": "stats", "role": self.role, **self.totals,
+                                        "transports": sorted(set(kinds.values()))})
                 elif msg.get("op") != self.op:
                     await send(writer, {"event": "error", "id": msg.get("id"),
                                         "message": f"a {self.role} worker takes op {self.op!r}, not {msg.get('op')!r}"})
