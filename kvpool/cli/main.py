@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from kvpool import __version__
-from kvpool.cli import admin, master, node, serve
+from kvpool.cli import admin, demo, master, node, serve
 
 __all__ = ["main", "build_parser"]
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     master.register(sub)
     node.register(sub)
     admin.register(sub)
+    demo.register(sub)
     try:
         from kvpool.cli import replay
     except ImportError:  # the replay tool is optional in a trimmed install

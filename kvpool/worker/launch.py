@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 
-__all__ = ["Child", "start_child", "start_serve", "start_worker"]
+__all__ = ["Child", "spawn_child", "start_child", "start_serve", "start_worker", "serve_argv", "worker_argv",
+           "SERVE_READY", "WORKER_READY"]
 
 
 class Child:
@@ -41,9 +42,9 @@ class Child:
                 self.proc.wait()
 
 
-def start_child(argv: list[str], ready: str, env: dict | None = None, timeout: float = 120.0,
-                popen=subprocess.Popen) -> Child:
-    """Start ``argv`` and wait until a stderr line matches ``ready``."""
+def spawn_child(argv: list[str], ready: str, env: dict | None = None, popen=subprocess.Popen):
+    """Start ``argv``; returns a function that waits (``timeout`` s) for its ready line and
+    returns the :class:`Child`. Start several, then wait for each: they boot in parallel."""
     proc = popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                  env={**os.environ, **(env or {})})
     lines: list[str] = []
@@ -59,20 +60,42 @@ def start_child(argv: list[str], ready: str, env: dict | None = None, timeout: f
         done.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    if not done.wait(timeout) or "m" not in found:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{' '.join(argv[:4])} did not become ready:\n" + "".join(lines))
-    return Child(proc, found["m"], lines)
+
+    def wait(timeout: float = 120.0) -> Child:
+        if not done.wait(timeout) or "m" not in found:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{' '.join(argv[1:5])} did not become ready:\n" + "".join(lines))
+        return Child(proc, found["m"], lines)
+
+    wait.proc = proc
+    return wait
+
+
+def start_child(argv: list[str], ready: str, env: dict | None = None, timeout: float = 120.0,
+                popen=subprocess.Popen) -> Child:
+    """Start ``argv`` and wait until a stderr line matches ``ready``."""
+    return spawn_child(argv, ready, env, popen)(timeout)
+
+
+def serve_argv(data_dir: str, dram: str = "256MiB", extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "-1",
+            "--dram", dram, "--prefault", "false", "--data-dir", data_dir, *extra]
+
+
+SERVE_READY = r"ready grpc=(\S+)"
+WORKER_READY = r"worker ready .*listen=(\S+)"
+
+
+def worker_argv(role: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "kvpool.worker", role, *args]
 
 
 def start_serve(data_dir: str, dram: str = "256MiB", extra: tuple[str, ...] = (), **kw) -> Child:
     """An embedded pool (``kvpool serve``) on a free loopback port."""
-    return start_child([sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "-1",
-                        "--dram", dram, "--prefault", "false", "--data-dir", data_dir, *extra],
-                       r"ready grpc=(\S+)", **kw)
+    return start_child(serve_argv(data_dir, dram, extra), SERVE_READY, **kw)
 
 
 def start_worker(role: str, *args: str, **kw) -> Child:
     """``python -m kvpool.worker ROLE ARGS`` on a free port."""
-    return start_child([sys.executable, "-m", "kvpool.worker", role, *args], r"worker ready .*listen=(\S+)", **kw)
+    return start_child(worker_argv(role, *args), WORKER_READY, **kw)

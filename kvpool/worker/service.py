@@ -83,6 +83,7 @@ async def serve(args) -> None:
         await client.connect()
     kwargs = {"reuse": args.reuse == "true"} if args.role == "prefill" else {}
     worker = WORKERS[args.role](engine, client, **kwargs)
+    await worker.warm_up()
     server = await asyncio.start_server(worker.handle, args.host, args.port, limit=MAX_LINE)
     host, port = server.sockets[0].getsockname()[:2]
     logging.getLogger("kvpool.worker").info(

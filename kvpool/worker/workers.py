@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,6 +60,22 @@ class Worker:
         # One compute thread: the engine is single-threaded; the loop stays free for I/O.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvpool-{self.role}")
         self.totals = {"requests": 0, "batches": 0, "max_batch": 0}
+
+    async def warm_up(self) -> None:
+        """Run the model once and open the data plane to the pool before serving, so the
+        first request does not pay for torch's first calls or the first mapping of the
+        node's arena (a second or more)."""
+        c = self.engine.block_tokens
+        await self.compute(self.engine.generate, [0] * (c + 1), 2, "warm-up")
+        if self.client is not None:
+            from dataclasses import replace
+
+            ns = replace(self.engine.namespace, salt="kvpool-worker-warm-up")
+            block = self.engine.cache.staging(1, device="cpu").zero_()
+            keys = ns.keys([os.getpid()] * c)  # a block of this process alone, removed after
+            await self.client.put_blocks(keys, block, namespace=ns)
+            await self.client.get_blocks(keys, block, namespace=ns)
+            await self.client.remove(keys)
 
     async def compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
@@ -299,6 +316,8 @@ class ColocatedWorker(DecodeWorker):
             return
         for r, first in zip(live, firsts):
             await send(r.writer, {"event": "first", "id": r.msg["id"], "token": first, **r.stats})
+            # "done" reports decoding only; the prefill's counts went with "first".
+            r.stats = {**r.stats, "computed_tokens": 0, "compute_ms": 0.0}
             if self._finished(r):
                 await self._finish(r)
             else:
