@@ -66,7 +66,7 @@ class Worker:
         first request does not pay for torch's first calls or the first mapping of the
         node's arena (a second or more)."""
         c = self.engine.block_tokens
-        await self.compute(self.engine.generate, [0] * (c + 1), 2, "warm-up")
+        await self.compute(self._warm_engine, c)
         if self.client is not None:
             from dataclasses import replace
 
@@ -76,6 +76,16 @@ class Worker:
             await self.client.put_blocks(keys, block, namespace=ns)
             await self.client.get_blocks(keys, block, namespace=ns)
             await self.client.remove(keys)
+
+    def _warm_engine(self, c: int) -> None:
+        e = self.engine
+        seq = e.add("warm-up", [0] * (c + 1), reserve=1)
+        try:
+            e.prefill([seq])  # prefill and decode kernels (Triton compiles them here)
+            e.decode([seq])
+            e.load(seq, e.export(seq, 0, 1))  # the copy kernels, on bits already there
+        finally:
+            e.free(seq)
 
     async def compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
