@@ -10,5 +10,8 @@ says why disaggregated output is token for token that of one process.
 from kvpool.worker.config import CONFIGS, ModelConfig
 from kvpool.worker.engine import Engine, Sequence
 from kvpool.worker.model import LlamaModel
+from kvpool.worker.router import Result, Router, WorkerError
+from kvpool.worker.workers import ColocatedWorker, DecodeWorker, PrefillWorker
 
-__all__ = ["CONFIGS", "ModelConfig", "LlamaModel", "Engine", "Sequence"]
+__all__ = ["CONFIGS", "ModelConfig", "LlamaModel", "Engine", "Sequence", "PrefillWorker", "DecodeWorker",
+           "ColocatedWorker", "Router", "Result", "WorkerError"]
