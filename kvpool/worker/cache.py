@@ -30,8 +30,10 @@ class Kernels:
     references). ``"auto"`` is Triton on CUDA tensors and the references on the CPU."""
 
     def __init__(self, choice: str, device) -> None:
-        from kvpool.kernels import (gather_blocks, gather_blocks_ref, prefix_attention,
-                                    prefix_attention_ref, scatter_blocks, scatter_blocks_ref)
+        # From the submodules: once ``kvpool.kernels.prefix_attention`` (the module) is
+        # imported, the package attribute of that name is the module, not the function.
+        from kvpool.kernels.paged_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
+        from kvpool.kernels.prefix_attention import prefix_attention, prefix_attention_ref
 
         if choice == "auto":
             choice = "triton" if device.type == "cuda" else "torch"
