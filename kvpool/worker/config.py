@@ -24,7 +24,7 @@ class ModelConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_positions: int = 32768
+    max_positions: int = 65536
     tie_word_embeddings: bool = False
     #: Tokens per pool block and per prefill chunk: a multiple of ENGINE_BLOCK_SIZE.
     block_tokens: int = 16

@@ -71,7 +71,8 @@ class Worker:
             from dataclasses import replace
 
             ns = replace(self.engine.namespace, salt="kvpool-worker-warm-up")
-            block = self.engine.cache.staging(1, device="cpu").zero_()
+            # On the cache's device, so a GPU worker pins the node's arena now, not on a request.
+            block = self.engine.cache.staging(1).zero_()
             keys = ns.keys([os.getpid()] * c)  # a block of this process alone, removed after
             await self.client.put_blocks(keys, block, namespace=ns)
             await self.client.get_blocks(keys, block, namespace=ns)

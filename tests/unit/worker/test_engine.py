@@ -73,8 +73,9 @@ def test_triton_kernels_under_the_interpreter_agree_with_the_reference():
     pytest.importorskip("triton")
     import os
 
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported "
+                    "(the suite sets it without CUDA; tests/gpu runs the compiled kernels)")
     model = LlamaModel.seeded("tiny", seed=5)
     ref, tri = Engine(model, 256, kernels="torch"), Engine(model, 256, kernels="triton")
     toks = prompt(37, 9)
