@@ -22,6 +22,7 @@ The workers publish and fetch through :class:`kvpool.AsyncClient`, one per worke
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ class Worker:
         # One compute thread: the engine is single-threaded; the loop stays free for I/O.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvpool-{self.role}")
         self.totals = {"requests": 0, "batches": 0, "max_batch": 0}
+        self._seq_ids = itertools.count()
 
     async def warm_up(self) -> None:
         """Run the model once and open the data plane to the pool before serving, so the
@@ -130,7 +132,8 @@ class Worker:
                 max_tokens = int(r.msg.get("max_tokens", 1))
                 if max_tokens < 1:
                     raise ValueError("max_tokens must be at least 1")
-                r.seq = self.engine.add(r.msg["id"], tokens, reserve=reserve(max_tokens))
+                # The worker's own sequence number: ids are only unique per router connection.
+                r.seq = self.engine.add(next(self._seq_ids), tokens, reserve=reserve(max_tokens))
                 ok.append(r)
             except Exception as exc:  # a malformed request, or CacheFull: this one fails, not the worker
                 asyncio.ensure_future(self._fail(r, exc))

@@ -112,3 +112,17 @@ def test_a_bad_request_fails_alone(deployment, reference):
             return (await ok).tokens
 
     assert asyncio.run(go()) == reference(good)
+
+
+def test_two_routers_at_once_share_the_workers(deployment, reference):
+    """Request ids are per router; the workers keep the sequences of two routers apart."""
+    prompts = [prompt(n, seed=500 + n) for n in (30, 50)]
+
+    async def one(p):
+        async with Router(prefill=[deployment["prefill"]], decode=[deployment["decode"]]) as router:
+            return (await router.submit(p, MAX_TOKENS)).tokens
+
+    async def both():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(both()) == [reference(p) for p in prompts]
