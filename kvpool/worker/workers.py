@@ -28,6 +28,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from kvpool.errors import KvpoolError
 from kvpool.worker.engine import Engine, Sequence
 from kvpool.worker.protocol import receive, send
 
@@ -203,19 +204,25 @@ class PrefillWorker(Worker):
             return
         for r, first in zip(live, firsts):
             seq = r.seq
+            done = r.stats["hit_tokens"] // self.engine.block_tokens
+            full = self.engine.full_blocks(seq)
             try:
-                done = r.stats["hit_tokens"] // self.engine.block_tokens
-                full = self.engine.full_blocks(seq)
                 if full > done:
                     blocks = await self.compute(self.engine.export, seq, done, full)
                     keys = ns.keys(seq.tokens[: seq.prompt_len])
                     res = await self.client.put_blocks(keys[done:full], blocks, first_position=done)
                     r.stats["published_blocks"] = res.written
-                await send(r.writer, {"event": "first", "id": r.msg["id"], "token": first, **r.stats})
-            except Exception as exc:
-                await self._fail(r, exc)
-                continue
+            except KvpoolError as exc:
+                # The request still goes on: the decode worker computes what it cannot fetch,
+                # with the same result (only slower). Say so in the stats.
+                log.warning("publishing request %s failed: %s", r.msg["id"], exc)
+                r.stats["publish_error"] = f"{type(exc).__name__}: {exc}"
             self.engine.free(seq)
+            r.seq = None
+            try:
+                await send(r.writer, {"event": "first", "id": r.msg["id"], "token": first, **r.stats})
+            except ConnectionError:
+                pass
 
 
 class DecodeWorker(Worker):

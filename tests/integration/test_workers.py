@@ -126,3 +126,26 @@ def test_two_routers_at_once_share_the_workers(deployment, reference):
         return await asyncio.gather(*(one(p) for p in prompts))
 
     assert asyncio.run(both()) == [reference(p) for p in prompts]
+
+
+def test_a_pool_too_small_to_publish_into_changes_no_token(tmp_path, reference):
+    """Publishing fails (PoolFull: the prompt's blocks exceed the whole pool); the request
+    still completes, the decode worker computing what it could not fetch."""
+    pool = start_serve(tmp_path, "--dram", "256KiB", "--slab-bytes", "256KiB")  # 32 blocks of tiny
+    procs = []
+    try:
+        procs = [start_worker(role, "--pool", pool.address, *MODEL) for role in ("prefill", "decode")]
+        p = prompt(16 * 33 + 5, seed=600)
+
+        async def go():
+            async with Router(prefill=[procs[0].address], decode=[procs[1].address]) as router:
+                return await router.submit(p, MAX_TOKENS)
+
+        r = asyncio.run(go())
+    finally:
+        for w in procs:
+            w.stop()
+        pool.stop()
+    assert r.prefill["publish_error"].startswith("PoolFull")
+    assert (r.decode["hit_tokens"], r.decode["computed_tokens"]) == (0, len(p))
+    assert r.tokens == reference(p)
