@@ -203,7 +203,7 @@ def run(args) -> int:
                     outcomes, wall = asyncio.run(play())
                     report["setups"][key] = _summary(outcomes, wall)
                     tokens[key] = [[r.tokens for r in s] for s in outcomes]
-        except Exception as e:  # a child that did not start, or a worker error: say which, clean up
+        except Exception as e:  # noqa: BLE001 - a child that did not start, or a worker error: say which
             print(f"kvpool demo: {e}", file=sys.stderr)
             return 1
         finally:

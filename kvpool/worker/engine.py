@@ -38,7 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvpool.identity import Namespace
-from kvpool.worker.cache import Kernels, PagedKVCache
+from kvpool.worker.cache import PagedKVCache
+from kvpool.worker.kernels import Kernels
 from kvpool.worker.model import Chunk, LlamaModel
 
 __all__ = ["Engine", "Sequence"]

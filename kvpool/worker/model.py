@@ -125,11 +125,11 @@ class LlamaModel:
         return weight * x32.to(x.dtype)
 
     def _rope(self, x, positions):
+        import torch
+
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         half = x.shape[-1] // 2
-        import torch
-
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 

@@ -38,7 +38,7 @@ log = logging.getLogger("kvpool.worker")
 
 
 class Request:
-    __slots__ = ("msg", "writer", "seq", "stats", "t0")
+    __slots__ = ("msg", "seq", "stats", "t0", "writer")
 
     def __init__(self, msg: dict, writer) -> None:
         self.msg = msg
@@ -136,7 +136,7 @@ class Worker:
                 # The worker's own sequence number: ids are only unique per router connection.
                 r.seq = self.engine.add(next(self._seq_ids), tokens, reserve=reserve(max_tokens))
                 ok.append(r)
-            except Exception as exc:  # a malformed request, or CacheFull: this one fails, not the worker
+            except Exception as exc:  # noqa: BLE001 - a malformed request, or CacheFull: this one fails, not the worker
                 asyncio.ensure_future(self._fail(r, exc))
         self.totals["requests"] += len(batch)
         self.totals["batches"] += 1
@@ -191,14 +191,14 @@ class PrefillWorker(Worker):
             try:
                 if self.reuse:
                     await self._fetch_prefix(r, self.engine.usable_hit(r.seq, self.engine.full_blocks(r.seq)))
-            except Exception as exc:  # the pool failed this request: say so, keep serving
+            except Exception as exc:  # noqa: BLE001 - the pool failed this request: say so, keep serving
                 live.remove(r)
                 await self._fail(r, exc)
         if not live:
             return
         try:
             firsts = await self._prefill(live)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
             for r in live:
                 await self._fail(r, exc)
             return
@@ -251,7 +251,7 @@ class DecodeWorker(Worker):
         t = time.perf_counter()
         try:
             await self.compute(self.engine.decode, [r.seq for r in self.running if not self._finished(r)])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
             for r in self.running:
                 await self._fail(r, exc)
             self.running = []
@@ -284,7 +284,7 @@ class DecodeWorker(Worker):
             try:
                 first = int(r.msg["first_token"])
                 await self._fetch_prefix(r, self.engine.full_blocks(r.seq))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
                 live.remove(r)
                 await self._fail(r, exc)
                 continue
@@ -293,7 +293,7 @@ class DecodeWorker(Worker):
         if tail:
             try:
                 got = await self._prefill(tail)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
                 for r in tail:
                     live.remove(r)
                     await self._fail(r, exc)
@@ -331,7 +331,7 @@ class ColocatedWorker(DecodeWorker):
             return
         try:
             firsts = await self._prefill(live)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
             for r in live:
                 await self._fail(r, exc)
             return
