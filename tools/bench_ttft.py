@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from kvpool.worker.launch import SERVE_READY, WORKER_READY, serve_argv, spawn_child, worker_argv  # noqa: E402
-from kvpool.worker.router import Router  # noqa: E402
+from kvpool.worker.launch import SERVE_READY, WORKER_READY, serve_argv, spawn_child, stop_process, worker_argv
+from kvpool.worker.router import Router
 
 
 def main() -> int:
@@ -56,16 +53,15 @@ def main() -> int:
     if args.block_tokens:
         model += ["--block-tokens", str(args.block_tokens)]
     block = args.block_tokens or cfg.block_tokens
-    children = []
+    spawned = []
     with tempfile.TemporaryDirectory(prefix="kvpool-bench-ttft-") as tmp:
         try:
             extra = ("--hbm", args.hbm) if args.hbm != "0" else ()
-            pool = spawn_child(serve_argv(tmp, args.dram, extra), SERVE_READY)(timeout=120)
-            children.append(pool)
-            waits = [spawn_child(worker_argv(role, "--pool", pool.address, *model), WORKER_READY)
-                     for role in ("prefill", "decode")]
-            prefill, decode = (w(timeout=600) for w in waits)
-            children += [prefill, decode]
+            spawned.append(spawn_child(serve_argv(tmp, args.dram, extra), SERVE_READY, cwd=tmp))
+            pool = spawned[-1](timeout=120)
+            spawned += [spawn_child(worker_argv(role, "--pool", pool.address, *model), WORKER_READY, cwd=tmp)
+                        for role in ("prefill", "decode")]
+            prefill, decode = (w(timeout=600) for w in spawned[1:])
             rng = np.random.default_rng(0)
 
             async def run() -> list[tuple]:
@@ -89,8 +85,8 @@ def main() -> int:
 
             rows = asyncio.run(run())
         finally:
-            for c in reversed(children):
-                c.stop()
+            for w in reversed(spawned):
+                stop_process(w.proc)
     expect_hit = (args.tokens - 1) // block * block
     for cold, cached in rows:
         assert cold.prefill["hit_tokens"] == 0, cold.prefill

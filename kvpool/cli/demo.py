@@ -144,7 +144,7 @@ def format_table(report: dict) -> str:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from kvpool.worker.launch import SERVE_READY, WORKER_READY, serve_argv, spawn_child, worker_argv
+    from kvpool.worker.launch import SERVE_READY, WORKER_READY, serve_argv, spawn_child, stop_process, worker_argv
     from kvpool.worker.router import Router
     from kvpool.worker.workload import conversations, trace_sessions
 
@@ -166,26 +166,28 @@ def run(args) -> int:
         print(f"kvpool demo: {e}", file=sys.stderr)
         return 2
     total = sum(len(s) for s in sessions)
-    model = ["--model", args.model, "--seed", str(args.seed), "--cache-tokens", str(args.cache_tokens)]
-    children = []
+    model_arg = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    model = ["--model", model_arg, "--seed", str(args.seed), "--cache-tokens", str(args.cache_tokens)]
+    spawned = []
     with tempfile.TemporaryDirectory(prefix="kvpool-demo-") as tmp:
+
+        def spawn(argv, ready):
+            spawned.append(spawn_child(argv, ready, cwd=tmp))
+            return spawned[-1]
+
         try:
             # Everything boots in parallel: two pools first (the workers need their addresses).
-            pools = [spawn_child(serve_argv(os.path.join(tmp, k), args.dram), SERVE_READY) for k in ("a", "b")]
-            pools = [w() for w in pools]
-            children += pools
+            waits = [spawn(serve_argv(os.path.join(tmp, k), args.dram), SERVE_READY) for k in ("a", "b")]
+            pools = [w() for w in waits]
             waits = {
-                "colocated": [spawn_child(worker_argv("colocated", *model), WORKER_READY)],
-                "no_reuse": [spawn_child(worker_argv("prefill", "--pool", pools[0].address, "--reuse", "false",
-                                                     *model), WORKER_READY),
-                             spawn_child(worker_argv("decode", "--pool", pools[0].address, *model), WORKER_READY)],
-                "pool": [spawn_child(worker_argv("prefill", "--pool", pools[1].address, *model), WORKER_READY),
-                         spawn_child(worker_argv("decode", "--pool", pools[1].address, *model), WORKER_READY)],
+                "colocated": [spawn(worker_argv("colocated", *model), WORKER_READY)],
+                "no_reuse": [spawn(worker_argv("prefill", "--pool", pools[0].address, "--reuse", "false", *model),
+                                   WORKER_READY),
+                             spawn(worker_argv("decode", "--pool", pools[0].address, *model), WORKER_READY)],
+                "pool": [spawn(worker_argv("prefill", "--pool", pools[1].address, *model), WORKER_READY),
+                         spawn(worker_argv("decode", "--pool", pools[1].address, *model), WORKER_READY)],
             }
-            workers = {}
-            for key, ws in waits.items():
-                workers[key] = [w(timeout=300) for w in ws]
-                children += workers[key]
+            workers = {key: [w(timeout=300) for w in ws] for key, ws in waits.items()}
             report = {"model": cfg.model_id, "workload": workload, "setups": {}}
             tokens = {}
             with tqdm(total=3 * total, desc="kvpool demo", unit="req", file=sys.stderr,
@@ -207,8 +209,8 @@ def run(args) -> int:
             print(f"kvpool demo: {e}", file=sys.stderr)
             return 1
         finally:
-            for c in reversed(children):
-                c.stop()
+            for w in reversed(spawned):
+                stop_process(w.proc)
     report["identical_outputs"] = tokens["colocated"] == tokens["no_reuse"] == tokens["pool"]
     if args.json:
         print(json.dumps(report, indent=2))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 
-__all__ = ["Child", "spawn_child", "start_child", "start_serve", "start_worker", "serve_argv", "worker_argv",
+__all__ = ["Child", "spawn_child", "stop_process", "start_child", "start_serve", "start_worker", "serve_argv", "worker_argv",
            "SERVE_READY", "WORKER_READY"]
 
 
@@ -33,20 +33,30 @@ class Child:
         return "".join(self.lines)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
 
 
-def spawn_child(argv: list[str], ready: str, env: dict | None = None, popen=subprocess.Popen):
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM (the processes here shut down cleanly on it), then SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def spawn_child(argv: list[str], ready: str, env: dict | None = None, popen=subprocess.Popen,
+                cwd: str | None = None):
     """Start ``argv``; returns a function that waits (``timeout`` s) for its ready line and
-    returns the :class:`Child`. Start several, then wait for each: they boot in parallel."""
+    returns the :class:`Child`. Start several, then wait for each: they boot in parallel.
+
+    ``cwd``: run there. ``python -m`` puts its directory first on ``sys.path``, so from a
+    source checkout with kvpool installed as a wheel, run children elsewhere (the checkout's
+    ``kvpool/`` lacks ``kvpool.kernels`` and ``kvpool.tiers``, which the install maps)."""
     proc = popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                 env={**os.environ, **(env or {})})
+                 env={**os.environ, **(env or {})}, cwd=cwd)
     lines: list[str] = []
     found: dict = {}
     done = threading.Event()
