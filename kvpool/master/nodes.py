@@ -60,6 +60,13 @@ class NodeHandle(Protocol):
     async def drop_nvme(self, items) -> None:
         """Remove (key, nvme slot) copies from the node's NVMe tier and catalog."""
 
+    # Moving blocks between nodes (kvpool.master.drain drives it):
+
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+        """Copy the blocks of ``access.records`` (a read capability on ``source``) from the
+        source's data server into ``slots`` of ``tier`` here; returns the positions of blocks
+        that failed their checksum."""
+
 
 class NodeRegistry:
     """Nodes known to the master, by id. Ids are small ints that appear in location records."""

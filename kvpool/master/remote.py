@@ -143,6 +143,14 @@ class RemoteNode:
         resp = await self._call("DropNvme", req)
         self._update_nvme(resp.nvme)
 
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+        req = node_pb2.PullRequest(tier=tier, records=access.records, grant_id=access.grant_id,
+                                   expires_unix_ms=access.expires_unix_ms, mac=access.mac,
+                                   target_offsets=[s.offset for s in slots])
+        source.fill(req.source)
+        resp = await self._call("Pull", req)
+        return list(resp.corrupt)
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()

@@ -18,6 +18,7 @@ import grpc
 from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound
 from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
+from kvpool.master.drain import DEFAULT_BATCH, Drainer, DrainReport
 from kvpool.master.index import BlockIndex, Entry
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
@@ -234,7 +235,7 @@ def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
         active_leases=index.lease_count, namespaces=len(index.namespaces), nodes=len(index.nodes),
         eviction_policy=index.config.eviction_policy, uptime_seconds=index.clock() - index.started,
         demoted_blocks=c.demoted_blocks, promoted_blocks=c.promoted_blocks,
-        written_through_blocks=c.written_through_blocks, corrupt_blocks=c.corrupt_blocks,
+        written_through_blocks=c.written_through_blocks, corrupt_blocks=c.corrupt_blocks, put_bytes=c.put_bytes,
     )
     for node in index.nodes:
         for u in node.usage():
@@ -326,6 +327,21 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
                 control_address=getattr(node, "control_address", ""),
                 seconds_since_heartbeat=0.0 if last_seen is None else now - last_seen,
                 transports=_transport_summary(node.endpoint()),
+                draining=node.node_id in self.index.draining,
             )
             info.tiers.extend(t for t in stats.tiers if t.node_id == node.node_id)
         return resp
+
+    @rpc
+    async def Drain(self, request, context):
+        drainer = Drainer(self.index, self.tiering)
+        node = drainer.find(request.node)
+        if request.resume:
+            drainer.resume(node)
+            report = DrainReport(node, remaining=sum(1 for e in self.index.entries() if e.node_id == node.node_id))
+        else:
+            report = await drainer.drain(node, drop=request.drop, max_blocks=request.max_blocks or DEFAULT_BATCH)
+        return admin_pb2.DrainResponse(
+            node_id=node.node_id, node_name=node.name, moved=report.moved, moved_bytes=report.moved_bytes,
+            dropped=report.dropped, remaining=report.remaining, leased=report.leased,
+            draining=node.node_id in self.index.draining, failed=report.failed, first_error=report.first_error)

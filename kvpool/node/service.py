@@ -17,9 +17,13 @@ import secrets
 import grpc
 
 from kvpool.capability import new_data_key
+from kvpool.errors import KvpoolError
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
+from kvpool.transport.base import READ, Access
+from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.wire import unpack_records
 
 __all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
 
@@ -68,6 +72,25 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         return node_pb2.PromoteResponse(promoted=result.promoted, corrupt=[k for k, _ in result.corrupt],
                                         corrupt_reasons=[r for _, r in result.corrupt],
                                         nvme=_nvme_geometry(self.node))
+
+    async def Pull(self, request, context):
+        try:
+            sizes = unpack_records(request.records)["size"]
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
+        if len(sizes) != len(request.target_offsets):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Pull: {len(sizes)} records but {len(request.target_offsets)} target slots")
+        access = Access(READ, request.grant_id, request.source.node_id, request.expires_unix_ms, request.mac,
+                        request.records)
+        slots = [Slot(int(o), int(n)) for o, n in zip(request.target_offsets, sizes)]
+        try:
+            corrupt = await self.node.pull(NodeEndpoint.from_proto(request.source), access, request.tier, slots)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
+        except KvpoolError as exc:
+            await context.abort(exc.code, f"Pull: {exc}")
+        return node_pb2.PullResponse(corrupt=corrupt)
 
     async def DropNvme(self, request, context):
         if self.node.mover is None:
