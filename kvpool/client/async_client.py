@@ -1,6 +1,6 @@
 """AsyncClient: the one real client. ``kvpool.client.Client`` is a blocking facade over it.
 
-Publish (``put_blocks``, ``publish``) follows the two-phase protocol of DESIGN.md §3:
+Publish (``put_blocks``, ``publish``) follows the two-phase protocol of docs/design.md §3:
 
 1. ``PutStart(keys, sizes)``: the master answers each key PRESENT (skip), IN_FLIGHT
    (another writer has it: skip) or GRANTED with a slot on a node;

@@ -4,7 +4,7 @@ The master never touches block bytes. It reserves and frees memory slots on a no
 :class:`NodeHandle`, and asks it to move blocks between its tiers. In ``kvpool serve`` the
 handle is the in-process node object itself (:class:`kvpool.node.node.Node`); a node in
 another process is a :class:`kvpool.master.remote.RemoteNode`. The master's code is the same
-either way (DESIGN.md §1).
+either way (docs/design.md §1).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ DEFAULT_IO_THREADS = 8
 
 
 def checksum(buf) -> int:
-    """A block's checksum: xxh3-64 of its bytes (DESIGN.md §3)."""
+    """A block's checksum: xxh3-64 of its bytes (docs/design.md §3)."""
     return xxhash.xxh3_64_intdigest(buf)
 
 
