@@ -135,6 +135,9 @@ class NodeSettings(TierSettings):
     host: str = "127.0.0.1"
     #: Port of the node's NodeControl service (the master calls it); 0 picks one.
     port: int = 50061
+    #: Prometheus port of the node's own tier metrics; -1 (the default) turns it off, so that
+    #: several nodes on one host need no port each.
+    metrics_port: int = -1
     log_level: str = "info"
 
     def validate(self) -> None:

@@ -21,6 +21,7 @@ def register(sub) -> None:
     p.add_argument("--master", help="master address host:port (default 127.0.0.1:50051)")
     p.add_argument("--host", help="address of this node's control service (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port of this node's tier metrics (default -1: off)")
     add_tier_flags(p)
     mark_server_command(p)
     p.set_defaults(func=run)

@@ -18,6 +18,7 @@ import grpc
 
 from kvpool.capability import new_data_key
 from kvpool.errors import KvpoolError
+from kvpool.metrics import Metrics
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
@@ -168,6 +169,7 @@ class NodeServer:
         self.agent: NodeAgent | None = None
         self._server: grpc.aio.Server | None = None
         self._agent_task: asyncio.Task | None = None
+        self.metrics: Metrics | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -196,11 +198,15 @@ class NodeServer:
         self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx)
         self.agent = NodeAgent(self.node, s.master, control)
         self._agent_task = asyncio.create_task(self.agent.run())
+        metrics = "off"
+        if s.metrics_port >= 0:
+            self.metrics = Metrics.for_node(self.node)
+            metrics = f"http://{s.host}:{self.metrics.serve(s.host, s.metrics_port)}/metrics"
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())
-        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s %s shm=/dev/shm/%s", control,
-                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, tiers, shm)
+        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s metrics=%s %s shm=/dev/shm/%s", control,
+                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, metrics, tiers, shm)
 
     async def stop(self) -> None:
         if self._agent_task is not None:
@@ -211,6 +217,8 @@ class NodeServer:
                 pass
         if self._server is not None:
             await self._server.stop(2)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.agent is not None:
             await self.agent.close()
         if self.node is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvpool import Client
+from tests.conftest import start_kvpool
 from tests.integration.helpers import fresh_namespace, random_blocks, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,14 +84,17 @@ def api(base: str, path: str, **params) -> dict:
 
 def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(server, tmp_path):
     prometheus = need("prometheus")
-    metrics_target = server.metrics_url.split("//")[1].split("/")[0]
+    # A node process beside the server's own node: it exports its tiers itself.
+    node, m, _ = start_kvpool(["node", "--master", server.address, "--port", "0", "--metrics-port", "0",
+                               "--node-name", "metrics-node", "--data-dir", str(tmp_path / "node")],
+                              r"ready control=\S+ .*metrics=http://(\S+)/metrics .*shm=(\S+)")
+    targets = {"kvpool": server.metrics_url.split("//")[1].split("/")[0], "kvpool-node": m.group(1)}
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: [{json.dumps(str(RULES))}]\n"
-        "scrape_configs:\n"
-        "  - job_name: kvpool\n"
-        f"    static_configs: [{{targets: [{json.dumps(metrics_target)}]}}]\n")
+        "scrape_configs:\n" + "".join(
+            f"  - job_name: {job}\n    static_configs: [{{targets: [{json.dumps(t)}]}}]\n" for job, t in targets.items()))
     port = free_port()
     proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"],
@@ -110,7 +114,8 @@ def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(server, tmp
                 names = set(api(base, "/api/v1/label/__name__/values")["data"])
             except OSError:
                 return False
-            return {"kvpool_rpc_duration_seconds_bucket", "kvpool_hits_total", "up"} <= names
+            return {"kvpool_rpc_duration_seconds_bucket", "kvpool_hits_total", "kvpool_node_tier_used_bytes",
+                    "up"} <= names
 
         assert wait_for(scraped, timeout=60, interval=0.5), "Prometheus never scraped the pool"
         names = set(api(base, "/api/v1/label/__name__/values")["data"])
@@ -132,6 +137,10 @@ def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(server, tmp
         firing = [a["labels"]["alertname"] for a in api(base, "/api/v1/alerts")["data"]["alerts"]]
         assert "KvpoolMasterDown" not in firing and "KvpoolCorruptBlocks" not in firing
     finally:
+        node.terminate()
+        node.wait(timeout=20)
+        if os.path.exists(m.group(2)):
+            os.unlink(m.group(2))
         proc.terminate()
         try:
             proc.wait(timeout=20)
