@@ -126,17 +126,26 @@ def test_node_args_are_flags_kvpool_node_accepts():
 
 def test_dockerfile_copies_files_that_exist_and_builds_the_whole_service(tmp_path):
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["kvpool"]' in dockerfile
+    # The build stage: COPY the sources into /src, then `pip wheel .` (here without dependencies).
+    src = tmp_path / "src"
+    src.mkdir()
     for line in dockerfile.splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
-            for src in line.split()[1:-1]:
-                assert (ROOT / src).exists(), src
-    assert 'ENTRYPOINT ["kvpool"]' in dockerfile
-    # The wheel the build stage makes (`pip wheel .`), without its dependencies.
+            *sources, dest = line.split()[1:]
+            for name in sources:
+                assert (ROOT / name).exists(), name
+                target = src / (dest if dest not in ("./", ".") else name).removeprefix("./")
+                if (ROOT / name).is_dir():
+                    shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(ROOT / name, target)
+    wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "--wheel-dir", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300,
+                        "--wheel-dir", str(wheels), "."], capture_output=True, text=True, timeout=300, cwd=src,
                        env={**os.environ, "PIP_NO_INDEX": "1"})
     assert r.returncode == 0, r.stderr
-    wheel = next(tmp_path.glob("kvpool-*.whl"))
+    wheel = next(wheels.glob("kvpool-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("kvpool/cli/main.py", "kvpool/tiers/dram.py", "kvpool/rpc/v1/pool_pb2.py", "kvpool/node/service.py",
                  "kvpool/master/index.py"):
