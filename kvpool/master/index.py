@@ -572,6 +572,15 @@ class BlockIndex:
         if need > 0:
             self._evict_from(node.node_id, tier, need * size)
 
+    def evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
+        """Evict one tier of one node in policy order (the tiering task's NVMe eviction): the
+        same path as watermark and admin eviction. Returns (blocks, bytes) freed."""
+        return self._evict_from(node_id, tier, want_bytes)
+
+    def make_room(self, node: NodeHandle, tier: str, size: int, count: int) -> None:
+        """Evict from ``tier`` until ``count`` blocks of ``size`` fit (promotion makes room so)."""
+        self._make_room(node, tier, size, count)
+
     def evict(self, want_bytes: int | None) -> tuple[int, int, int]:
         """Admin eviction of memory copies (None: all evictable). NVMe copies are kept."""
         blocks = freed = 0

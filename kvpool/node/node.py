@@ -94,8 +94,18 @@ class Node:
 
     # NodeHandle: slots --------------------------------------------------------
 
+    #: NodeHandle: the master calls this node in its own process, and it sends no heartbeats.
+    control_address = ""
+    last_seen = None
+
     def tier_names(self) -> list[str]:
         return list(self.tiers)
+
+    def tier_caps(self) -> dict[str, TierCaps]:
+        return {name: arena.caps for name, arena in self.tiers.items()}
+
+    async def disconnect(self) -> None:
+        """NodeHandle: nothing to release; the process that owns the node closes it."""
 
     def allocate(self, tier: str, size: int) -> Slot | None:
         return self._memory_tier(tier).allocate(size)

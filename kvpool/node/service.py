@@ -37,7 +37,8 @@ def _geometry(node: Node) -> list[node_pb2.TierGeometry]:
         u = arena.usage()
         out.append(node_pb2.TierGeometry(tier=name, capacity_bytes=arena.capacity,
                                          chunk_bytes=arena.slots.chunk_bytes,
-                                         used_bytes=u.used_bytes, used_slots=u.used_slots))
+                                         used_bytes=u.used_bytes, used_slots=u.used_slots,
+                                         caps=arena.caps.value))
     return out
 
 

@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TierGeometry(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "chunk_bytes", "used_bytes", "used_slots")
+    __slots__ = ("tier", "capacity_bytes", "chunk_bytes", "used_bytes", "used_slots", "caps")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CAPS_FIELD_NUMBER: _ClassVar[int]
     tier: str
     capacity_bytes: int
     chunk_bytes: int
     used_bytes: int
     used_slots: int
-    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., used_slots: _Optional[int] = ...) -> None: ...
+    caps: int
+    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., used_slots: _Optional[int] = ..., caps: _Optional[int] = ...) -> None: ...
 
 class StoredBlock(_message.Message):
     __slots__ = ("key", "offset", "size", "checksum", "namespace_id")
