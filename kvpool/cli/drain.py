@@ -38,6 +38,9 @@ def register(cmds) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 < args.batch < 2**32:
+        print(f"kvpool admin drain: --batch must be a positive number of blocks; got {args.batch}", file=sys.stderr)
+        return 2
     channel, stub = admin_channel(args)
     totals = {"moved": 0, "moved_bytes": 0, "dropped": 0, "failed": 0}
     try:
