@@ -220,13 +220,11 @@ def test_an_unreachable_master_fails_fast_naming_its_address():
     assert r.returncode == 2 and address in r.stderr and "cannot reach" in r.stderr
 
 
-def test_serve_with_default_settings_is_ready_within_two_seconds(tmp_path):
-    """`make run` is `kvpool serve` with defaults (a 4 GiB DRAM tier, prefaulted): the port must
-    answer within 2 s, the prefault going on in the background. Only the ports are ephemeral,
-    so that the test can run beside another server."""
+def time_to_answer(tmp_path, *args: str) -> tuple[float, str]:
+    """Seconds from starting `kvpool serve ARGS` to a client's first put answered, and its DRAM size."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "kvpool", "serve", "--port", "0", "--metrics-port", "0", *args],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
     try:
         address = None
@@ -238,9 +236,21 @@ def test_serve_with_default_settings_is_ready_within_two_seconds(tmp_path):
         assert address is not None, "kvpool serve exited before it was ready"
         with Client(address, fresh_namespace(), startup_wait=0) as c:  # answers now, not later
             assert c.put_blocks([os.urandom(16)], random_blocks(1)).written == 1
-        elapsed = time.monotonic() - start
-        assert dram == "4.0GiB"
-        assert elapsed < 2.0, f"kvpool serve took {elapsed:.2f}s to answer"
+        return time.monotonic() - start, dram
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_serve_with_default_settings_is_ready_within_two_seconds(tmp_path):
+    """`make run` is `kvpool serve` with defaults (a 4 GiB DRAM tier, prefaulted): it must answer
+    within 2 s, the prefault going on in the background. Only the ports are ephemeral, so the
+    test can run beside another server. On a machine so loaded that even a server with nothing
+    to prefault takes over a second (measured in the same run), the default may take that long
+    plus one second, and no more (synchronous prefaulting took ~9 s)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    floor, _ = time_to_answer(tmp_path / "a", "--dram", "64MiB", "--prefault", "false")
+    elapsed, dram = time_to_answer(tmp_path / "b")
+    assert dram == "4.0GiB"
+    assert elapsed < max(2.0, floor + 1.0), f"kvpool serve took {elapsed:.2f}s to answer ({floor:.2f}s with no prefault)"
