@@ -93,7 +93,11 @@ def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
         try:
             group.add_argument(flag.name, dest=flag.dest, **kwargs)
         except argparse.ArgumentError:
-            pass  # the subcommand defines this flag itself, with its own meaning
+            # The subcommand defines this flag itself: it keeps its own flag, but a value given
+            # before the subcommand must not be reset by that flag's default.
+            own = p._option_string_actions.get(flag.name)
+            if own is not None and own.dest == flag.dest:
+                own.default = argparse.SUPPRESS
 
 
 def install_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -47,6 +47,8 @@ def test_a_subcommand_added_later_gets_them_and_server_commands_do_not():
 def test_a_subcommand_keeps_its_own_flag_of_the_same_name():
     args = build_parser().parse_args(["replay", "t.jsonl", "--capacity", "4", "--json"])
     assert args.json is True and args.capacity == [4]
+    assert build_parser().parse_args(["--json", "replay", "t.jsonl", "--capacity", "4"]).json is True
+    assert build_parser().parse_args(["replay", "t.jsonl", "--capacity", "4"]).json is False
 
 
 def test_server_settings_ignore_the_client_flags(tmp_path):
