@@ -16,7 +16,7 @@ import numpy as np
 
 from kvpool import Client
 from tests.integration.helpers import fresh_namespace, random_blocks, wait_for
-from tests.integration.test_cluster import cluster, registered  # noqa: F401  (the fixture)
+from tests.integration.pool_processes import cluster, registered  # noqa: F401  (the fixture)
 
 
 def kvpool(*args: str, address: str) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ import pytest
 from kvpool import Client, errors
 from tests.conftest import start_kvpool
 from tests.integration.helpers import fresh_namespace, random_blocks
-from tests.integration.test_cluster import cluster, registered  # noqa: F401  (the fixture)
+from tests.integration.pool_processes import cluster, registered  # noqa: F401  (the fixture)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
