@@ -1,4 +1,4 @@
-"""Eviction policies: the LRU baseline and the paced-admission default, on their own."""
+"""Eviction policies on their own: the LRU baseline, paced admission and learned hit density."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from kvpool.master.eviction import (
     POLICIES,
     BlockInfo,
     EvictionPolicy,
+    HitDensityPolicy,
     LRUPolicy,
     PacedAdmissionPolicy,
     make_policy,
@@ -243,3 +244,59 @@ def test_access_many_equals_access_in_order(name):
             b.remove(k)
     assert len(a) == len(b)
     assert a.select_victims(10_000, lambda k: True) == b.select_victims(10_000, lambda k: True)
+
+
+# ---------------------------------------------------------------------------- lhd
+
+
+def chain_infos(ks, start=0):
+    return [BlockInfo(1, start + i, "", ks[i - 1] if i else None, i == len(ks) - 1) for i in range(len(ks))]
+
+
+def test_lhd_evicts_leaves_first_and_peels_a_chain_from_its_tail():
+    p = HitDensityPolicy()
+    a, b, c = k(1), k(2), k(3)
+    p.insert_many([a, b, c], chain_infos([a, b, c]))
+    assert p.select_victims(1, everything) == [c]          # a is older, but c is the only leaf
+    assert p.select_victims(3, everything) == [c, b, a]    # b, then a, become leaves in the same call
+
+
+def test_lhd_takes_an_interior_block_only_when_no_leaf_is_evictable():
+    p = HitDensityPolicy()
+    a, b, c = k(1), k(2), k(3)
+    p.insert_many([a, b, c], chain_infos([a, b, c]))
+    assert p.select_victims(1, lambda key: key != c) == [a]  # the pinned leaf keeps the chain
+    p.remove(b)  # an interior block removed (Remove, Flush): its child still counts as a leaf
+    p.remove(a)
+    assert len(p) == 1 and p.select_victims(2, everything) == [c]
+
+
+def test_lhd_learns_that_blocks_near_their_reuse_age_are_worth_more_than_fresh_ones():
+    """Every key is referenced twice, 500 references apart: a fresh key is 500 references from
+    its reuse and one of age 400 only 100, so the older one is denser and the fresh one goes
+    first, the opposite of LRU. That is admission control, learned."""
+    p = HitDensityPolicy()
+    gap = 500
+    for i in range(20_000):
+        p.insert(k(i), BlockInfo(1))
+        if i >= gap:
+            p.access(k(i - gap))  # its second and last reference
+        if i >= gap + 50:
+            p.remove(k(i - gap - 50))
+    fresh, old = k(19_999), k(19_999 - 400)
+    assert p.density(fresh) < p.density(old)
+    victims = p.select_victims(1, everything)
+    assert victims != [k(19_999 - 549)]  # not the LRU choice
+
+
+def test_lhd_history_is_bounded():
+    class Small(HitDensityPolicy):
+        HISTORY_MIN = 512
+        REFRESH_MIN = 64
+
+    p = Small()
+    for i in range(20_000):
+        p.insert(k(i), BlockInfo(1))
+        p.remove(k(i))
+        assert p.history_len <= 512 + 512 // 8 + 64 + 1
+    assert p.history_len >= 400  # it does remember
