@@ -436,12 +436,14 @@ class HitDensityPolicy(EvictionPolicy):
     leaf is evictable (a pinned child) may an interior block go.
 
     **Cost and memory.** Per reference: a few dict and list operations, batched per call
-    (one put, one lease). Densities are recomputed with numpy when 1/8 of the history has
-    been referenced since the last time (amortized O(1) per reference). A victim is chosen
+    (one put, one lease). Densities are recomputed with numpy when half as many references
+    as the history holds have been made since the last time, and at least ``REFRESH_MIN``
+    (amortized O(1) per reference). A victim is chosen
     among ``SAMPLES`` random leaves per requested victim, scored in one vectorized pass.
-    The history holds at most ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
-    keys and never more than ``HISTORY_MAX``, about 150 bytes each (a 16-byte key and one
-    packed int in a dict): 20 MiB at the floor, 640 MiB at the cap.
+    The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
+    keys, never more than ``HISTORY_MAX``, at each recomputation, so it holds at most 1.5x
+    that; about 150 bytes a key (a 16-byte key and one packed int in a dict): 30 MiB at
+    the floor, under 1 GiB at the cap.
 
     Constants, each with its reason (none was fitted to a trace):
 
@@ -462,6 +464,10 @@ class HitDensityPolicy(EvictionPolicy):
       the workload at the pace its memory allows.
     * One pseudo-observation of the pooled hazard per cell: the weakest prior that keeps
       an empty cell defined; a cell with data is dominated by its own counts.
+    * ``REFRESH_MIN = 256`` references between two recomputations at least: a density pass
+      costs O(classes x bins^2), about a millisecond, so this bounds it near a few
+      microseconds per reference while the history is tiny; the first densities come
+      after 256 references, so learning starts almost at once.
     """
 
     name = "lhd"
@@ -474,7 +480,7 @@ class HitDensityPolicy(EvictionPolicy):
     COUNT_BUCKETS: ClassVar[int] = 4
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
-    REFRESH_MIN: ClassVar[int] = 1024
+    REFRESH_MIN: ClassVar[int] = 256
 
     # A history value packs the key's last reference tick, its reference count (capped at
     # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
@@ -506,12 +512,13 @@ class HitDensityPolicy(EvictionPolicy):
         self._parent: list[int] = []  # parent slot, -1 for none
         self._dead: list[bool] = []   # removed while it still had children: freed by the last
         self._leafpos: list[int] = []  # index in _leaves, -1 if not a leaf
+        self._leaves: list[int] = []   # slots of the leaves, in no order (swap-remove)
+        self._leaves_np: np.ndarray | None = None  # its numpy copy, rebuilt when stale
         self._free: list[int] = []
         self._dirty: list[int] = []
         self._tick_np = np.zeros(1024, np.int64)
         self._cls_np = np.zeros(1024, np.int64)
-        self._leaves = np.zeros(1024, np.int64)
-        self._nleaves = 0
+        self._rank_l: list[int] = self._rank.tolist()
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
@@ -611,12 +618,20 @@ class HitDensityPolicy(EvictionPolicy):
                     parents.append(p)
             par[s] = p
             new.append(s)
+        leaves = self._leaves
         for p in parents:
-            if lpos[p] >= 0:
-                self._leaf_del(p)
+            i = lpos[p]
+            if i >= 0:
+                moved = leaves.pop()
+                if moved != p:
+                    leaves[i] = moved
+                    lpos[moved] = i
+                lpos[p] = -1
         for s in new:
             if kids[s] == 0:
-                self._leaf_add(s)
+                lpos[s] = len(leaves)
+                leaves.append(s)
+        self._leaves_np = None
         self._dirty.extend(new)
         if self._now >= self._refresh_at:
             self._refresh()
@@ -652,10 +667,16 @@ class HitDensityPolicy(EvictionPolicy):
         s = self._slot.pop(key, None)
         if s is None:
             return
-        if self._leafpos[s] >= 0:
-            self._leaf_del(s)
+        lpos, leaves, kids = self._leafpos, self._leaves, self._kids
+        i = lpos[s]
+        if i >= 0:
+            moved = leaves.pop()
+            if moved != s:
+                leaves[i] = moved
+                lpos[moved] = i
+            lpos[s] = -1
+        self._leaves_np = None
         self._keys[s] = None
-        kids = self._kids
         p = self._parent[s]
         if p >= 0:
             kids[p] -= 1
@@ -663,29 +684,12 @@ class HitDensityPolicy(EvictionPolicy):
                 if self._dead[p]:
                     self._free.append(p)
                 else:
-                    self._leaf_add(p)
+                    lpos[p] = len(leaves)
+                    leaves.append(p)
         if kids[s] > 0:
             self._dead[s] = True  # its children still point here; recycled after the last one
         else:
             self._free.append(s)
-
-    def _leaf_add(self, s: int) -> None:
-        n = self._nleaves
-        if n >= len(self._leaves):
-            self._leaves = np.concatenate([self._leaves, np.zeros(len(self._leaves), np.int64)])
-        self._leaves[n] = s
-        self._leafpos[s] = n
-        self._nleaves = n + 1
-
-    def _leaf_del(self, s: int) -> None:
-        lpos = self._leafpos
-        i = lpos[s]
-        n = self._nleaves - 1
-        moved = int(self._leaves[n])
-        self._leaves[i] = moved
-        lpos[moved] = i
-        lpos[s] = -1
-        self._nleaves = n
 
     # ------------------------------------------------------------------ learning
 
@@ -717,7 +721,8 @@ class HitDensityPolicy(EvictionPolicy):
             self._ended //= 2
         alive = self._cells(values, now)
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
-        self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 8)
+        self._rank_l = self._rank.tolist()
+        self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
         """Histogram of history values by (class, age bin)."""
@@ -801,12 +806,14 @@ class HitDensityPolicy(EvictionPolicy):
         if count <= 0 or not self._slot:
             return []
         self._sync()
-        nl = self._nleaves
+        nl = len(self._leaves)
+        if self._leaves_np is None:
+            self._leaves_np = np.fromiter(self._leaves, np.int64, nl)
         sampled = self.SAMPLES * count < nl
-        cand = self._leaves[self._random(self.SAMPLES * count, nl)] if sampled else self._leaves[:nl]
+        cand = self._leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else self._leaves_np
         out = self._pick(cand, count, evictable, set())
         if len(out) < count and sampled:  # the sample ran short (pinned blocks): every leaf
-            out += self._pick(self._leaves[:self._nleaves], count - len(out), evictable, set(out))
+            out += self._pick(self._leaves_np, count - len(out), evictable, set(out))
         if len(out) < count:  # no evictable leaf is left: interior blocks, as a last resort
             taken = set(out)
             rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
@@ -831,7 +838,7 @@ class HitDensityPolicy(EvictionPolicy):
             key_l = sort_key[top].tolist()
             heap: list[tuple[int, int]] = []
             keys, par, dead, kids, tl, cl, rank = (
-                self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank)
+                self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank_l)
             kids_left: dict[int, int] = {}
             seen: set[int] = set()
             nb, now = self.BINS, self._now
@@ -950,9 +957,10 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     LFUPolicy.name: LFUPolicy,
     MRUPolicy.name: MRUPolicy,
 }
-#: The policy the master runs unless configured otherwise: measured on the FAST'25
-#: conversation trace with ``tools/bench_replay.py`` (>= LRU at every capacity).
-DEFAULT_POLICY = "paced"
+#: The policy the master runs unless configured otherwise: learned hit density, measured
+#: with ``tools/bench_replay.py`` on the FAST'25 conversation trace and on synthetic traces
+#: of other shapes (see the README's eviction section).
+DEFAULT_POLICY = "lhd"
 
 
 def make_policy(name: str | None = None) -> EvictionPolicy:
