@@ -444,7 +444,11 @@ def compare(
     *,
     with_belady: bool = True,
 ) -> dict:
-    """Policy vs LRU vs Belady at each capacity. Returns the report dict used by the CLI."""
+    """Policy vs LRU vs Belady at each capacity. Returns the report dict used by the CLI.
+
+    ``us_per_ref`` is the policy's cost per block reference at its costliest capacity (each
+    capacity's is in ``us_per_ref_by_capacity``); ``min_gain_vs_lru`` the worst cell.
+    """
     from kvpool.master.eviction import DEFAULT_POLICY
 
     pname = policy or DEFAULT_POLICY
@@ -456,6 +460,7 @@ def compare(
         b = belady(trace, cap) if with_belady else None
         rows.append((cap, p, lru, b))
     gains = [p.hit_rate / l.hit_rate for _, p, l, _ in rows if l.hit_rate > 0]
+    complete = len(gains) == len(rows)
     return {
         "bench": "replay",
         "trace": trace.name,
@@ -466,6 +471,10 @@ def compare(
         "policy": [round(p.hit_rate, 6) for _, p, _, _ in rows],
         "lru": [round(l.hit_rate, 6) for _, _, l, _ in rows],
         "belady": [round(b.hit_rate, 6) if b else None for *_, b in rows],
-        "geomean_gain_vs_lru": round(geomean(gains), 6) if len(gains) == len(rows) else None,
+        "geomean_gain_vs_lru": round(geomean(gains), 6) if complete else None,
+        "min_gain_vs_lru": round(min(gains), 6) if complete and gains else None,
+        "us_per_ref": round(max(p.us_per_ref for _, p, _, _ in rows), 3) if rows else None,
+        "us_per_ref_by_capacity": [round(p.us_per_ref, 3) for _, p, _, _ in rows],
+        "lru_us_per_ref_by_capacity": [round(l.us_per_ref, 3) for _, _, l, _ in rows],
         "_rows": rows,
     }

@@ -193,6 +193,11 @@ def test_load_trace_and_cli(tmp_path, capsys):
     assert last["lru"][0] == pytest.approx(4 / 15, abs=1e-6)
     assert last["belady"][0] == pytest.approx(7 / 15, abs=1e-6)
     assert last["geomean_gain_vs_lru"] == pytest.approx((6 / 4) ** 0.5, abs=1e-4)
+    assert list(last) == ["bench", "capacities", "policy", "lru", "belady", "geomean_gain_vs_lru",
+                          "min_gain_vs_lru", "us_per_ref"]
+    assert last["min_gain_vs_lru"] == pytest.approx(1.0, abs=1e-6)  # at 1000 blocks everyone hits the same
+    assert 0 < last["us_per_ref"] < 1000
+    assert "of belady" in out[1] and "us/ref" in out[1]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"timestamp": 0}\n')
