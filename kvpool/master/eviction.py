@@ -27,7 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -586,14 +586,32 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
-        classes = self._reference(keys, [1 if i.last else 0 for i in infos])
+        # One pass: the reference (history, reuse statistics) and the slot, per key.
+        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
+        olds = list(map(history.pop, keys, repeat(0)))
         kl, tl, cl, kids, par, dead, lpos, free = (
             self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
         new: list[int] = []
         parents: list[int] = []
-        now = self._now - len(keys)
-        for key, info, c in zip(keys, infos, classes):
+        values: list[int] = []
+        now = self._now
+        prev_key, prev_slot = None, -1
+        for key, info, old in zip(keys, infos, olds):
             now += 1
+            last = 1 if info.last else 0
+            if old:
+                count = (old >> 1) & 0xFF
+                last = old & 1
+                d = now - (old >> 9)
+                e = d.bit_length() - 1
+                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
+                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
+                if count < 255:
+                    count += 1
+            else:
+                count = 1
+            values.append((now << 9) | (count << 1) | last)
+            c = bucket[count] + last
             if free:
                 s = free.pop()
                 kl[s] = key
@@ -611,13 +629,23 @@ class HitDensityPolicy(EvictionPolicy):
                 dead.append(False)
                 lpos.append(-1)
             slot_of[key] = s
-            p = -1 if info.parent is None else slot_of.get(info.parent, -1)
-            if p >= 0:
+            parent = info.parent
+            if parent is None:
+                p = -1
+            elif parent == prev_key:  # the usual case: the block before it in this batch
+                p = prev_slot
                 kids[p] += 1
-                if lpos[p] >= 0:
-                    parents.append(p)
+            else:
+                p = slot_of.get(parent, -1)
+                if p >= 0:
+                    kids[p] += 1
+                    if lpos[p] >= 0:
+                        parents.append(p)
             par[s] = p
             new.append(s)
+            prev_key, prev_slot = key, s
+        history.update(zip(keys, values))
+        self._now = now
         leaves = self._leaves
         for p in parents:
             i = lpos[p]
@@ -702,19 +730,18 @@ class HitDensityPolicy(EvictionPolicy):
             self._pending = []
         now = self._now
         history = self._history
-        values = np.fromiter(history.values(), dtype=np.int64, count=len(history))
         cap = self.history_cap
         if len(history) > cap:
-            # Drop the oldest eighth beyond the cap in one pass (amortized O(1) per reference).
+            # Every reference re-inserts its key, so the dict is in order of last reference:
+            # the oldest keys are its first ones. Drop down to 7/8 of the cap.
             drop = len(history) - cap + cap // 8
-            ticks = values >> 9
-            cut = np.partition(ticks, drop)[drop]
-            keep = ticks >= cut
-            gone = values[~keep]
+            old = list(islice(history.items(), drop))
+            for key, _ in old:
+                del history[key]
+            gone = np.fromiter((v for _, v in old), dtype=np.int64, count=len(old))
             self._censored += self._cells(gone, now)
             self._ended += len(gone)
-            self._history = {k: v for k, v in history.items() if (v >> 9) >= cut}
-            values = values[keep]
+        values = np.fromiter(history.values(), dtype=np.int64, count=len(history))
         if self._ended > len(self._history):
             self._reused *= 0.5
             self._censored *= 0.5
@@ -808,7 +835,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._sync()
         nl = len(self._leaves)
         if self._leaves_np is None:
-            self._leaves_np = np.fromiter(self._leaves, np.int64, nl)
+            self._leaves_np = np.array(self._leaves, dtype=np.int64)
         sampled = self.SAMPLES * count < nl
         cand = self._leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else self._leaves_np
         out = self._pick(cand, count, evictable, set())
@@ -859,13 +886,32 @@ class HitDensityPolicy(EvictionPolicy):
                 if key is None or key in taken or not evictable(key):
                     continue
                 out.append(key)
+                # Walk up the chain while each parent becomes a leaf and is the best choice
+                # left (the common case: a dead chain peeled from its tail); a parent that is
+                # not the best yet waits in the heap.
+                # (A parent met here was not a leaf when the call began, so it is in no
+                # candidate list, and it reaches zero children only once: no ``seen`` check.)
                 p = par[s]
-                if leaves_only and p >= 0 and not dead[p]:
-                    left = kids_left.get(p, kids[p]) - 1
-                    kids_left[p] = left
-                    if left == 0:
-                        a = now - tl[p]
-                        heapq.heappush(heap, ((rank[cl[p] * nb + min(_age_bin(a), nb - 1)] << 40) - a, p))
+                while leaves_only and p >= 0 and not dead[p]:
+                    if kids[p] == 1 and p not in kids_left:
+                        kids_left[p] = 0
+                    else:
+                        left = kids_left[p] = kids_left.get(p, kids[p]) - 1
+                        if left:
+                            break
+                    a = now - tl[p]
+                    e = a.bit_length() - 1
+                    b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
+                    pk = (rank[cl[p] * nb + (b if b < nb else nb - 1)] << 40) - a
+                    if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
+                        key = keys[p]
+                        if key not in taken and evictable(key):
+                            out.append(key)
+                            p = par[p]
+                            continue
+                        break
+                    heapq.heappush(heap, (pk, p))
+                    break
             if len(out) >= count or k >= len(cand):
                 return out
             k = min(len(cand), 4 * k)  # too many were pinned or taken: look further down
