@@ -438,8 +438,8 @@ class HitDensityPolicy(EvictionPolicy):
     **Cost and memory.** Per reference: a few dict and list operations, batched per call
     (one put, one lease). Densities are recomputed with numpy when half as many references
     as the history holds have been made since the last time, and at least ``REFRESH_MIN``
-    (amortized O(1) per reference). A victim is chosen
-    among ``SAMPLES`` random leaves per requested victim, scored in one vectorized pass.
+    (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
+    requested victim (all leaves when there are fewer), scored in one vectorized pass.
     The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
     keys, never more than ``HISTORY_MAX``, at each recomputation, so it holds at most 1.5x
     that; about 150 bytes a key (a 16-byte key and one packed int in a dict): 30 MiB at
@@ -455,8 +455,9 @@ class HitDensityPolicy(EvictionPolicy):
     * ``HISTORY_PER_BLOCK = 4``: the history must remember keys for longer than the cache
       keeps them, or old blocks look worthless. A block in a cache of C blocks lives about
       C / (miss ratio) references; 4 x C covers miss ratios down to 25%. ``HISTORY_MIN =
-      2**17`` so that a small cache still learns reuse far beyond its own size (that is the
-      whole point), ``HISTORY_MAX = 2**22`` bounds memory.
+      2**17`` keys (about 20 MiB) so that a small cache still learns reuse far beyond its own
+      size, which is the whole point; it is a memory budget, not a fit. ``HISTORY_MAX =
+      2**22`` bounds memory for huge tiers.
     * Reference-count buckets in powers of two (1, 2-3, 4-7, 8+): reuse probability grows
       with past references and flattens out; doubling buckets keep four classes populated.
     * Statistics are halved each time as many intervals have ended as the history holds,

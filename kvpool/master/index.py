@@ -565,12 +565,19 @@ class BlockIndex:
         chosen: list[Entry] = []
         taken: set[bytes] = set()
         total = 0
+        blocks = self._blocks
+
+        def evictable(key: bytes) -> bool:  # called per candidate: kept to one frame
+            if key in taken:
+                return False
+            entry = blocks.get(key)
+            return entry is not None and entry.pins == 0
+
         while want_bytes is None or total < want_bytes:
             if want_bytes is not None and block_bytes > 0:
                 ask = -(-(want_bytes - total) // block_bytes)
             else:
                 ask = 64 + len(taken)
-            evictable = lambda k: k not in taken and self._evictable(k)  # noqa: E731
             batch = [k for k in policy.select_victims(ask, evictable)
                      if self._holds(k, node_id, tier) and evictable(k)]
             if not batch:
