@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice, repeat
+from operator import itemgetter
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -830,11 +831,36 @@ class HitDensityPolicy(EvictionPolicy):
         age = self._now - self._tick_np[slots]
         return (self._rank[self._cls_np[slots] * self.BINS + np.searchsorted(self._edges, age, "right")] << 40) - age
 
+    def _ranked_few(self) -> tuple[list[int], list[int]]:
+        """Every leaf with its sort key, best victim first, computed in Python: when there are
+        few leaves, a dozen numpy calls cost more than the work itself. Same keys, same
+        order (a stable sort of the leaf list) as the vectorized path."""
+        now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank_l
+        keyed = []
+        for s in self._leaves:
+            a = now - tl[s]
+            e = a.bit_length() - 1
+            b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
+            keyed.append(((rank[cl[s] * nb + (b if b < nb else nb - 1)] << 40) - a, s))
+        keyed.sort(key=itemgetter(0))
+        return [s for _, s in keyed], [k for k, _ in keyed]
+
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         if count <= 0 or not self._slot:
             return []
-        self._sync()
         nl = len(self._leaves)
+        if nl <= 2 * count + 16:  # every leaf would be in the top k of the vectorized path
+            cand_l, key_l = self._ranked_few()
+            out = self._walk(cand_l, key_l, count, evictable, set(), True)
+            if len(out) < count:
+                taken = set(out)
+                self._sync()
+                rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
+                out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
+            if len(self._dirty) > len(self._keys):  # the mirrors are not read on this path: bound the backlog
+                self._sync()
+            return out
+        self._sync()
         if self._leaves_np is None:
             self._leaves_np = np.array(self._leaves, dtype=np.int64)
         sampled = self.SAMPLES * count < nl
@@ -864,58 +890,66 @@ class HitDensityPolicy(EvictionPolicy):
                 top = np.argsort(sort_key, kind="stable")
             cand_l = cand[top].tolist()
             key_l = sort_key[top].tolist()
-            heap: list[tuple[int, int]] = []
-            keys, par, dead, kids, tl, cl, rank = (
-                self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank_l)
-            kids_left: dict[int, int] = {}
-            seen: set[int] = set()
-            nb, now = self.BINS, self._now
-            i, n = 0, len(cand_l)
-            out.clear()
-            while len(out) < count:
-                if heap and (i >= n or heap[0][0] < key_l[i]):
-                    s = heapq.heappop(heap)[1]
-                elif i < n:
-                    s = cand_l[i]
-                    i += 1
-                else:
-                    break
-                if s in seen:
-                    continue
-                seen.add(s)
-                key = keys[s]
-                if key is None or key in taken or not evictable(key):
-                    continue
-                out.append(key)
-                # Walk up the chain while each parent becomes a leaf and is the best choice
-                # left (the common case: a dead chain peeled from its tail); a parent that is
-                # not the best yet waits in the heap.
-                # (A parent met here was not a leaf when the call began, so it is in no
-                # candidate list, and it reaches zero children only once: no ``seen`` check.)
-                p = par[s]
-                while leaves_only and p >= 0 and not dead[p]:
-                    if kids[p] == 1 and p not in kids_left:
-                        kids_left[p] = 0
-                    else:
-                        left = kids_left[p] = kids_left.get(p, kids[p]) - 1
-                        if left:
-                            break
-                    a = now - tl[p]
-                    e = a.bit_length() - 1
-                    b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-                    pk = (rank[cl[p] * nb + (b if b < nb else nb - 1)] << 40) - a
-                    if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
-                        key = keys[p]
-                        if key not in taken and evictable(key):
-                            out.append(key)
-                            p = par[p]
-                            continue
-                        break
-                    heapq.heappush(heap, (pk, p))
-                    break
+            out = self._walk(cand_l, key_l, count, evictable, taken, leaves_only)
             if len(out) >= count or k >= len(cand):
                 return out
             k = min(len(cand), 4 * k)  # too many were pinned or taken: look further down
+
+
+    def _walk(self, cand_l: list[int], key_l: list[int], count: int, evictable, taken: set,
+              leaves_only: bool) -> list[bytes]:
+        """Take victims from candidates sorted by key; a victim's parent that becomes a leaf
+        competes at once."""
+        heap: list[tuple[int, int]] = []
+        keys, par, dead, kids, tl, cl, rank = (
+            self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank_l)
+        kids_left: dict[int, int] = {}
+        seen: set[int] = set()
+        nb, now = self.BINS, self._now
+        i, n = 0, len(cand_l)
+        out: list[bytes] = []
+        while len(out) < count:
+            if heap and (i >= n or heap[0][0] < key_l[i]):
+                s = heapq.heappop(heap)[1]
+            elif i < n:
+                s = cand_l[i]
+                i += 1
+            else:
+                break
+            if s in seen:
+                continue
+            seen.add(s)
+            key = keys[s]
+            if key is None or key in taken or not evictable(key):
+                continue
+            out.append(key)
+            # Walk up the chain while each parent becomes a leaf and is the best choice
+            # left (the common case: a dead chain peeled from its tail); a parent that is
+            # not the best yet waits in the heap.
+            # (A parent met here was not a leaf when the call began, so it is in no
+            # candidate list, and it reaches zero children only once: no ``seen`` check.)
+            p = par[s]
+            while leaves_only and p >= 0 and not dead[p]:
+                if kids[p] == 1 and p not in kids_left:
+                    kids_left[p] = 0
+                else:
+                    left = kids_left[p] = kids_left.get(p, kids[p]) - 1
+                    if left:
+                        break
+                a = now - tl[p]
+                e = a.bit_length() - 1
+                b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
+                pk = (rank[cl[p] * nb + (b if b < nb else nb - 1)] << 40) - a
+                if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
+                    key = keys[p]
+                    if key not in taken and evictable(key):
+                        out.append(key)
+                        p = par[p]
+                        continue
+                    break
+                heapq.heappush(heap, (pk, p))
+                break
+        return out
 
 
 class FIFOPolicy(LRUPolicy):
