@@ -614,13 +614,11 @@ class HitDensityPolicy(EvictionPolicy):
                 count = 1
             values.append((now << 9) | (count << 1) | last)
             c = bucket[count] + last
-            if free:
+            if free:  # a free slot has no children and is not dead (see remove)
                 s = free.pop()
                 kl[s] = key
                 tl[s] = now
                 cl[s] = c
-                kids[s] = 0
-                dead[s] = False
             else:
                 s = len(kl)
                 kl.append(key)
@@ -712,6 +710,7 @@ class HitDensityPolicy(EvictionPolicy):
             kids[p] -= 1
             if kids[p] == 0:
                 if self._dead[p]:
+                    self._dead[p] = False
                     self._free.append(p)
                 else:
                     lpos[p] = len(leaves)
