@@ -515,7 +515,8 @@ class HitDensityPolicy(EvictionPolicy):
         self._dead: list[bool] = []   # removed while it still had children: freed by the last
         self._leafpos: list[int] = []  # index in _leaves, -1 if not a leaf
         self._leaves: list[int] = []   # slots of the leaves, in no order (swap-remove)
-        self._leaves_np: np.ndarray | None = None  # its numpy copy, rebuilt when stale
+        self._leaves_np = np.zeros(1024, np.int64)  # its numpy copy, for sampling and scoring
+        self._leaf_moves: list[int] = []  # positions of _leaves written since the copy was synced
         self._free: list[int] = []
         self._dirty: list[int] = []
         self._tick_np = np.zeros(1024, np.int64)
@@ -646,7 +647,7 @@ class HitDensityPolicy(EvictionPolicy):
             prev_key, prev_slot = key, s
         history.update(zip(keys, values))
         self._now = now
-        leaves = self._leaves
+        leaves, moves = self._leaves, self._leaf_moves
         for p in parents:
             i = lpos[p]
             if i >= 0:
@@ -654,12 +655,13 @@ class HitDensityPolicy(EvictionPolicy):
                 if moved != p:
                     leaves[i] = moved
                     lpos[moved] = i
+                    moves.append(i)
                 lpos[p] = -1
         for s in new:
             if kids[s] == 0:
                 lpos[s] = len(leaves)
+                moves.append(len(leaves))
                 leaves.append(s)
-        self._leaves_np = None
         self._dirty.extend(new)
         if self._now >= self._refresh_at:
             self._refresh()
@@ -702,8 +704,8 @@ class HitDensityPolicy(EvictionPolicy):
             if moved != s:
                 leaves[i] = moved
                 lpos[moved] = i
+                self._leaf_moves.append(i)
             lpos[s] = -1
-        self._leaves_np = None
         self._keys[s] = None
         p = self._parent[s]
         if p >= 0:
@@ -714,6 +716,7 @@ class HitDensityPolicy(EvictionPolicy):
                     self._free.append(p)
                 else:
                     lpos[p] = len(leaves)
+                    self._leaf_moves.append(len(leaves))
                     leaves.append(p)
         if kids[s] > 0:
             self._dead[s] = True  # its children still point here; recycled after the last one
@@ -815,6 +818,23 @@ class HitDensityPolicy(EvictionPolicy):
             self._cls_np[idx] = np.fromiter(map(self._cls.__getitem__, dirty), np.int64, len(dirty))
             dirty.clear()
 
+    def _sync_leaves(self) -> np.ndarray:
+        """The leaf list as a numpy array: only the positions written since the last call
+        are copied."""
+        leaves, moves = self._leaves, self._leaf_moves
+        nl = len(leaves)
+        if nl > len(self._leaves_np):
+            grown = np.zeros(max(nl, 2 * len(self._leaves_np)), np.int64)
+            grown[: len(self._leaves_np)] = self._leaves_np
+            self._leaves_np = grown
+        if moves:
+            live = [i for i in moves if i < nl]
+            if live:
+                self._leaves_np[np.array(live, dtype=np.int64)] = np.fromiter(
+                    map(leaves.__getitem__, live), np.int64, len(live))
+            moves.clear()
+        return self._leaves_np[:nl]
+
     def _random(self, n: int, high: int) -> np.ndarray:
         """``n`` uniform ints in [0, high), cut from a buffer drawn in bulk (numpy's per-call
         overhead is larger than a draw of a thousand numbers)."""
@@ -858,15 +878,16 @@ class HitDensityPolicy(EvictionPolicy):
                 out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
             if len(self._dirty) > len(self._keys):  # the mirrors are not read on this path: bound the backlog
                 self._sync()
+            if len(self._leaf_moves) > 4 * nl + 64:
+                self._sync_leaves()
             return out
         self._sync()
-        if self._leaves_np is None:
-            self._leaves_np = np.array(self._leaves, dtype=np.int64)
+        leaves_np = self._sync_leaves()
         sampled = self.SAMPLES * count < nl
-        cand = self._leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else self._leaves_np
+        cand = leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else leaves_np
         out = self._pick(cand, count, evictable, set())
         if len(out) < count and sampled:  # the sample ran short (pinned blocks): every leaf
-            out += self._pick(self._leaves_np, count - len(out), evictable, set(out))
+            out += self._pick(leaves_np, count - len(out), evictable, set(out))
         if len(out) < count:  # no evictable leaf is left: interior blocks, as a last resort
             taken = set(out)
             rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
