@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 
 from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull, Unavailable
 from kvpool.identity import KEY_BYTES, Namespace, split_keys
-from kvpool.master.eviction import DEFAULT_POLICY, BlockInfo, EvictionPolicy, make_policy
+from kvpool.master.eviction import DEFAULT_POLICY, POLICIES, BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
 from kvpool.wire import pack_record, pack_slot
@@ -114,6 +114,9 @@ class PutGrant:
     put_id: str
     entries: dict[bytes, Entry]
     expires_at: float
+    #: Where each granted block sits in the chain the writer sent: (parent key, last in the
+    #: batch). The eviction policy hears it at commit (BlockInfo.parent, BlockInfo.last).
+    links: dict[bytes, tuple[bytes | None, bool]] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,12 +150,16 @@ class NamespaceInfo:
 
 class BlockIndex:
     def __init__(self, nodes: NodeRegistry, config: IndexConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 policy_factory: Callable[[str], EvictionPolicy] = make_policy) -> None:
         self.nodes = nodes
         self.config = config or IndexConfig()
         self.clock = clock
         self.started = clock()
-        make_policy(self.config.eviction_policy)  # fail fast on an unknown name
+        #: Makes each tier's policy from its name (``kvpool replay`` wraps it to time and check calls).
+        self.policy_factory = policy_factory
+        if self.config.eviction_policy not in POLICIES:
+            make_policy(self.config.eviction_policy)  # raises, naming the known policies
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._blocks: dict[bytes, Entry] = {}        # committed, visible
         self._pending: dict[bytes, Entry] = {}       # granted, not yet committed
@@ -241,11 +248,12 @@ class BlockIndex:
         statuses: list[int] = []
         wanted: list[int] = []
         seen: set[bytes] = set()
+        present: list[Entry] = []
         for i, key in enumerate(keys):
             entry = self._blocks.get(key)
             if entry is not None:
                 statuses.append(PUT_PRESENT)
-                self._touch(entry)  # about to be reused: keep it out of this put's evictions
+                present.append(entry)
                 self.counters.dedup_blocks += 1
             elif key in self._pending or key in seen:
                 statuses.append(PUT_IN_FLIGHT)
@@ -253,6 +261,10 @@ class BlockIndex:
                 statuses.append(PUT_GRANTED)
                 wanted.append(i)
                 seen.add(key)
+        # Present blocks are about to be reused: touch them so this put's evictions spare
+        # them. A pinned one is safe anyway and its reader's access is counted when the
+        # lease ends, so touching it too would count one use twice.
+        self._touch_many([e for e in present if e.pins == 0])
         granted: dict[bytes, Entry] = {}
         if wanted:
             node, tier = self._place(info.block_bytes, len(wanted), tier, client_host, set(exclude))
@@ -272,6 +284,9 @@ class BlockIndex:
                 raise
         grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s)
         if granted:
+            # Consecutive keys of one batch are parent and child (a key names its prefix).
+            last = len(keys) - 1
+            grant.links = {keys[i]: (keys[i - 1] if i else None, i == last) for i in wanted}
             self._pending.update(granted)
             self._grants[grant.put_id] = grant
         return grant, statuses
@@ -307,6 +322,7 @@ class BlockIndex:
                 )
         del self._grants[put_id]
         now = self.clock()
+        entering: dict[tuple[int, str], tuple[list[bytes], list[BlockInfo]]] = {}
         for key, checksum in zip(keys, checksums):
             entry = grant.entries.pop(key)
             del self._pending[key]
@@ -315,11 +331,18 @@ class BlockIndex:
             entry.update_record()
             entry.last_access = now
             self._blocks[key] = entry
-            self._enter(entry, entry.mem_tier)
+            parent, last = grant.links.get(key, (None, False))
+            batch = entering.setdefault((entry.node_id, entry.mem_tier), ([], []))
+            batch[0].append(key)
+            batch[1].append(BlockInfo(entry.size, entry.position, entry.ns, parent, last))
             if self.config.write_through:
                 self.committed.append(entry)
             self.counters.put_blocks += 1
             self.counters.put_bytes += entry.slot.size
+        # One batched call per policy, in chain order: a policy learns parents from it.
+        for tk, (batch_keys, infos) in entering.items():
+            self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + len(batch_keys)
+            self._policy(*tk).insert_many(batch_keys, infos)
         released = self._release_grant_entries(grant)
         self.enforce_watermarks()
         return len(keys), released
@@ -453,11 +476,15 @@ class BlockIndex:
             return False
         return True
 
-    def _touch(self, entry: Entry) -> None:
-        if entry.mem is not None:
-            self._policy(entry.node_id, entry.mem_tier).access(entry.key)
-        if entry.nvme is not None:
-            self._policy(entry.node_id, NVME).access(entry.key)
+    def _touch_many(self, entries: list[Entry]) -> None:
+        touched: dict[tuple[int, str], list[bytes]] = {}
+        for entry in entries:
+            if entry.mem is not None:
+                touched.setdefault((entry.node_id, entry.mem_tier), []).append(entry.key)
+            if entry.nvme is not None:
+                touched.setdefault((entry.node_id, NVME), []).append(entry.key)
+        for tk, keys in touched.items():
+            self._policy(*tk).access_many(keys)
 
     # ------------------------------------------------------------------ removal and eviction
 
@@ -519,20 +546,47 @@ class BlockIndex:
         entry = self._blocks.get(key)
         return entry is not None and entry.pins == 0
 
-    def victims(self, node_id: int, tier: str, want_bytes: int | None) -> list[Entry]:
-        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all)."""
+    def _holds(self, key: bytes, node_id: int, tier: str) -> bool:
+        """Whether ``key`` is a committed block with a copy in this node's ``tier``."""
+        entry = self._blocks.get(key)
+        if entry is None or entry.node_id != node_id:
+            return False
+        return entry.nvme is not None if tier == NVME else (entry.mem is not None and entry.mem_tier == tier)
+
+    def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> list[Entry]:
+        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all).
+
+        ``block_bytes`` (the size of the blocks being placed, when known) sizes the request
+        to the policy: sampling policies choose better when asked for what is needed.
+        The policy's answers are checked: a key that is not an unpinned, committed block of
+        this index is never evicted, whatever the policy says.
+        """
         policy = self._policies.get((node_id, tier))
         if policy is None:
             return []
         chosen: list[Entry] = []
         taken: set[bytes] = set()
         total = 0
+        blocks = self._blocks
+
+        def evictable(key: bytes) -> bool:  # called per candidate: kept to one frame
+            if key in taken:
+                return False
+            entry = blocks.get(key)
+            return entry is not None and entry.pins == 0
+
         while want_bytes is None or total < want_bytes:
-            batch = policy.select_victims(64 + len(taken), lambda k: k not in taken and self._evictable(k))
-            batch = [k for k in batch if k not in taken]
+            if want_bytes is not None and block_bytes > 0:
+                ask = -(-(want_bytes - total) // block_bytes)
+            else:
+                ask = 64 + len(taken)
+            batch = [k for k in policy.select_victims(ask, evictable)
+                     if self._holds(k, node_id, tier) and evictable(k)]
             if not batch:
                 break
             for key in batch:
+                if key in taken:
+                    continue
                 entry = self._blocks[key]
                 chosen.append(entry)
                 taken.add(key)
@@ -556,9 +610,9 @@ class BlockIndex:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
 
-    def _evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
+    def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
-        victims = self.victims(node_id, tier, want_bytes)
+        victims = self.victims(node_id, tier, want_bytes, block_bytes)
         freed = sum(e.size for e in victims)
         for entry in victims:
             self.drop_copy(entry, tier)
@@ -570,7 +624,7 @@ class BlockIndex:
     def _make_room(self, node: NodeHandle, tier: str, size: int, count: int) -> None:
         need = count - node.free_slots_for(tier, size)
         if need > 0:
-            self._evict_from(node.node_id, tier, need * size)
+            self._evict_from(node.node_id, tier, need * size, size)
 
     def evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
         """Evict one tier of one node in policy order (the tiering task's NVMe eviction): the
@@ -720,7 +774,7 @@ class BlockIndex:
     def _policy(self, node_id: int, tier: str) -> EvictionPolicy:
         policy = self._policies.get((node_id, tier))
         if policy is None:
-            policy = self._policies[(node_id, tier)] = make_policy(self.config.eviction_policy)
+            policy = self._policies[(node_id, tier)] = self.policy_factory(self.config.eviction_policy)
         return policy
 
     def _place(self, size: int, count: int, prefer: str = "", client_host: str = "",
