@@ -305,6 +305,7 @@ class BlockIndex:
                 )
         del self._grants[put_id]
         now = self.clock()
+        committed: list[Entry] = []
         for key, checksum in zip(keys, checksums):
             entry = grant.entries.pop(key)
             del self._pending[key]
@@ -318,6 +319,9 @@ class BlockIndex:
                 self.committed.append(entry)
             self.counters.put_blocks += 1
             self.counters.put_bytes += entry.slot.size
+            committed.append(entry)
+        if committed:  # one grant places all its blocks on one node
+            self.nodes.get(committed[0].node_id).note_resident(committed)
         released = self._release_grant_entries(grant)
         self.enforce_watermarks()
         return len(keys), released
@@ -641,6 +645,7 @@ class BlockIndex:
         entry.mem_tier = DRAM
         entry.update_record()
         self._enter(entry, DRAM)
+        self.nodes.get(entry.node_id).note_resident([entry])
         self.counters.promoted_blocks += 1
 
     def corrupt(self, entry: Entry, dram_slot: Slot | None) -> None:
@@ -692,7 +697,12 @@ class BlockIndex:
         now = self.clock()
         adopted = 0
         for key, slot, checksum, ns in blocks:
-            if key in self._blocks:
+            entry = self._blocks.get(key)
+            if entry is not None:
+                if entry.node_id == node_id and entry.nvme is None and entry.checksum == checksum:
+                    entry.nvme = slot  # its memory copy came back too (adopt_memory)
+                    self._enter(entry, NVME)
+                    adopted += 1
                 continue
             entry = Entry(key, ns, node_id, None, slot, -1, now)
             entry.state = COMMITTED
@@ -700,6 +710,28 @@ class BlockIndex:
             entry.update_record()
             self._blocks[key] = entry
             self._enter(entry, NVME)
+            adopted += 1
+        return adopted
+
+    def adopt_memory(self, node_id: int, blocks) -> int:
+        """Index blocks a node still holds in memory (``key, slot, checksum, namespace, tier``),
+        reported when it registers again with the same process: its master restarted. The
+        slots are claimed on the node's handle already; a key the index has elsewhere keeps
+        that copy, and this slot is freed."""
+        now = self.clock()
+        node = self.nodes.get(node_id)
+        adopted = 0
+        for key, slot, checksum, ns, tier in blocks:
+            entry = self._blocks.get(key)
+            if entry is not None:
+                node.free(tier, slot)
+                continue
+            entry = Entry(key, ns, node_id, slot, None, -1, now, tier)
+            entry.state = COMMITTED
+            entry.checksum = checksum
+            entry.update_record()
+            self._blocks[key] = entry
+            self._enter(entry, tier)
             adopted += 1
         return adopted
 

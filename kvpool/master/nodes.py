@@ -36,6 +36,10 @@ class NodeHandle(Protocol):
     def free(self, tier: str, slot: Slot) -> None:
         """Return a slot. The master calls this exactly once per allocated slot."""
 
+    def note_resident(self, entries) -> None:
+        """These committed index entries now have their memory copy on this node (see
+        :mod:`kvpool.node.resident`: a node in another process learns it in the background)."""
+
     def free_slots_for(self, tier: str, size: int) -> int:
         """How many more blocks of ``size`` the tier can take without eviction."""
 

@@ -10,6 +10,11 @@ the network. The node reports its NVMe usage with every reply and heartbeat.
 new node id: the index forgets everything about an earlier incarnation of the same node
 (its memory is gone) and adopts what the node found on its NVMe. A node that misses its
 heartbeats is forgotten the same way.
+
+**Nodes are the truth for their bytes.** Every change to which memory slot holds which
+committed block is journaled here, numbered, and sent to the node on the answer to its next
+heartbeats until the node says it applied it (:mod:`kvpool.node.resident`). A node whose
+master restarted registers with the memory blocks it still holds, and they are served again.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class RemoteNode:
         self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
         self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
+        # Changes to the node's memory slots not yet applied by the node: (tier, slot, entry
+        # or None). _journal[0] has sequence number _journal_base + 1.
+        self._journal: list[tuple[str, Slot, object]] = []
+        self._journal_base = 0
         # Opened at the first tier movement, on the event loop that needs it.
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeControlStub | None = None
@@ -87,6 +96,54 @@ class RemoteNode:
 
     def free(self, tier: str, slot: Slot) -> None:
         self._memory[tier].free(slot)
+        self._journal.append((tier, slot, None))
+
+    def note_resident(self, entries) -> None:
+        # Only a reference here: the change is encoded when a heartbeat carries it, off the
+        # put's path. The slot is copied now, since the entry's memory copy can move later.
+        self._journal.extend((e.mem_tier, e.mem, e) for e in entries)
+
+    def claim(self, tier: str, slot: Slot) -> bool:
+        """Take a slot the node reports holding a committed block (master restart)."""
+        allocator = self._memory.get(tier)
+        if allocator is None:
+            return False
+        try:
+            allocator.claim(slot)
+        except (ValueError, RuntimeError):
+            return False
+        return True
+
+    # The journal of memory-slot changes ------------------------------------------
+
+    @property
+    def journal_seq(self) -> int:
+        """The sequence number of the newest change."""
+        return self._journal_base + len(self._journal)
+
+    @property
+    def unapplied_changes(self) -> int:
+        return len(self._journal)
+
+    def applied(self, seq: int) -> None:
+        """The node applied every change up to ``seq``: stop resending them."""
+        done = min(max(0, seq - self._journal_base), len(self._journal))
+        if done:
+            del self._journal[:done]
+            self._journal_base += done
+
+    def changes(self, limit: int = 65536) -> tuple[list[node_pb2.ResidentBlock], int, bool]:
+        """The oldest unapplied changes (at most ``limit``), the last one's number, and
+        whether more wait."""
+        batch = self._journal[:limit]
+        out = []
+        for tier, slot, entry in batch:
+            if entry is None:
+                out.append(node_pb2.ResidentBlock(tier=tier, offset=slot.offset, size=slot.size))
+            else:
+                out.append(node_pb2.ResidentBlock(tier=tier, offset=slot.offset, size=slot.size, key=entry.key,
+                                                  checksum=entry.checksum, namespace_id=entry.ns))
+        return out, self._journal_base + len(batch), len(self._journal) > limit
 
     def free_slots_for(self, tier: str, size: int) -> int:
         if tier in self._memory:
@@ -105,6 +162,19 @@ class RemoteNode:
     def recover(self) -> list[tuple[bytes, Slot, int, str]]:
         recovered, self._recovered = self._recovered, []
         return recovered
+
+    def recover_memory(self, blocks) -> list[tuple[bytes, Slot, int, str, str]]:
+        """Claim the slots of the memory blocks a node reported at registration; returns the
+        (key, slot, checksum, namespace, tier) of those claimed. A slot that cannot be
+        claimed (off the grid, overlapping) is told to the node as empty."""
+        out = []
+        for b in blocks:
+            slot = Slot(b.offset, b.size)
+            if len(b.key) == 16 and self.claim(b.tier, slot):
+                out.append((b.key, slot, b.checksum, b.namespace_id, b.tier))
+            else:
+                self._journal.append((b.tier, slot, None))
+        return out
 
     # NodeHandle: tier movement (over gRPC) ----------------------------------
 
@@ -178,9 +248,10 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self._next_id += 1
         node = RemoteNode(node_id, request, self.index.clock)
         self.index.nodes.add(node)
+        in_memory = self.index.adopt_memory(node_id, node.recover_memory(request.memory_blocks))
         adopted = self.index.adopt(node_id, node.recover())
-        log.info("node %s joined as id %d at %s; %d blocks on its NVMe", node.name, node_id,
-                 request.control_address, adopted)
+        log.info("node %s joined as id %d at %s; %d blocks in its memory, %d on its NVMe", node.name, node_id,
+                 request.control_address, in_memory, adopted)
         return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval)
 
     @rpc
@@ -189,7 +260,9 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         if not isinstance(node, RemoteNode) or node.incarnation != request.incarnation:
             return node_pb2.HeartbeatResponse(register_again=True)
         node.heartbeat(request.tiers)
-        return node_pb2.HeartbeatResponse()
+        node.applied(request.applied_seq)
+        changes, seq, more = node.changes()
+        return node_pb2.HeartbeatResponse(changes=changes, changes_seq=seq, more=more)
 
     async def sweep(self) -> None:
         """Forget nodes that stopped sending heartbeats; close channels of forgotten ones."""

@@ -326,6 +326,7 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
                 control_address=getattr(node, "control_address", ""),
                 seconds_since_heartbeat=0.0 if last_seen is None else now - last_seen,
                 transports=_transport_summary(node.endpoint()),
+                unapplied_changes=getattr(node, "unapplied_changes", 0),
             )
             info.tiers.extend(t for t in stats.tiers if t.node_id == node.node_id)
         return resp

@@ -103,16 +103,36 @@ class NodeAgent:
         # A new capability key at every registration: grants and leases a master signed for an
         # earlier registration (whose blocks it has forgotten) stop working on this node.
         key = new_data_key()
+        # Hashing every memory block is I/O-sized work: off the loop that serves the master.
+        memory = await asyncio.to_thread(self.node.resident.verified, self.node.host_arenas())
         req = node_pb2.RegisterNodeRequest(
             name=self.node.name, control_address=self.control_address, incarnation=self.incarnation,
-            tiers=_geometry(self.node), nvme_blocks=self._blocks(), data_key=key)
+            tiers=_geometry(self.node), nvme_blocks=self._blocks(), data_key=key, epoch=self.node.epoch,
+            memory_blocks=[node_pb2.ResidentBlock(tier=b.tier, offset=b.offset, size=b.size, key=b.key,
+                                                  checksum=b.checksum, namespace_id=b.namespace_id)
+                           for b in memory])
         self.node.endpoint().fill(req.endpoint)
         resp = await self._stub.RegisterNode(req, timeout=30)
         self.node.set_identity(resp.node_id, key)
+        self.node.resident.reset_seq()  # this master numbers its changes from 1
         self.node_id = resp.node_id
         self.interval = resp.heartbeat_interval_s or 1.0
-        log.info("registered with master %s as node %d (%d blocks on NVMe)", self.master_address,
-                 self.node_id, len(req.nvme_blocks))
+        log.info("registered with master %s as node %d (%d blocks in memory, %d on NVMe)", self.master_address,
+                 self.node_id, len(req.memory_blocks), len(req.nvme_blocks))
+
+    async def heartbeat(self) -> bool:
+        """One heartbeat; applies the master's changes. False: the master asks to register again."""
+        resident = self.node.resident
+        while True:
+            resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
+                node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node),
+                applied_seq=resident.applied_seq), timeout=10)
+            if resp.register_again:
+                return False
+            if resp.changes_seq:
+                resident.apply(resp.changes, resp.changes_seq)
+            if not resp.more:
+                return True
 
     async def run(self) -> None:
         """Register, then heartbeat forever; re-register whenever the master asks."""
@@ -121,9 +141,7 @@ class NodeAgent:
                 if self.node_id is None:
                     await self.register()
                 else:
-                    resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
-                        node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node)), timeout=10)
-                    if resp.register_again:
+                    if not await self.heartbeat():
                         log.info("master %s asks this node to register again", self.master_address)
                         self.node_id = None
                         continue
