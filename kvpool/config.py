@@ -73,8 +73,23 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
+    #: Redis URL (redis://host:port/db) for shared metadata and leader election among
+    #: several masters; empty: this master keeps its metadata in memory only.
+    redis: str = ""
+    #: Prefix of every Redis key; masters of one pool share it.
+    redis_prefix: str = "kvpool"
+    #: Seconds a leader's lease lives unless renewed: a standby takes over this long after
+    #: the leader stops.
+    leader_ttl: float = 3.0
+    #: Address that standbys hand clients and nodes to reach this master when it leads, when
+    #: it binds a wildcard address. Empty: the bind address.
+    advertise_host: str = ""
 
     def validate(self) -> None:
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis {self.redis!r}: give a URL such as redis://127.0.0.1:6379/0")
+        if self.leader_ttl <= 0:
+            raise ValueError("leader_ttl must be positive seconds")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
         if not -1 <= self.metrics_port < 65536:

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +34,11 @@ from kvpool.metrics import Metrics
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc, pool_pb2, pool_pb2_grpc
 
-__all__ = ["PoolServer", "GRPC_OPTIONS"]
+__all__ = ["PoolServer", "GRPC_OPTIONS", "METADATA_HEALTH"]
+
+#: Health-check service name that says whether the metadata store (Redis) is reachable; the
+#: pool itself ("") stays SERVING from memory while it is not.
+METADATA_HEALTH = "kvpool.metadata"
 
 log = logging.getLogger("kvpool.serve")
 
@@ -61,6 +67,11 @@ class PoolServer:
         self.tiering: Tiering | None = None
         self.port = 0
         self.metrics_port = -1
+        #: With --redis: the metadata store, the leader's lease and the task that leads.
+        self.meta = None
+        self.lease = None
+        self._leading: asyncio.Task | None = None
+        self._serving = False
 
     async def start(self) -> None:
         s, t = self.settings, self.tiers
@@ -84,9 +95,26 @@ class PoolServer:
         self.tiering = Tiering(self.index, write_through=s.write_through)
         self.metrics = Metrics(self.index)
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
+        interceptors = []
+        if s.redis:
+            from kvpool.master.gate import LeaderGate
+            from kvpool.master.leader import LeaderLease
+            from kvpool.master.metastore import MetaCollector, RedisMeta
+
+            self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
+            self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
+            interceptors.append(LeaderGate(lambda: self._serving and self.lease.valid(),
+                                           lambda: self.lease.leader_address))
+            self.metrics.registry.register(MetaCollector(self.meta, self.lease))
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+        servicers = [PoolServicer(self.index, self.metrics, self.tiering),
+                     AdminServicer(self.index, self.metrics, self.tiering)]
+        if self.meta is not None:
+            for servicer in servicers:
+                servicer.durable = self.meta.durable
+                servicer.describe_store = self._describe_store
+        pool_pb2_grpc.add_KVPoolServicer_to_server(servicers[0], server)
+        admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], server)
         self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval)
         node_pb2_grpc.add_RegistryServicer_to_server(self.registry, server)
         health_servicer = health.aio.HealthServicer()
@@ -111,8 +139,21 @@ class PoolServer:
         self._server = server
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        self._health = health_servicer
         self._sweeper = asyncio.create_task(self._sweep())
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        if self.meta is not None:
+            self.lease.address = f"{s.advertise_host or s.host}:{self.port}"
+            await health_servicer.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            self._leading = asyncio.create_task(self._lead(metrics))
+            log.info("kvpool master standby grpc=%s:%d metrics=%s redis=%s (serving once it holds the lease)",
+                     s.host, self.port, metrics, s.redis)
+            return
+        self._serving = True
+        self._ready(metrics)
+
+    def _ready(self, metrics: str) -> None:
+        s, t = self.settings, self.tiers
         if self.node is None:
             log.info("kvpool master ready grpc=%s:%d metrics=%s policy=%s (nodes join with: kvpool node "
                      "--master %s:%d)", s.host, self.port, metrics, s.eviction_policy, s.host, self.port)
@@ -128,6 +169,44 @@ class PoolServer:
                  "on" if ep.ucx_worker_address else "off", size("dram"), size("hbm"), size("nvme"), shm,
                  s.eviction_policy, os.path.abspath(t.data_dir))
 
+    async def _lead(self, metrics: str) -> None:
+        """Wait for the lease, take over the metadata in Redis, serve; step down if deposed."""
+        lease, meta = self.lease, self.meta
+        await lease.acquire()
+        started = time.monotonic()
+        self.registry.epoch = lease.epoch
+        self.registry.meta = meta
+        self.registry.on_newer_epoch = lambda epoch: lease.step_down(f"a node has seen epoch {epoch}")
+        try:
+            # A block of node ids no other master term uses (clients cache endpoints by id).
+            last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)
+            self.registry.first_node_id(100 + (last - (1 << 20)) % (1 << 31))
+            namespaces, records = await meta.load()
+        except Exception as exc:  # Redis went away between the lease and the load
+            log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
+            namespaces, records = [], []
+        for ns in namespaces:
+            self.index.register_namespace(ns)
+        for record in records:
+            self.registry.candidates.setdefault(record.node, []).append(record)
+        self.index.observers.append(meta)
+        meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
+        meta.start(lease.epoch)
+        self._serving = True
+        log.info("took over with fencing epoch %d in %.3fs: %d namespaces, %d block records to reconcile with "
+                 "node reports", lease.epoch, time.monotonic() - started, len(namespaces), len(records))
+        self._ready(metrics)
+        await lease.keep()
+        # Deposed: the gate refuses every request already; nodes fence what got through.
+        self._serving = False
+        log.warning("another master leads now; this one stops (restart it to stand by again)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _describe_store(self, resp) -> None:
+        resp.metadata_store = self.meta.health()
+        resp.metadata_degraded = not self.meta.up
+        resp.fencing_epoch = self.lease.epoch
+
     async def _sweep(self) -> None:
         """Twice a second: expire grants and leases, keep tiers under their high watermark
         (evicting, or demoting where there is NVMe), and forget nodes that went silent."""
@@ -140,10 +219,17 @@ class PoolServer:
                 self.index.enforce_watermarks()
                 await self.tiering.cycle()
                 await self.registry.sweep()
+                if self.meta is not None:
+                    await self._health.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING if self.meta.up
+                                           else health_pb2.HealthCheckResponse.NOT_SERVING)
             except Exception:  # never let the sweeper die silently
                 log.exception("sweeper failed")
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._leading is not None:
+            self._leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leading
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,6 +242,9 @@ class PoolServer:
                 log.info("aborted %d in-flight put blocks", aborted)
             with contextlib.suppress(Exception):
                 await self.tiering.flush_drops()
+        if self.meta is not None:
+            with contextlib.suppress(Exception):
+                await self.meta.stop()
         if self.metrics is not None:
             self.metrics.close()
         for node in list(self.index.nodes) if self.index is not None else []:

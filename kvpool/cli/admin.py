@@ -17,11 +17,13 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from kvpool.config import format_size, parse_size
+from kvpool.masters import FAILOVER_S, MasterList, follows
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from kvpool.wire import TIER_NAMES
 
@@ -32,7 +34,8 @@ def register(sub) -> None:
     p = sub.add_parser("admin", help="inspect and manage a running pool",
                        description="Inspect and manage a running pool over gRPC.")
     p.add_argument("--address", default=os.environ.get("KVPOOL_ADDRESS", "127.0.0.1:50051"),
-                   help="master address host:port (default $KVPOOL_ADDRESS or 127.0.0.1:50051)")
+                   help="master address host:port, or several masters sharing a Redis "
+                   "(host:port,host:port: their leader answers) (default $KVPOOL_ADDRESS or 127.0.0.1:50051)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     cmds = p.add_subparsers(dest="admin_command", metavar="COMMAND")
@@ -77,6 +80,7 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
         ["pending grants", s.pending_grants], ["active leases", s.active_leases],
         ["namespaces", s.namespaces], ["nodes", s.nodes], ["eviction policy", s.eviction_policy],
         ["uptime", f"{s.uptime_seconds:.0f}s"],
+        ["metadata", s.metadata_store + (f" (fencing epoch {s.fencing_epoch})" if s.fencing_epoch else "")],
     ])
     tiers = _table(["node", "tier", "blocks", "used", "capacity", "use%", "evictions"], [
         [t.node_name or t.node_id, t.tier, t.blocks, format_size(t.used_bytes), format_size(t.capacity_bytes),
@@ -98,7 +102,20 @@ def _to_json(msg) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    channel = grpc.insecure_channel(args.address)
+    """Run the command on the master at --address; given several (``a:p,b:p``), on their leader."""
+    masters = MasterList(args.address)
+    deadline = time.monotonic() + (FAILOVER_S if masters.several else 0)
+    while True:
+        result = _run_at(args, masters.current, follow=masters.several and time.monotonic() < deadline)
+        if isinstance(result, int):
+            return result
+        masters.failed(result)
+        time.sleep(0.1)
+
+
+def _run_at(args: argparse.Namespace, address: str, follow: bool):
+    """The exit status; or, with ``follow``, the error of a master that does not lead."""
+    channel = grpc.insecure_channel(address)
     stub = admin_pb2_grpc.AdminStub(channel)
     kw = {"timeout": args.timeout}
     try:
@@ -148,8 +165,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
     except grpc.RpcError as exc:
         code = exc.code()
+        if follow and follows(exc):
+            return exc
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            print(f"kvpool admin: cannot reach {args.address} ({exc.details()}); is `kvpool serve` "
+            print(f"kvpool admin: cannot reach {address} ({exc.details()}); is `kvpool serve` "
                   f"running? set --address or KVPOOL_ADDRESS", file=sys.stderr)
             return 2
         print(f"kvpool admin {args.admin_command}: {code.name}: {exc.details()}", file=sys.stderr)

@@ -15,7 +15,7 @@ import sys
 
 from kvpool.config import resolve_settings
 
-__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "settings_from_args", "setup_logging",
+__all__ = ["add_config_flag", "add_master_flags", "add_redis_flags", "add_tier_flags", "settings_from_args", "setup_logging",
            "run_until_signal"]
 
 
@@ -37,6 +37,16 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
     g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+
+
+def add_redis_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("shared metadata and standby masters")
+    g.add_argument("--redis", help="Redis URL, e.g. redis://127.0.0.1:6379/0: keep metadata there and elect a "
+                   "leader among the masters that share it (default: none, metadata in memory)")
+    g.add_argument("--redis-prefix", help="prefix of this pool's Redis keys (default kvpool)")
+    g.add_argument("--leader-ttl", type=float, help="seconds before a standby takes over from a silent leader "
+                   "(default 3)")
+    g.add_argument("--advertise-host", help="address standbys hand out for this master (default: --host)")
 
 
 def add_tier_flags(p: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ from kvpool.client.buffers import block_views, byte_view, is_device
 from kvpool.client.shares import Planned, plan
 from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
 from kvpool.identity import Namespace, pack_keys
+from kvpool.masters import FAILOVER_S, MasterList, follows
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.transport.base import (READ, WRITE, BlockIntegrityError, Share, Transport, TransportCaps, TransportFactory,
                                    TransportOptions)
@@ -126,6 +127,8 @@ class AsyncClient:
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
                  connect_timeout: float = 3.0, io_timeout: float = 10.0) -> None:
         self.address = address
+        #: One master, or several that share a Redis (``"a:50051,b:50051"``): calls go to the leader.
+        self._masters = MasterList(address)
         self.namespace = namespace
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
@@ -163,9 +166,16 @@ class AsyncClient:
 
     def _ensure_channel(self) -> pool_pb2_grpc.KVPoolStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_GRPC_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(self._masters.current, options=_GRPC_OPTIONS)
             self._stub = pool_pb2_grpc.KVPoolStub(self._channel)
         return self._stub
+
+    async def _follow_leader(self, exc) -> None:
+        """Point the channel at the master a failed call suggests (kvpool.masters)."""
+        self._masters.failed(exc)
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
 
     async def close(self) -> None:
         if self._background:
@@ -179,11 +189,21 @@ class AsyncClient:
         self._pool.shutdown(wait=True)
 
     async def _call(self, name: str, request):
-        stub = self._ensure_channel()
-        try:
-            return await getattr(stub, name)(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_status(exc.code(), exc.details()) from None
+        deadline = None
+        while True:
+            stub = self._ensure_channel()
+            try:
+                return await getattr(stub, name)(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                # Several masters: follow their leader through a takeover (a lease TTL or so).
+                if self._masters.several and follows(exc):
+                    now = asyncio.get_running_loop().time()
+                    deadline = deadline or now + FAILOVER_S
+                    if now < deadline:
+                        await self._follow_leader(exc)
+                        await asyncio.sleep(0.05)
+                        continue
+                raise from_status(exc.code(), exc.details()) from None
 
     async def _call_ns(self, ns: Namespace, name: str, request):
         """Call with the namespace registered; re-register once if the master forgot it (restart)."""

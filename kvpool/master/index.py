@@ -168,12 +168,20 @@ class BlockIndex:
         #: Entries committed since the tiering task last looked (for write-through).
         self.committed: list[Entry] = []
         self.counters = Counters()
+        #: Told of blocks entering and leaving the index (Redis metadata, KV events): objects
+        #: with ``stored(entries)`` and ``removed(entries)``, called synchronously, so they
+        #: only queue the work.
+        self.observers: list = []
 
     # ------------------------------------------------------------------ namespaces
 
     def register_namespace(self, ns: Namespace) -> NamespaceInfo:
-        info = NamespaceInfo(ns, ns.layout.block_bytes)
-        self._namespaces.setdefault(ns.id, info)
+        known = self._namespaces.get(ns.id)
+        if known is not None:
+            return known
+        info = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
+        for observer in self.observers:
+            observer.namespace(ns)
         return info
 
     def namespace(self, ns_id: str) -> NamespaceInfo:
@@ -322,6 +330,8 @@ class BlockIndex:
             committed.append(entry)
         if committed:  # one grant places all its blocks on one node
             self.nodes.get(committed[0].node_id).note_resident(committed)
+            for observer in self.observers:
+                observer.stored(committed)
         released = self._release_grant_entries(grant)
         self.enforce_watermarks()
         return len(keys), released
@@ -485,6 +495,8 @@ class BlockIndex:
     def _drop(self, entry: Entry) -> bool:
         """Take a committed entry out of the index. True if freed now, False if deferred."""
         del self._blocks[entry.key]
+        for observer in self.observers:
+            observer.removed((entry,))
         if entry.mem is not None:
             self._leave(entry, entry.mem_tier)
         if entry.nvme is not None:
@@ -668,6 +680,8 @@ class BlockIndex:
         that survived.
         """
         gone = [e for e in self._blocks.values() if e.node_id == node_id]
+        for observer in self.observers if gone else ():
+            observer.removed(gone)
         for entry in gone:
             del self._blocks[entry.key]
             entry.doomed = True
@@ -696,6 +710,7 @@ class BlockIndex:
         """Index blocks a node found on NVMe at start (``key, slot, checksum, namespace``)."""
         now = self.clock()
         adopted = 0
+        fresh: list[Entry] = []
         for key, slot, checksum, ns in blocks:
             entry = self._blocks.get(key)
             if entry is not None:
@@ -711,6 +726,9 @@ class BlockIndex:
             self._blocks[key] = entry
             self._enter(entry, NVME)
             adopted += 1
+            fresh.append(entry)
+        for observer in self.observers if fresh else ():
+            observer.stored(fresh)
         return adopted
 
     def adopt_memory(self, node_id: int, blocks) -> int:
@@ -721,6 +739,7 @@ class BlockIndex:
         now = self.clock()
         node = self.nodes.get(node_id)
         adopted = 0
+        fresh: list[Entry] = []
         for key, slot, checksum, ns, tier in blocks:
             entry = self._blocks.get(key)
             if entry is not None:
@@ -733,6 +752,9 @@ class BlockIndex:
             self._blocks[key] = entry
             self._enter(entry, tier)
             adopted += 1
+            fresh.append(entry)
+        for observer in self.observers if fresh else ():
+            observer.stored(fresh)
         return adopted
 
     # ------------------------------------------------------------------ placement

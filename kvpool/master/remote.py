@@ -20,12 +20,13 @@ master restarted registers with the memory blocks it still holds, and they are s
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
-from kvpool.errors import Unavailable
+from kvpool.errors import FailedPrecondition, Unavailable
 from kvpool.master.index import NVME, BlockIndex
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
@@ -52,8 +53,11 @@ class MoveResult:
 class RemoteNode:
     """A node in another process, reached through its NodeControl service."""
 
-    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic) -> None:
+    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic,
+                 epoch: int = 0) -> None:
         self.node_id = node_id
+        #: The master's fencing epoch, sent with every request: the node refuses older ones.
+        self.epoch = epoch
         self.name = request.name
         self.incarnation = request.incarnation
         self.control_address = request.control_address
@@ -189,7 +193,7 @@ class RemoteNode:
                               f"{exc.code().name}: {exc.details()}") from None
 
     async def demote(self, items, *, keep_dram: bool) -> MoveResult:
-        req = node_pb2.DemoteRequest(keep_memory=keep_dram, items=[
+        req = node_pb2.DemoteRequest(keep_memory=keep_dram, epoch=self.epoch, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, namespace_id=ns)
             for k, s, c, ns in items])
         resp = await self._call("Demote", req)
@@ -199,7 +203,7 @@ class RemoteNode:
                           failed=[(k, resp.first_error) for k in resp.failed])
 
     async def promote(self, items) -> MoveResult:
-        req = node_pb2.PromoteRequest(items=[
+        req = node_pb2.PromoteRequest(epoch=self.epoch, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, target_offset=d.offset)
             for k, s, c, d in items])
         resp = await self._call("Promote", req)
@@ -208,10 +212,17 @@ class RemoteNode:
                           corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
 
     async def drop_nvme(self, items) -> None:
-        req = node_pb2.DropNvmeRequest(blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
+        req = node_pb2.DropNvmeRequest(epoch=self.epoch, blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
                                                for k, s in items])
         resp = await self._call("DropNvme", req)
         self._update_nvme(resp.nvme)
+
+    async def verify(self, records) -> set[bytes]:
+        """Which of these memory blocks (Redis records) the node holds, bytes checked."""
+        req = node_pb2.VerifyBlocksRequest(epoch=self.epoch, blocks=[
+            node_pb2.ResidentBlock(tier=r.tier, offset=r.offset, size=r.size, key=r.key, checksum=r.checksum,
+                                   namespace_id=r.namespace_id) for r in records])
+        return set((await self._call("VerifyBlocks", req)).held)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -227,8 +238,24 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self.metrics = metrics
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
-        self._next_id = 100  # ids below are for nodes inside this process
+        # Ids below 100 are for nodes inside this process. Clients cache a node's endpoint
+        # by id, so ids must not repeat across masters either: a master that restarts or
+        # takes over starts at a random point of the u32 range (with Redis: a block of ids
+        # of its own, see kvpool.server).
+        self._next_id = 100 + secrets.randbelow(1 << 31)
         self._closing: list[RemoteNode] = []
+        #: The fencing epoch of this master (0 without Redis).
+        self.epoch = 0
+        #: Redis metadata (kvpool.master.metastore), when the master has it.
+        self.meta = None
+        #: Blocks Redis lists, by node name, not yet reconciled with that node's report.
+        self.candidates: dict[str, list] = {}
+        #: Called when a node shows this master a newer epoch than its own (it is deposed).
+        self.on_newer_epoch = None
+
+    def first_node_id(self, first: int) -> None:
+        """Number the nodes that register from here on from ``first``."""
+        self._next_id = first
 
     def _remote_nodes(self) -> list[RemoteNode]:
         return [n for n in self.index.nodes if isinstance(n, RemoteNode)]
@@ -240,19 +267,54 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
 
     @rpc
-    def RegisterNode(self, request, context):
+    async def RegisterNode(self, request, context):
+        if request.epoch > self.epoch:
+            if self.on_newer_epoch is not None:
+                self.on_newer_epoch(request.epoch)
+            raise FailedPrecondition(
+                f"RegisterNode: this master's epoch {self.epoch} is older than the epoch {request.epoch} the node "
+                f"has seen: another master leads; register with it")
         for old in self._remote_nodes():
             if old.name == request.name or old.control_address == request.control_address:
                 self._forget(old, "registered again (restarted)")
         node_id = self._next_id
         self._next_id += 1
-        node = RemoteNode(node_id, request, self.index.clock)
+        node = RemoteNode(node_id, request, self.index.clock, epoch=self.epoch)
         self.index.nodes.add(node)
         in_memory = self.index.adopt_memory(node_id, node.recover_memory(request.memory_blocks))
         adopted = self.index.adopt(node_id, node.recover())
+        if self.meta is not None:
+            self.meta.node_joined(node.name, node.control_address, node.incarnation)
+            in_memory += await self._reconcile(node)
         log.info("node %s joined as id %d at %s; %d blocks in its memory, %d on its NVMe", node.name, node_id,
                  request.control_address, in_memory, adopted)
-        return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval)
+        return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval,
+                                             epoch=self.epoch)
+
+    async def _reconcile(self, node: RemoteNode) -> int:
+        """Serve what Redis says this node holds in memory and the node did not report (the
+        master before this one died before telling it), if the node is the same process and
+        its slot holds bytes with the recorded checksum. Forget every other record."""
+        records = self.candidates.pop(node.name, [])
+        if not records:
+            return 0
+        ours = [r for r in records if r.incarnation == node.incarnation and r.tier != NVME
+                and self.index.entry(r.key) is None]
+        held: set[bytes] = set()
+        if ours:
+            try:
+                held = await node.verify(ours)
+            except Unavailable as exc:
+                log.warning("cannot reconcile node %s with Redis: %s", node.name, exc)
+        blocks = [(r.key, Slot(r.offset, r.size), r.checksum, r.namespace_id, r.tier) for r in ours
+                  if r.key in held and node.claim(r.tier, Slot(r.offset, r.size))]
+        adopted = self.index.adopt_memory(node.node_id, blocks)
+        served = {b[0] for b in blocks}
+        # Records of an earlier incarnation, and blocks the node no longer holds, go.
+        self.meta.forget(r.key for r in records if r.key not in served and self.index.entry(r.key) is None)
+        if adopted:
+            log.info("node %s: %d blocks from Redis confirmed by the node and served again", node.name, adopted)
+        return adopted
 
     @rpc
     def Heartbeat(self, request, context):
@@ -262,7 +324,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         node.heartbeat(request.tiers)
         node.applied(request.applied_seq)
         changes, seq, more = node.changes()
-        return node_pb2.HeartbeatResponse(changes=changes, changes_seq=seq, more=more)
+        return node_pb2.HeartbeatResponse(changes=changes, changes_seq=seq, more=more, epoch=self.epoch)
 
     async def sweep(self) -> None:
         """Forget nodes that stopped sending heartbeats; close channels of forgotten ones."""

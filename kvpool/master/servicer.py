@@ -85,6 +85,18 @@ class _Base:
         self.metrics = metrics
         self.tiering = tiering
         self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
+        #: With Redis metadata: awaited before a commit is answered (kvpool.master.metastore).
+        self.durable = None
+        #: Fills the metadata-store fields of a StatsResponse (set by the server).
+        self.describe_store = None
+
+    def _stats(self) -> common_pb2.StatsResponse:
+        resp = stats_response(self.index)
+        if self.describe_store is not None:
+            self.describe_store(resp)
+        else:
+            resp.metadata_store = "memory"
+        return resp
 
     async def _resident(self, lease) -> list[bool] | None:
         """Promote the lease's NVMe-only blocks; None when all were in memory already."""
@@ -156,9 +168,11 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         return resp
 
     @rpc
-    def PutCommit(self, request, context):
+    async def PutCommit(self, request, context):
         keys = self.index.split_packed(request.keys, "PutCommit") if request.keys else None
         committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums))
+        if self.durable is not None:
+            await self.durable()
         return pool_pb2.PutCommitResponse(committed=committed, released=released)
 
     @rpc
@@ -222,7 +236,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
 
     @rpc
     def Stats(self, request, context):
-        return stats_response(self.index)
+        return self._stats()
 
 
 def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
@@ -312,7 +326,7 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
 
     @rpc
     def Stats(self, request, context):
-        return stats_response(self.index)
+        return self._stats()
 
     @rpc
     def ListNodes(self, request, context):

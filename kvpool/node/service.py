@@ -17,7 +17,9 @@ import secrets
 import grpc
 
 from kvpool.capability import new_data_key
+from kvpool.masters import MasterList
 from kvpool.node.node import Node
+from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
 
@@ -50,7 +52,16 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
+    async def _fence(self, request, context) -> None:
+        """Refuse a master whose epoch is older than one this node has seen (it was deposed)."""
+        if request.epoch < self.node.epoch:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"refused: the sender's fencing epoch {request.epoch} is older than {self.node.epoch}; "
+                                f"it no longer leads")
+        self.node.epoch = request.epoch
+
     async def Demote(self, request, context):
+        await self._fence(request, context)
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
         items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id) for i in request.items]
@@ -61,6 +72,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             first_error=result.failed[0][1] if result.failed else "", nvme=_nvme_geometry(self.node))
 
     async def Promote(self, request, context):
+        await self._fence(request, context)
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
         items = [(i.key, Slot(i.offset, i.size), i.checksum, Slot(i.target_offset, i.size)) for i in request.items]
@@ -70,10 +82,26 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
                                         nvme=_nvme_geometry(self.node))
 
     async def DropNvme(self, request, context):
+        await self._fence(request, context)
         if self.node.mover is None:
             return node_pb2.DropNvmeResponse()
         await self.node.drop_nvme([(b.key, Slot(b.offset, b.size)) for b in request.blocks])
         return node_pb2.DropNvmeResponse(dropped=len(request.blocks), nvme=_nvme_geometry(self.node))
+
+    async def VerifyBlocks(self, request, context):
+        await self._fence(request, context)
+        arenas = self.node.host_arenas()
+        resident = self.node.resident
+
+        def check() -> list[bytes]:
+            held = []
+            for b in request.blocks:
+                if resident.holds(b, arenas):
+                    resident.add(ResidentBlock(b.tier, b.offset, b.size, b.key, b.checksum, b.namespace_id))
+                    held.append(b.key)
+            return held
+
+        return node_pb2.VerifyBlocksResponse(held=await asyncio.to_thread(check))
 
 
 class NodeAgent:
@@ -81,14 +109,24 @@ class NodeAgent:
 
     def __init__(self, node: Node, master_address: str, control_address: str) -> None:
         self.node = node
-        self.master_address = master_address
+        #: One master, or several sharing a Redis: the node follows their leader.
+        self.masters = MasterList(master_address)
         self.control_address = control_address
         self.incarnation = secrets.token_hex(8)
         self.node_id: int | None = None
         self.interval = 1.0
-        self._channel = grpc.aio.insecure_channel(master_address)
+        self._channel = grpc.aio.insecure_channel(self.masters.current)
         self._stub = node_pb2_grpc.RegistryStub(self._channel)
         self._first = True
+
+    @property
+    def master_address(self) -> str:
+        return self.masters.current
+
+    async def _connect(self) -> None:
+        old, self._channel = self._channel, grpc.aio.insecure_channel(self.masters.current)
+        self._stub = node_pb2_grpc.RegistryStub(self._channel)
+        await old.close()
 
     def _blocks(self) -> list[node_pb2.StoredBlock]:
         if self._first:  # at start the catalog was verified and its slots claimed
@@ -113,6 +151,7 @@ class NodeAgent:
                            for b in memory])
         self.node.endpoint().fill(req.endpoint)
         resp = await self._stub.RegisterNode(req, timeout=30)
+        self.node.epoch = max(self.node.epoch, resp.epoch)
         self.node.set_identity(resp.node_id, key)
         self.node.resident.reset_seq()  # this master numbers its changes from 1
         self.node_id = resp.node_id
@@ -146,8 +185,14 @@ class NodeAgent:
                         self.node_id = None
                         continue
             except grpc.aio.AioRpcError as exc:
-                log.warning("master %s unreachable (%s); retrying", self.master_address, exc.code().name)
+                log.warning("master %s unreachable (%s: %s); retrying", self.master_address, exc.code().name,
+                            exc.details())
                 self.node_id = None
+                if self.masters.several:  # try the leader a standby named, or the next master, soon
+                    self.masters.failed(exc)
+                    await self._connect()
+                    await asyncio.sleep(min(self.interval, 0.2))
+                    continue
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
