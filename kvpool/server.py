@@ -39,6 +39,7 @@ __all__ = ["PoolServer", "GRPC_OPTIONS", "METADATA_HEALTH"]
 #: Health-check service name that says whether the metadata store (Redis) is reachable; the
 #: pool itself ("") stays SERVING from memory while it is not.
 METADATA_HEALTH = "kvpool.metadata"
+_REGISTRY_METHODS = "/" + node_pb2.DESCRIPTOR.services_by_name["Registry"].full_name + "/"
 
 log = logging.getLogger("kvpool.serve")
 
@@ -72,6 +73,7 @@ class PoolServer:
         self.lease = None
         self._leading: asyncio.Task | None = None
         self._serving = False
+        self._registering = False
 
     async def start(self) -> None:
         s, t = self.settings, self.tiers
@@ -103,8 +105,7 @@ class PoolServer:
 
             self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
-            interceptors.append(LeaderGate(lambda: self._serving and self.lease.valid(),
-                                           lambda: self.lease.leader_address))
+            interceptors.append(LeaderGate(self._admits, lambda: self.lease.leader_address, self._why_not))
             self.metrics.registry.register(MetaCollector(self.meta, self.lease))
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         servicers = [PoolServicer(self.index, self.metrics, self.tiering),
@@ -181,10 +182,10 @@ class PoolServer:
             # A block of node ids no other master term uses (clients cache endpoints by id).
             last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)
             self.registry.first_node_id(100 + (last - (1 << 20)) % (1 << 31))
-            namespaces, records = await meta.load()
+            namespaces, records, known_nodes = await meta.load()
         except Exception as exc:  # Redis went away between the lease and the load
             log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
-            namespaces, records = [], []
+            namespaces, records, known_nodes = [], [], []
         for ns in namespaces:
             self.index.register_namespace(ns)
         for record in records:
@@ -192,6 +193,15 @@ class PoolServer:
         self.index.observers.append(meta)
         meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
         meta.start(lease.epoch)
+        # Nodes that were in the pool register again (they follow the lease within a heartbeat
+        # or two); clients wait meanwhile instead of finding an empty pool.
+        self._registering = True
+        expected = set(known_nodes)
+        settle = time.monotonic() + max(1.0, 5 * self.settings.heartbeat_interval)
+        while expected and time.monotonic() < settle:
+            if expected <= {n.name for n in self.index.nodes}:
+                break
+            await asyncio.sleep(0.05)
         self._serving = True
         log.info("took over with fencing epoch %d in %.3fs: %d namespaces, %d block records to reconcile with "
                  "node reports", lease.epoch, time.monotonic() - started, len(namespaces), len(records))
@@ -201,6 +211,21 @@ class PoolServer:
         self._serving = False
         log.warning("another master leads now; this one stops (restart it to stand by again)")
         os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _admits(self, method: str) -> bool:
+        """With Redis: serve only while leading; while nodes register again after a takeover,
+        serve only them (clients are told to retry rather than find an empty pool)."""
+        if not await self.lease.confirm():
+            return False
+        return self._serving or (self._registering and method.startswith(_REGISTRY_METHODS))
+
+    def _why_not(self) -> str:
+        if self.lease.valid():
+            return "it took over just now and its nodes are registering again; retry in a moment"
+        leader = self.lease.leader_address
+        if leader and leader != self.lease.address:
+            return f"it stands by; the leader is at {leader}"
+        return "no master leads right now (the lease lapsed); retry in a moment"
 
     def _describe_store(self, resp) -> None:
         resp.metadata_store = self.meta.health()

@@ -170,12 +170,17 @@ class AsyncClient:
             self._stub = pool_pb2_grpc.KVPoolStub(self._channel)
         return self._stub
 
-    async def _follow_leader(self, exc) -> None:
-        """Point the channel at the master a failed call suggests (kvpool.masters)."""
+    def _follow_leader(self, exc, address: str) -> None:
+        """Point the channel at the master a call to ``address`` that failed suggests
+        (kvpool.masters), unless a concurrent call moved it already."""
+        if self._masters.current != address:
+            return
         self._masters.failed(exc)
         channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            await channel.close()
+        if channel is not None:  # calls still running on it finish first (they may be fine)
+            task = asyncio.get_running_loop().create_task(channel.close(grace=self.timeout))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         if self._background:
@@ -192,6 +197,7 @@ class AsyncClient:
         deadline = None
         while True:
             stub = self._ensure_channel()
+            address = self._masters.current
             try:
                 return await getattr(stub, name)(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
@@ -200,7 +206,7 @@ class AsyncClient:
                     now = asyncio.get_running_loop().time()
                     deadline = deadline or now + FAILOVER_S
                     if now < deadline:
-                        await self._follow_leader(exc)
+                        self._follow_leader(exc, address)
                         await asyncio.sleep(0.05)
                         continue
                 raise from_status(exc.code(), exc.details()) from None

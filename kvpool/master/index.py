@@ -169,8 +169,9 @@ class BlockIndex:
         self.committed: list[Entry] = []
         self.counters = Counters()
         #: Told of blocks entering and leaving the index (Redis metadata, KV events): objects
-        #: with ``stored(entries)`` and ``removed(entries)``, called synchronously, so they
-        #: only queue the work.
+        #: with ``namespace(ns)``, ``stored(entries)``, ``removed(entries)`` and
+        #: ``node_lost(entries)`` (a node left: its blocks may come back if it was only
+        #: cut off), called synchronously, so they only queue the work.
         self.observers: list = []
 
     # ------------------------------------------------------------------ namespaces
@@ -681,7 +682,7 @@ class BlockIndex:
         """
         gone = [e for e in self._blocks.values() if e.node_id == node_id]
         for observer in self.observers if gone else ():
-            observer.removed(gone)
+            observer.node_lost(gone)
         for entry in gone:
             del self._blocks[entry.key]
             entry.doomed = True

@@ -41,7 +41,8 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
 """
 
-# KEYS: leader, epoch. ARGV: "EPOCH ADDRESS", ttl ms, epoch. 1: renewed; 0: another leads.
+# KEYS: leader, epoch. ARGV: "EPOCH ADDRESS", ttl ms, epoch. 1: renewed; else the lease's
+# value ("EPOCH ADDRESS" of another leader, or "" if none holds it now).
 _RENEW = """
 local held = redis.call('GET', KEYS[1])
 local epoch = redis.call('GET', KEYS[2])
@@ -55,7 +56,7 @@ if not held and (not epoch or epoch == ARGV[3]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
-return 0
+return held or ''
 """
 
 
@@ -126,11 +127,21 @@ class LeaderLease:
             log.debug("lease renewal failed: %s", exc)
             self._last_check = self.clock()
             return True
-        if ok:
+        if ok == 1:
             self._last_check = self.clock()
             return True
-        self.step_down("another master holds the lease")
+        if ok:
+            self._note_leader(ok)
+        else:
+            self.leader_address = ""
+        self.step_down(f"the lease is held by {self.leader_address or 'nobody'} now")
         return False
+
+    async def confirm(self) -> bool:
+        """Whether this master leads, asking Redis first if it cannot tell (after a pause)."""
+        if self.leading and not self.valid():
+            await self.renew()
+        return self.valid()
 
     def step_down(self, why: str) -> None:
         if self.leading:

@@ -137,6 +137,11 @@ class RedisMeta:
             dirty[entry.key] = None
         self._wake.set()
 
+    def node_lost(self, entries) -> None:
+        # The records stay: if the node comes back as the same process, they are reconciled
+        # with it (kvpool.master.remote); a new incarnation makes them go then.
+        pass
+
     def namespace(self, ns) -> None:
         self._other.append((_NAMESPACES, ns.id, namespace_to_json(ns)))
         self._wake.set()
@@ -277,8 +282,8 @@ class RedisMeta:
 
     # ------------------------------------------------------------------ loading
 
-    async def load(self) -> tuple[list, list[BlockRecord]]:
-        """Namespaces and block records in Redis (a master taking over)."""
+    async def load(self) -> tuple[list, list[BlockRecord], list[str]]:
+        """Namespaces, block records and node names in Redis (a master taking over)."""
         namespaces = []
         for value in (await self.redis.hgetall(self.keys[_NAMESPACES - 1])).values():
             try:
@@ -291,7 +296,8 @@ class RedisMeta:
                 blocks.append(decode_block(key, value))
             except (struct.error, ValueError, KeyError):
                 log.warning("ignoring an unreadable block record %r in Redis", key[:16])
-        return namespaces, blocks
+        nodes = [name.decode() for name in await self.redis.hkeys(self.keys[_NODES - 1])]
+        return namespaces, blocks, nodes
 
     def health(self) -> str:
         if self.up:

@@ -28,6 +28,7 @@ import grpc
 
 from kvpool.errors import FailedPrecondition, Unavailable
 from kvpool.master.index import NVME, BlockIndex
+from kvpool.master.metastore import BlockRecord
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.servicer import rpc
@@ -261,6 +262,11 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         return [n for n in self.index.nodes if isinstance(n, RemoteNode)]
 
     def _forget(self, node: RemoteNode, why: str) -> None:
+        # A node that was only cut off (same process) comes back with the blocks it knows of;
+        # those committed since its last applied change are checked against it then.
+        self.candidates.setdefault(node.name, []).extend(
+            BlockRecord(e.key, e.mem_tier, e.mem.offset, e.mem.size, e.checksum, node.name, node.incarnation, e.ns)
+            for e in self.index.entries() if e.node_id == node.node_id and e.mem is not None)
         forgotten = self.index.forget_node(node.node_id)
         self.index.nodes.remove(node.node_id)
         self._closing.append(node)
@@ -285,16 +291,18 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         adopted = self.index.adopt(node_id, node.recover())
         if self.meta is not None:
             self.meta.node_joined(node.name, node.control_address, node.incarnation)
-            in_memory += await self._reconcile(node)
+        in_memory += await self._reconcile(node)
         log.info("node %s joined as id %d at %s; %d blocks in its memory, %d on its NVMe", node.name, node_id,
                  request.control_address, in_memory, adopted)
         return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval,
                                              epoch=self.epoch)
 
     async def _reconcile(self, node: RemoteNode) -> int:
-        """Serve what Redis says this node holds in memory and the node did not report (the
-        master before this one died before telling it), if the node is the same process and
-        its slot holds bytes with the recorded checksum. Forget every other record."""
+        """Serve blocks this node may hold in memory without knowing it (their change had not
+        reached it): those Redis lists for it (the master before this one died), and those
+        this master forgot when it declared the node dead. Each is served again only if the
+        node is the same process and its slot holds bytes with the recorded checksum. Other
+        records are forgotten."""
         records = self.candidates.pop(node.name, [])
         if not records:
             return 0
@@ -310,8 +318,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
                   if r.key in held and node.claim(r.tier, Slot(r.offset, r.size))]
         adopted = self.index.adopt_memory(node.node_id, blocks)
         served = {b[0] for b in blocks}
-        # Records of an earlier incarnation, and blocks the node no longer holds, go.
-        self.meta.forget(r.key for r in records if r.key not in served and self.index.entry(r.key) is None)
+        if self.meta is not None:  # records of an earlier incarnation, and blocks the node no longer holds, go
+            self.meta.forget(r.key for r in records if r.key not in served and self.index.entry(r.key) is None)
         if adopted:
             log.info("node %s: %d blocks from Redis confirmed by the node and served again", node.name, adopted)
         return adopted
