@@ -251,18 +251,24 @@ class RedisMeta:
             waiter.set_result(None)
 
     async def _write(self, ops) -> None:
+        import redis
+
         if not ops:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        calls = []
         for start in range(0, len(ops), _OPS_PER_CALL):
             args: list = [self.epoch]
             for h, field, value in ops[start : start + _OPS_PER_CALL]:
                 args.extend((h, field, value))
-            await self._script(keys=self.keys, args=args, client=pipe)
-        import redis
-
+            calls.append(args)
         try:
-            await pipe.execute()
+            if len(calls) == 1:  # the common case (a commit or a few): no pipeline object to build
+                await self._script(keys=self.keys, args=calls[0])
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for args in calls:
+                    await self._script(keys=self.keys, args=args, client=pipe)
+                await pipe.execute()
         except redis.ResponseError as exc:
             if "FENCED" in str(exc):
                 raise Fenced(str(exc)) from None
