@@ -7,17 +7,22 @@ node register again with those blocks and its NVMe blocks, and serves all of the
 
 from __future__ import annotations
 
+import json
+
 from kvpool import Client
 from kvpool.rpc.v1 import admin_pb2, common_pb2
 from tests.integration.helpers import SMALL, fresh_namespace, random_blocks, wait_for
 from tests.integration.rpc_helpers import stubs
+from tests.integration.test_admin_cli import admin
 from tests.integration.test_cluster import cluster, registered  # noqa: F401  (fixture)
 
 
 def unapplied(address: str) -> int:
-    with stubs(address) as (_, admin):
-        nodes = admin.ListNodes(admin_pb2.ListNodesRequest()).nodes
-    return sum(n.unapplied_changes for n in nodes) if nodes else -1
+    """``kvpool admin --json nodes``, as the README shows it: changes the nodes have not applied."""
+    res = admin(address, "--json", "nodes")
+    assert res.returncode == 0, res.stderr
+    nodes = json.loads(res.stdout)["nodes"]
+    return sum(int(n["unapplied_changes"]) for n in nodes) if nodes else -1
 
 
 def test_kill_9_master_without_redis_serves_dram_and_nvme_blocks_again(cluster):
@@ -36,7 +41,7 @@ def test_kill_9_master_without_redis_serves_dram_and_nvme_blocks_again(cluster):
         c.publish(in_dram, dram_data)                                    # the second stays in DRAM
         assert {b.tier for b in admin_blocks(address)} == {common_pb2.TIER_NVME, common_pb2.TIER_DRAM}
     # The node hears of the commits on the answers to its heartbeats.
-    assert wait_for(lambda: unapplied(address) == 0, timeout=10)
+    assert wait_for(lambda: unapplied(address) == 0, timeout=20, interval=0.5)
     m.kill()                                                             # SIGKILL: nothing flushed
     _, address2 = master(port)
     assert address2 == address and registered(address)
