@@ -177,7 +177,6 @@ class PoolServer:
         started = time.monotonic()
         self.registry.epoch = lease.epoch
         self.registry.meta = meta
-        self.registry.on_newer_epoch = lambda epoch: lease.step_down(f"a node has seen epoch {epoch}")
         try:
             # A block of node ids no other master term uses (clients cache endpoints by id).
             last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)

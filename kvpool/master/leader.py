@@ -87,10 +87,6 @@ class LeaderLease:
         self.leader_address = address
         self.seen_epoch = max(self.seen_epoch, int(epoch))
 
-    def saw_epoch(self, epoch: int) -> None:
-        """A node reported an epoch: the next acquisition must go past it."""
-        self.seen_epoch = max(self.seen_epoch, epoch)
-
     async def acquire(self) -> None:
         """Wait until this master leads; meanwhile keep ``leader_address`` current."""
         while True:

@@ -251,8 +251,6 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self.meta = None
         #: Blocks Redis lists, by node name, not yet reconciled with that node's report.
         self.candidates: dict[str, list] = {}
-        #: Called when a node shows this master a newer epoch than its own (it is deposed).
-        self.on_newer_epoch = None
 
     def first_node_id(self, first: int) -> None:
         """Number the nodes that register from here on from ``first``."""
@@ -275,8 +273,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
     @rpc
     async def RegisterNode(self, request, context):
         if request.epoch > self.epoch:
-            if self.on_newer_epoch is not None:
-                self.on_newer_epoch(request.epoch)
+            # Refuse, and let the lease say whether this master still leads (it renews every
+            # third of a TTL): a node's word alone does not depose a leader.
             raise FailedPrecondition(
                 f"RegisterNode: this master's epoch {self.epoch} is older than the epoch {request.epoch} the node "
                 f"has seen: another master leads; register with it")

@@ -98,3 +98,26 @@ def _scrape(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=5) as resp:
         return resp.read().decode()
+
+
+def test_bad_redis_url_and_a_node_from_a_newer_epoch_are_refused(pool_procs, redis_server, tmp_path):
+    import subprocess
+    import sys
+
+    from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
+
+    res = subprocess.run([sys.executable, "-m", "kvpool", "master", "--port", "0", "--metrics-port", "-1",
+                          "--redis", "127.0.0.1:6379"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "give a URL such as redis://127.0.0.1:6379/0" in res.stderr
+    master, _ = pool_procs
+    m = master("--redis", redis_server.url, ready=r"ready grpc=(\S+)")
+    with grpc.insecure_channel(m.address) as ch:
+        registry = node_pb2_grpc.RegistryStub(ch)
+        try:
+            registry.RegisterNode(node_pb2.RegisterNodeRequest(name="n", control_address="127.0.0.1:1", epoch=7,
+                                                               incarnation="x"), timeout=10)
+            raise AssertionError("a node from a newer epoch was accepted")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "epoch 1 is older than the epoch 7" in exc.details()
+    assert stats(m.address).fencing_epoch == 1            # still leading, still serving
