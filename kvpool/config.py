@@ -73,6 +73,9 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
+    #: Copies of each committed block, on nodes of different hosts (1: no replicas). Copies
+    #: go node to node over the data plane; a dead node's blocks stay readable from the others.
+    replicas: int = 1
     #: Redis URL (redis://host:port/db) for shared metadata and leader election among
     #: several masters; empty: this master keeps its metadata in memory only.
     redis: str = ""
@@ -88,6 +91,8 @@ class MasterSettings:
     def validate(self) -> None:
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis {self.redis!r}: give a URL such as redis://127.0.0.1:6379/0")
+        if not 1 <= self.replicas <= 8:
+            raise ValueError(f"replicas {self.replicas}: keep between 1 and 8 copies of each block")
         if self.leader_ttl <= 0:
             raise ValueError("leader_ttl must be positive seconds")
         if not 0 <= self.port < 65536:

@@ -95,6 +95,12 @@ class PoolServer:
             if recovered:
                 log.info("serving %d blocks recovered from NVMe", recovered)
         self.tiering = Tiering(self.index, write_through=s.write_through)
+        self.replicator = None
+        if s.replicas > 1:
+            from kvpool.master.replication import Replicator
+
+            self.replicator = Replicator(self.index, s.replicas)
+            self.index.observers.append(self.replicator)
         self.metrics = Metrics(self.index)
 
         interceptors = []
@@ -243,6 +249,8 @@ class PoolServer:
                 self.index.enforce_watermarks()
                 await self.tiering.cycle()
                 await self.registry.sweep()
+                if self.replicator is not None:
+                    await self.replicator.cycle()
                 if self.meta is not None:
                     await self._health.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING if self.meta.up
                                            else health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -37,6 +37,7 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
     g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+    g.add_argument("--replicas", type=int, help="copies of each block on nodes of different hosts (default 1)")
 
 
 def add_redis_flags(p: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
 from kvpool.wire import pack_record, pack_slot
 
-__all__ = ["BlockIndex", "IndexConfig", "Entry", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
+__all__ = ["BlockIndex", "IndexConfig", "Entry", "Replica", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
 
 PUT_GRANTED, PUT_PRESENT, PUT_IN_FLIGHT = 1, 2, 3
 PENDING, COMMITTED = "pending", "committed"
@@ -66,7 +66,7 @@ class Entry:
     """One block in the index: a memory copy (DRAM or HBM) and/or an NVMe copy, on one node."""
 
     __slots__ = ("key", "ns", "node_id", "mem", "mem_tier", "nvme", "checksum", "state", "pins",
-                 "doomed", "position", "created", "last_access", "hits", "record", "loc")
+                 "doomed", "position", "created", "last_access", "hits", "record", "loc", "replicas")
 
     def __init__(self, key: bytes, ns: str, node_id: int, mem: Slot | None, nvme: Slot | None,
                  position: int, now: float, mem_tier: str = "dram") -> None:
@@ -86,6 +86,9 @@ class Entry:
         self.created = now
         self.last_access = now
         self.hits = 0
+        #: Copies of the memory copy on other nodes (kvpool.master.replication): they live as
+        #: long as the memory copy does, and a pin on the entry pins them too.
+        self.replicas: list[Replica] = []
         self.record = self.loc = b""
         self.update_record()
 
@@ -107,6 +110,15 @@ class Entry:
         # Both wire forms are cached: a Lookup then only joins bytes (see kvpool.wire).
         self.record = pack_record(self.node_id, self.tier, slot.offset, slot.size, self.checksum)
         self.loc = pack_slot(slot.offset, self.checksum)
+
+
+@dataclass
+class Replica:
+    """A copy of an entry's memory copy on another node (always a host tier: DRAM)."""
+
+    node_id: int
+    tier: str
+    slot: Slot
 
 
 @dataclass
@@ -508,8 +520,24 @@ class BlockIndex:
         self._release_storage(entry)
         return True
 
+    def _free_replicas(self, entry: Entry) -> None:
+        for r in entry.replicas:
+            node = self.nodes.get(r.node_id)
+            if node is not None:
+                node.free(r.tier, r.slot)
+        entry.replicas = []
+
+    def add_replica(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> bool:
+        """Record a copy the node made (kvpool.master.replication); False if the entry's memory
+        copy went meanwhile (the caller frees the slot)."""
+        if entry.doomed or entry.mem is None or self._blocks.get(entry.key) is not entry:
+            return False
+        entry.replicas.append(Replica(node_id, tier, slot))
+        return True
+
     def _release_storage(self, entry: Entry) -> None:
         """Free whatever copies an unpinned entry still has (exactly once)."""
+        self._free_replicas(entry)
         if entry.mem is not None:
             node = self.nodes.get(entry.node_id)
             if node is not None:
@@ -564,6 +592,7 @@ class BlockIndex:
             return
         self._leave(entry, tier)
         if tier != NVME:
+            self._free_replicas(entry)
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
@@ -637,6 +666,7 @@ class BlockIndex:
         self.counters.demoted_blocks += 1
         if entry.pins == 1 and entry.mem is not None:  # only the mover's own pin
             self._leave(entry, entry.mem_tier)
+            self._free_replicas(entry)
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
@@ -680,7 +710,23 @@ class BlockIndex:
         is not there to ask, and a drop sent to its next incarnation could delete a block
         that survived.
         """
-        gone = [e for e in self._blocks.values() if e.node_id == node_id]
+        gone, moved = [], []
+        for entry in self._blocks.values():
+            if entry.replicas:
+                entry.replicas = [r for r in entry.replicas if r.node_id != node_id]
+            if entry.node_id != node_id:
+                continue
+            if entry.replicas:
+                moved.append(entry)
+            else:
+                gone.append(entry)
+        for entry in moved:  # a replica on a live node becomes the copy clients read
+            r = entry.replicas.pop(0)
+            entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
+            entry.update_record()
+            self._enter(entry, r.tier)
+        for observer in self.observers if moved else ():
+            observer.stored(moved)
         for observer in self.observers if gone else ():
             observer.node_lost(gone)
         for entry in gone:

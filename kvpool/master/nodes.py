@@ -23,6 +23,8 @@ class NodeHandle(Protocol):
 
     node_id: int
     name: str
+    #: Whether the node can copy blocks from other nodes' data servers (replicas).
+    pulls_replicas: bool
     #: Key of the node's data-plane capabilities (kvpool.capability): grants and leases are
     #: signed with it, and the node's data server checks them.
     data_key: bytes

@@ -54,6 +54,9 @@ class MoveResult:
 class RemoteNode:
     """A node in another process, reached through its NodeControl service."""
 
+    #: It can pull blocks from another node's data server (kvpool.master.replication).
+    pulls_replicas = True
+
     def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic,
                  epoch: int = 0) -> None:
         self.node_id = node_id
@@ -224,6 +227,20 @@ class RemoteNode:
             node_pb2.ResidentBlock(tier=r.tier, offset=r.offset, size=r.size, key=r.key, checksum=r.checksum,
                                    namespace_id=r.namespace_id) for r in records])
         return set((await self._call("VerifyBlocks", req)).held)
+
+    async def replicate(self, source, copy_id: str, expires_ms: int, mac: bytes, records: bytes, entries,
+                        slots) -> set[bytes]:
+        """Have this node pull ``entries`` from ``source`` into ``slots`` (kvpool.master.replication)."""
+        req = node_pb2.ReplicateRequest(
+            epoch=self.epoch, lease_id=copy_id, records=records, tier="dram",
+            target_offsets=[s.offset for s in slots], keys=[e.key for e in entries],
+            namespace_ids=[e.ns for e in entries])
+        source.endpoint().fill(req.source)
+        req.capability.node_id, req.capability.expires_unix_ms, req.capability.mac = source.node_id, expires_ms, mac
+        resp = await self._call("Replicate", req)
+        if resp.error:
+            log.warning("node %s replicating from %s: %s", self.name, source.name, resp.error)
+        return set(resp.copied)
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -44,6 +44,9 @@ log = logging.getLogger("kvpool.node")
 
 
 class Node:
+    #: The node inside ``kvpool serve`` shares its master's fate, so it takes no replicas.
+    pulls_replicas = False
+
     def __init__(self, node_id: int, name: str, tiers: list[Arena], mover: TierMover | None = None) -> None:
         if not tiers:
             raise ValueError("a node needs at least one tier")

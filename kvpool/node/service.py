@@ -15,13 +15,19 @@ import logging
 import secrets
 
 import grpc
+import numpy as np
 
 from kvpool.capability import new_data_key
+from kvpool.errors import KvpoolError
 from kvpool.masters import MasterList
 from kvpool.node.node import Node
 from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
+from kvpool.transport.base import READ, Access, BlockIntegrityError, Share, TransportOptions
+from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.transport.tcp import TcpTransport
+from kvpool.wire import unpack_records
 
 __all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
 
@@ -102,6 +108,53 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             return held
 
         return node_pb2.VerifyBlocksResponse(held=await asyncio.to_thread(check))
+
+    async def Replicate(self, request, context):
+        """Pull blocks from another node's data server into our slots (a replica)."""
+        await self._fence(request, context)
+        arenas = self.node.host_arenas()
+        if request.tier not in arenas:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Replicate: this node has no host tier {request.tier!r}")
+        try:
+            records = unpack_records(request.records)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Replicate: {exc}")
+        n = len(records)
+        if not (len(request.target_offsets) == len(request.keys) == len(request.namespace_ids) == n):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "Replicate: give one target offset, key and namespace per record")
+        arena = arenas[request.tier]
+        sizes = records["size"].tolist()
+        if any(o + z > len(arena) for o, z in zip(request.target_offsets, sizes)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Replicate: a target slot lies outside the tier")
+        outs = [arena[o : o + z] for o, z in zip(request.target_offsets, sizes)]
+        cap = request.capability
+        share = Share(records, np.arange(n), Access(READ, request.lease_id, cap.node_id, cap.expires_unix_ms,
+                                                   bytes(cap.mac), request.records))
+        bad: set[int] = set()
+        error = ""
+        try:
+            await asyncio.to_thread(self._pull, NodeEndpoint.from_proto(request.source), share, outs)
+        except BlockIntegrityError as exc:
+            bad, error = set(exc.positions), str(exc)
+        except KvpoolError as exc:
+            return node_pb2.ReplicateResponse(error=str(exc))
+        copied = []
+        for i in range(n):
+            if i in bad:
+                continue
+            r = records[i]
+            self.node.resident.add(ResidentBlock(request.tier, int(request.target_offsets[i]), int(r["size"]),
+                                                 request.keys[i], int(r["checksum"]), request.namespace_ids[i]))
+            copied.append(request.keys[i])
+        return node_pb2.ReplicateResponse(copied=copied, error=error)
+
+    def _pull(self, source: NodeEndpoint, share: Share, outs) -> None:
+        transport = TcpTransport.open(source, "dram", TransportOptions())
+        try:
+            transport.read(share, outs)
+        finally:
+            transport.close()
 
 
 class NodeAgent:

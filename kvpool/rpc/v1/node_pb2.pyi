@@ -199,3 +199,33 @@ class VerifyBlocksResponse(_message.Message):
     HELD_FIELD_NUMBER: _ClassVar[int]
     held: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, held: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("epoch", "source", "capability", "lease_id", "records", "target_offsets", "keys", "namespace_ids", "tier")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    source: _common_pb2.NodeEndpoint
+    capability: _common_pb2.Capability
+    lease_id: str
+    records: bytes
+    target_offsets: _containers.RepeatedScalarFieldContainer[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    namespace_ids: _containers.RepeatedScalarFieldContainer[str]
+    tier: str
+    def __init__(self, epoch: _Optional[int] = ..., source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., capability: _Optional[_Union[_common_pb2.Capability, _Mapping]] = ..., lease_id: _Optional[str] = ..., records: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ..., namespace_ids: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("copied", "error")
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    copied: _containers.RepeatedScalarFieldContainer[bytes]
+    error: str
+    def __init__(self, copied: _Optional[_Iterable[bytes]] = ..., error: _Optional[str] = ...) -> None: ...

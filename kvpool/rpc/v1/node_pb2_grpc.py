@@ -174,6 +174,11 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksResponse.FromString,
                 _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/kvpool.v1.NodeControl/Replicate',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -206,6 +211,14 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request, context):
+        """Copy blocks from another node into this node's memory slots, over the data plane (the
+        bytes never pass through the master): a replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +241,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.VerifyBlocks,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.ReplicateRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.ReplicateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -339,6 +357,33 @@ class NodeControl:
             '/kvpool.v1.NodeControl/VerifyBlocks',
             kvpool_dot_v1_dot_node__pb2.VerifyBlocksRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.VerifyBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/Replicate',
+            kvpool_dot_v1_dot_node__pb2.ReplicateRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.ReplicateResponse.FromString,
             options,
             channel_credentials,
             insecure,
