@@ -73,6 +73,11 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
+    #: Port of the KV-event publisher (ZMQ PUB, vLLM's KV event format) on the --host
+    #: address; 0 picks one, -1 (the default) turns it off.
+    events_port: int = -1
+    #: ZMQ topic of the KV event messages.
+    events_topic: str = ""
     #: Copies of each committed block, on nodes of different hosts (1: no replicas). Copies
     #: go node to node over the data plane; a dead node's blocks stay readable from the others.
     replicas: int = 1
@@ -91,6 +96,8 @@ class MasterSettings:
     def validate(self) -> None:
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis {self.redis!r}: give a URL such as redis://127.0.0.1:6379/0")
+        if not -1 <= self.events_port < 65536:
+            raise ValueError(f"events_port {self.events_port} is out of range (-1 disables, 0 picks)")
         if not 1 <= self.replicas <= 8:
             raise ValueError(f"replicas {self.replicas}: keep between 1 and 8 copies of each block")
         if self.leader_ttl <= 0:

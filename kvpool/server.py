@@ -89,18 +89,27 @@ class PoolServer:
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through,
         ))
-        # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
-        if self.node is not None:
-            recovered = self.index.adopt(self.node.node_id, self.node.recover())
-            if recovered:
-                log.info("serving %d blocks recovered from NVMe", recovered)
         self.tiering = Tiering(self.index, write_through=s.write_through)
+        self.events = None
+        if s.events_port >= 0:
+            from kvpool.master.events import EventPublisher
+
+            self.events = EventPublisher(s.host, s.events_port, self.index, topic=s.events_topic)
+            self.events.cleared()  # whatever an earlier master announced may be stale
+            self.index.observers.append(self.events)
+            self.events.start()
+            log.info("KV events on tcp://%s:%d (topic %r)", s.host, self.events.port, s.events_topic)
         self.replicator = None
         if s.replicas > 1:
             from kvpool.master.replication import Replicator
 
             self.replicator = Replicator(self.index, s.replicas)
             self.index.observers.append(self.replicator)
+        # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
+        if self.node is not None:
+            recovered = self.index.adopt(self.node.node_id, self.node.recover())
+            if recovered:
+                log.info("serving %d blocks recovered from NVMe", recovered)
         self.metrics = Metrics(self.index)
 
         interceptors = []
@@ -110,6 +119,8 @@ class PoolServer:
             from kvpool.master.metastore import MetaCollector, RedisMeta
 
             self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
+            if self.events is not None:
+                self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
             interceptors.append(LeaderGate(self._admits, lambda: self.lease.leader_address, self._why_not))
             self.metrics.registry.register(MetaCollector(self.meta, self.lease))
@@ -274,6 +285,9 @@ class PoolServer:
                 log.info("aborted %d in-flight put blocks", aborted)
             with contextlib.suppress(Exception):
                 await self.tiering.flush_drops()
+        if self.events is not None:
+            with contextlib.suppress(Exception):
+                await self.events.close()
         if self.meta is not None:
             with contextlib.suppress(Exception):
                 await self.meta.stop()

@@ -37,6 +37,9 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
     g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+    g.add_argument("--events-port", type=int, help="publish KV events for routers on this ZMQ PUB port (vLLM's "
+                   "format; 0 picks, default -1: off)")
+    g.add_argument("--events-topic", help="ZMQ topic of the KV events (default empty)")
     g.add_argument("--replicas", type=int, help="copies of each block on nodes of different hosts (default 1)")
 
 
