@@ -127,6 +127,8 @@ class PoolServer:
         server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         servicers = [PoolServicer(self.index, self.metrics, self.tiering),
                      AdminServicer(self.index, self.metrics, self.tiering)]
+        for servicer in servicers:
+            servicer.replicated = self.replicator is not None
         if self.meta is not None:
             for servicer in servicers:
                 servicer.durable = self.meta.durable

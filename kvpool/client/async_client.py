@@ -383,7 +383,8 @@ class AsyncClient:
         size = ns.layout.block_bytes
         dests = block_views(out, len(keys), size, writable=True, allow_device=True) if out is not None else None
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys),
-                                                                  release_lease_ids=self._take_done_leases()))
+                                                                  release_lease_ids=self._take_done_leases(),
+                                                                  client_host=self._host))
         found = resp.found
         try:
             if not allow_missing and sum(found) != len(keys):
@@ -434,7 +435,8 @@ class AsyncClient:
         The caller must ``release([resp.lease_id])`` when done, or let the lease expire.
         """
         ns = self._ns(namespace)
-        return await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
+        return await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys),
+                                                                        client_host=self._host))
 
     async def release(self, lease_ids: Sequence[str]) -> int:
         resp = await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=list(lease_ids)))
@@ -482,7 +484,8 @@ class AsyncClient:
             return 0
         dests = block_views(out, len(keys), size, writable=True, allow_device=True)
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(
-            namespace_id=ns.id, keys=pack_keys(keys), release_lease_ids=self._take_done_leases()))
+            namespace_id=ns.id, keys=pack_keys(keys), release_lease_ids=self._take_done_leases(),
+            client_host=self._host))
         try:
             if resp.hit_blocks:
                 await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks])

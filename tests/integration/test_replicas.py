@@ -3,7 +3,8 @@
 The writer on host a puts its blocks on node A (its own host). The master has node B, on
 host b, pull a copy from node A's data server (node to node: never through the master or
 the writer). After ``kill -9`` of node A, every block is still readable, bytes verified, by
-a reader on host c, which has no node and so reads over the network.
+a reader on host c, which has no node and so reads over the network. Before that, a reader on
+host b is sent to the copy on its own host.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def test_replicas_2_every_block_survives_kill_9_of_a_node(hosts):
             break
         assert time.monotonic() < deadline, f"no replicas on node B: {used}"
         time.sleep(0.3)
+    # A reader on host b is sent to the replica on its own host: shared memory, no network.
+    got = run_client(b, "fetch", master, 1, 6)
+    assert got["hit"] == 6 and got["ok"] and set(got["kinds"].values()) == {"shm"}, got
     nodes["node-a"].kill()                                        # SIGKILL: its memory is gone
     nodes["node-a"].wait(timeout=10)
     deadline = time.monotonic() + 20
