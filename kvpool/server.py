@@ -74,6 +74,8 @@ class PoolServer:
         self._leading: asyncio.Task | None = None
         self._serving = False
         self._registering = False
+        self.events = None
+        self.replicator = None
 
     async def start(self) -> None:
         s, t = self.settings, self.tiers
