@@ -112,6 +112,7 @@ class RedisMeta:
         self._dirty: dict[bytes, object] = {}
         self._other: list[tuple[int, bytes | str, bytes]] = []  # namespaces, nodes
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._flushed: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self.up = True
@@ -160,8 +161,18 @@ class RedisMeta:
 
     async def durable(self) -> None:
         """Wait for the flush that carries every change made so far (group commit), at most
-        ``flush_timeout``; at once when Redis is down (the pool serves from memory then)."""
+        ``flush_timeout``; at once when Redis is down (the pool serves from memory then).
+
+        When no flush is running, the caller flushes itself (no hop to the writer task);
+        commits that arrive meanwhile wait for the writer's next flush, which takes them all.
+        """
         if not self.up or (not self._dirty and not self._other):
+            return
+        if self._task is not None and not self._lock.locked():
+            try:
+                await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
+            except asyncio.TimeoutError:
+                pass
             return
         if self._flushed is None:
             self._flushed = asyncio.get_running_loop().create_future()
@@ -191,6 +202,16 @@ class RedisMeta:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not await self._flush_locked():
+                await asyncio.sleep(self.retry_interval)
+                self._wake.set()
+
+    async def _flush_locked(self) -> bool:
+        """One flush under the lock (the writer's, or a committer's); False if Redis failed."""
+        async with self._lock:
+            if not self._dirty and not self._other and not self._resync:
+                self._release_waiters()
+                return True
             try:
                 if self._resync:
                     await self._rewrite_all()
@@ -198,18 +219,17 @@ class RedisMeta:
                 if not self.up:
                     log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
                 self.up, self.down_since, self.last_error = True, None, ""
+                return True
             except Fenced as exc:
                 self._went_down(f"fenced: {exc}")
                 if self.on_fenced is not None:
                     self.on_fenced()
-                await asyncio.sleep(self.retry_interval)
-                self._wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused, timeouts, a Redis that restarted
                 self._went_down(f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(self.retry_interval)
-                self._wake.set()
+            self._wake.set()  # the writer retries
+            return False
 
     def _went_down(self, why: str) -> None:
         if self.up:
