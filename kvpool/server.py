@@ -212,6 +212,7 @@ class PoolServer:
             self.registry.candidates.setdefault(record.node, []).append(record)
         self.index.observers.append(meta)
         meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
+        lease.on_error, lease.on_reset = meta.mark_down, meta.mark_reset
         meta.start(lease.epoch)
         # Nodes that were in the pool register again (they follow the lease within a heartbeat
         # or two); clients wait meanwhile instead of finding an empty pool.

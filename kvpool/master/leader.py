@@ -30,19 +30,24 @@ __all__ = ["LeaderLease"]
 
 log = logging.getLogger("kvpool.leader")
 
-# KEYS: leader, epoch. ARGV: address, ttl ms, the highest epoch this master has seen.
+# KEYS: leader, epoch. ARGV: address, ttl ms, the highest epoch this master has seen, and
+# "1" to take the lease even from a Redis that lost its epoch. {1, value}: taken; {0, value}:
+# held by value; {2, ''}: Redis has no epoch although one was seen (it restarted empty).
 _ACQUIRE = """
 local held = redis.call('GET', KEYS[1])
 if held then return {0, held} end
-local epoch = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[3])) + 1
+local stored = redis.call('GET', KEYS[2])
+if not stored and tonumber(ARGV[3]) > 0 and ARGV[4] ~= '1' then return {2, ''} end
+local epoch = math.max(tonumber(stored or '0'), tonumber(ARGV[3])) + 1
 redis.call('SET', KEYS[2], epoch)
 local value = epoch .. ' ' .. ARGV[1]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
 """
 
-# KEYS: leader, epoch. ARGV: "EPOCH ADDRESS", ttl ms, epoch. 1: renewed; else the lease's
-# value ("EPOCH ADDRESS" of another leader, or "" if none holds it now).
+# KEYS: leader, epoch. ARGV: "EPOCH ADDRESS", ttl ms, epoch. 1: renewed; 2: renewed in a
+# Redis that had lost everything (it restarted empty); else the lease's value ("EPOCH ADDRESS"
+# of another leader, or "" if none holds it now).
 _RENEW = """
 local held = redis.call('GET', KEYS[1])
 local epoch = redis.call('GET', KEYS[2])
@@ -54,6 +59,7 @@ if not held and (not epoch or epoch == ARGV[3]) then
   -- Redis restarted empty (or the key just lapsed with nobody else in): take it back.
   redis.call('SET', KEYS[2], ARGV[3])
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if not epoch then return 2 end
   return 1
 end
 return held or ''
@@ -77,6 +83,10 @@ class LeaderLease:
         self.leading = False
         self.deposed = asyncio.Event()
         self._last_check = clock()
+        #: Told when a renewal cannot reach Redis (``on_error(why)``) and when Redis turns out
+        #: to have restarted empty (``on_reset()``): the metadata store then writes it all again.
+        self.on_error = None
+        self.on_reset = None
 
     def _value(self) -> str:
         return f"{self.epoch} {self.address}"
@@ -88,11 +98,23 @@ class LeaderLease:
         self.seen_epoch = max(self.seen_epoch, int(epoch))
 
     async def acquire(self) -> None:
-        """Wait until this master leads; meanwhile keep ``leader_address`` current."""
+        """Wait until this master leads; meanwhile keep ``leader_address`` current.
+
+        A Redis that restarted empty has no lease and no epoch, although the leader may be
+        alive: a standby then waits one TTL, in which a live leader takes its lease back
+        (:meth:`renew`), before it takes the lease itself.
+        """
+        emptied_at = None
         while True:
             try:
+                force = emptied_at is not None and self.clock() - emptied_at >= self.ttl
                 won, value = await self._acquire(keys=self.keys, args=[self.address, int(self.ttl * 1000),
-                                                                       self.seen_epoch])
+                                                                       self.seen_epoch, "1" if force else "0"])
+                if won == 2:
+                    emptied_at = emptied_at if emptied_at is not None else self.clock()
+                    await asyncio.sleep(self.poll)
+                    continue
+                emptied_at = None
                 self._note_leader(value)
                 if won:
                     self.epoch = self.seen_epoch
@@ -122,9 +144,13 @@ class LeaderLease:
             # Unreachable Redis: keep leading (see the module docstring), but note the attempt.
             log.debug("lease renewal failed: %s", exc)
             self._last_check = self.clock()
+            if self.on_error is not None:
+                self.on_error(f"{type(exc).__name__}: {exc}")
             return True
-        if ok == 1:
+        if ok in (1, 2):
             self._last_check = self.clock()
+            if ok == 2 and self.on_reset is not None:
+                self.on_reset()
             return True
         if ok:
             self._note_leader(ok)

@@ -104,7 +104,14 @@ class RedisMeta:
         self.index = index
         self.flush_timeout = flush_timeout
         self.retry_interval = retry_interval
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # One immediate retry (a pooled connection that a Redis restart closed), no backoff:
+        # redis-py's default (10 retries, exponential backoff) would stall commits and the
+        # lease for many seconds while Redis is away; the writer and the lease retry themselves.
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
+                                             retry=Retry(NoBackoff(), 1))
         self._script = self.redis.register_script(_WRITE)
         self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes"]
         self.epoch = 0
@@ -230,6 +237,16 @@ class RedisMeta:
                 self._went_down(f"{type(exc).__name__}: {exc}")
             self._wake.set()  # the writer retries
             return False
+
+    def mark_down(self, why: str) -> None:
+        """Redis did not answer someone else (the lease): retry, and rewrite it all once back."""
+        self._went_down(why)
+        self._wake.set()
+
+    def mark_reset(self) -> None:
+        """Redis restarted empty: rewrite everything."""
+        self._resync = True
+        self._wake.set()
 
     def _went_down(self, why: str) -> None:
         if self.up:

@@ -123,3 +123,25 @@ def test_sigstopped_leader_woken_later_cannot_grant(pool_procs, redis_server):
     res = admin(f"{a.address},{b.address}", "stats")
     assert res.returncode == 0, res.stderr
     assert "redis up" in res.stdout and "fencing epoch 2" in res.stdout
+
+
+def test_redis_restarted_empty_the_leader_keeps_its_lease(pool_procs, redis_server):
+    """A standby must not take over just because Redis lost the lease: the leader is alive."""
+    master, node = pool_procs
+    a, b = two_masters(master, redis_server.url)
+    node(f"{a.address},{b.address}", "node-a")
+    assert wait_for(lambda: node_count(a.address) == 1, timeout=15)
+    ns = fresh_namespace()
+    toks, data = list(range(48)), random_blocks(3, seed=2)
+    with Client(f"{a.address},{b.address}", ns) as c:
+        c.publish(toks, data)
+        redis_server.kill()
+        redis_server.start()                            # empty: no lease, no epoch, no blocks
+        r = redis_server.client()
+        assert wait_for(lambda: (r.get("kvpool:leader") or b"").startswith(b"1 "), timeout=10)
+        assert wait_for(lambda: r.hlen("kvpool:blocks") == 3, timeout=10)      # written again
+        time.sleep(4)                                    # more than a lease TTL: the standby waited
+        assert (r.get("kvpool:leader") or b"").decode() == f"1 {a.address}"
+        assert "took over" not in b.log()
+        out = bytearray(3 * SMALL.block_bytes)
+        assert c.fetch(toks, out) == 3 and bytes(out) == data.tobytes()
