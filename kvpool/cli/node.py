@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from kvpool.cli.flags import add_config_flag, add_tier_flags, run_until_signal, settings_from_args, setup_logging
+from kvpool.cli.flags import mark_server_command
 from kvpool.config import NodeSettings
 
 __all__ = ["register", "run"]
@@ -21,7 +22,9 @@ def register(sub) -> None:
                    "(host:port,host:port: the node follows their leader) (default 127.0.0.1:50051)")
     p.add_argument("--host", help="address of this node's control service (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port of this node's tier metrics (default -1: off)")
     add_tier_flags(p)
+    mark_server_command(p)
     p.set_defaults(func=run)
 
 

@@ -1,6 +1,6 @@
 """AsyncClient: the one real client. ``kvpool.client.Client`` is a blocking facade over it.
 
-Publish (``put_blocks``, ``publish``) follows the two-phase protocol of DESIGN.md §3:
+Publish (``put_blocks``, ``publish``) follows the two-phase protocol of docs/design.md §3:
 
 1. ``PutStart(keys, sizes)``: the master answers each key PRESENT (skip), IN_FLIGHT
    (another writer has it: skip) or GRANTED with a slot on a node;
@@ -45,7 +45,10 @@ from kvpool.transport.ucx import UcxTransport
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20),
+                 # Retry a refused connection soon: a master that is starting answers within ~100 ms.
+                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                 ("grpc.max_reconnect_backoff_ms", 1000)]
 #: Data-plane transports this client speaks; the factory ranks them by capability.
 TRANSPORTS: tuple[type[Transport], ...] = (CudaIpcTransport, ShmTransport, UcxTransport, TcpTransport)
 
@@ -121,14 +124,20 @@ class AsyncClient:
     one-sided UCX where the fabric makes it one-sided, else TCP); ``transport="tcp"`` (or
     ``KVPOOL_TRANSPORT``) forces one. ``connect_timeout`` and ``io_timeout`` bound how long a
     transfer waits on a node that stopped answering before it fails, naming the node.
+
+    The first call waits up to ``startup_wait`` seconds (``KVPOOL_STARTUP_WAIT``) for a master
+    that is still starting (0: no waiting); after that, an unreachable master fails the call with
+    :class:`~kvpool.errors.Unavailable` naming the address.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
-                 connect_timeout: float = 3.0, io_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 3.0, io_timeout: float = 10.0, startup_wait: float | None = None) -> None:
         self.address = address
         #: One master, or several that share a Redis (``"a:50051,b:50051"``): calls go to the leader.
         self._masters = MasterList(address)
+        self.startup_wait = float(os.environ.get("KVPOOL_STARTUP_WAIT", "5")) if startup_wait is None else startup_wait
+        self._reached = False
         self.namespace = namespace
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
@@ -193,11 +202,24 @@ class AsyncClient:
             self._channel = self._stub = None
         self._pool.shutdown(wait=True)
 
+    async def _wait_for_master(self) -> None:
+        """Before the first call: give a master that is starting ``startup_wait`` seconds."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.startup_wait)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"cannot reach the kvpool master at {self.address} (waited {self.startup_wait:g}s for it to "
+                f"start); is `kvpool serve` or `kvpool master` running there? Check the address, or wait "
+                f"longer with startup_wait= (KVPOOL_STARTUP_WAIT)") from None
+        self._reached = True
+
     async def _call(self, name: str, request):
         deadline = None
         while True:
             stub = self._ensure_channel()
             address = self._masters.current
+            if not self._reached and self.startup_wait > 0 and not self._masters.several:
+                await self._wait_for_master()
             try:
                 return await getattr(stub, name)(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
@@ -209,7 +231,10 @@ class AsyncClient:
                         self._follow_leader(exc, address)
                         await asyncio.sleep(0.05)
                         continue
-                raise from_status(exc.code(), exc.details()) from None
+                details = exc.details()
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and address not in (details or ""):
+                    details = f"master {address}: {details}"
+                raise from_status(exc.code(), details) from None
 
     async def _call_ns(self, ns: Namespace, name: str, request):
         """Call with the namespace registered; re-register once if the master forgot it (restart)."""

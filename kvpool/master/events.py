@@ -13,7 +13,7 @@ pool holds, as it does from vLLM engines. Wire format, as vLLM's KV events use i
   - ``["BlockRemoved", block_hashes, medium]``
   - ``["AllBlocksCleared"]``
 
-``block_hashes`` are the pool's 16-byte block keys (DESIGN.md §2; for blocks an engine
+``block_hashes`` are the pool's 16-byte block keys (docs/design.md §2; for blocks an engine
 published with its own hashes, the key is ``xxh3_128(root || engine_hash)``, which a router
 computes the same way). The master does not see tokens, so ``token_ids`` is empty,
 ``parent_block_hash`` and ``lora_id`` are nil; ``block_size`` is the namespace's tokens per

@@ -179,6 +179,8 @@ class BlockIndex:
         self.nvme_drops: dict[int, list[tuple[bytes, Slot]]] = {}
         #: Entries committed since the tiering task last looked (for write-through).
         self.committed: list[Entry] = []
+        #: Nodes being drained (kvpool.master.drain): placement gives them no new blocks.
+        self.draining: set[int] = set()
         self.counters = Counters()
         #: Told of blocks entering and leaving the index (Redis metadata, KV events): objects
         #: with ``namespace(ns)``, ``stored(entries)``, ``removed(entries)`` and
@@ -616,6 +618,15 @@ class BlockIndex:
         if need > 0:
             self._evict_from(node.node_id, tier, need * size)
 
+    def evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
+        """Evict one tier of one node in policy order (the tiering task's NVMe eviction): the
+        same path as watermark and admin eviction. Returns (blocks, bytes) freed."""
+        return self._evict_from(node_id, tier, want_bytes)
+
+    def make_room(self, node: NodeHandle, tier: str, size: int, count: int) -> None:
+        """Evict from ``tier`` until ``count`` blocks of ``size`` fit (promotion makes room so)."""
+        self._make_room(node, tier, size, count)
+
     def evict(self, want_bytes: int | None) -> tuple[int, int, int]:
         """Admin eviction of memory copies (None: all evictable). NVMe copies are kept."""
         blocks = freed = 0
@@ -748,6 +759,7 @@ class BlockIndex:
                     self._pending.pop(entry.key, None)
                     self._release_storage(entry)
         self.nvme_drops.pop(node_id, None)
+        self.draining.discard(node_id)
         for tk in [tk for tk in self._policies if tk[0] == node_id]:
             del self._policies[tk]
             self._tier_blocks.pop(tk, None)
@@ -825,7 +837,7 @@ class BlockIndex:
         best = None
         reachable = 0
         for node in self.nodes:
-            if node.node_id in exclude:
+            if node.node_id in exclude or node.node_id in self.draining:
                 continue
             ep = node.endpoint()
             local = not client_host or ep.host_id == client_host
@@ -848,6 +860,32 @@ class BlockIndex:
                 f"server (kvpool node --data-port), and nodes on the writer's host ({client_host}) have none left"
             )
         return best[1], best[2]
+
+    def place(self, size: int, count: int, exclude: Iterable[int] = ()) -> tuple[NodeHandle, str]:
+        """Where ``count`` blocks of ``size`` moved off the nodes in ``exclude`` go (a drain):
+        the rule of :meth:`_place` for a writer that reaches every node with a data server."""
+        return self._place(size, count, exclude=set(exclude))
+
+    def relocate(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> None:
+        """``entry``'s bytes were copied and verified into ``slot`` of ``tier`` on ``node_id``:
+        serve them from there, and free the old copies.
+
+        The caller holds the only pin (it copied under it), so no reader holds the old slot.
+        """
+        if entry.pins != 1 or entry.doomed or self._blocks.get(entry.key) is not entry:
+            raise FailedPrecondition(f"block {entry.key.hex()} cannot move: it is leased or gone")
+        old = self.nodes.get(entry.node_id)
+        if entry.mem is not None:
+            self._leave(entry, entry.mem_tier)
+            if old is not None:
+                old.free(entry.mem_tier, entry.mem)
+        if entry.nvme is not None:
+            self._leave(entry, NVME)
+            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
+            entry.nvme = None
+        entry.node_id, entry.mem, entry.mem_tier = node_id, slot, tier
+        entry.update_record()
+        self._enter(entry, tier)
 
     def _full_message(self, node: NodeHandle, tier: str, size: int, count: int) -> str:
         leased = sum(1 for e in self._blocks.values() if e.pins and e.node_id == node.node_id)

@@ -84,7 +84,7 @@ class BlockRecord:
 
 def encode_block(entry, node) -> bytes:
     slot = entry.slot
-    tail = f"{node.name}\0{getattr(node, 'incarnation', '')}\0{entry.ns}".encode()
+    tail = f"{node.name}\0{node.incarnation}\0{entry.ns}".encode()
     return _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + tail
 
 

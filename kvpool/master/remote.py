@@ -22,33 +22,22 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
 from kvpool.errors import FailedPrecondition, Unavailable
-from kvpool.master.index import NVME, BlockIndex
+from kvpool.master.index import BlockIndex
 from kvpool.master.metastore import BlockRecord
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
-from kvpool.master.servicer import rpc
-from kvpool.tiers.base import SlabAllocator, Slot, TierUsage
+from kvpool.master.handlers import rpc
+from kvpool.tiers.base import SlabAllocator, Slot, TierCaps, TierUsage
+from kvpool.tiers.moves import DemoteResult, PromoteResult
 from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = ["RemoteNode", "RegistryServicer"]
 
 log = logging.getLogger("kvpool.master")
-
-
-@dataclass
-class MoveResult:
-    """What a node reports for a demote or promote batch (the fields tiering reads)."""
-
-    moved: list[tuple[bytes, Slot]] = field(default_factory=list)
-    no_space: list[bytes] = field(default_factory=list)
-    failed: list[tuple[bytes, str]] = field(default_factory=list)
-    promoted: list[bytes] = field(default_factory=list)
-    corrupt: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 class RemoteNode:
@@ -68,12 +57,14 @@ class RemoteNode:
         self._clock = clock
         self.last_seen = clock()
         self._tiers = [t.tier for t in request.tiers]
+        self._caps = {t.tier: TierCaps(t.caps) for t in request.tiers}
+        # Memory tiers are mirrored here (the master allocates their slots); the durable tier's
+        # slots belong to the node's mover, which reports its use.
         self._memory = {t.tier: SlabAllocator(t.capacity_bytes, t.chunk_bytes)
-                        for t in request.tiers if t.tier != NVME}
+                        for t in request.tiers if TierCaps.PERSISTENT not in self._caps[t.tier]}
         self._nvme: TierUsage | None = None
         for t in request.tiers:
-            if t.tier == NVME:
-                self._update_nvme(t)
+            self._update_nvme(t)
         self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
         self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
@@ -86,8 +77,8 @@ class RemoteNode:
         self._stub: node_pb2_grpc.NodeControlStub | None = None
 
     def _update_nvme(self, t: node_pb2.TierGeometry) -> None:
-        if t.tier == NVME and t.capacity_bytes:
-            self._nvme = TierUsage(NVME, t.capacity_bytes, t.used_bytes, t.used_slots)
+        if TierCaps.PERSISTENT in TierCaps(t.caps) and t.capacity_bytes:
+            self._nvme = TierUsage(t.tier, t.capacity_bytes, t.used_bytes, t.used_slots)
 
     def heartbeat(self, tiers) -> None:
         self.last_seen = self._clock()
@@ -98,6 +89,9 @@ class RemoteNode:
 
     def tier_names(self) -> list[str]:
         return list(self._tiers)
+
+    def tier_caps(self) -> dict[str, TierCaps]:
+        return dict(self._caps)
 
     def allocate(self, tier: str, size: int) -> Slot | None:
         return self._memory[tier].allocate(size)
@@ -196,24 +190,24 @@ class RemoteNode:
             raise Unavailable(f"node {self.name} ({self.control_address}) did not answer {name}: "
                               f"{exc.code().name}: {exc.details()}") from None
 
-    async def demote(self, items, *, keep_dram: bool) -> MoveResult:
+    async def demote(self, items, *, keep_dram: bool) -> DemoteResult:
         req = node_pb2.DemoteRequest(keep_memory=keep_dram, epoch=self.epoch, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, namespace_id=ns)
             for k, s, c, ns in items])
         resp = await self._call("Demote", req)
         self._update_nvme(resp.nvme)
-        return MoveResult(moved=[(b.key, Slot(b.offset, b.size)) for b in resp.moved],
-                          no_space=list(resp.no_space),
-                          failed=[(k, resp.first_error) for k in resp.failed])
+        return DemoteResult(moved=[(b.key, Slot(b.offset, b.size)) for b in resp.moved],
+                            no_space=list(resp.no_space),
+                            failed=[(k, resp.first_error) for k in resp.failed], keep_dram=keep_dram)
 
-    async def promote(self, items) -> MoveResult:
+    async def promote(self, items) -> PromoteResult:
         req = node_pb2.PromoteRequest(epoch=self.epoch, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, target_offset=d.offset)
             for k, s, c, d in items])
         resp = await self._call("Promote", req)
         self._update_nvme(resp.nvme)
-        return MoveResult(promoted=list(resp.promoted),
-                          corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
+        return PromoteResult(promoted=list(resp.promoted),
+                             corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
 
     async def drop_nvme(self, items) -> None:
         req = node_pb2.DropNvmeRequest(epoch=self.epoch, blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
@@ -242,7 +236,15 @@ class RemoteNode:
             log.warning("node %s replicating from %s: %s", self.name, source.name, resp.error)
         return set(resp.copied)
 
-    async def close(self) -> None:
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+        req = node_pb2.PullRequest(tier=tier, records=access.records, grant_id=access.grant_id,
+                                   expires_unix_ms=access.expires_unix_ms, mac=access.mac,
+                                   target_offsets=[s.offset for s in slots])
+        source.fill(req.source)
+        resp = await self._call("Pull", req)
+        return list(resp.corrupt)
+
+    async def disconnect(self) -> None:
         if self._channel is not None:
             await self._channel.close()
 
@@ -262,6 +264,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         # of its own, see kvpool.server).
         self._next_id = 100 + secrets.randbelow(1 << 31)
         self._closing: list[RemoteNode] = []
+        #: The nodes this registry admitted (its own records: no need to tell handle kinds apart).
+        self._joined: dict[int, RemoteNode] = {}
         #: The fencing epoch of this master (0 without Redis).
         self.epoch = 0
         #: Redis metadata (kvpool.master.metastore), when the master has it.
@@ -274,7 +278,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self._next_id = first
 
     def _remote_nodes(self) -> list[RemoteNode]:
-        return [n for n in self.index.nodes if isinstance(n, RemoteNode)]
+        return list(self._joined.values())
 
     def _forget(self, node: RemoteNode, why: str) -> None:
         # A node that was only cut off (same process) comes back with the blocks it knows of;
@@ -284,6 +288,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
             for e in self.index.entries() if e.node_id == node.node_id and e.mem is not None)
         forgotten = self.index.forget_node(node.node_id)
         self.index.nodes.remove(node.node_id)
+        self._joined.pop(node.node_id, None)
         self._closing.append(node)
         log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
 
@@ -302,6 +307,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self._next_id += 1
         node = RemoteNode(node_id, request, self.index.clock, epoch=self.epoch)
         self.index.nodes.add(node)
+        self._joined[node_id] = node
         in_memory = self.index.adopt_memory(node_id, node.recover_memory(request.memory_blocks))
         adopted = self.index.adopt(node_id, node.recover())
         if self.meta is not None:
@@ -321,7 +327,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         records = self.candidates.pop(node.name, [])
         if not records:
             return 0
-        ours = [r for r in records if r.incarnation == node.incarnation and r.tier != NVME
+        memory = {t for t, caps in node.tier_caps().items() if TierCaps.PERSISTENT not in caps}
+        ours = [r for r in records if r.incarnation == node.incarnation and r.tier in memory
                 and self.index.entry(r.key) is None]
         held: set[bytes] = set()
         if ours:
@@ -341,8 +348,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
 
     @rpc
     def Heartbeat(self, request, context):
-        node = self.index.nodes.get(request.node_id)
-        if not isinstance(node, RemoteNode) or node.incarnation != request.incarnation:
+        node = self._joined.get(request.node_id)
+        if node is None or node.incarnation != request.incarnation:
             return node_pb2.HeartbeatResponse(register_again=True)
         node.heartbeat(request.tiers)
         node.applied(request.applied_seq)
@@ -357,4 +364,4 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
                 self._forget(node, f"missed {self.missed_heartbeats} heartbeats")
         closing, self._closing = self._closing, []
         for node in closing:
-            await node.close()
+            await node.disconnect()

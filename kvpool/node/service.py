@@ -20,6 +20,7 @@ import numpy as np
 from kvpool.capability import new_data_key
 from kvpool.errors import KvpoolError
 from kvpool.masters import MasterList
+from kvpool.metrics import Metrics
 from kvpool.node.node import Node
 from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
@@ -40,7 +41,8 @@ def _geometry(node: Node) -> list[node_pb2.TierGeometry]:
         u = arena.usage()
         out.append(node_pb2.TierGeometry(tier=name, capacity_bytes=arena.capacity,
                                          chunk_bytes=arena.slots.chunk_bytes,
-                                         used_bytes=u.used_bytes, used_slots=u.used_slots))
+                                         used_bytes=u.used_bytes, used_slots=u.used_slots,
+                                         caps=arena.caps.value))
     return out
 
 
@@ -86,6 +88,25 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         return node_pb2.PromoteResponse(promoted=result.promoted, corrupt=[k for k, _ in result.corrupt],
                                         corrupt_reasons=[r for _, r in result.corrupt],
                                         nvme=_nvme_geometry(self.node))
+
+    async def Pull(self, request, context):
+        try:
+            sizes = unpack_records(request.records)["size"]
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
+        if len(sizes) != len(request.target_offsets):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"Pull: {len(sizes)} records but {len(request.target_offsets)} target slots")
+        access = Access(READ, request.grant_id, request.source.node_id, request.expires_unix_ms, request.mac,
+                        request.records)
+        slots = [Slot(int(o), int(n)) for o, n in zip(request.target_offsets, sizes)]
+        try:
+            corrupt = await self.node.pull(NodeEndpoint.from_proto(request.source), access, request.tier, slots)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
+        except KvpoolError as exc:
+            await context.abort(exc.code, f"Pull: {exc}")
+        return node_pb2.PullResponse(corrupt=corrupt)
 
     async def DropNvme(self, request, context):
         await self._fence(request, context)
@@ -261,6 +282,7 @@ class NodeServer:
         self.agent: NodeAgent | None = None
         self._server: grpc.aio.Server | None = None
         self._agent_task: asyncio.Task | None = None
+        self.metrics: Metrics | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -289,11 +311,15 @@ class NodeServer:
         self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx)
         self.agent = NodeAgent(self.node, s.master, control)
         self._agent_task = asyncio.create_task(self.agent.run())
+        metrics = "off"
+        if s.metrics_port >= 0:
+            self.metrics = Metrics.for_node(self.node)
+            metrics = f"http://{s.host}:{self.metrics.serve(s.host, s.metrics_port)}/metrics"
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())
-        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s %s shm=/dev/shm/%s", control,
-                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, tiers, shm)
+        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s metrics=%s %s shm=/dev/shm/%s", control,
+                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, metrics, tiers, shm)
 
     async def stop(self) -> None:
         if self._agent_task is not None:
@@ -304,6 +330,8 @@ class NodeServer:
                 pass
         if self._server is not None:
             await self._server.stop(2)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.agent is not None:
             await self.agent.close()
         if self.node is not None:

@@ -179,6 +179,11 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.ReplicateRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.ReplicateResponse.FromString,
                 _registered_method=True)
+        self.Pull = channel.unary_unary(
+                '/kvpool.v1.NodeControl/Pull',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -219,6 +224,14 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pull(self, request, context):
+        """Copies blocks from another node's data server into slots of this node (drain): the
+        master allocated the target slots and signed a read capability for the source records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +259,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.ReplicateRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'Pull': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.PullRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.PullResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +402,33 @@ class NodeControl:
             '/kvpool.v1.NodeControl/Replicate',
             kvpool_dot_v1_dot_node__pb2.ReplicateRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/Pull',
+            kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
             options,
             channel_credentials,
             insecure,
