@@ -62,7 +62,7 @@ class MasterSettings:
     metrics_port: int = 9464
     #: Settings never import the master (docs/design.md §5): this equals
     #: kvpool.master.eviction.DEFAULT_POLICY, and tests/unit/test_config.py keeps it so.
-    eviction_policy: str = "paced"
+    eviction_policy: str = "lhd"
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     lease_ttl: float = 30.0
@@ -73,8 +73,35 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
+    #: Port of the KV-event publisher (ZMQ PUB, vLLM's KV event format) on the --host
+    #: address; 0 picks one, -1 (the default) turns it off.
+    events_port: int = -1
+    #: ZMQ topic of the KV event messages.
+    events_topic: str = ""
+    #: Copies of each committed block, on nodes of different hosts (1: no replicas). Copies
+    #: go node to node over the data plane; a dead node's blocks stay readable from the others.
+    replicas: int = 1
+    #: Redis URL (redis://host:port/db) for shared metadata and leader election among
+    #: several masters; empty: this master keeps its metadata in memory only.
+    redis: str = ""
+    #: Prefix of every Redis key; masters of one pool share it.
+    redis_prefix: str = "kvpool"
+    #: Seconds a leader's lease lives unless renewed: a standby takes over this long after
+    #: the leader stops.
+    leader_ttl: float = 3.0
+    #: Address that standbys hand clients and nodes to reach this master when it leads, when
+    #: it binds a wildcard address. Empty: the bind address.
+    advertise_host: str = ""
 
     def validate(self) -> None:
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis {self.redis!r}: give a URL such as redis://127.0.0.1:6379/0")
+        if not -1 <= self.events_port < 65536:
+            raise ValueError(f"events_port {self.events_port} is out of range (-1 disables, 0 picks)")
+        if not 1 <= self.replicas <= 8:
+            raise ValueError(f"replicas {self.replicas}: keep between 1 and 8 copies of each block")
+        if self.leader_ttl <= 0:
+            raise ValueError("leader_ttl must be positive seconds")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
         if not -1 <= self.metrics_port < 65536:

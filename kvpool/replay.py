@@ -51,7 +51,7 @@ from kvpool.layout import KVLayout
 from kvpool.master.eviction import BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
-from kvpool.tiers.base import Slot, TierUsage
+from kvpool.tiers.base import Slot, TierCaps, TierUsage
 from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = [
@@ -152,6 +152,12 @@ class ReplayNode:
     and no memory behind them: slot accounting is all the master asks of a node on this
     path. A double free raises, as in a real arena."""
 
+    pulls_replicas = False
+    incarnation = ""
+    unapplied_changes = 0
+    control_address = ""
+    last_seen = None
+
     def __init__(self, capacity: int, block_bytes: int, node_id: int = 1) -> None:
         self.node_id = node_id
         self.name = "replay"
@@ -163,6 +169,12 @@ class ReplayNode:
 
     def tier_names(self) -> list[str]:
         return ["dram"]
+
+    def tier_caps(self) -> dict[str, TierCaps]:
+        return {"dram": TierCaps.HOST_SHARED}  # a memory tier (not PERSISTENT)
+
+    def note_resident(self, entries) -> None:
+        pass  # no process behind it to tell
 
     def allocate(self, tier: str, size: int) -> Slot | None:
         if not self._free:
@@ -199,6 +211,12 @@ class ReplayNode:
 
     async def drop_nvme(self, items) -> None:  # pragma: no cover
         raise NotImplementedError("the replay node has no NVMe tier")
+
+    async def pull(self, source, access, tier: str, slots) -> list[int]:  # pragma: no cover
+        raise NotImplementedError("the replay node holds no bytes to copy")
+
+    async def disconnect(self) -> None:
+        pass
 
 
 class CheckedPolicy(EvictionPolicy):

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,7 +33,12 @@ from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc, pool_pb2, pool_pb2_grpc
 
-__all__ = ["PoolServer", "GRPC_OPTIONS"]
+__all__ = ["PoolServer", "GRPC_OPTIONS", "METADATA_HEALTH"]
+
+#: Health-check service name that says whether the metadata store (Redis) is reachable; the
+#: pool itself ("") stays SERVING from memory while it is not.
+METADATA_HEALTH = "kvpool.metadata"
+_REGISTRY_METHODS = "/" + node_pb2.DESCRIPTOR.services_by_name["Registry"].full_name + "/"
 
 log = logging.getLogger("kvpool.serve")
 
@@ -60,6 +67,14 @@ class PoolServer:
         self.tiering: Tiering | None = None
         self.port = 0
         self.metrics_port = -1
+        #: With --redis: the metadata store, the leader's lease and the task that leads.
+        self.meta = None
+        self.lease = None
+        self._leading: asyncio.Task | None = None
+        self._serving = False
+        self._registering = False
+        self.events = None
+        self.replicator = None
 
     async def start(self) -> None:
         s, t = self.settings, self.tiers
@@ -79,17 +94,52 @@ class PoolServer:
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through,
         ))
+        self.tiering = Tiering(self.index, write_through=s.write_through)
+        self.events = None
+        if s.events_port >= 0:
+            from kvpool.master.events import EventPublisher
+
+            self.events = EventPublisher(s.host, s.events_port, self.index, topic=s.events_topic)
+            self.events.cleared()  # whatever an earlier master announced may be stale
+            self.index.observers.append(self.events)
+            self.events.start()
+            log.info("KV events on tcp://%s:%d (topic %r)", s.host, self.events.port, s.events_topic)
+        self.replicator = None
+        if s.replicas > 1:
+            from kvpool.master.replication import Replicator
+
+            self.replicator = Replicator(self.index, s.replicas)
+            self.index.observers.append(self.replicator)
         # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
         if self.node is not None:
             recovered = self.index.adopt(self.node.node_id, self.node.recover())
             if recovered:
                 log.info("serving %d blocks recovered from NVMe", recovered)
-        self.tiering = Tiering(self.index, write_through=s.write_through)
         self.metrics = Metrics(self.index)
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
+        interceptors = []
+        if s.redis:
+            from kvpool.master.gate import LeaderGate
+            from kvpool.master.leader import LeaderLease
+            from kvpool.master.metastore import MetaCollector, RedisMeta
+
+            self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
+            if self.events is not None:
+                self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
+            self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
+            interceptors.append(LeaderGate(self._admits, lambda: self.lease.leader_address, self._why_not))
+            self.metrics.registry.register(MetaCollector(self.meta, self.lease))
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+        servicers = [PoolServicer(self.index, self.metrics, self.tiering),
+                     AdminServicer(self.index, self.metrics, self.tiering)]
+        for servicer in servicers:
+            servicer.replicated = self.replicator is not None
+        if self.meta is not None:
+            for servicer in servicers:
+                servicer.durable = self.meta.durable
+                servicer.describe_store = self._describe_store
+        pool_pb2_grpc.add_KVPoolServicer_to_server(servicers[0], server)
+        admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], server)
         self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval)
         node_pb2_grpc.add_RegistryServicer_to_server(self.registry, server)
         health_servicer = health.aio.HealthServicer()
@@ -114,8 +164,21 @@ class PoolServer:
         self._server = server
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        self._health = health_servicer
         self._sweeper = asyncio.create_task(self._sweep())
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        if self.meta is not None:
+            self.lease.address = f"{s.advertise_host or s.host}:{self.port}"
+            await health_servicer.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            self._leading = asyncio.create_task(self._lead(metrics))
+            log.info("kvpool master standby grpc=%s:%d metrics=%s redis=%s (serving once it holds the lease)",
+                     s.host, self.port, metrics, s.redis)
+            return
+        self._serving = True
+        self._ready(metrics)
+
+    def _ready(self, metrics: str) -> None:
+        s, t = self.settings, self.tiers
         if self.node is None:
             log.info("kvpool master ready grpc=%s:%d metrics=%s policy=%s (nodes join with: kvpool node "
                      "--master %s:%d)", s.host, self.port, metrics, s.eviction_policy, s.host, self.port)
@@ -131,6 +194,68 @@ class PoolServer:
                  "on" if ep.ucx_worker_address else "off", size("dram"), size("hbm"), size("nvme"), shm,
                  s.eviction_policy, os.path.abspath(t.data_dir))
 
+    async def _lead(self, metrics: str) -> None:
+        """Wait for the lease, take over the metadata in Redis, serve; step down if deposed."""
+        lease, meta = self.lease, self.meta
+        await lease.acquire()
+        started = time.monotonic()
+        self.registry.epoch = lease.epoch
+        self.registry.meta = meta
+        try:
+            # A block of node ids no other master term uses (clients cache endpoints by id).
+            last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)
+            self.registry.first_node_id(100 + (last - (1 << 20)) % (1 << 31))
+            namespaces, records, known_nodes = await meta.load()
+        except Exception as exc:  # Redis went away between the lease and the load
+            log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
+            namespaces, records, known_nodes = [], [], []
+        for ns in namespaces:
+            self.index.register_namespace(ns)
+        for record in records:
+            self.registry.candidates.setdefault(record.node, []).append(record)
+        self.index.observers.append(meta)
+        meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
+        lease.on_error, lease.on_reset = meta.mark_down, meta.mark_reset
+        meta.start(lease.epoch)
+        # Nodes that were in the pool register again (they follow the lease within a heartbeat
+        # or two); clients wait meanwhile instead of finding an empty pool.
+        self._registering = True
+        expected = set(known_nodes)
+        settle = time.monotonic() + max(1.0, 5 * self.settings.heartbeat_interval)
+        while expected and time.monotonic() < settle:
+            if expected <= {n.name for n in self.index.nodes}:
+                break
+            await asyncio.sleep(0.05)
+        self._serving = True
+        log.info("took over with fencing epoch %d in %.3fs: %d namespaces, %d block records to reconcile with "
+                 "node reports", lease.epoch, time.monotonic() - started, len(namespaces), len(records))
+        self._ready(metrics)
+        await lease.keep()
+        # Deposed: the gate refuses every request already; nodes fence what got through.
+        self._serving = False
+        log.warning("another master leads now; this one stops (restart it to stand by again)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _admits(self, method: str) -> bool:
+        """With Redis: serve only while leading; while nodes register again after a takeover,
+        serve only them (clients are told to retry rather than find an empty pool)."""
+        if not await self.lease.confirm():
+            return False
+        return self._serving or (self._registering and method.startswith(_REGISTRY_METHODS))
+
+    def _why_not(self) -> str:
+        if self.lease.valid():
+            return "it took over just now and its nodes are registering again; retry in a moment"
+        leader = self.lease.leader_address
+        if leader and leader != self.lease.address:
+            return f"it stands by; the leader is at {leader}"
+        return "no master leads right now (the lease lapsed); retry in a moment"
+
+    def _describe_store(self, resp) -> None:
+        resp.metadata_store = self.meta.health()
+        resp.metadata_degraded = not self.meta.up
+        resp.fencing_epoch = self.lease.epoch
+
     async def _sweep(self) -> None:
         """Twice a second: expire grants and leases, keep tiers under their high watermark
         (evicting, or demoting where there is NVMe), and forget nodes that went silent."""
@@ -143,10 +268,19 @@ class PoolServer:
                 self.index.enforce_watermarks()
                 await self.tiering.cycle()
                 await self.registry.sweep()
+                if self.replicator is not None:
+                    await self.replicator.cycle()
+                if self.meta is not None:
+                    await self._health.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING if self.meta.up
+                                           else health_pb2.HealthCheckResponse.NOT_SERVING)
             except Exception:  # never let the sweeper die silently
                 log.exception("sweeper failed")
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._leading is not None:
+            self._leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leading
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,6 +293,12 @@ class PoolServer:
                 log.info("aborted %d in-flight put blocks", aborted)
             with contextlib.suppress(Exception):
                 await self.tiering.flush_drops()
+        if self.events is not None:
+            with contextlib.suppress(Exception):
+                await self.events.close()
+        if self.meta is not None:
+            with contextlib.suppress(Exception):
+                await self.meta.stop()
         if self.metrics is not None:
             self.metrics.close()
         for node in list(self.index.nodes) if self.index is not None else []:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import grpc
 
@@ -27,6 +28,7 @@ from kvpool.cli import drain, top
 from kvpool.cli.output import admin_channel, call, pct, rpc_failure, table, to_json
 from kvpool.cli.progress import busy
 from kvpool.config import format_size, parse_size
+from kvpool.masters import FAILOVER_S, MasterList, follows
 from kvpool.rpc.v1 import admin_pb2, common_pb2
 from kvpool.wire import TIER_NAMES
 
@@ -68,6 +70,7 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
         ["pending grants", s.pending_grants], ["active leases", s.active_leases],
         ["namespaces", s.namespaces], ["nodes", s.nodes], ["eviction policy", s.eviction_policy],
         ["uptime", f"{s.uptime_seconds:.0f}s"],
+        ["metadata", s.metadata_store + (f" (fencing epoch {s.fencing_epoch})" if s.fencing_epoch else "")],
     ])
     return summary + "\n\n" + tier_table(s)
 
@@ -88,6 +91,26 @@ _BLOCK_HEADERS = ["key", "namespace", "state", "tier", "size", "leases", "hits",
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the command on the master at --address; given several (``a:p,b:p``), on their leader."""
+    masters = MasterList(args.address)
+    if not masters.several:
+        return _run_at(args)
+    deadline = time.monotonic() + FAILOVER_S
+    while True:
+        one = argparse.Namespace(**vars(args))
+        # Each try is short: a dead master must not hold the command for the whole --timeout.
+        one.address, one.timeout = masters.current, min(args.timeout, 2.0)
+        one.follow_leader = time.monotonic() < deadline
+        result = _run_at(one)
+        if isinstance(result, int):
+            return result
+        masters.failed(result)
+        time.sleep(0.1)
+
+
+def _run_at(args: argparse.Namespace):
+    """The exit status; or, when following the leader, the error of a master that does not
+    lead (or does not answer)."""
     channel, stub = admin_channel(args)
     try:
         cmd = args.admin_command
@@ -138,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         else:  # argparse prevents this
             return 2
     except grpc.RpcError as exc:
+        if getattr(args, "follow_leader", False) and (follows(exc) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+            return exc
         return rpc_failure(exc, args, f"admin {args.admin_command}")
     finally:
         channel.close()

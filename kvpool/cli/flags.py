@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from kvpool.config import resolve_settings
 
-__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "settings_from_args", "setup_logging",
+__all__ = ["add_config_flag", "add_master_flags", "add_redis_flags", "add_tier_flags", "settings_from_args", "setup_logging",
            "run_until_signal", "CommonFlag", "COMMON_FLAGS", "install_common_flags", "mark_server_command",
            "DEFAULT_ADDRESS"]
 
@@ -58,7 +58,8 @@ class CommonFlag:
 
 COMMON_FLAGS: list[CommonFlag] = [
     CommonFlag("--address", lambda: os.environ.get("KVPOOL_ADDRESS", DEFAULT_ADDRESS),
-               {"metavar": "HOST:PORT", "help": f"master address (default $KVPOOL_ADDRESS or {DEFAULT_ADDRESS})"}),
+               {"metavar": "HOST:PORT", "help": f"master address, or several masters sharing a Redis "
+                f"(host:port,host:port: their leader answers) (default $KVPOOL_ADDRESS or {DEFAULT_ADDRESS})"}),
     CommonFlag("--json", lambda: False, {"action": "store_true", "help": "print one JSON document, no progress"}),
     CommonFlag("--timeout", lambda: float(os.environ.get("KVPOOL_TIMEOUT", "10")),
                {"type": float, "metavar": "SECONDS",
@@ -135,6 +136,20 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
     g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+    g.add_argument("--events-port", type=int, help="publish KV events for routers on this ZMQ PUB port (vLLM's "
+                   "format; 0 picks, default -1: off)")
+    g.add_argument("--events-topic", help="ZMQ topic of the KV events (default empty)")
+    g.add_argument("--replicas", type=int, help="copies of each block on nodes of different hosts (default 1)")
+
+
+def add_redis_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("shared metadata and standby masters")
+    g.add_argument("--redis", help="Redis URL, e.g. redis://127.0.0.1:6379/0: keep metadata there and elect a "
+                   "leader among the masters that share it (default: none, metadata in memory)")
+    g.add_argument("--redis-prefix", help="prefix of this pool's Redis keys (default kvpool)")
+    g.add_argument("--leader-ttl", type=float, help="seconds before a standby takes over from a silent leader "
+                   "(default 3)")
+    g.add_argument("--advertise-host", help="address standbys hand out for this master (default: --host)")
 
 
 def add_tier_flags(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import sys
 
-from kvpool.cli.flags import add_config_flag, add_master_flags, run_until_signal, settings_from_args, setup_logging
+from kvpool.cli.flags import add_config_flag, add_master_flags, add_redis_flags, run_until_signal, \
+    settings_from_args, setup_logging
 from kvpool.cli.flags import mark_server_command
 from kvpool.config import MasterSettings
 
@@ -18,6 +19,7 @@ def register(sub) -> None:
                        description="Run a master: metadata only. Storage nodes register with it.")
     add_config_flag(p)
     add_master_flags(p)
+    add_redis_flags(p)
     mark_server_command(p)
     p.set_defaults(func=run)
 

@@ -18,7 +18,8 @@ def register(sub) -> None:
                        description="Run a storage node (DRAM, and optionally HBM and NVMe) that "
                        "registers with a master and serves clients' data-plane copies.")
     add_config_flag(p)
-    p.add_argument("--master", help="master address host:port (default 127.0.0.1:50051)")
+    p.add_argument("--master", help="master address host:port, or several masters sharing a Redis "
+                   "(host:port,host:port: the node follows their leader) (default 127.0.0.1:50051)")
     p.add_argument("--host", help="address of this node's control service (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port of this node's tier metrics (default -1: off)")

@@ -32,6 +32,7 @@ from kvpool.client.buffers import block_views, byte_view, is_device
 from kvpool.client.shares import Planned, plan
 from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
 from kvpool.identity import Namespace, pack_keys
+from kvpool.masters import FAILOVER_S, MasterList, follows
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.transport.base import (READ, WRITE, BlockIntegrityError, Share, Transport, TransportCaps, TransportFactory,
                                    TransportOptions)
@@ -133,6 +134,8 @@ class AsyncClient:
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
                  connect_timeout: float = 3.0, io_timeout: float = 10.0, startup_wait: float | None = None) -> None:
         self.address = address
+        #: One master, or several that share a Redis (``"a:50051,b:50051"``): calls go to the leader.
+        self._masters = MasterList(address)
         self.startup_wait = float(os.environ.get("KVPOOL_STARTUP_WAIT", "5")) if startup_wait is None else startup_wait
         self._reached = False
         self.namespace = namespace
@@ -172,9 +175,21 @@ class AsyncClient:
 
     def _ensure_channel(self) -> pool_pb2_grpc.KVPoolStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_GRPC_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(self._masters.current, options=_GRPC_OPTIONS)
             self._stub = pool_pb2_grpc.KVPoolStub(self._channel)
         return self._stub
+
+    def _follow_leader(self, exc, address: str) -> None:
+        """Point the channel at the master a call to ``address`` that failed suggests
+        (kvpool.masters), unless a concurrent call moved it already."""
+        if self._masters.current != address:
+            return
+        self._masters.failed(exc)
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:  # calls still running on it finish first (they may be fine)
+            task = asyncio.get_running_loop().create_task(channel.close(grace=self.timeout))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         if self._background:
@@ -199,16 +214,27 @@ class AsyncClient:
         self._reached = True
 
     async def _call(self, name: str, request):
-        stub = self._ensure_channel()
-        if not self._reached and self.startup_wait > 0:
-            await self._wait_for_master()
-        try:
-            return await getattr(stub, name)(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            details = exc.details()
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.address not in (details or ""):
-                details = f"master {self.address}: {details}"
-            raise from_status(exc.code(), details) from None
+        deadline = None
+        while True:
+            stub = self._ensure_channel()
+            address = self._masters.current
+            if not self._reached and self.startup_wait > 0 and not self._masters.several:
+                await self._wait_for_master()
+            try:
+                return await getattr(stub, name)(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                # Several masters: follow their leader through a takeover (a lease TTL or so).
+                if self._masters.several and follows(exc):
+                    now = asyncio.get_running_loop().time()
+                    deadline = deadline or now + FAILOVER_S
+                    if now < deadline:
+                        self._follow_leader(exc, address)
+                        await asyncio.sleep(0.05)
+                        continue
+                details = exc.details()
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and address not in (details or ""):
+                    details = f"master {address}: {details}"
+                raise from_status(exc.code(), details) from None
 
     async def _call_ns(self, ns: Namespace, name: str, request):
         """Call with the namespace registered; re-register once if the master forgot it (restart)."""
@@ -382,7 +408,8 @@ class AsyncClient:
         size = ns.layout.block_bytes
         dests = block_views(out, len(keys), size, writable=True, allow_device=True) if out is not None else None
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys),
-                                                                  release_lease_ids=self._take_done_leases()))
+                                                                  release_lease_ids=self._take_done_leases(),
+                                                                  client_host=self._host))
         found = resp.found
         try:
             if not allow_missing and sum(found) != len(keys):
@@ -433,7 +460,8 @@ class AsyncClient:
         The caller must ``release([resp.lease_id])`` when done, or let the lease expire.
         """
         ns = self._ns(namespace)
-        return await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys)))
+        return await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(namespace_id=ns.id, keys=pack_keys(keys),
+                                                                        client_host=self._host))
 
     async def release(self, lease_ids: Sequence[str]) -> int:
         resp = await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=list(lease_ids)))
@@ -481,7 +509,8 @@ class AsyncClient:
             return 0
         dests = block_views(out, len(keys), size, writable=True, allow_device=True)
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(
-            namespace_id=ns.id, keys=pack_keys(keys), release_lease_ids=self._take_done_leases()))
+            namespace_id=ns.id, keys=pack_keys(keys), release_lease_ids=self._take_done_leases(),
+            client_host=self._host))
         try:
             if resp.hit_blocks:
                 await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks])

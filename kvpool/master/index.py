@@ -42,7 +42,7 @@ from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
 from kvpool.wire import pack_record, pack_slot
 
-__all__ = ["BlockIndex", "IndexConfig", "Entry", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
+__all__ = ["BlockIndex", "IndexConfig", "Entry", "Replica", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
 
 PUT_GRANTED, PUT_PRESENT, PUT_IN_FLIGHT = 1, 2, 3
 PENDING, COMMITTED = "pending", "committed"
@@ -66,7 +66,7 @@ class Entry:
     """One block in the index: a memory copy (DRAM or HBM) and/or an NVMe copy, on one node."""
 
     __slots__ = ("key", "ns", "node_id", "mem", "mem_tier", "nvme", "checksum", "state", "pins",
-                 "doomed", "position", "created", "last_access", "hits", "record", "loc")
+                 "doomed", "position", "created", "last_access", "hits", "record", "loc", "replicas")
 
     def __init__(self, key: bytes, ns: str, node_id: int, mem: Slot | None, nvme: Slot | None,
                  position: int, now: float, mem_tier: str = "dram") -> None:
@@ -86,6 +86,9 @@ class Entry:
         self.created = now
         self.last_access = now
         self.hits = 0
+        #: Copies of the memory copy on other nodes (kvpool.master.replication): they live as
+        #: long as the memory copy does, and a pin on the entry pins them too.
+        self.replicas: list[Replica] = []
         self.record = self.loc = b""
         self.update_record()
 
@@ -107,6 +110,15 @@ class Entry:
         # Both wire forms are cached: a Lookup then only joins bytes (see kvpool.wire).
         self.record = pack_record(self.node_id, self.tier, slot.offset, slot.size, self.checksum)
         self.loc = pack_slot(slot.offset, self.checksum)
+
+
+@dataclass
+class Replica:
+    """A copy of an entry's memory copy on another node (always a host tier: DRAM)."""
+
+    node_id: int
+    tier: str
+    slot: Slot
 
 
 @dataclass
@@ -177,12 +189,21 @@ class BlockIndex:
         #: Nodes being drained (kvpool.master.drain): placement gives them no new blocks.
         self.draining: set[int] = set()
         self.counters = Counters()
+        #: Told of blocks entering and leaving the index (Redis metadata, KV events): objects
+        #: with ``namespace(ns)``, ``stored(entries)``, ``removed(entries)`` and
+        #: ``node_lost(entries)`` (a node left: its blocks may come back if it was only
+        #: cut off), called synchronously, so they only queue the work.
+        self.observers: list = []
 
     # ------------------------------------------------------------------ namespaces
 
     def register_namespace(self, ns: Namespace) -> NamespaceInfo:
-        info = NamespaceInfo(ns, ns.layout.block_bytes)
-        self._namespaces.setdefault(ns.id, info)
+        known = self._namespaces.get(ns.id)
+        if known is not None:
+            return known
+        info = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
+        for observer in self.observers:
+            observer.namespace(ns)
         return info
 
     def namespace(self, ns_id: str) -> NamespaceInfo:
@@ -323,6 +344,7 @@ class BlockIndex:
         del self._grants[put_id]
         now = self.clock()
         entering: dict[tuple[int, str], tuple[list[bytes], list[BlockInfo]]] = {}
+        committed: list[Entry] = []
         for key, checksum in zip(keys, checksums):
             entry = grant.entries.pop(key)
             del self._pending[key]
@@ -339,10 +361,15 @@ class BlockIndex:
                 self.committed.append(entry)
             self.counters.put_blocks += 1
             self.counters.put_bytes += entry.slot.size
+            committed.append(entry)
         # One batched call per policy, in chain order: a policy learns parents from it.
         for tk, (batch_keys, infos) in entering.items():
             self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + len(batch_keys)
             self._policy(*tk).insert_many(batch_keys, infos)
+        if committed:  # one grant places all its blocks on one node
+            self.nodes.get(committed[0].node_id).note_resident(committed)
+            for observer in self.observers:
+                observer.stored(committed)
         released = self._release_grant_entries(grant)
         self.enforce_watermarks()
         return len(keys), released
@@ -510,6 +537,8 @@ class BlockIndex:
     def _drop(self, entry: Entry) -> bool:
         """Take a committed entry out of the index. True if freed now, False if deferred."""
         del self._blocks[entry.key]
+        for observer in self.observers:
+            observer.removed((entry,))
         if entry.mem is not None:
             self._leave(entry, entry.mem_tier)
         if entry.nvme is not None:
@@ -520,8 +549,24 @@ class BlockIndex:
         self._release_storage(entry)
         return True
 
+    def _free_replicas(self, entry: Entry) -> None:
+        for r in entry.replicas:
+            node = self.nodes.get(r.node_id)
+            if node is not None:
+                node.free(r.tier, r.slot)
+        entry.replicas = []
+
+    def add_replica(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> bool:
+        """Record a copy the node made (kvpool.master.replication); False if the entry's memory
+        copy went meanwhile (the caller frees the slot)."""
+        if entry.doomed or entry.mem is None or self._blocks.get(entry.key) is not entry:
+            return False
+        entry.replicas.append(Replica(node_id, tier, slot))
+        return True
+
     def _release_storage(self, entry: Entry) -> None:
         """Free whatever copies an unpinned entry still has (exactly once)."""
+        self._free_replicas(entry)
         if entry.mem is not None:
             node = self.nodes.get(entry.node_id)
             if node is not None:
@@ -603,6 +648,7 @@ class BlockIndex:
             return
         self._leave(entry, tier)
         if tier != NVME:
+            self._free_replicas(entry)
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
@@ -685,6 +731,7 @@ class BlockIndex:
         self.counters.demoted_blocks += 1
         if entry.pins == 1 and entry.mem is not None:  # only the mover's own pin
             self._leave(entry, entry.mem_tier)
+            self._free_replicas(entry)
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
@@ -706,6 +753,7 @@ class BlockIndex:
         entry.mem_tier = DRAM
         entry.update_record()
         self._enter(entry, DRAM)
+        self.nodes.get(entry.node_id).note_resident([entry])
         self.counters.promoted_blocks += 1
 
     def corrupt(self, entry: Entry, dram_slot: Slot | None) -> None:
@@ -727,7 +775,25 @@ class BlockIndex:
         is not there to ask, and a drop sent to its next incarnation could delete a block
         that survived.
         """
-        gone = [e for e in self._blocks.values() if e.node_id == node_id]
+        gone, moved = [], []
+        for entry in self._blocks.values():
+            if entry.replicas:
+                entry.replicas = [r for r in entry.replicas if r.node_id != node_id]
+            if entry.node_id != node_id:
+                continue
+            if entry.replicas:
+                moved.append(entry)
+            else:
+                gone.append(entry)
+        for entry in moved:  # a replica on a live node becomes the copy clients read
+            r = entry.replicas.pop(0)
+            entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
+            entry.update_record()
+            self._enter(entry, r.tier)
+        for observer in self.observers if moved else ():
+            observer.stored(moved)
+        for observer in self.observers if gone else ():
+            observer.node_lost(gone)
         for entry in gone:
             del self._blocks[entry.key]
             entry.doomed = True
@@ -757,8 +823,14 @@ class BlockIndex:
         """Index blocks a node found on NVMe at start (``key, slot, checksum, namespace``)."""
         now = self.clock()
         adopted = 0
+        fresh: list[Entry] = []
         for key, slot, checksum, ns in blocks:
-            if key in self._blocks:
+            entry = self._blocks.get(key)
+            if entry is not None:
+                if entry.node_id == node_id and entry.nvme is None and entry.checksum == checksum:
+                    entry.nvme = slot  # its memory copy came back too (adopt_memory)
+                    self._enter(entry, NVME)
+                    adopted += 1
                 continue
             entry = Entry(key, ns, node_id, None, slot, -1, now)
             entry.state = COMMITTED
@@ -767,6 +839,35 @@ class BlockIndex:
             self._blocks[key] = entry
             self._enter(entry, NVME)
             adopted += 1
+            fresh.append(entry)
+        for observer in self.observers if fresh else ():
+            observer.stored(fresh)
+        return adopted
+
+    def adopt_memory(self, node_id: int, blocks) -> int:
+        """Index blocks a node still holds in memory (``key, slot, checksum, namespace, tier``),
+        reported when it registers again with the same process: its master restarted. The
+        slots are claimed on the node's handle already; a key the index has elsewhere keeps
+        that copy, and this slot is freed."""
+        now = self.clock()
+        node = self.nodes.get(node_id)
+        adopted = 0
+        fresh: list[Entry] = []
+        for key, slot, checksum, ns, tier in blocks:
+            entry = self._blocks.get(key)
+            if entry is not None:
+                node.free(tier, slot)
+                continue
+            entry = Entry(key, ns, node_id, slot, None, -1, now, tier)
+            entry.state = COMMITTED
+            entry.checksum = checksum
+            entry.update_record()
+            self._blocks[key] = entry
+            self._enter(entry, tier)
+            adopted += 1
+            fresh.append(entry)
+        for observer in self.observers if fresh else ():
+            observer.stored(fresh)
         return adopted
 
     # ------------------------------------------------------------------ placement

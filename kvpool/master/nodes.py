@@ -24,6 +24,12 @@ class NodeHandle(Protocol):
 
     node_id: int
     name: str
+    #: Whether the node can copy blocks from other nodes' data servers (replicas).
+    pulls_replicas: bool
+    #: The node process's start ("" for the node inside the master's own process).
+    incarnation: str
+    #: Changes to its memory slots the node has not applied yet (kvpool.node.resident).
+    unapplied_changes: int
     #: Key of the node's data-plane capabilities (kvpool.capability): grants and leases are
     #: signed with it, and the node's data server checks them.
     data_key: bytes
@@ -45,6 +51,10 @@ class NodeHandle(Protocol):
 
     def free(self, tier: str, slot: Slot) -> None:
         """Return a slot. The master calls this exactly once per allocated slot."""
+
+    def note_resident(self, entries) -> None:
+        """These committed index entries now have their memory copy on this node (see
+        :mod:`kvpool.node.resident`: a node in another process learns it in the background)."""
 
     def free_slots_for(self, tier: str, size: int) -> int:
         """How many more blocks of ``size`` the tier can take without eviction."""

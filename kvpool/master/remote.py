@@ -10,17 +10,24 @@ the network. The node reports its NVMe usage with every reply and heartbeat.
 new node id: the index forgets everything about an earlier incarnation of the same node
 (its memory is gone) and adopts what the node found on its NVMe. A node that misses its
 heartbeats is forgotten the same way.
+
+**Nodes are the truth for their bytes.** Every change to which memory slot holds which
+committed block is journaled here, numbered, and sent to the node on the answer to its next
+heartbeats until the node says it applied it (:mod:`kvpool.node.resident`). A node whose
+master restarted registers with the memory blocks it still holds, and they are served again.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 
 import grpc
 
-from kvpool.errors import Unavailable
+from kvpool.errors import FailedPrecondition, Unavailable
 from kvpool.master.index import BlockIndex
+from kvpool.master.metastore import BlockRecord
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.handlers import rpc
@@ -36,8 +43,14 @@ log = logging.getLogger("kvpool.master")
 class RemoteNode:
     """A node in another process, reached through its NodeControl service."""
 
-    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic) -> None:
+    #: It can pull blocks from another node's data server (kvpool.master.replication).
+    pulls_replicas = True
+
+    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic,
+                 epoch: int = 0) -> None:
         self.node_id = node_id
+        #: The master's fencing epoch, sent with every request: the node refuses older ones.
+        self.epoch = epoch
         self.name = request.name
         self.incarnation = request.incarnation
         self.control_address = request.control_address
@@ -55,6 +68,10 @@ class RemoteNode:
         self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
         self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
+        # Changes to the node's memory slots not yet applied by the node: (tier, slot, entry
+        # or None). _journal[0] has sequence number _journal_base + 1.
+        self._journal: list[tuple[str, Slot, object]] = []
+        self._journal_base = 0
         # Opened at the first tier movement, on the event loop that needs it.
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeControlStub | None = None
@@ -81,6 +98,54 @@ class RemoteNode:
 
     def free(self, tier: str, slot: Slot) -> None:
         self._memory[tier].free(slot)
+        self._journal.append((tier, slot, None))
+
+    def note_resident(self, entries) -> None:
+        # Only a reference here: the change is encoded when a heartbeat carries it, off the
+        # put's path. The slot is copied now, since the entry's memory copy can move later.
+        self._journal.extend((e.mem_tier, e.mem, e) for e in entries)
+
+    def claim(self, tier: str, slot: Slot) -> bool:
+        """Take a slot the node reports holding a committed block (master restart)."""
+        allocator = self._memory.get(tier)
+        if allocator is None:
+            return False
+        try:
+            allocator.claim(slot)
+        except (ValueError, RuntimeError):
+            return False
+        return True
+
+    # The journal of memory-slot changes ------------------------------------------
+
+    @property
+    def journal_seq(self) -> int:
+        """The sequence number of the newest change."""
+        return self._journal_base + len(self._journal)
+
+    @property
+    def unapplied_changes(self) -> int:
+        return len(self._journal)
+
+    def applied(self, seq: int) -> None:
+        """The node applied every change up to ``seq``: stop resending them."""
+        done = min(max(0, seq - self._journal_base), len(self._journal))
+        if done:
+            del self._journal[:done]
+            self._journal_base += done
+
+    def changes(self, limit: int = 65536) -> tuple[list[node_pb2.ResidentBlock], int, bool]:
+        """The oldest unapplied changes (at most ``limit``), the last one's number, and
+        whether more wait."""
+        batch = self._journal[:limit]
+        out = []
+        for tier, slot, entry in batch:
+            if entry is None:
+                out.append(node_pb2.ResidentBlock(tier=tier, offset=slot.offset, size=slot.size))
+            else:
+                out.append(node_pb2.ResidentBlock(tier=tier, offset=slot.offset, size=slot.size, key=entry.key,
+                                                  checksum=entry.checksum, namespace_id=entry.ns))
+        return out, self._journal_base + len(batch), len(self._journal) > limit
 
     def free_slots_for(self, tier: str, size: int) -> int:
         if tier in self._memory:
@@ -100,6 +165,19 @@ class RemoteNode:
         recovered, self._recovered = self._recovered, []
         return recovered
 
+    def recover_memory(self, blocks) -> list[tuple[bytes, Slot, int, str, str]]:
+        """Claim the slots of the memory blocks a node reported at registration; returns the
+        (key, slot, checksum, namespace, tier) of those claimed. A slot that cannot be
+        claimed (off the grid, overlapping) is told to the node as empty."""
+        out = []
+        for b in blocks:
+            slot = Slot(b.offset, b.size)
+            if len(b.key) == 16 and self.claim(b.tier, slot):
+                out.append((b.key, slot, b.checksum, b.namespace_id, b.tier))
+            else:
+                self._journal.append((b.tier, slot, None))
+        return out
+
     # NodeHandle: tier movement (over gRPC) ----------------------------------
 
     async def _call(self, name: str, request):
@@ -113,7 +191,7 @@ class RemoteNode:
                               f"{exc.code().name}: {exc.details()}") from None
 
     async def demote(self, items, *, keep_dram: bool) -> DemoteResult:
-        req = node_pb2.DemoteRequest(keep_memory=keep_dram, items=[
+        req = node_pb2.DemoteRequest(keep_memory=keep_dram, epoch=self.epoch, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, namespace_id=ns)
             for k, s, c, ns in items])
         resp = await self._call("Demote", req)
@@ -123,7 +201,7 @@ class RemoteNode:
                             failed=[(k, resp.first_error) for k in resp.failed], keep_dram=keep_dram)
 
     async def promote(self, items) -> PromoteResult:
-        req = node_pb2.PromoteRequest(items=[
+        req = node_pb2.PromoteRequest(epoch=self.epoch, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, target_offset=d.offset)
             for k, s, c, d in items])
         resp = await self._call("Promote", req)
@@ -132,10 +210,31 @@ class RemoteNode:
                              corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
 
     async def drop_nvme(self, items) -> None:
-        req = node_pb2.DropNvmeRequest(blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
+        req = node_pb2.DropNvmeRequest(epoch=self.epoch, blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
                                                for k, s in items])
         resp = await self._call("DropNvme", req)
         self._update_nvme(resp.nvme)
+
+    async def verify(self, records) -> set[bytes]:
+        """Which of these memory blocks (Redis records) the node holds, bytes checked."""
+        req = node_pb2.VerifyBlocksRequest(epoch=self.epoch, blocks=[
+            node_pb2.ResidentBlock(tier=r.tier, offset=r.offset, size=r.size, key=r.key, checksum=r.checksum,
+                                   namespace_id=r.namespace_id) for r in records])
+        return set((await self._call("VerifyBlocks", req)).held)
+
+    async def replicate(self, source, copy_id: str, expires_ms: int, mac: bytes, records: bytes, entries,
+                        slots) -> set[bytes]:
+        """Have this node pull ``entries`` from ``source`` into ``slots`` (kvpool.master.replication)."""
+        req = node_pb2.ReplicateRequest(
+            epoch=self.epoch, lease_id=copy_id, records=records, tier="dram",
+            target_offsets=[s.offset for s in slots], keys=[e.key for e in entries],
+            namespace_ids=[e.ns for e in entries])
+        source.endpoint().fill(req.source)
+        req.capability.node_id, req.capability.expires_unix_ms, req.capability.mac = source.node_id, expires_ms, mac
+        resp = await self._call("Replicate", req)
+        if resp.error:
+            log.warning("node %s replicating from %s: %s", self.name, source.name, resp.error)
+        return set(resp.copied)
 
     async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
         req = node_pb2.PullRequest(tier=tier, records=access.records, grant_id=access.grant_id,
@@ -159,15 +258,34 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self.metrics = metrics
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
-        self._next_id = 100  # ids below are for nodes inside this process
+        # Ids below 100 are for nodes inside this process. Clients cache a node's endpoint
+        # by id, so ids must not repeat across masters either: a master that restarts or
+        # takes over starts at a random point of the u32 range (with Redis: a block of ids
+        # of its own, see kvpool.server).
+        self._next_id = 100 + secrets.randbelow(1 << 31)
         self._closing: list[RemoteNode] = []
         #: The nodes this registry admitted (its own records: no need to tell handle kinds apart).
         self._joined: dict[int, RemoteNode] = {}
+        #: The fencing epoch of this master (0 without Redis).
+        self.epoch = 0
+        #: Redis metadata (kvpool.master.metastore), when the master has it.
+        self.meta = None
+        #: Blocks Redis lists, by node name, not yet reconciled with that node's report.
+        self.candidates: dict[str, list] = {}
+
+    def first_node_id(self, first: int) -> None:
+        """Number the nodes that register from here on from ``first``."""
+        self._next_id = first
 
     def _remote_nodes(self) -> list[RemoteNode]:
         return list(self._joined.values())
 
     def _forget(self, node: RemoteNode, why: str) -> None:
+        # A node that was only cut off (same process) comes back with the blocks it knows of;
+        # those committed since its last applied change are checked against it then.
+        self.candidates.setdefault(node.name, []).extend(
+            BlockRecord(e.key, e.mem_tier, e.mem.offset, e.mem.size, e.checksum, node.name, node.incarnation, e.ns)
+            for e in self.index.entries() if e.node_id == node.node_id and e.mem is not None)
         forgotten = self.index.forget_node(node.node_id)
         self.index.nodes.remove(node.node_id)
         self._joined.pop(node.node_id, None)
@@ -175,19 +293,58 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
 
     @rpc
-    def RegisterNode(self, request, context):
+    async def RegisterNode(self, request, context):
+        if request.epoch > self.epoch:
+            # Refuse, and let the lease say whether this master still leads (it renews every
+            # third of a TTL): a node's word alone does not depose a leader.
+            raise FailedPrecondition(
+                f"RegisterNode: this master's epoch {self.epoch} is older than the epoch {request.epoch} the node "
+                f"has seen: another master leads; register with it")
         for old in self._remote_nodes():
             if old.name == request.name or old.control_address == request.control_address:
                 self._forget(old, "registered again (restarted)")
         node_id = self._next_id
         self._next_id += 1
-        node = RemoteNode(node_id, request, self.index.clock)
+        node = RemoteNode(node_id, request, self.index.clock, epoch=self.epoch)
         self.index.nodes.add(node)
         self._joined[node_id] = node
+        in_memory = self.index.adopt_memory(node_id, node.recover_memory(request.memory_blocks))
         adopted = self.index.adopt(node_id, node.recover())
-        log.info("node %s joined as id %d at %s; %d blocks on its NVMe", node.name, node_id,
-                 request.control_address, adopted)
-        return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval)
+        if self.meta is not None:
+            self.meta.node_joined(node.name, node.control_address, node.incarnation)
+        in_memory += await self._reconcile(node)
+        log.info("node %s joined as id %d at %s; %d blocks in its memory, %d on its NVMe", node.name, node_id,
+                 request.control_address, in_memory, adopted)
+        return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval,
+                                             epoch=self.epoch)
+
+    async def _reconcile(self, node: RemoteNode) -> int:
+        """Serve blocks this node may hold in memory without knowing it (their change had not
+        reached it): those Redis lists for it (the master before this one died), and those
+        this master forgot when it declared the node dead. Each is served again only if the
+        node is the same process and its slot holds bytes with the recorded checksum. Other
+        records are forgotten."""
+        records = self.candidates.pop(node.name, [])
+        if not records:
+            return 0
+        memory = {t for t, caps in node.tier_caps().items() if TierCaps.PERSISTENT not in caps}
+        ours = [r for r in records if r.incarnation == node.incarnation and r.tier in memory
+                and self.index.entry(r.key) is None]
+        held: set[bytes] = set()
+        if ours:
+            try:
+                held = await node.verify(ours)
+            except Unavailable as exc:
+                log.warning("cannot reconcile node %s with Redis: %s", node.name, exc)
+        blocks = [(r.key, Slot(r.offset, r.size), r.checksum, r.namespace_id, r.tier) for r in ours
+                  if r.key in held and node.claim(r.tier, Slot(r.offset, r.size))]
+        adopted = self.index.adopt_memory(node.node_id, blocks)
+        served = {b[0] for b in blocks}
+        if self.meta is not None:  # records of an earlier incarnation, and blocks the node no longer holds, go
+            self.meta.forget(r.key for r in records if r.key not in served and self.index.entry(r.key) is None)
+        if adopted:
+            log.info("node %s: %d blocks from Redis confirmed by the node and served again", node.name, adopted)
+        return adopted
 
     @rpc
     def Heartbeat(self, request, context):
@@ -195,7 +352,9 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         if node is None or node.incarnation != request.incarnation:
             return node_pb2.HeartbeatResponse(register_again=True)
         node.heartbeat(request.tiers)
-        return node_pb2.HeartbeatResponse()
+        node.applied(request.applied_seq)
+        changes, seq, more = node.changes()
+        return node_pb2.HeartbeatResponse(changes=changes, changes_seq=seq, more=more, epoch=self.epoch)
 
     async def sweep(self) -> None:
         """Forget nodes that stopped sending heartbeats; close channels of forgotten ones."""

@@ -22,7 +22,7 @@ from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.capability import expiry_ms, sign
 from kvpool.transport.base import READ, WRITE
-from kvpool.wire import TIER_CODES
+from kvpool.wire import TIER_CODES, pack_record, pack_slot
 
 __all__ = ["PoolServicer", "AdminServicer", "stats_response"]
 
@@ -53,6 +53,37 @@ class _Base:
         self.metrics = metrics
         self.tiering = tiering
         self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
+        #: With Redis metadata: awaited before a commit is answered (kvpool.master.metastore).
+        self.durable = None
+        #: Fills the metadata-store fields of a StatsResponse (set by the server).
+        self.describe_store = None
+        #: Blocks may have replicas (kvpool.master.replication): reads get the nearest copy.
+        self.replicated = False
+
+    def _nearest(self, entries, client_host: str):
+        """For each entry, a copy on the reader's host when a replica is there (the entry pins
+        its replicas too, so the lease covers the copy chosen)."""
+        if not self.replicated or not client_host:
+            return entries
+        nodes = self.index.nodes
+        out = []
+        for e in entries:
+            if e.replicas and nodes.get(e.node_id).endpoint().host_id != client_host:
+                for r in e.replicas:
+                    node = nodes.get(r.node_id)
+                    if node is not None and node.endpoint().host_id == client_host:
+                        e = ReplicaView(e, r)
+                        break
+            out.append(e)
+        return out
+
+    def _stats(self) -> common_pb2.StatsResponse:
+        resp = stats_response(self.index)
+        if self.describe_store is not None:
+            self.describe_store(resp)
+        else:
+            resp.metadata_store = "memory"
+        return resp
 
     async def _resident(self, lease) -> list[bool] | None:
         """Promote the lease's NVMe-only blocks; None when all were in memory already."""
@@ -124,9 +155,11 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         return resp
 
     @rpc
-    def PutCommit(self, request, context):
+    async def PutCommit(self, request, context):
         keys = self.index.split_packed(request.keys, "PutCommit") if request.keys else None
         committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums))
+        if self.durable is not None:
+            await self.durable()
         return pool_pb2.PutCommitResponse(committed=committed, released=released)
 
     @rpc
@@ -147,7 +180,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, hits)
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
-            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s)
+            self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
+                            self.index.config.lease_ttl_s)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
@@ -169,7 +203,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, keep)
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
-            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s)
+            self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
+                            self.index.config.lease_ttl_s)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
@@ -190,7 +225,20 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
 
     @rpc
     def Stats(self, request, context):
-        return stats_response(self.index)
+        return self._stats()
+
+
+class ReplicaView:
+    """A replica dressed as its entry, for the location records of one read."""
+
+    __slots__ = ("key", "node_id", "mem_tier", "tier", "size", "record", "loc")
+
+    def __init__(self, entry: Entry, replica) -> None:
+        slot = replica.slot
+        self.key, self.node_id, self.mem_tier, self.tier, self.size = (entry.key, replica.node_id, replica.tier,
+                                                                       replica.tier, slot.size)
+        self.record = pack_record(replica.node_id, replica.tier, slot.offset, slot.size, entry.checksum)
+        self.loc = pack_slot(slot.offset, entry.checksum)
 
 
 def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
@@ -280,7 +328,7 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
 
     @rpc
     def Stats(self, request, context):
-        return stats_response(self.index)
+        return self._stats()
 
     @rpc
     def ListNodes(self, request, context):
@@ -294,6 +342,7 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
                 control_address=node.control_address,
                 seconds_since_heartbeat=0.0 if last_seen is None else now - last_seen,
                 transports=_transport_summary(node.endpoint()),
+                unapplied_changes=node.unapplied_changes,
                 draining=node.node_id in self.index.draining,
             )
             info.tiers.extend(t for t in stats.tiers if t.node_id == node.node_id)

@@ -32,6 +32,7 @@ import numpy as np
 from kvpool.capability import new_data_key
 from kvpool.node.catalog import NvmeCatalog
 from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResult, TierMover
+from kvpool.node.resident import ResidentMap
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
 from kvpool.tiers.nvme import NvmeArena
@@ -47,6 +48,12 @@ log = logging.getLogger("kvpool.node")
 
 
 class Node:
+    #: The node inside ``kvpool serve`` shares its master's fate, so it takes no replicas,
+    #: has no incarnation of its own and needs no journal of its memory slots.
+    pulls_replicas = False
+    incarnation = ""
+    unapplied_changes = 0
+
     def __init__(self, node_id: int, name: str, tiers: list[Arena], mover: TierMover | None = None) -> None:
         if not tiers:
             raise ValueError("a node needs at least one tier")
@@ -60,6 +67,10 @@ class Node:
         self.data_server = None
         self.ucx = None
         self._endpoint: NodeEndpoint | None = None
+        #: Committed blocks in the memory tiers, as the master reported them (kvpool.node.resident).
+        self.resident = ResidentMap()
+        #: The highest fencing epoch of a master seen; requests of lower epochs are refused.
+        self.epoch = 0
         if mover is not None:
             self.tiers[mover.nvme.name] = mover.nvme
 
@@ -122,6 +133,10 @@ class Node:
 
     def free_slots_for(self, tier: str, size: int) -> int:
         return self.tiers[tier].slots.free_slots_for(size)
+
+    def note_resident(self, entries) -> None:
+        # A node inside the master's process dies with its master: nothing to remember.
+        pass
 
     def usage(self) -> list[TierUsage]:
         return [t.usage() for t in self.tiers.values()]

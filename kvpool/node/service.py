@@ -15,15 +15,19 @@ import logging
 import secrets
 
 import grpc
+import numpy as np
 
 from kvpool.capability import new_data_key
 from kvpool.errors import KvpoolError
+from kvpool.masters import MasterList
 from kvpool.metrics import Metrics
 from kvpool.node.node import Node
+from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
-from kvpool.transport.base import READ, Access
+from kvpool.transport.base import READ, Access, BlockIntegrityError, Share, TransportOptions
 from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.transport.tcp import TcpTransport
 from kvpool.wire import unpack_records
 
 __all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
@@ -56,7 +60,16 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
+    async def _fence(self, request, context) -> None:
+        """Refuse a master whose epoch is older than one this node has seen (it was deposed)."""
+        if request.epoch < self.node.epoch:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"refused: the sender's fencing epoch {request.epoch} is older than {self.node.epoch}; "
+                                f"it no longer leads")
+        self.node.epoch = request.epoch
+
     async def Demote(self, request, context):
+        await self._fence(request, context)
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
         items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id) for i in request.items]
@@ -67,6 +80,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             first_error=result.failed[0][1] if result.failed else "", nvme=_nvme_geometry(self.node))
 
     async def Promote(self, request, context):
+        await self._fence(request, context)
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
         items = [(i.key, Slot(i.offset, i.size), i.checksum, Slot(i.target_offset, i.size)) for i in request.items]
@@ -95,10 +109,73 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         return node_pb2.PullResponse(corrupt=corrupt)
 
     async def DropNvme(self, request, context):
+        await self._fence(request, context)
         if self.node.mover is None:
             return node_pb2.DropNvmeResponse()
         await self.node.drop_nvme([(b.key, Slot(b.offset, b.size)) for b in request.blocks])
         return node_pb2.DropNvmeResponse(dropped=len(request.blocks), nvme=_nvme_geometry(self.node))
+
+    async def VerifyBlocks(self, request, context):
+        await self._fence(request, context)
+        arenas = self.node.host_arenas()
+        resident = self.node.resident
+
+        def check() -> list[bytes]:
+            held = []
+            for b in request.blocks:
+                if resident.holds(b, arenas):
+                    resident.add(ResidentBlock(b.tier, b.offset, b.size, b.key, b.checksum, b.namespace_id))
+                    held.append(b.key)
+            return held
+
+        return node_pb2.VerifyBlocksResponse(held=await asyncio.to_thread(check))
+
+    async def Replicate(self, request, context):
+        """Pull blocks from another node's data server into our slots (a replica)."""
+        await self._fence(request, context)
+        arenas = self.node.host_arenas()
+        if request.tier not in arenas:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Replicate: this node has no host tier {request.tier!r}")
+        try:
+            records = unpack_records(request.records)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Replicate: {exc}")
+        n = len(records)
+        if not (len(request.target_offsets) == len(request.keys) == len(request.namespace_ids) == n):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "Replicate: give one target offset, key and namespace per record")
+        arena = arenas[request.tier]
+        sizes = records["size"].tolist()
+        if any(o + z > len(arena) for o, z in zip(request.target_offsets, sizes)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Replicate: a target slot lies outside the tier")
+        outs = [arena[o : o + z] for o, z in zip(request.target_offsets, sizes)]
+        cap = request.capability
+        share = Share(records, np.arange(n), Access(READ, request.lease_id, cap.node_id, cap.expires_unix_ms,
+                                                   bytes(cap.mac), request.records))
+        bad: set[int] = set()
+        error = ""
+        try:
+            await asyncio.to_thread(self._pull, NodeEndpoint.from_proto(request.source), share, outs)
+        except BlockIntegrityError as exc:
+            bad, error = set(exc.positions), str(exc)
+        except KvpoolError as exc:
+            return node_pb2.ReplicateResponse(error=str(exc))
+        copied = []
+        for i in range(n):
+            if i in bad:
+                continue
+            r = records[i]
+            self.node.resident.add(ResidentBlock(request.tier, int(request.target_offsets[i]), int(r["size"]),
+                                                 request.keys[i], int(r["checksum"]), request.namespace_ids[i]))
+            copied.append(request.keys[i])
+        return node_pb2.ReplicateResponse(copied=copied, error=error)
+
+    def _pull(self, source: NodeEndpoint, share: Share, outs) -> None:
+        transport = TcpTransport.open(source, "dram", TransportOptions())
+        try:
+            transport.read(share, outs)
+        finally:
+            transport.close()
 
 
 class NodeAgent:
@@ -106,14 +183,24 @@ class NodeAgent:
 
     def __init__(self, node: Node, master_address: str, control_address: str) -> None:
         self.node = node
-        self.master_address = master_address
+        #: One master, or several sharing a Redis: the node follows their leader.
+        self.masters = MasterList(master_address)
         self.control_address = control_address
         self.incarnation = secrets.token_hex(8)
         self.node_id: int | None = None
         self.interval = 1.0
-        self._channel = grpc.aio.insecure_channel(master_address)
+        self._channel = grpc.aio.insecure_channel(self.masters.current)
         self._stub = node_pb2_grpc.RegistryStub(self._channel)
         self._first = True
+
+    @property
+    def master_address(self) -> str:
+        return self.masters.current
+
+    async def _connect(self) -> None:
+        old, self._channel = self._channel, grpc.aio.insecure_channel(self.masters.current)
+        self._stub = node_pb2_grpc.RegistryStub(self._channel)
+        await old.close()
 
     def _blocks(self) -> list[node_pb2.StoredBlock]:
         if self._first:  # at start the catalog was verified and its slots claimed
@@ -128,16 +215,37 @@ class NodeAgent:
         # A new capability key at every registration: grants and leases a master signed for an
         # earlier registration (whose blocks it has forgotten) stop working on this node.
         key = new_data_key()
+        # Hashing every memory block is I/O-sized work: off the loop that serves the master.
+        memory = await asyncio.to_thread(self.node.resident.verified, self.node.host_arenas())
         req = node_pb2.RegisterNodeRequest(
             name=self.node.name, control_address=self.control_address, incarnation=self.incarnation,
-            tiers=_geometry(self.node), nvme_blocks=self._blocks(), data_key=key)
+            tiers=_geometry(self.node), nvme_blocks=self._blocks(), data_key=key, epoch=self.node.epoch,
+            memory_blocks=[node_pb2.ResidentBlock(tier=b.tier, offset=b.offset, size=b.size, key=b.key,
+                                                  checksum=b.checksum, namespace_id=b.namespace_id)
+                           for b in memory])
         self.node.endpoint().fill(req.endpoint)
         resp = await self._stub.RegisterNode(req, timeout=30)
+        self.node.epoch = max(self.node.epoch, resp.epoch)
         self.node.set_identity(resp.node_id, key)
+        self.node.resident.reset_seq()  # this master numbers its changes from 1
         self.node_id = resp.node_id
         self.interval = resp.heartbeat_interval_s or 1.0
-        log.info("registered with master %s as node %d (%d blocks on NVMe)", self.master_address,
-                 self.node_id, len(req.nvme_blocks))
+        log.info("registered with master %s as node %d (%d blocks in memory, %d on NVMe)", self.master_address,
+                 self.node_id, len(req.memory_blocks), len(req.nvme_blocks))
+
+    async def heartbeat(self) -> bool:
+        """One heartbeat; applies the master's changes. False: the master asks to register again."""
+        resident = self.node.resident
+        while True:
+            resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
+                node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node),
+                applied_seq=resident.applied_seq), timeout=10)
+            if resp.register_again:
+                return False
+            if resp.changes_seq:
+                resident.apply(resp.changes, resp.changes_seq)
+            if not resp.more:
+                return True
 
     async def run(self) -> None:
         """Register, then heartbeat forever; re-register whenever the master asks."""
@@ -146,15 +254,19 @@ class NodeAgent:
                 if self.node_id is None:
                     await self.register()
                 else:
-                    resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
-                        node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node)), timeout=10)
-                    if resp.register_again:
+                    if not await self.heartbeat():
                         log.info("master %s asks this node to register again", self.master_address)
                         self.node_id = None
                         continue
             except grpc.aio.AioRpcError as exc:
-                log.warning("master %s unreachable (%s); retrying", self.master_address, exc.code().name)
+                log.warning("master %s unreachable (%s: %s); retrying", self.master_address, exc.code().name,
+                            exc.details())
                 self.node_id = None
+                if self.masters.several:  # try the leader a standby named, or the next master, soon
+                    self.masters.failed(exc)
+                    await self._connect()
+                    await asyncio.sleep(min(self.interval, 0.2))
+                    continue
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:

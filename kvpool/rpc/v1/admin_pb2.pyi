@@ -13,7 +13,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "in_process", "control_address", "seconds_since_heartbeat", "tiers", "transports", "draining")
+    __slots__ = ("node_id", "name", "in_process", "control_address", "seconds_since_heartbeat", "tiers", "transports", "unapplied_changes", "draining")
     class TransportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class NodeInfo(_message.Message):
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    UNAPPLIED_CHANGES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     name: str
@@ -36,8 +37,9 @@ class NodeInfo(_message.Message):
     seconds_since_heartbeat: float
     tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.TierStats]
     transports: _containers.ScalarMap[str, str]
+    unapplied_changes: int
     draining: bool
-    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., in_process: _Optional[bool] = ..., control_address: _Optional[str] = ..., seconds_since_heartbeat: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.TierStats, _Mapping]]] = ..., transports: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., in_process: _Optional[bool] = ..., control_address: _Optional[str] = ..., seconds_since_heartbeat: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.TierStats, _Mapping]]] = ..., transports: _Optional[_Mapping[str, str]] = ..., unapplied_changes: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

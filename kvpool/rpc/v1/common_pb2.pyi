@@ -158,7 +158,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "put_bytes")
+    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "metadata_store", "metadata_degraded", "fencing_epoch", "put_bytes")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,9 @@ class StatsResponse(_message.Message):
     PROMOTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_THROUGH_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_STORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    FENCING_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     blocks: int
@@ -196,5 +199,8 @@ class StatsResponse(_message.Message):
     promoted_blocks: int
     written_through_blocks: int
     corrupt_blocks: int
+    metadata_store: str
+    metadata_degraded: bool
+    fencing_epoch: int
     put_bytes: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., put_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., metadata_store: _Optional[str] = ..., metadata_degraded: _Optional[bool] = ..., fencing_epoch: _Optional[int] = ..., put_bytes: _Optional[int] = ...) -> None: ...

@@ -39,7 +39,7 @@ class StoredBlock(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., namespace_id: _Optional[str] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("name", "control_address", "endpoint", "tiers", "nvme_blocks", "incarnation", "data_key")
+    __slots__ = ("name", "control_address", "endpoint", "tiers", "nvme_blocks", "incarnation", "data_key", "memory_blocks", "epoch")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class RegisterNodeRequest(_message.Message):
     NVME_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     DATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     name: str
     control_address: str
     endpoint: _common_pb2.NodeEndpoint
@@ -54,31 +56,61 @@ class RegisterNodeRequest(_message.Message):
     nvme_blocks: _containers.RepeatedCompositeFieldContainer[StoredBlock]
     incarnation: str
     data_key: bytes
-    def __init__(self, name: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoint: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierGeometry, _Mapping]]] = ..., nvme_blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ..., incarnation: _Optional[str] = ..., data_key: _Optional[bytes] = ...) -> None: ...
+    memory_blocks: _containers.RepeatedCompositeFieldContainer[ResidentBlock]
+    epoch: int
+    def __init__(self, name: _Optional[str] = ..., control_address: _Optional[str] = ..., endpoint: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tiers: _Optional[_Iterable[_Union[TierGeometry, _Mapping]]] = ..., nvme_blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ..., incarnation: _Optional[str] = ..., data_key: _Optional[bytes] = ..., memory_blocks: _Optional[_Iterable[_Union[ResidentBlock, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_s")
+    __slots__ = ("node_id", "heartbeat_interval_s", "epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     heartbeat_interval_s: float
-    def __init__(self, node_id: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    epoch: int
+    def __init__(self, node_id: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "incarnation", "tiers")
+    __slots__ = ("node_id", "incarnation", "tiers", "applied_seq")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     incarnation: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierGeometry]
-    def __init__(self, node_id: _Optional[int] = ..., incarnation: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierGeometry, _Mapping]]] = ...) -> None: ...
+    applied_seq: int
+    def __init__(self, node_id: _Optional[int] = ..., incarnation: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierGeometry, _Mapping]]] = ..., applied_seq: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("register_again",)
+    __slots__ = ("register_again", "changes", "changes_seq", "more", "epoch")
     REGISTER_AGAIN_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     register_again: bool
-    def __init__(self, register_again: _Optional[bool] = ...) -> None: ...
+    changes: _containers.RepeatedCompositeFieldContainer[ResidentBlock]
+    changes_seq: int
+    more: bool
+    epoch: int
+    def __init__(self, register_again: _Optional[bool] = ..., changes: _Optional[_Iterable[_Union[ResidentBlock, _Mapping]]] = ..., changes_seq: _Optional[int] = ..., more: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ResidentBlock(_message.Message):
+    __slots__ = ("tier", "offset", "size", "key", "checksum", "namespace_id")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    offset: int
+    size: int
+    key: bytes
+    checksum: int
+    namespace_id: str
+    def __init__(self, tier: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., key: _Optional[bytes] = ..., checksum: _Optional[int] = ..., namespace_id: _Optional[str] = ...) -> None: ...
 
 class MoveItem(_message.Message):
     __slots__ = ("key", "offset", "size", "checksum", "namespace_id", "target_offset")
@@ -97,12 +129,14 @@ class MoveItem(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., namespace_id: _Optional[str] = ..., target_offset: _Optional[int] = ...) -> None: ...
 
 class DemoteRequest(_message.Message):
-    __slots__ = ("items", "keep_memory")
+    __slots__ = ("items", "keep_memory", "epoch")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     KEEP_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[MoveItem]
     keep_memory: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[MoveItem, _Mapping]]] = ..., keep_memory: _Optional[bool] = ...) -> None: ...
+    epoch: int
+    def __init__(self, items: _Optional[_Iterable[_Union[MoveItem, _Mapping]]] = ..., keep_memory: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DemoteResponse(_message.Message):
     __slots__ = ("moved", "no_space", "failed", "first_error", "nvme")
@@ -119,10 +153,12 @@ class DemoteResponse(_message.Message):
     def __init__(self, moved: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ..., no_space: _Optional[_Iterable[bytes]] = ..., failed: _Optional[_Iterable[bytes]] = ..., first_error: _Optional[str] = ..., nvme: _Optional[_Union[TierGeometry, _Mapping]] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "epoch")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[MoveItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[MoveItem, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, items: _Optional[_Iterable[_Union[MoveItem, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PromoteResponse(_message.Message):
     __slots__ = ("promoted", "corrupt", "corrupt_reasons", "nvme")
@@ -137,10 +173,12 @@ class PromoteResponse(_message.Message):
     def __init__(self, promoted: _Optional[_Iterable[bytes]] = ..., corrupt: _Optional[_Iterable[bytes]] = ..., corrupt_reasons: _Optional[_Iterable[str]] = ..., nvme: _Optional[_Union[TierGeometry, _Mapping]] = ...) -> None: ...
 
 class DropNvmeRequest(_message.Message):
-    __slots__ = ("blocks",)
+    __slots__ = ("blocks", "epoch")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[StoredBlock]
-    def __init__(self, blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, blocks: _Optional[_Iterable[_Union[StoredBlock, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DropNvmeResponse(_message.Message):
     __slots__ = ("dropped", "nvme")
@@ -149,6 +187,50 @@ class DropNvmeResponse(_message.Message):
     dropped: int
     nvme: TierGeometry
     def __init__(self, dropped: _Optional[int] = ..., nvme: _Optional[_Union[TierGeometry, _Mapping]] = ...) -> None: ...
+
+class VerifyBlocksRequest(_message.Message):
+    __slots__ = ("blocks", "epoch")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[ResidentBlock]
+    epoch: int
+    def __init__(self, blocks: _Optional[_Iterable[_Union[ResidentBlock, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class VerifyBlocksResponse(_message.Message):
+    __slots__ = ("held",)
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, held: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("epoch", "source", "capability", "lease_id", "records", "target_offsets", "keys", "namespace_ids", "tier")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    source: _common_pb2.NodeEndpoint
+    capability: _common_pb2.Capability
+    lease_id: str
+    records: bytes
+    target_offsets: _containers.RepeatedScalarFieldContainer[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    namespace_ids: _containers.RepeatedScalarFieldContainer[str]
+    tier: str
+    def __init__(self, epoch: _Optional[int] = ..., source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., capability: _Optional[_Union[_common_pb2.Capability, _Mapping]] = ..., lease_id: _Optional[str] = ..., records: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[bytes]] = ..., namespace_ids: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("copied", "error")
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    copied: _containers.RepeatedScalarFieldContainer[bytes]
+    error: str
+    def __init__(self, copied: _Optional[_Iterable[bytes]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("source", "tier", "records", "grant_id", "expires_unix_ms", "mac", "target_offsets")

@@ -169,6 +169,16 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.DropNvmeRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.DropNvmeResponse.FromString,
                 _registered_method=True)
+        self.VerifyBlocks = channel.unary_unary(
+                '/kvpool.v1.NodeControl/VerifyBlocks',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/kvpool.v1.NodeControl/Replicate',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
         self.Pull = channel.unary_unary(
                 '/kvpool.v1.NodeControl/Pull',
                 request_serializer=kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
@@ -198,6 +208,22 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyBlocks(self, request, context):
+        """Which of these blocks the node holds, bytes checked against their checksums (a master
+        reconciling what Redis says with what is really there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request, context):
+        """Copy blocks from another node into this node's memory slots, over the data plane (the
+        bytes never pass through the master): a replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Pull(self, request, context):
         """Copies blocks from another node's data server into slots of this node (drain): the
         master allocated the target slots and signed a read capability for the source records.
@@ -223,6 +249,16 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.DropNvme,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.DropNvmeRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.DropNvmeResponse.SerializeToString,
+            ),
+            'VerifyBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyBlocks,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.VerifyBlocksResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.ReplicateRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.ReplicateResponse.SerializeToString,
             ),
             'Pull': grpc.unary_unary_rpc_method_handler(
                     servicer.Pull,
@@ -312,6 +348,60 @@ class NodeControl:
             '/kvpool.v1.NodeControl/DropNvme',
             kvpool_dot_v1_dot_node__pb2.DropNvmeRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.DropNvmeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/VerifyBlocks',
+            kvpool_dot_v1_dot_node__pb2.VerifyBlocksRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.VerifyBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/Replicate',
+            kvpool_dot_v1_dot_node__pb2.ReplicateRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.ReplicateResponse.FromString,
             options,
             channel_credentials,
             insecure,

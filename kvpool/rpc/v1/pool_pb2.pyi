@@ -95,16 +95,18 @@ class PutAbortResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "count_only", "release_lease_ids")
+    __slots__ = ("namespace_id", "keys", "count_only", "release_lease_ids", "client_host")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     COUNT_ONLY_FIELD_NUMBER: _ClassVar[int]
     RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     keys: bytes
     count_only: bool
     release_lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., count_only: _Optional[bool] = ..., release_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_host: str
+    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., count_only: _Optional[bool] = ..., release_lease_ids: _Optional[_Iterable[str]] = ..., client_host: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit_blocks", "locations", "lease_id", "lease_expires_in_ms")
@@ -119,14 +121,16 @@ class LookupResponse(_message.Message):
     def __init__(self, hit_blocks: _Optional[int] = ..., locations: _Optional[_Union[_common_pb2.Locations, _Mapping]] = ..., lease_id: _Optional[str] = ..., lease_expires_in_ms: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "release_lease_ids")
+    __slots__ = ("namespace_id", "keys", "release_lease_ids", "client_host")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     keys: bytes
     release_lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., release_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_host: str
+    def __init__(self, namespace_id: _Optional[str] = ..., keys: _Optional[bytes] = ..., release_lease_ids: _Optional[_Iterable[str]] = ..., client_host: _Optional[str] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("found", "locations", "lease_id", "lease_expires_in_ms")

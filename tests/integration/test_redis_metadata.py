@@ -1,0 +1,123 @@
+"""A master with Redis metadata (``kvpool master --redis``), against a real redis-server.
+
+* A commit is answered after Redis has it, so a master killed right after a commit (before
+  its node heard of the block) loses nothing: the next master reconciles Redis with the
+  node, which confirms the bytes.
+* Redis down or restarted: the pool keeps serving from memory, says so in Stats, health
+  and metrics, and writes everything again once Redis is back.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvpool import Client
+from kvpool.rpc.v1 import common_pb2
+from tests.integration.helpers import SMALL, fresh_namespace, random_blocks, wait_for
+from tests.integration.pool_procs import pool_procs  # noqa: F401  (fixture)
+from tests.integration.redis_server import redis_server  # noqa: F401  (fixture)
+from tests.integration.rpc_helpers import stubs
+
+
+def stats(address: str) -> common_pb2.StatsResponse:
+    with stubs(address) as (_, admin):
+        return admin.Stats(common_pb2.StatsRequest(), timeout=10)
+
+
+def metadata_health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="kvpool.metadata"),
+                                                    timeout=5).status
+
+
+def test_kill_9_right_after_commits_loses_nothing(pool_procs, redis_server):
+    master, node = pool_procs
+    m = master("--redis", redis_server.url)
+    port = int(m.address.rsplit(":", 1)[1])
+    n = node(m.address, "node-a")
+    assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
+    ns = fresh_namespace()
+    toks = list(range(16 * 6))
+    data = random_blocks(6, seed=3)
+    with Client(m.address, ns) as c:
+        c.publish(toks, data)
+    m.kill()                                   # at once: the node may not have heard of the commit
+    r = redis_server.client()
+    assert r.hlen("kvpool:blocks") == 6 and r.hlen("kvpool:namespaces") == 1
+    m2 = master("--redis", redis_server.url, port=port)
+    assert m2.wait_log(r"took over with fencing epoch 2")
+    with Client(m2.address, ns) as c:
+        assert wait_for(lambda: c.match(toks) == 6, timeout=15)
+        out = bytearray(6 * SMALL.block_bytes)
+        assert c.fetch(toks, out) == 6 and bytes(out) == data.tobytes()
+    s = stats(m2.address)
+    assert s.metadata_store.startswith("redis up") and s.fencing_epoch == 2 and not s.metadata_degraded
+    assert "registered with master" in n.log()
+
+
+def test_redis_down_and_restarted_pool_serves_from_memory_and_catches_up(pool_procs, redis_server):
+    master, node = pool_procs
+    m = master("--redis", redis_server.url, "--metrics-port", "0", ready=r"ready grpc=(\S+) metrics=(\S+)")
+    metrics_url = m.wait_log(r"ready grpc=\S+ metrics=(\S+)").group(1)
+    node(m.address, "node-a")
+    assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
+    ns = fresh_namespace()
+    first, second = list(range(16 * 3)), list(range(500, 500 + 16 * 4))
+    d1, d2 = random_blocks(3, seed=5), random_blocks(4, seed=6)
+    with Client(m.address, ns) as c:
+        c.publish(first, d1)
+        redis_server.kill()                                          # Redis is gone
+        c.publish(second, d2)                                        # commits do not wait for it
+        assert wait_for(lambda: stats(m.address).metadata_degraded, timeout=10)
+        s = stats(m.address)
+        assert s.metadata_store.startswith("redis down") and "serving from memory" in s.metadata_store
+        assert wait_for(lambda: metadata_health(m.address) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5)
+        assert health_pb2.HealthCheckResponse.SERVING == _pool_health(m.address)   # the pool itself serves
+        assert "kvpool_metadata_store_up 0.0" in _scrape(metrics_url)
+        out = bytearray(4 * SMALL.block_bytes)                       # reads never needed Redis
+        assert c.fetch(second, out) == 4 and bytes(out) == d2.tobytes()
+        redis_server.start()                                         # back, empty (no persistence)
+        assert wait_for(lambda: not stats(m.address).metadata_degraded, timeout=15)
+        r = redis_server.client()
+        assert wait_for(lambda: r.hlen("kvpool:blocks") == 7, timeout=10)   # the whole index, written again
+        assert r.hlen("kvpool:namespaces") == 1
+        assert wait_for(lambda: metadata_health(m.address) == health_pb2.HealthCheckResponse.SERVING, timeout=5)
+        assert "kvpool_metadata_store_up 1.0" in _scrape(metrics_url)
+        out = bytearray(3 * SMALL.block_bytes)
+        assert c.fetch(first, out) == 3 and bytes(out) == d1.tobytes()
+
+
+def _pool_health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_bad_redis_url_and_a_node_from_a_newer_epoch_are_refused(pool_procs, redis_server, tmp_path):
+    import subprocess
+    import sys
+
+    from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
+
+    res = subprocess.run([sys.executable, "-m", "kvpool", "master", "--port", "0", "--metrics-port", "-1",
+                          "--redis", "127.0.0.1:6379"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "give a URL such as redis://127.0.0.1:6379/0" in res.stderr
+    master, _ = pool_procs
+    m = master("--redis", redis_server.url, ready=r"ready grpc=(\S+)")
+    with grpc.insecure_channel(m.address) as ch:
+        registry = node_pb2_grpc.RegistryStub(ch)
+        try:
+            registry.RegisterNode(node_pb2.RegisterNodeRequest(name="n", control_address="127.0.0.1:1", epoch=7,
+                                                               incarnation="x"), timeout=10)
+            raise AssertionError("a node from a newer epoch was accepted")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "epoch 1 is older than the epoch 7" in exc.details()
+    assert stats(m.address).fencing_epoch == 1            # still leading, still serving

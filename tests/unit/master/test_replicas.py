@@ -1,0 +1,67 @@
+"""Replica bookkeeping on the master's index, and the node-change journal (RemoteNode).
+
+The nodes are the master's mirrors of nodes in other processes; nothing here moves bytes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvpool.master.index import BlockIndex, IndexConfig
+from kvpool.master.nodes import NodeRegistry
+from kvpool.identity import Namespace
+from tests.unit.master.test_placement import BLOCK, LAYOUT, remote
+
+
+def setup():
+    a, b = remote(1, "host-a", 8), remote(2, "host-b", 8)
+    nodes = NodeRegistry()
+    nodes.add(a)
+    nodes.add(b)
+    index = BlockIndex(nodes, IndexConfig(eviction_policy="lru"))
+    ns = Namespace("m", LAYOUT)
+    index.register_namespace(ns)
+    return index, a, b, ns.id
+
+
+def commit(index, ns, host="host-a", n=2):
+    keys = [os.urandom(16) for _ in range(n)]
+    grant, _ = index.put_start(ns, keys, [BLOCK] * n, client_host=host)
+    index.put_commit(grant.put_id, None, [7] * n)
+    return [index.entry(k) for k in keys]
+
+
+def test_a_replica_goes_with_its_entry():
+    index, a, b, ns = setup()
+    entries = commit(index, ns)
+    for e in entries:
+        assert index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    assert b.usage()[0].used_slots == 2
+    index.remove([entries[0].key])
+    assert b.usage()[0].used_slots == 1               # its replica was freed with it
+    index.evict(None)                                 # the memory copy goes: so does the replica
+    assert b.usage()[0].used_slots == 0 and index.block_count == 0
+
+
+def test_a_dead_nodes_blocks_are_served_from_replicas():
+    index, a, b, ns = setup()
+    kept, lost = commit(index, ns), commit(index, ns)
+    for e in kept:
+        index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    index.forget_node(a.node_id)
+    assert {index.entry(e.key) is not None for e in lost} == {False}
+    for e in kept:
+        assert index.entry(e.key).node_id == b.node_id and index.entry(e.key).replicas == []
+    assert index.lookup(ns, [e.key for e in kept], lease=False)[0] == 2
+
+
+def test_the_journal_is_resent_until_applied():
+    index, a, b, ns = setup()
+    commit(index, ns, n=3)
+    changes, seq, more = a.changes()
+    assert [len(c.key) for c in changes] == [16, 16, 16] and seq == 3 and not more
+    a.applied(2)
+    changes, seq, _ = a.changes()
+    assert len(changes) == 1 and seq == 3 and a.unapplied_changes == 1
+    a.applied(3)
+    assert a.changes()[0] == [] and a.unapplied_changes == 0

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Master failover and the cost of Redis metadata, measured in one run.
+
+Starts a real ``redis-server`` (ephemeral port, no persistence) and two pools on this host:
+
+* pool M: ``kvpool master`` without Redis + ``kvpool node`` (metadata in memory: the ceiling);
+* pool R: two ``kvpool master --redis`` (a leader and a standby) + ``kvpool node --master A,B``.
+
+Then, through :class:`kvpool.AsyncClient` (shared-memory data plane, checksums on):
+
+1. **put throughput** with and without Redis: batches of ``--batch`` blocks of 1 MiB, the two
+   pools in alternating rounds run back to back; the blocks of a round are removed after it,
+   outside the timing. ``put_gbps_*`` are the medians of the rounds, ``redis_put_ratio`` the
+   median of the per-pair ratios (a shared machine's speed drifts; a pair shares the drift)
+   (target ≥ 0.90).
+2. **failover**: a stream of puts and gets against pool R; the leader is killed with SIGKILL
+   mid-stream. ``takeover_s`` is the time from the kill to the first put that the new leader
+   acknowledged (target ≤ 5 s with default settings: a 3 s lease). Afterwards every block
+   whose put was acknowledged, before or after the kill, is read back:
+   ``blocks_lost`` counts those missing, ``wrong_bytes`` the reads (during the stream and
+   after) whose bytes differ from what was written (targets: 0 and 0).
+
+The last line is JSON:
+{"bench":"failover","takeover_s":…,"blocks_lost":…,"wrong_bytes":…,"put_gbps_redis":…,
+"put_gbps_memory":…,"redis_put_ratio":…}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from kvpool import AsyncClient, KVLayout, Namespace
+from kvpool.errors import KvpoolError
+
+LAYOUT = KVLayout(num_layers=16, num_kv_heads=8, head_dim=128, dtype="float16", block_tokens=16)  # 1 MiB
+STREAM_LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16)  # 8 KiB
+
+
+class Proc:
+    """A child process whose stderr is read continuously (so it never blocks)."""
+
+    def __init__(self, args: list[str], ready: str, timeout: float = 60.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.lines: list[str] = []
+        self.match: re.Match | None = None
+        found = threading.Event()
+
+        def pump() -> None:
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if self.match is None:
+                    self.match = re.search(ready, line)
+                    if self.match:
+                        found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(timeout) or self.match is None:
+            self.kill()
+            raise SystemExit(f"{args[2:4]} did not become ready:\n{''.join(self.lines)[-2000:]}")
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+def kvpool(*args: str, ready: str) -> Proc:
+    return Proc([sys.executable, "-m", "kvpool", *args], ready)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(tmp: str) -> tuple[subprocess.Popen, str]:
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed (make system-deps)")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def node(tmp: str, name: str, masters: str, dram: str) -> Proc:
+    return kvpool("node", "--master", masters, "--port", "0", "--node-name", name, "--dram", dram,
+                  "--data-dir", os.path.join(tmp, name), ready=r"ready control=\S+ .*shm=(\S+)")
+
+
+async def put_round(client: AsyncClient, round_no: int, blocks: np.ndarray, batch: int) -> float:
+    """Seconds to publish ``blocks`` in batches (fresh keys each round), then remove them untimed."""
+    keys_all = []
+    start = time.perf_counter()
+    for lo in range(0, len(blocks), batch):
+        toks = [round_no * 10_000_000 + lo * 16 + t for t in range(batch * 16)]
+        keys = client.namespace.keys(toks)
+        await client.put_blocks(keys, blocks[lo:lo + batch])
+        keys_all.extend(keys)
+    elapsed = time.perf_counter() - start
+    await client.remove(keys_all)
+    return elapsed
+
+
+async def throughput(mem_addr: str, redis_addr: str, args) -> tuple[float, float]:
+    ns = Namespace(model="bench-failover", layout=LAYOUT)
+    blocks = np.random.default_rng(0).integers(0, 256, size=(args.blocks, LAYOUT.block_bytes), dtype=np.uint8)
+    nbytes = blocks.nbytes
+    rounds: dict[str, list[float]] = {"memory": [], "redis": []}
+    async with AsyncClient(mem_addr, ns) as mem, AsyncClient(redis_addr, ns) as red:
+        await put_round(mem, args.rounds, blocks, args.batch)  # warm both pools' slabs and connections
+        await put_round(red, args.rounds, blocks, args.batch)
+        for r in range(args.rounds):
+            for name, client in (("memory", mem), ("redis", red)) if r % 2 == 0 else (("redis", red), ("memory", mem)):
+                seconds = await put_round(client, r, blocks, args.batch)
+                rounds[name].append(nbytes / seconds / 1e9)
+    # Medians, and the median of the ratios of rounds run back to back: robust to a shared
+    # machine whose speed drifts during the run.
+    ratio = statistics.median(r / m for r, m in zip(rounds["redis"], rounds["memory"]))
+    return statistics.median(rounds["redis"]), statistics.median(rounds["memory"]), ratio
+
+
+async def failover(leader: Proc, standby: Proc, masters: str, args) -> dict:
+    ns = Namespace(model="bench-failover-stream", layout=STREAM_LAYOUT)
+    acked: dict[int, bytes] = {}
+    wrong = 0
+    killed_at = took_at = None
+    async with AsyncClient(masters, ns, timeout=10) as client:
+        i = 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            toks = list(range(i * 1000, i * 1000 + 32))
+            data = np.random.default_rng(i).integers(0, 256, size=(2, STREAM_LAYOUT.block_bytes), dtype=np.uint8)
+            try:
+                await client.publish(toks, data)
+                acked[i] = data.tobytes()
+                if killed_at is not None and took_at is None:
+                    took_at = time.monotonic()
+            except KvpoolError:
+                pass  # in flight at the kill: not acknowledged, so nothing is promised
+            j = i // 2
+            if j in acked:
+                out = bytearray(2 * STREAM_LAYOUT.block_bytes)
+                try:
+                    got = await client.fetch(list(range(j * 1000, j * 1000 + 32)), out)
+                except KvpoolError:
+                    got = 0
+                n = got * STREAM_LAYOUT.block_bytes
+                if got and bytes(out[:n]) != acked[j][:n]:
+                    wrong += 1
+            i += 1
+            if killed_at is None and i == args.kill_after:
+                leader.kill()
+                killed_at = time.monotonic()
+            if took_at is not None and i >= args.kill_after + args.after:
+                break
+        lost = 0
+        for j, data in acked.items():
+            out = bytearray(2 * STREAM_LAYOUT.block_bytes)
+            got = await client.fetch(list(range(j * 1000, j * 1000 + 32)), out)
+            if got != 2:
+                lost += 2 - got
+            elif bytes(out) != data:
+                wrong += 1
+    return {"takeover_s": None if took_at is None else round(took_at - killed_at, 3), "blocks_lost": lost,
+            "wrong_bytes": wrong, "acked_puts": len(acked)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=256, help="1 MiB blocks per put round (default 256)")
+    p.add_argument("--batch", type=int, default=32, help="blocks per put (default 32)")
+    p.add_argument("--rounds", type=int, default=12, help="put rounds per pool (default 12)")
+    p.add_argument("--kill-after", type=int, default=30, help="puts in the stream before the kill (default 30)")
+    p.add_argument("--after", type=int, default=30, help="puts after the takeover (default 30)")
+    args = p.parse_args()
+    tmp = tempfile.mkdtemp(prefix="kvpool-bench-failover-")
+    procs: list[Proc] = []
+    redis_proc = None
+    try:
+        redis_proc, url = start_redis(tmp)
+        mem_master = kvpool("master", "--port", "0", "--metrics-port", "-1", ready=r"ready grpc=(\S+)")
+        procs.append(mem_master)
+        leader = kvpool("master", "--port", "0", "--metrics-port", "-1", "--redis", url, ready=r"ready grpc=(\S+)")
+        procs.append(leader)
+        standby = kvpool("master", "--port", "0", "--metrics-port", "-1", "--redis", url,
+                         ready=r"standby grpc=(\S+)")
+        procs.append(standby)
+        mem_addr, a, b = mem_master.match.group(1), leader.match.group(1), standby.match.group(1)
+        dram = f"{max(512, 2 * args.blocks + 64)}MiB"
+        procs.append(node(tmp, "node-m", mem_addr, dram))
+        procs.append(node(tmp, "node-r", f"{a},{b}", dram))
+        time.sleep(1.5)  # both nodes register (heartbeat 1 s)
+        put_redis, put_memory, ratio = asyncio.run(throughput(mem_addr, f"{a},{b}", args))
+        result = asyncio.run(failover(leader, standby, f"{a},{b}", args))
+        print(f"acknowledged puts in the stream: {result.pop('acked_puts')}; "
+              f"standby: {standby.log().count('took over')} takeover(s)", file=sys.stderr)
+        line = {"bench": "failover", **result, "put_gbps_redis": round(put_redis, 3),
+                "put_gbps_memory": round(put_memory, 3),
+                "redis_put_ratio": round(ratio, 3)}
+        print(json.dumps(line, separators=(",", ":")))
+    finally:
+        for proc in procs:
+            proc.kill(signal.SIGTERM)
+        for proc in procs:
+            for line in proc.log().splitlines():
+                m = re.search(r"shm=/dev/shm/(\S+)", line)
+                if m and os.path.exists(f"/dev/shm/{m.group(1)}"):
+                    os.unlink(f"/dev/shm/{m.group(1)}")
+        if redis_proc is not None:
+            redis_proc.kill()
+            redis_proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
