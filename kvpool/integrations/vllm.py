@@ -17,11 +17,11 @@ Scheduler side
   ``lookup_wait_ms`` it returns ``None`` ("ask again later") and vLLM asks again next step;
   the answer is kept for that request until its blocks are allocated.
   ``update_state_after_alloc`` turns a hit into a load plan for the engine blocks vLLM just
-  allocated, and ``build_connector_meta`` hands the step's loads and saves to the workers.
-  ``request_finished`` publishes the request's full blocks that the pool did not already
-  have: the blocks must outlive the request until a worker has copied them out, so it returns
-  ``True`` and vLLM frees them when a worker reports the request in ``get_finished``. Each
-  published block then becomes a ``BlockStored`` event (``take_events``).
+  allocated. ``build_connector_meta`` hands the workers the step's loads, and a save for every
+  block the step fills (in ``kv_producer``/``kv_both``): a request's full blocks are published
+  in the step that computes them, so ``request_finished`` has nothing left to publish and never
+  asks vLLM to keep a finished request's blocks. A block becomes a ``BlockStored`` event
+  (``take_events``) once every worker reports it committed (``build_connector_worker_meta``).
 
 Worker side
   ``register_kv_caches`` reads the paged-cache layout from the tensors vLLM allocated
@@ -29,8 +29,8 @@ Worker side
   the CPU backend's ``[blocks, heads, block_size, 2 * dim]``, or MLA) and binds it once.
   ``start_load_kv`` reads each planned load from the pool and scatters it into the cache
   before the forward runs (so ``wait_for_layer_load`` has nothing to wait for).
-  ``wait_for_save`` gathers each finished request's blocks (every layer in one copy) and puts
-  them, committed, before the step ends (so ``save_kv_layer`` has nothing to do per layer).
+  ``wait_for_save`` gathers the step's full blocks (every layer in one copy) and puts them,
+  committed, before the step ends (so ``save_kv_layer`` has nothing to do per layer).
   Copies use :mod:`kvpool.kernels.paged_copy`: the Triton kernels on a GPU, the torch
   references elsewhere.
 
@@ -62,6 +62,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
@@ -79,9 +80,11 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["KVPoolConnector", "KVPoolConnectorMetadata", "KVPoolConnectorStats", "BlockTransfer"]
+__all__ = ["KVPoolConnector", "KVPoolConnectorMetadata", "KVPoolConnectorStats", "KVPoolWorkerMetadata",
+           "BlockTransfer"]
 
-log = logging.getLogger("kvpool.integrations.vllm")
+# A child of vLLM's logger, so these lines appear where vLLM's own do, formatted alike.
+log = logging.getLogger("vllm.kvpool")
 
 #: The medium named in BlockStored events for blocks that went to the pool.
 EVENT_MEDIUM = "kvpool"
@@ -110,6 +113,21 @@ class KVPoolConnectorMetadata(KVConnectorMetadata):
 
     loads: list[BlockTransfer] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class KVPoolWorkerMetadata(KVConnectorWorkerMetadata):
+    """What the workers published this step, as (request id, first block) of each save.
+
+    Across TP workers a save counts only where every worker's shard went in."""
+
+    published: list[tuple[str, int]] = field(default_factory=list)
+    failed: list[tuple[str, int]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVPoolWorkerMetadata":
+        failed = set(map(tuple, self.failed)) | set(map(tuple, getattr(other, "failed", ())))
+        ok = (set(map(tuple, self.published)) | set(map(tuple, getattr(other, "published", ())))) - failed
+        return KVPoolWorkerMetadata(sorted(ok), sorted(failed))
 
 
 @dataclass
@@ -225,13 +243,16 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._loads: list[BlockTransfer] = []
         self._saves: list[BlockTransfer] = []
         self._step_loads: dict[str, BlockTransfer] = {}
-        self._saving: dict[str, BlockTransfer] = {}
+        self._reqs: dict[str, "Request"] = {}
+        self._saved: dict[str, int] = {}  # blocks of each request known to be in the pool
+        self._unconfirmed: dict[tuple[str, int], BlockTransfer] = {}
         self._events: list[BlockStored] = []
         # worker side
         self._paged: PagedCacheLayout | None = None
         self._bound = None
         self._load_errors: set[int] = set()
-        self._saved_reqs: set[str] = set()
+        self._published: list[tuple[str, int]] = []
+        self._failed: list[tuple[str, int]] = []
         self._stats = KVPoolConnectorStats()
         log.info("KVPoolConnector %s: pool %s, model %r, layout %s, role %s", role.name, address, model,
                  self._layout.canonical(), self._kv_transfer_config.kv_role)
@@ -285,6 +306,8 @@ class KVPoolConnector(KVConnectorBase_V1):
                                  num_external_tokens: int) -> None:
         rid = request.request_id
         self._lookups.pop(rid, None)
+        self._reqs[rid] = request
+        self._saved.setdefault(rid, self._pool_hit.get(rid, 0))  # those blocks are in the pool
         if num_external_tokens <= 0:
             return
         bs = self._block_size
@@ -297,41 +320,63 @@ class KVPoolConnector(KVConnectorBase_V1):
                                          block_ids[start:end], lora, salt))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        if self._saves_enabled:
+            counts = scheduler_output.num_scheduled_tokens
+            for new in scheduler_output.scheduled_new_reqs:
+                self._plan_save(new.req_id, new.num_computed_tokens + counts[new.req_id])
+            cached = scheduler_output.scheduled_cached_reqs
+            for rid, done in zip(cached.req_ids, cached.num_computed_tokens):
+                self._plan_save(rid, done + counts[rid])
         meta = KVPoolConnectorMetadata(loads=self._loads, saves=self._saves)
-        self._step_loads = {load.req_id: load for load in self._loads}
+        for load in self._loads:
+            self._step_loads[load.req_id] = load
         self._loads, self._saves = [], []
         return meta
 
-    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        rid = request.request_id
-        self._lookups.pop(rid, None)
-        self._asked_from.pop(rid, None)
-        start = self._pool_hit.pop(rid, 0)
-        if not self._saves_enabled:
-            return False, None
+    def _plan_save(self, rid: str, computed: int) -> None:
+        """Publish the blocks this step fills: the worker copies them out right after the forward."""
+        request = self._reqs.get(rid)
+        if request is None:
+            return
         bs = self._block_size
-        full = min(request.num_computed_tokens, len(request.all_token_ids), len(block_ids) * bs) // bs
+        full = min(computed, len(request.all_token_ids)) // bs
+        start = self._saved.get(rid, 0)
         if full <= start:
-            return False, None
+            return
+        block_ids = self._kv_cache_manager.get_block_ids(rid)[0]
         lora, salt = self._request_ns_fields(request)
         save = BlockTransfer(rid, list(request.all_token_ids[: full * bs]), start, full,
                              list(block_ids[start:full]), lora, salt)
         self._saves.append(save)
-        self._saving[rid] = save
-        return True, {"kvpool_publish_blocks": full - start}
+        self._unconfirmed[(rid, start)] = save
+        self._saved[rid] = full
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Every full block was published in the step that computed it (the worker copied it
+        # out of the paged cache before that step ended), so none has to outlive the request.
+        rid = request.request_id
+        for table in (self._lookups, self._asked_from, self._pool_hit, self._reqs, self._saved):
+            table.pop(rid, None)
+        return False, None
 
     def update_connector_output(self, connector_output) -> None:
         bad = connector_output.invalid_block_ids
         for rid, load in self._step_loads.items():  # loads are synchronous: done this step
             lost = [i for i, b in enumerate(load.block_ids) if b in bad] if bad else []
-            if lost and rid in self._pool_hit:
-                # Blocks from here on were recomputed, not loaded: publish them when it finishes.
-                self._pool_hit[rid] = min(self._pool_hit[rid], load.start + lost[0])
+            if lost and rid in self._saved:
+                # Blocks from here on are recomputed, not loaded: publish them once they are.
+                self._saved[rid] = min(self._saved[rid], load.start + lost[0])
         self._step_loads = {}
-        for rid in connector_output.finished_sending or ():
-            save = self._saving.pop(rid, None)
-            if save is not None:
-                self._events.append(self._stored_event(save))
+        worker = connector_output.kv_connector_worker_meta
+        if isinstance(worker, KVPoolWorkerMetadata):
+            for ident in worker.published:
+                save = self._unconfirmed.pop(tuple(ident), None)
+                if save is not None:
+                    self._events.append(self._stored_event(save))
+            for ident in worker.failed:
+                save = self._unconfirmed.pop(tuple(ident), None)
+                if save is not None and save.req_id in self._saved:
+                    self._saved[save.req_id] = min(self._saved[save.req_id], save.start)
 
     def _stored_event(self, save: BlockTransfer) -> BlockStored:
         keys = self._namespace(save.lora, save.salt, 0).keys(save.tokens)
@@ -402,6 +447,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         if got:
             self._scatter(staging[:got], self._bound, self._table(load.block_ids[:got]), layout=self._paged)
             self._stats.data["blocks_loaded"] += got
+            log.info("kvpool: loaded %d blocks for request %s", got, load.req_id)
             self._stats.data["bytes_loaded"] += got * self._layout.block_bytes
         if got < n:
             if got:
@@ -434,15 +480,22 @@ class KVPoolConnector(KVConnectorBase_V1):
             res = self._client.put_blocks(keys, staging if staging.is_cuda else staging.numpy(),
                                           namespace=ns, first_position=save.start * self._block_size)
             self._stats.data["blocks_saved"] += res.written
+            log.info("kvpool: published %d blocks of request %s (%d already in the pool)", res.written,
+                     save.req_id, res.present)
             self._stats.data["bytes_saved"] += res.written * self._layout.block_bytes
         except Exception as exc:  # a failed publish is a future miss, never a failed request
             log.warning("kvpool publish of %d blocks for request %s failed: %s", len(keys), save.req_id, exc)
             self._stats.data["save_failures"] += 1
-        self._saved_reqs.add(save.req_id)  # its engine blocks are no longer needed either way
+            self._failed.append((save.req_id, save.start))
+            return
+        self._published.append((save.req_id, save.start))
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        done, self._saved_reqs = self._saved_reqs, set()
-        return (done or None), None
+    def build_connector_worker_meta(self) -> "KVPoolWorkerMetadata | None":
+        if not (self._published or self._failed):
+            return None
+        meta = KVPoolWorkerMetadata(self._published, self._failed)
+        self._published, self._failed = [], []
+        return meta
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -49,7 +49,7 @@ def test_factory_builds_both_roles_and_refuses_a_foreign_block_size(pool, tiny_l
         KVConnectorFactory.create_connector(bad, KVConnectorRole.SCHEDULER, kv_cache_config())
 
 
-def test_miss_publish_on_finish_then_hit_in_another_engine(pool, tiny_llama):
+def test_miss_publishes_then_another_engine_loads(pool, tiny_llama):
     a = engine(pool, tiny_llama)
     a.scheduler.add_request(make_request("a", PROMPT))
     so = a.step()
@@ -59,7 +59,7 @@ def test_miss_publish_on_finish_then_hit_in_another_engine(pool, tiny_llama):
     stored = [e for e in a.events if isinstance(e, BlockStored) and e.medium == "kvpool"]
     keys = pool_namespace().keys(PROMPT)
     assert [k for e in stored for k in e.block_hashes] == keys[:4]
-    assert not a.scheduler.requests  # the finished request's blocks were freed after the save
+    assert not a.scheduler.requests  # nothing kept a finished request alive
     with Client(pool.address, pool_namespace()) as c:
         assert c.lookup(keys) == 4
 

@@ -32,8 +32,8 @@ NUM_BLOCKS = 64
 LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 
 TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": LAYERS, "num_attention_heads": 2,
     "num_key_value_heads": HEADS, "vocab_size": 512, "max_position_embeddings": 512,
     "rms_norm_eps": 1e-5, "torch_dtype": "float32", "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2,
@@ -41,7 +41,8 @@ TINY_LLAMA = {
 
 
 def write_tiny_llama(path: Path) -> str:
-    """A config-only Llama (2 layers, 2 KV heads of 16): enough for configs and dummy weights."""
+    """A config-only Llama (2 layers, 2 KV heads of 64; the CPU attention kernels need head_dim
+    >= 32): enough for configs and dummy weights."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(TINY_LLAMA))
     return str(path)
@@ -146,13 +147,14 @@ class FakeWorker:
         sending, recving = c.get_finished(so.finished_req_ids)
         errors = c.get_block_ids_with_load_errors()
         self.load_errors |= errors
+        worker_meta = c.build_connector_worker_meta()
         stats = c.get_kv_connector_stats()
         if stats is not None:
             for k, v in stats.data.items():
                 self.stats[k] = self.stats.get(k, 0) + v
         c.clear_connector_metadata()
         out = KVConnectorOutput(finished_sending=sending, finished_recving=recving, invalid_block_ids=errors,
-                                kv_connector_stats=stats)
+                                kv_connector_stats=stats, kv_connector_worker_meta=worker_meta)
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                  sampled_token_ids=sampled, kv_connector_output=out)
 
