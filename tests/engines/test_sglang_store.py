@@ -8,8 +8,11 @@ controller and backends read (``kv_buffer``, ``page_size``, ``layer_num``, ``lay
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from kvpool.integrations.sglang import KVPoolStore, engine_hash_bytes
 from tests.conftest import start_serve
 
 PAGE, LAYERS, HEADS, DIM = 4, 3, 2, 8
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 class HostPool:
@@ -60,11 +64,15 @@ class HostPool:
         target.copy_(data_page.reshape(target.shape))
 
 
+def readme_extra_config() -> dict:
+    """The --hicache-storage-backend-extra-config of README.md's SGLang command."""
+    section = re.search(r"## SGLang\n(.*?)\n## ", README.read_text(), re.S).group(1)
+    return json.loads(re.search(r"--hicache-storage-backend-extra-config '(\{.*?\})'", section).group(1))
+
+
 def storage_config(address: str, *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, v1: bool = True,
                    model: str = "tiny-sglang") -> HiCacheStorageConfig:
-    # The --hicache-storage-backend-extra-config of the README, pointed at the test's pool.
-    extra = {"backend_name": "kvpool", "module_path": "kvpool.integrations.sglang", "class_name": "KVPoolStore",
-             "interface_v1": int(v1), "address": address}
+    extra = {**readme_extra_config(), "interface_v1": int(v1), "address": address}
     return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
                                 attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
                                 is_page_first_layout=True, model_name=model, extra_config=extra)
