@@ -32,13 +32,14 @@ def readme_kv_transfer_config(address: str, **extra) -> str:
     return json.dumps(cfg)
 
 
+@pytest.mark.timeout(600)  # an engine start takes about a minute on two busy cores
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_vllm_cpu_reuses_pool_kv_and_corruption_never_passes_silently(tmp_path, tiny_llama, transport):
     sp = start_serve(tmp_path)
     try:
         cfg = readme_kv_transfer_config(sp.address, transport=transport, model_id="tiny-llama-e2e")
         run = subprocess.run([sys.executable, str(RUNNER), tiny_llama, cfg, "--corrupt", sp.shm_path],
-                             capture_output=True, text=True, timeout=420, cwd=ROOT)
+                             capture_output=True, text=True, timeout=540, cwd=ROOT)
         log = run.stdout + run.stderr
         assert run.returncode == 0, log[-4000:]
         out = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
