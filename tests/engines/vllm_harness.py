@@ -51,7 +51,11 @@ def write_tiny_llama(path: Path) -> str:
 def kv_transfer_config(address: str, role: str = "kv_both", **extra) -> KVTransferConfig:
     return KVTransferConfig(kv_connector="KVPoolConnector", kv_connector_module_path="kvpool.integrations.vllm",
                             kv_role=role, kv_load_failure_policy="recompute",
-                            kv_connector_extra_config={"address": address, "model_id": "tiny-llama", **extra})
+                            # Wait long for a Lookup: on a loaded machine 50 ms can pass, and the
+                            # scheduler would (rightly) defer the request a step; only
+                            # the deferral test asks for that.
+                            kv_connector_extra_config={"address": address, "model_id": "tiny-llama",
+                                                       "lookup_wait_ms": 5000, **extra})
 
 
 def make_config(model_dir: str, kvt: KVTransferConfig) -> VllmConfig:
