@@ -45,9 +45,10 @@ system-deps:
 run: setup
 	$(VENV)/bin/kvpool serve
 
+# Both suites run, whatever the first one says; the target fails if either does.
 test: setup setup-engines system-deps
-	$(PY) -m pytest -q
-	$(ENGINES_PY) -m pytest -q tests/engines
+	$(PY) -m pytest -q; main=$$?; $(ENGINES_PY) -m pytest -q tests/engines; engines=$$?; \
+	  test $$main = 0 && test $$engines = 0
 
 bench: setup
 	$(PY) tools/bench_local.py
