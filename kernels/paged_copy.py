@@ -152,6 +152,11 @@ def _prepare(kv_caches: Any, block_table, pool_blocks, layout: PagedCacheLayout,
 
 def _launch(bound: BoundPagedCache, table, raw_pool, sub_blocks: int, to_pool: bool) -> None:
     layout = bound.layout
+    if not layout.chunks_contiguous:
+        raise ValueError(
+            f"the Triton copy kernels need each plane of an engine block to be contiguous; "
+            f"plane_order={layout.plane_order!r} is not (use gather_blocks_ref/scatter_blocks_ref)"
+        )
     n_entries = table.numel()
     if n_entries == 0:
         return
@@ -218,6 +223,8 @@ def _plane_major(layout: PagedCacheLayout, raw_layer):
         return raw_layer.unsqueeze(0)
     if layout.plane_order == "kv_first":
         return raw_layer
+    if layout.plane_order == "head_first":  # [NB, h, P, bs, d] -> [P, NB, bs, h, d]
+        return raw_layer.permute(2, 0, 3, 1, 4)
     return raw_layer.transpose(0, 1)
 
 

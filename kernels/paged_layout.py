@@ -11,6 +11,9 @@ Per-layer tensor shapes, outermost dimension first:
   ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
 * ``kv_kind="kv"``, ``plane_order="block_first"`` (FlashInfer-style):
   ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``
+* ``kv_kind="kv"``, ``plane_order="head_first"`` (vLLM's CPU backend, whose tensor
+  ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` is this shape viewed flat):
+  ``[num_blocks, num_kv_heads, 2, block_size, head_dim]``
 * ``kv_kind="mla"`` (one latent, no K/V split): ``[num_blocks, block_size, num_kv_heads, head_dim]``
 
 All layers are passed either as a sequence of per-layer tensors, or as one stacked tensor with
@@ -20,6 +23,8 @@ Invariant the copy kernels rely on: inside one engine block, one K/V plane of on
 contiguous run of ``block_size * num_kv_heads * head_dim`` elements (a *chunk*). The outer
 strides (between planes, blocks and layers) are free, but must be the same for every layer.
 A pool block (:class:`kvpool.layout.KVLayout`) is those chunks laid end to end, layer by layer.
+``head_first`` breaks that invariant (a plane of a block is one run per head), so only the
+torch references copy it; the Triton kernels refuse it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from kvpool.layout import DTYPE_BYTES, KVLayout
 __all__ = ["PagedCacheLayout", "BoundPagedCache", "PLANE_ORDERS"]
 
 #: Where the K/V plane dimension sits relative to the block dimension (kv_kind="kv" only).
-PLANE_ORDERS = ("kv_first", "block_first")
+PLANE_ORDERS = ("kv_first", "block_first", "head_first")
 
 # Same-width integer dtype for raw-bits copies (bf16 has no numpy twin; ints copy exactly).
 _RAW_INT_BY_BYTES = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
@@ -82,6 +87,13 @@ class PagedCacheLayout:
                    "kv", "kv_first")
 
     @classmethod
+    def vllm_cpu(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: str = "bfloat16") -> "PagedCacheLayout":
+        """vLLM CPU backend: per layer ``[num_blocks, heads, 2, block_size, dim]``."""
+        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype,
+                   "kv", "head_first")
+
+    @classmethod
     def mla(cls, num_layers: int, num_blocks: int, block_size: int, head_dim: int,
             dtype: str = "bfloat16", num_kv_heads: int = 1) -> "PagedCacheLayout":
         """MLA latent cache: per layer ``[num_blocks, block_size, heads, dim]`` (heads is 1)."""
@@ -111,6 +123,8 @@ class PagedCacheLayout:
             return (self.num_blocks, *tail)
         if self.plane_order == "kv_first":
             return (2, self.num_blocks, *tail)
+        if self.plane_order == "head_first":
+            return (self.num_blocks, self.num_kv_heads, 2, self.block_size, self.head_dim)
         return (self.num_blocks, 2, *tail)
 
     @property
@@ -128,7 +142,12 @@ class PagedCacheLayout:
         """Index of the K/V plane dimension in a layer tensor (None for MLA)."""
         if self.kv_kind == "mla":
             return None
-        return 0 if self.plane_order == "kv_first" else 1
+        return {"kv_first": 0, "block_first": 1, "head_first": 2}[self.plane_order]
+
+    @property
+    def chunks_contiguous(self) -> bool:
+        """Whether one plane of one engine block is one contiguous run (the kernels need it)."""
+        return not (self.kv_kind == "kv" and self.plane_order == "head_first")
 
     def to_kv_layout(self, block_tokens: int | None = None) -> KVLayout:
         """The pool block layout this cache maps to.
@@ -195,7 +214,9 @@ class PagedCacheLayout:
                 f"{what} has dtype {tensor.dtype} but the layout says {self.dtype}"
             )
         inner = (self.num_kv_heads * self.head_dim, self.head_dim, 1)
-        if tuple(tensor.stride()[-3:]) != inner:
+        if not self.chunks_contiguous:  # [.., heads, 2, block_size, dim]: the block is contiguous
+            inner = (2 * self.block_size * self.head_dim, self.block_size * self.head_dim, self.head_dim, 1)
+        if tuple(tensor.stride()[-len(inner):]) != inner:
             raise ValueError(
                 f"{what} has strides {tuple(tensor.stride())}: the (block_size, heads, dim) "
                 f"dimensions must be contiguous (inner strides {inner}); "
@@ -208,6 +229,8 @@ class PagedCacheLayout:
             return f"[num_blocks, {tail}]"
         if self.plane_order == "kv_first":
             return f"[2, num_blocks, {tail}]"
+        if self.plane_order == "head_first":
+            return "[num_blocks, num_kv_heads, 2, block_size, head_dim]"
         return f"[num_blocks, 2, {tail}]"
 
     def layers_of(self, kv_caches: Any) -> list:

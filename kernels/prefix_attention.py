@@ -294,6 +294,9 @@ def prefix_attention(q, k, v, kv_cache, block_table, query_start_loc, prefix_len
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     scale = 1.0 / math.sqrt(layout.head_dim) if scale is None else float(scale)
+    if not layout.chunks_contiguous:
+        raise ValueError(f"prefix_attention does not read plane_order={layout.plane_order!r} "
+                         f"caches; use prefix_attention_ref")
     kernel = runnable_kernel(_prefix_attention_kernel, q.device, "prefix_attention_ref")
     interpreting = type(kernel).__name__ == "InterpretedFunction"
     block_d = max(16, triton.next_power_of_2(layout.head_dim))
@@ -359,6 +362,9 @@ def prefix_attention_ref(q, k, v, kv_cache, block_table, query_start_loc, prefix
     bs = layout.block_size
     if layout.plane_order == "kv_first":
         k_plane, v_plane = kv_cache[0], kv_cache[1]  # [num_blocks, bs, heads, dim]
+    elif layout.plane_order == "head_first":
+        k_plane = kv_cache[:, :, 0].transpose(1, 2)  # [num_blocks, bs, heads, dim] (a view)
+        v_plane = kv_cache[:, :, 1].transpose(1, 2)
     else:
         k_plane, v_plane = kv_cache[:, 0], kv_cache[:, 1]
     starts = query_start_loc.tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -12,6 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+
+# tests/engines/ imports vLLM and SGLang: it runs in their own environment (.venv-engines,
+# which `make test` builds), never in the main venv, which has neither.
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore = ["engines"]
 
 # Triton decides once, at its first import, whether to compile or interpret. Without CUDA
 # the kernels can only run interpreted, so say so before any test module imports triton.

@@ -8,6 +8,7 @@ the two can never drift apart; only the plumbing lives here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 
@@ -38,6 +39,15 @@ class Client:
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, name: str, *args, **kwargs) -> concurrent.futures.Future:
+        """Start the AsyncClient call ``name`` without waiting; a Future of its result.
+
+        For callers that must not block (an engine's scheduler loop): poll ``done()``.
+        """
+        if name not in _FORWARDED:
+            raise ValueError(f"Client.submit: {name!r} is not a client call; use one of {_FORWARDED}")
+        return asyncio.run_coroutine_threadsafe(getattr(self._async, name)(*args, **kwargs), self._loop)
 
     def close(self) -> None:
         if self._loop.is_closed():

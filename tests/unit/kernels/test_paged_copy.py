@@ -245,3 +245,23 @@ def test_copy_kernel_compiles_for_sm90_with_16_byte_loads():
     assert r.returncode == 0, r.stderr[-2000:]
     loads = int(r.stdout.split("vector_loads")[-1])
     assert loads > 0, "the copy kernel lost its 16-byte vector loads (alignment hints?)"
+
+
+def test_head_first_cpu_layout_gathers_by_reference_and_is_refused_by_triton():
+    """vLLM's CPU cache ([blocks, heads, block_size, 2*dim] = [blocks, heads, 2, bs, dim])."""
+    lay = PagedCacheLayout.vllm_cpu(num_layers=2, num_blocks=6, block_size=4, num_kv_heads=3, head_dim=8,
+                                    dtype="float32")
+    layers = [torch.randn(6, 3, 4, 16).view(6, 3, 2, 4, 8) for _ in range(2)]
+    table = torch.tensor([5, 1], dtype=torch.int64)
+    pool = torch.empty(2 * lay.to_kv_layout().block_bytes, dtype=torch.uint8)
+    gather_blocks_ref(layers, table, pool, layout=lay)
+    got = pool.view(torch.float32).view(2, *lay.to_kv_layout().shape)  # [n, layers, 2, bs, heads, dim]
+    for j, b in enumerate(table.tolist()):
+        for l in range(2):
+            assert torch.equal(got[j, l], layers[l][b].permute(1, 2, 0, 3))
+    fresh = [torch.zeros_like(t) for t in layers]
+    scatter_blocks_ref(pool, fresh, table, layout=lay)
+    for l in range(2):
+        assert torch.equal(fresh[l][table], layers[l][table]) and not fresh[l][0].any()
+    with pytest.raises(ValueError, match="head_first"):
+        gather_blocks(layers, table, pool, layout=lay)

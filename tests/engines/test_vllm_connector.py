@@ -1,0 +1,158 @@
+"""KVPoolConnector through vLLM's real KVConnectorFactory and real Scheduler, against a real pool.
+
+Each "engine" is vLLM's Scheduler plus a worker-role connector over CPU tensors in vLLM's CPU
+cache layout (tests/engines/vllm_harness.py); a second engine with the same config stands for
+another vLLM process: it shares nothing with the first but the pool.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from vllm.distributed.kv_events import BlockStored
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+from kvpool import Client, KVLayout, Namespace
+from kvpool.integrations.vllm import KVPoolConnector
+from tests.engines.vllm_harness import (BLOCK, DIM, HEADS, LAYERS, Engine, kv_cache_config, kv_transfer_config,
+                                        make_config, make_request, token_kv)
+
+PROMPT = [(7 * i + 3) % 500 + 3 for i in range(70)]  # 4 full blocks keyable (the 70th token is computed)
+
+
+def pool_namespace(salt: str = "") -> Namespace:
+    return Namespace("tiny-llama", KVLayout(LAYERS, HEADS, DIM, "float32", BLOCK, "kv"), salt=salt)
+
+
+def engine(pool, tiny_llama, role="kv_both", **extra) -> Engine:
+    return Engine(make_config(tiny_llama, kv_transfer_config(pool.address, role, **extra)))
+
+
+def assert_blocks_hold(worker, req_id, tokens, n_blocks):
+    """The worker's cache holds, for the first n_blocks of the request, the KV computing gives."""
+    for pos in range(n_blocks * BLOCK):
+        block = worker.blocks[req_id][pos // BLOCK]
+        for layer in range(LAYERS):
+            assert worker.kv_at(layer, block, pos % BLOCK).equal(token_kv(tokens[pos], pos, layer)), (pos, layer)
+
+
+def test_factory_builds_both_roles_and_refuses_a_foreign_block_size(pool, tiny_llama):
+    vc = make_config(tiny_llama, kv_transfer_config(pool.address))
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        c = KVConnectorFactory.create_connector(vc, role, kv_cache_config())
+        assert type(c) is KVPoolConnector and c.role is role
+        c.shutdown()
+    bad = make_config(tiny_llama, kv_transfer_config(pool.address, block_tokens=32))
+    with pytest.raises(ValueError, match="block_tokens=32 differs from vLLM's block_size=16"):
+        KVConnectorFactory.create_connector(bad, KVConnectorRole.SCHEDULER, kv_cache_config())
+
+
+def test_miss_publishes_then_another_engine_loads(pool, tiny_llama):
+    a = engine(pool, tiny_llama)
+    a.scheduler.add_request(make_request("a", PROMPT))
+    so = a.step()
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 0  # a miss: nothing in the pool yet
+    a.run_until_idle()
+    assert a.worker.stats["blocks_saved"] == 4  # 71 tokens computed: 4 full blocks published
+    stored = [e for e in a.events if isinstance(e, BlockStored) and e.medium == "kvpool"]
+    keys = pool_namespace().keys(PROMPT)
+    assert [k for e in stored for k in e.block_hashes] == keys[:4]
+    assert not a.scheduler.requests  # nothing kept a finished request alive
+    with Client(pool.address, pool_namespace()) as c:
+        assert c.lookup(keys) == 4
+
+    b = engine(pool, tiny_llama)  # a second engine: empty prefix cache
+    b.scheduler.add_request(make_request("b", PROMPT + list(range(11, 23))))
+    so = b.step()
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 4 * BLOCK  # loaded, not computed
+    assert so.num_scheduled_tokens["b"] == len(PROMPT) + 12 - 4 * BLOCK
+    assert b.worker.stats["blocks_loaded"] == 4 and not b.worker.load_errors
+    assert_blocks_hold(b.worker, "b", PROMPT, 4)
+    b.run_until_idle()
+    # b had 4 blocks from the pool; it publishes only the block it computed itself
+    assert b.worker.stats["blocks_saved"] == 1
+    a.close()
+    b.close()
+
+
+def test_cache_salt_separates_tenants_of_one_model(pool, tiny_llama):
+    a = engine(pool, tiny_llama)
+    prompt = [p + 1 for p in PROMPT]
+    a.scheduler.add_request(make_request("s1", prompt, salt="alice"))
+    a.run_until_idle()
+    b = engine(pool, tiny_llama)
+    b.scheduler.add_request(make_request("s2", prompt, salt="bob"))
+    b.scheduler.add_request(make_request("s3", prompt, salt="alice"))
+    so = b.step()
+    computed = {n.req_id: n.num_computed_tokens for n in so.scheduled_new_reqs}
+    assert computed["s2"] == 0 and computed["s3"] == 4 * BLOCK
+    a.close()
+    b.close()
+
+
+def test_lookup_in_flight_defers_the_request_then_hits(pool, tiny_llama):
+    prompt = [p + 2 for p in PROMPT]
+    a = engine(pool, tiny_llama)
+    a.scheduler.add_request(make_request("p", prompt))
+    a.run_until_idle()
+    b = engine(pool, tiny_llama, lookup_wait_ms=0)  # never wait: always "ask again later" first
+    b.scheduler.add_request(make_request("q", prompt))
+    first = b.step()
+    assert first.scheduled_new_reqs == [] and first.total_num_scheduled_tokens == 0
+    for _ in range(500):  # the engine keeps stepping; the request waits until the answer is in
+        so = b.step()
+        if so.scheduled_new_reqs:
+            break
+        time.sleep(0.01)
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 4 * BLOCK
+    assert_blocks_hold(b.worker, "q", prompt, 4)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("removed", [4, 2])
+def test_blocks_gone_before_the_load_are_recomputed(pool, tiny_llama, removed):
+    prompt = [p + 10 + removed for p in PROMPT]
+    a = engine(pool, tiny_llama)
+    a.scheduler.add_request(make_request("w", prompt))
+    a.run_until_idle()
+    b = engine(pool, tiny_llama)
+    b.scheduler.add_request(make_request("r", prompt))
+    so = b.scheduler.schedule()  # the Lookup saw 4 blocks...
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 4 * BLOCK
+    keys = pool_namespace().keys(prompt)[:4]
+    with Client(pool.address, pool_namespace()) as c:  # ...then the pool loses some before the load
+        assert c.remove(keys[4 - removed:]) == removed
+    out = b.worker.run(so, b.scheduler.requests)
+    assert len(out.kv_connector_output.invalid_block_ids) == removed
+    b.scheduler.update_from_output(so, out)
+    request = b.scheduler.requests["r"]
+    assert request.num_computed_tokens == (4 - removed) * BLOCK  # rolled back to the valid prefix
+    b.run_until_idle()  # vLLM recomputes the lost blocks (the worker writes real KV into them)
+    assert_blocks_hold(b.worker, "r", prompt, 4)
+    assert b.worker.stats["blocks_load_failed"] == removed
+    with Client(pool.address, pool_namespace()) as c:  # and publishes them again when r finishes
+        assert c.lookup(keys) == 4
+    a.close()
+    b.close()
+
+
+def test_producer_only_publishes_and_consumer_only_loads(pool, tiny_llama):
+    prompt = [p + 40 for p in PROMPT]
+    consumer = engine(pool, tiny_llama, role="kv_consumer")
+    consumer.scheduler.add_request(make_request("c1", prompt))
+    consumer.run_until_idle()
+    assert consumer.worker.stats.get("blocks_saved", 0) == 0
+    producer = engine(pool, tiny_llama, role="kv_producer")
+    producer.scheduler.add_request(make_request("p1", prompt, max_tokens=1))
+    producer.run_until_idle()
+    assert producer.worker.stats["blocks_saved"] == 4
+    assert producer.scheduler.reset_prefix_cache()  # no local hit either
+    producer.scheduler.add_request(make_request("p2", prompt, max_tokens=1))
+    assert producer.step().scheduled_new_reqs[0].num_computed_tokens == 0  # a producer never loads
+    consumer.scheduler.add_request(make_request("c2", prompt))
+    assert consumer.step().scheduled_new_reqs[0].num_computed_tokens == 4 * BLOCK
+    consumer.close()
+    producer.close()
