@@ -61,6 +61,9 @@ __all__ = [
     "replay",
     "belady",
     "compare",
+    "compare_runs",
+    "Progress",
+    "PROGRESS_EVERY",
     "block_key",
     "geomean",
     "PolicyContractError",
@@ -69,6 +72,11 @@ __all__ = [
 ]
 
 _INF = 1 << 62
+
+#: ``progress(n)``: n more requests were replayed (the CLI's progress bar).
+Progress = Callable[[int], None]
+#: Requests between two progress calls: rare enough to cost nothing beside a request's work.
+PROGRESS_EVERY = 512
 
 
 @dataclass(frozen=True)
@@ -276,12 +284,15 @@ def replay(
     *,
     block_size: int = 1,
     check: bool = True,
+    progress: Progress | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` through the master's index with ``policy`` (an instance, or a
     registry name) at ``capacity`` blocks. See the module docstring for the exact calls.
 
     ``block_size`` is kept for compatibility and ignored: capacity is counted in blocks and
-    the index sees blocks of one namespace's size.
+    the index sees blocks of one namespace's size. ``progress(n)`` is told of every
+    :data:`PROGRESS_EVERY` requests replayed, and of the rest at the end (n sums to the
+    trace's length).
     """
     if capacity < 0:
         raise ValueError("capacity must be >= 0")
@@ -314,7 +325,9 @@ def replay(
 
     keys: dict[int, bytes] = {}
     hits = total = inserts = uncached = 0
-    for ids in trace.requests:
+    for r, ids in enumerate(trace.requests):
+        if progress is not None and r and r % PROGRESS_EVERY == 0:
+            progress(PROGRESS_EVERY)
         n = len(ids)
         if not n:
             continue
@@ -349,6 +362,8 @@ def replay(
             raise PolicyContractError(
                 f"{name}: len(policy)={len(checked)} but {index.tier_blocks(node.node_id, 'dram')} resident")
 
+    if progress is not None and trace.requests:
+        progress(len(trace.requests) - (len(trace.requests) - 1) // PROGRESS_EVERY * PROGRESS_EVERY)
     evictions = sum(index.counters.evictions.values())
     res = ReplayResult(name, capacity, hits, total, inserts, evictions, uncached)
     res.seconds = time.perf_counter() - t0
@@ -361,8 +376,9 @@ def replay(
     return res
 
 
-def belady(trace: Trace | Iterable[Sequence[int]], capacity: int) -> ReplayResult:
-    """Belady's MIN at ``capacity`` blocks, under the same protocol as :func:`replay`.
+def belady(trace: Trace | Iterable[Sequence[int]], capacity: int, progress: Progress | None = None) -> ReplayResult:
+    """Belady's MIN at ``capacity`` blocks, under the same protocol as :func:`replay`
+    (``progress`` as there).
 
     What this computes, exactly: each request *references* all of its blocks. The cache is run
     with the same publish rule as the master (every non-resident block of a request is inserted,
@@ -401,6 +417,8 @@ def belady(trace: Trace | Iterable[Sequence[int]], capacity: int) -> ReplayResul
     push, pop = heapq.heappush, heapq.heappop
     hits = total = inserts = evictions = uncached = 0
     for r, ids in enumerate(reqs):
+        if progress is not None and r and r % PROGRESS_EVERY == 0:
+            progress(PROGRESS_EVERY)
         n = len(ids)
         total += n
         nr = nxt[r]
@@ -444,6 +462,8 @@ def belady(trace: Trace | Iterable[Sequence[int]], capacity: int) -> ReplayResul
         if len(heap) > 4 * capacity + 1024:  # keep lazy garbage bounded
             heap = [(-nu, -p, h) for (nu, p, h) in ((-a, -b, c) for a, b, c in heap) if resident.get(h, -1) == nu]
             heapq.heapify(heap)
+    if progress is not None and reqs:
+        progress(len(reqs) - (len(reqs) - 1) // PROGRESS_EVERY * PROGRESS_EVERY)
     res = ReplayResult("belady", capacity, hits, total, inserts, evictions, uncached)
     res.seconds = time.perf_counter() - t0
     return res
@@ -455,14 +475,25 @@ def geomean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def compare_runs(policy: str | None = None, *, with_belady: bool = True) -> int:
+    """How many replays of the whole trace :func:`compare` makes per capacity."""
+    from kvpool.master.eviction import DEFAULT_POLICY
+
+    return 1 + ((policy or DEFAULT_POLICY) != "lru") + with_belady
+
+
 def compare(
     trace: Trace,
     capacities: Sequence[int],
     policy: str | None = None,
     *,
     with_belady: bool = True,
+    progress: Progress | None = None,
 ) -> dict:
     """Policy vs LRU vs Belady at each capacity. Returns the report dict used by the CLI.
+
+    ``progress(n)`` counts requests replayed over every run: :func:`compare_runs` runs per
+    capacity, ``len(trace)`` requests each.
 
     ``us_per_ref`` is the policy's cost per block reference at its costliest capacity (each
     capacity's is in ``us_per_ref_by_capacity``); ``min_gain_vs_lru`` the worst cell.
@@ -473,9 +504,9 @@ def compare(
     make_policy(pname)  # validate the name early
     rows = []
     for cap in capacities:
-        p = replay(trace, make_policy(pname), cap)
-        lru = p if pname == "lru" else replay(trace, make_policy("lru"), cap)
-        b = belady(trace, cap) if with_belady else None
+        p = replay(trace, make_policy(pname), cap, progress=progress)
+        lru = p if pname == "lru" else replay(trace, make_policy("lru"), cap, progress=progress)
+        b = belady(trace, cap, progress) if with_belady else None
         rows.append((cap, p, lru, b))
     gains = [p.hit_rate / l.hit_rate for _, p, l, _ in rows if l.hit_rate > 0]
     complete = len(gains) == len(rows)

@@ -3,7 +3,8 @@
 Replays a FAST'25 trace through the master's index with an eviction policy from the
 registry, with LRU, and against Belady's MIN at each capacity. Prints a table (hit rates, the
 gain over LRU, the fraction of Belady reached, and the policy's CPU per block reference) and,
-as its last line, one JSON object.
+as its last line, one JSON object. On a terminal a progress bar (stderr) counts the requests
+replayed; under ``--json`` or off a terminal there is none.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def json_line(report: dict) -> str:
 
 
 def run(args) -> int:
-    from kvpool.replay import compare, load_trace
+    from kvpool.cli.progress import bar
+    from kvpool.replay import compare, compare_runs, load_trace
 
     if any(c <= 0 for c in args.capacity):
         print("kvpool replay: capacities must be positive", file=sys.stderr)
@@ -79,7 +81,11 @@ def run(args) -> int:
     except (OSError, ValueError) as e:
         print(f"kvpool replay: {e}", file=sys.stderr)
         return 2
-    report = compare(trace, args.capacity, args.policy)
+    # Progress on a terminal only, never under --json (kvpool.cli.progress), in requests
+    # replayed over every run (the policy, LRU and Belady at each capacity).
+    with bar(args, compare_runs(args.policy) * len(args.capacity) * len(trace), f"replay {trace.name}",
+             unit="req") as progress:
+        report = compare(trace, args.capacity, args.policy, progress=None if progress.disable else progress.update)
     if not getattr(args, "json", False):
         print(format_report(report))
     print(json_line(report), flush=True)

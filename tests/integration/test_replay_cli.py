@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ def test_gen_traces_then_kvpool_replay(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvpool", "replay", path, "--capacity", "50", "--capacity", "400"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""                     # no progress off a terminal
     lines = r.stdout.strip().splitlines()
     assert "of belady" in lines[1] and "us/ref" in lines[1]
     last = json.loads(lines[-1])
@@ -39,3 +41,23 @@ def test_kvpool_replay_says_what_is_wrong_with_a_bad_trace(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "not a FAST'25 trace record" in r.stderr
+
+
+def test_kvpool_replay_shows_progress_on_a_terminal_and_none_under_json(tmp_path):
+    from kvpool.replay import PROGRESS_EVERY
+    from tests.integration.test_cli import run_on_tty
+
+    n = PROGRESS_EVERY + 100
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": i, "hash_ids": [i % 40, 1000 + i % 40]}) + "\n"
+                             for i in range(n)))
+    rc, out, tty = run_on_tty(["replay", str(trace), "--capacity", "20", "--capacity", "60"], {})
+    assert rc == 0 and "of belady" in out
+    # tqdm's bar on the terminal: LRU, lhd and Belady at two capacities, every request each.
+    assert re.search(rf"replay t\.jsonl: +100%.*{6 * n}/{6 * n}", tty), repr(tty)
+    assert "of belady" not in tty and json.loads(out.strip().splitlines()[-1])["capacities"] == [20, 60]
+    for flags in (["--json"], []):                     # --json after or before the subcommand
+        argv = ["replay", str(trace), "--capacity", "20", *flags] if flags else ["--json", "replay", str(trace),
+                                                                                 "--capacity", "20"]
+        rc, out, tty = run_on_tty(argv, {})
+        assert rc == 0 and tty == "" and list(json.loads(out))[0] == "bench", (argv, tty)

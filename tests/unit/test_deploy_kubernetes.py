@@ -1,7 +1,11 @@
 """deploy/: every Kustomize overlay renders with `kubectl kustomize` and validates against the
 Kubernetes schemas (kubernetes-validate); the parts the schemas cannot see (Prometheus Operator
-objects, probes, resources, the shared /dev/shm) are checked here; the Dockerfile builds from
-files that exist, and the wheel it builds holds the whole service.
+objects, probes, resources, the shared /dev/shm, two masters sharing Redis that every node and
+engine names, flags that kvpool really has) are checked here; the Dockerfile builds from files
+that exist, and the wheel it builds holds the whole service.
+
+tests/integration/test_deploy_masters.py runs the rendered master and node arguments as real
+processes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,31 @@ def render(overlay: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(r.stdout) if d]
 
 
+WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
+
+
+def kvpool_containers(docs: list[dict]):
+    """(workload, container) for every container running the kvpool image."""
+    for d in docs:
+        if d["kind"] in WORKLOADS:
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                if c["image"].startswith("kvpool"):
+                    yield d, c
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    assert flag in args, (flag, args)
+    return args[args.index(flag) + 1]
+
+
+def master_addresses(docs: list[dict]) -> list[str]:
+    """The per-pod names of the masters (StatefulSet pods behind its headless Service)."""
+    sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "kvpool-master")
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == sts["spec"]["serviceName"])
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    return [f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}:{port}" for i in range(sts["spec"]["replicas"])]
+
+
 def test_there_are_the_sidecar_and_daemonset_overlays():
     assert OVERLAYS == ["daemonset", "sidecar"]
 
@@ -59,9 +88,9 @@ def test_overlay_renders_and_validates(overlay):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
     kinds = sorted(d["kind"] for d in docs)
-    workloads = [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
     master = next(d for d in workloads if d["metadata"]["name"] == "kvpool-master")
-    assert master["spec"]["replicas"] == 1 and master["spec"]["strategy"]["type"] == "Recreate"
+    assert master["kind"] == "StatefulSet" and master["spec"]["replicas"] == 2   # a leader and a standby
     for w in workloads:
         for c in w["spec"]["template"]["spec"]["containers"]:
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], c["name"]
@@ -77,7 +106,7 @@ def test_overlay_renders_and_validates(overlay):
 def test_service_monitors_find_a_service_and_its_port(overlay):
     docs = render(overlay)
     services = [d for d in docs if d["kind"] == "Service"]
-    pods = [d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    pods = [d["spec"]["template"] for d in docs if d["kind"] in WORKLOADS]
     for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
         want = sm["spec"]["selector"]["matchLabels"]
         matched = [s for s in services if want.items() <= s["metadata"].get("labels", {}).items()]
@@ -112,16 +141,81 @@ def test_the_sidecar_shares_dev_shm_with_the_engine():
     assert int(re.match(r"\d+", dram).group()) < int(re.match(r"\d+", size_limit).group())
 
 
-def test_node_args_are_flags_kvpool_node_accepts():
+def test_every_flag_given_to_kvpool_is_a_flag_of_that_subcommand():
     from kvpool.cli.main import build_parser
 
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.choices and "master" in a.choices).choices
+    seen = set()
     for overlay in OVERLAYS:
-        for d in render(overlay):
-            if d["kind"] in ("Deployment", "DaemonSet"):
-                for c in d["spec"]["template"]["spec"]["containers"]:
-                    if c["image"].startswith("kvpool"):
-                        args = [re.sub(r"\$\((\w+)\)", "x", a) for a in c["args"]]
-                        build_parser().parse_args(args)  # exits (fails the test) on an unknown flag
+        for _, c in kvpool_containers(render(overlay)):
+            args = [re.sub(r"\$\((\w+)\)", "x", a) for a in c["args"]]
+            sub = subcommands[args[0]]
+            known = {o for a in sub._actions for o in a.option_strings}
+            unknown = [a for a in args[1:] if a.startswith("--") and a.split("=")[0] not in known]
+            assert not unknown, (c["name"], args[0], unknown)
+            parser.parse_args(args)  # exits (fails the test) on a flag or value it refuses
+            seen.add(args[0])
+    assert seen == {"master", "node"}
+    # The check sees a flag that `kvpool node` lacks even though `kvpool master` has it.
+    node_known = {o for a in subcommands["node"]._actions for o in a.option_strings}
+    assert "--redis" not in node_known
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_two_masters_share_redis_and_every_node_and_engine_names_both(overlay):
+    docs = render(overlay)
+    addresses = master_addresses(docs)
+    assert len(addresses) == 2
+    masters = [(w, c) for w, c in kvpool_containers(docs) if c["args"][0] == "master"]
+    assert [w["metadata"]["name"] for w, _ in masters] == ["kvpool-master"]
+    secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})}
+               for d in docs if d["kind"] == "Secret"}
+    for w, c in masters:
+        env = {e["name"]: e for e in c["env"]}
+        redis = flag_value(c["args"], "--redis")
+        ref = env[re.fullmatch(r"\$\((\w+)\)", redis).group(1)]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]]                    # the Secret is there (components/redis)
+        assert secrets[ref["name"]][ref["key"]].startswith("redis://")
+        # A standby hands out the leader's per-pod name: one of the names nodes are given.
+        advertise = flag_value(c["args"], "--advertise-host")
+        assert advertise == "$(POD_NAME)." + w["spec"]["serviceName"]
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert flag_value(c["args"], "--port") == addresses[0].rsplit(":", 1)[1]
+        # Probes: the health service answers SERVING on a standby for "" and kvpool.v1.KVPool
+        # (test_deploy_masters.py checks it on real processes); kvpool.metadata is no probe's.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"].get("service", "") in ("", "kvpool.v1.KVPool"), probe
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "kvpool-master")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    nodes = [c for _, c in kvpool_containers(docs) if c["args"][0] == "node"]
+    assert nodes
+    for c in nodes:
+        assert flag_value(c["args"], "--master").split(",") == addresses, c["name"]
+    engines = [c for d in docs if d["kind"] in WORKLOADS for c in d["spec"]["template"]["spec"]["containers"]
+               if not c["image"].startswith(("kvpool", "redis"))]
+    for c in engines:
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env["KVPOOL_ADDRESS"].split(",") == addresses, c["name"]
+    assert engines or overlay == "daemonset"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_masters_spread_over_kubernetes_nodes_and_one_at_a_time_goes(overlay):
+    docs = render(overlay)
+    sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "kvpool-master")
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    terms = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" and t["labelSelector"]["matchLabels"].items()
+               <= labels.items() for t in terms)
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"
+            and d["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+    assert len(pdbs) == 1
+    # Both masters count as ready (a standby is SERVING), so one may go and one must stay.
+    spec = pdbs[0]["spec"]
+    assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 1
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
 
 
 def test_dockerfile_copies_files_that_exist_and_builds_the_whole_service(tmp_path):

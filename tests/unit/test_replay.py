@@ -203,3 +203,19 @@ def test_load_trace_and_cli(tmp_path, capsys):
     bad.write_text('{"timestamp": 0}\n')
     args = parser.parse_args(["replay", str(bad), "--capacity", "4", "--json"])
     assert args.func(args) == 2
+
+
+@pytest.mark.parametrize("policy", ["lru", "lhd"])
+def test_progress_counts_every_request_of_every_run(policy):
+    from kvpool.replay import PROGRESS_EVERY, compare_runs
+
+    n = 2 * PROGRESS_EVERY + 7                      # a remainder after the full batches
+    trace = Trace(tuple((i % 50, i % 50 + 1000) for i in range(n)))
+    calls: list[int] = []
+    report = compare(trace, [8, 64], policy, progress=calls.append)
+    runs = compare_runs(policy)
+    assert runs == (2 if policy == "lru" else 3)
+    assert sum(calls) == runs * 2 * n and max(calls) == PROGRESS_EVERY
+    assert len(calls) == runs * 2 * 3               # two full batches and the rest, per run
+    plain = compare(trace, [8, 64], policy)          # progress changes nothing it reports
+    assert [report[k] for k in ("policy", "lru", "belady")] == [plain[k] for k in ("policy", "lru", "belady")]
