@@ -2,8 +2,8 @@
 
     kvpool admin [--address HOST:PORT] [--json] stats
     kvpool admin nodes
-    kvpool admin ls [--namespace ID] [--limit N] [--offset N]
-    kvpool admin inspect KEY
+    kvpool admin ls [--namespace ID] [--tenant NAME] [--limit N] [--offset N]
+    kvpool admin inspect KEY [--tenant NAME]
     kvpool admin evict (--bytes SIZE | --all)
     kvpool admin flush [--namespace ID]
 
@@ -43,8 +43,10 @@ def register(sub) -> None:
     ls.add_argument("--namespace", default="", help="only this namespace id")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--offset", type=int, default=0)
+    ls.add_argument("--tenant", help="only this tenant's blocks (\"\" is the default tenant)")
     ins = cmds.add_parser("inspect", help="show one block")
     ins.add_argument("key", help="block key, 32 hex digits")
+    ins.add_argument("--tenant", default="", help="the tenant whose key it is (default: the default tenant)")
     ev = cmds.add_parser("evict", help="evict blocks through the eviction policy")
     group = ev.add_mutually_exclusive_group(required=True)
     group.add_argument("--bytes", dest="evict_bytes", help="free at least this much, e.g. 1GiB")
@@ -86,11 +88,11 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
 
 
 def _block_rows(blocks) -> list[list]:
-    return [[b.key.hex(), b.namespace_id[:12], b.state, TIER_NAMES.get(b.tier, "?"), format_size(b.size),
+    return [[b.key.hex(), b.tenant or "-", b.namespace_id[:12], b.state, TIER_NAMES.get(b.tier, "?"), format_size(b.size),
              b.leases, b.hits, f"{b.idle_seconds:.0f}s"] for b in blocks]
 
 
-_BLOCK_HEADERS = ["key", "namespace", "state", "tier", "size", "leases", "hits", "idle"]
+_BLOCK_HEADERS = ["key", "tenant", "namespace", "state", "tier", "size", "leases", "hits", "idle"]
 
 
 def _to_json(msg) -> dict:
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 for n in resp.nodes])
         elif cmd == "ls":
             resp = stub.ListBlocks(admin_pb2.ListBlocksRequest(limit=args.limit, offset=args.offset,
-                                                               namespace_id=args.namespace), **kw)
+                                                               namespace_id=args.namespace, tenant=args.tenant), **kw)
             text = _table(_BLOCK_HEADERS, _block_rows(resp.blocks)) + f"\n({len(resp.blocks)} of {resp.total} blocks)"
         elif cmd == "inspect":
             try:
@@ -124,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
             except ValueError:
                 print(f"kvpool admin inspect: {args.key!r} is not hex; a key is 32 hex digits", file=sys.stderr)
                 return 2
-            resp = stub.Inspect(admin_pb2.InspectRequest(key=key), **kw)
+            resp = stub.Inspect(admin_pb2.InspectRequest(key=key, tenant=args.tenant), **kw)
             b = resp.block
             text = _table(["field", "value"], [
-                ["key", b.key.hex()], ["namespace", b.namespace_id], ["state", b.state], ["node", b.node_id],
+                ["key", b.key.hex()], ["tenant", b.tenant or "-"], ["namespace", b.namespace_id], ["state", b.state], ["node", b.node_id],
                 ["tier", TIER_NAMES.get(b.tier, "?")], ["offset", b.offset], ["size", f"{b.size} ({format_size(b.size)})"],
                 ["checksum", f"{b.checksum:016x}"], ["leases", b.leases], ["hits", b.hits],
                 ["position", b.position], ["age", f"{b.age_seconds:.1f}s"], ["idle", f"{b.idle_seconds:.1f}s"],

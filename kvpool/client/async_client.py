@@ -414,9 +414,14 @@ class AsyncClient:
         resp = await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=list(lease_ids)))
         return resp.released
 
-    async def remove(self, keys: Sequence[bytes]) -> int:
-        """Remove blocks; returns how many were present (leased ones go when released)."""
-        resp = await self._call("Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys)))
+    async def remove(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
+        """Remove blocks of the namespace's tenant; returns how many were present (leased ones
+        go when released)."""
+        ns = namespace or self.namespace
+        if ns is None:  # no namespace: the caller's tenant, as the master knows it
+            resp = await self._call("Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys)))
+        else:
+            resp = await self._call_ns(ns, "Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys), namespace_id=ns.id))
         return resp.removed + resp.deferred
 
     async def stats(self) -> common_pb2.StatsResponse:

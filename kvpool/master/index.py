@@ -23,6 +23,10 @@ Invariants (each one is tested):
 * Every slot is released exactly once: memory slots through ``NodeHandle.free``, NVMe copies
   through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
+* Tenants share nothing. The index holds a block under its *scoped* key: the client's 16-byte
+  key followed by its namespace's tenant (the bare key for the default tenant ""). So a
+  tenant who knows another's keys finds, deduplicates against and removes nothing of theirs:
+  every answer is the one for a block that does not exist.
 
 All methods run on the master's event-loop thread: the index takes no locks.
 Errors are raised as :mod:`kvpool.errors` exceptions with messages a person can act on.
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull, Unavailable
-from kvpool.identity import KEY_BYTES, Namespace, split_keys
+from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES, Namespace, split_keys
 from kvpool.master.eviction import DEFAULT_POLICY, BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
@@ -102,6 +106,15 @@ class Entry:
     def size(self) -> int:
         return self.slot.size
 
+    @property
+    def tenant(self) -> str:
+        return self.key[KEY_BYTES:].decode()
+
+    @property
+    def client_key(self) -> bytes:
+        """The key as its tenant's clients know it (16 bytes)."""
+        return self.key[:KEY_BYTES]
+
     def update_record(self) -> None:
         slot = self.slot
         # Both wire forms are cached: a Lookup then only joins bytes (see kvpool.wire).
@@ -114,6 +127,7 @@ class PutGrant:
     put_id: str
     entries: dict[bytes, Entry]
     expires_at: float
+    tenant: str = ""
 
 
 @dataclass
@@ -144,6 +158,18 @@ class NamespaceInfo:
     namespace: Namespace
     block_bytes: int
 
+    @property
+    def tenant(self) -> str:
+        return self.namespace.tenant
+
+
+def scope_keys(keys: list[bytes], tenant: str) -> list[bytes]:
+    """Client keys -> the index's keys for ``tenant`` (see the module docstring)."""
+    if not tenant:
+        return keys
+    suffix = tenant.encode()
+    return [k + suffix for k in keys]
+
 
 class BlockIndex:
     def __init__(self, nodes: NodeRegistry, config: IndexConfig | None = None,
@@ -172,6 +198,9 @@ class BlockIndex:
     # ------------------------------------------------------------------ namespaces
 
     def register_namespace(self, ns: Namespace) -> NamespaceInfo:
+        if len(ns.tenant.encode()) > MAX_TENANT_BYTES:
+            raise InvalidArgument(f"RegisterNamespace: tenant names are at most {MAX_TENANT_BYTES} bytes; "
+                                  f"got {len(ns.tenant.encode())}")
         info = NamespaceInfo(ns, ns.layout.block_bytes)
         self._namespaces.setdefault(ns.id, info)
         return info
@@ -235,6 +264,7 @@ class BlockIndex:
                     f"PutStart: block size {size} does not match namespace {ns_id[:12]}…, whose "
                     f"layout makes blocks of {info.block_bytes} bytes"
                 )
+        keys = scope_keys(keys, info.tenant)
         now = self.clock()
         statuses: list[int] = []
         wanted: list[int] = []
@@ -268,7 +298,7 @@ class BlockIndex:
                 for entry in granted.values():
                     node.free(tier, entry.mem)
                 raise
-        grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s)
+        grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s, info.tenant)
         if granted:
             self._pending.update(granted)
             self._grants[grant.put_id] = grant
@@ -290,6 +320,8 @@ class BlockIndex:
             )
         if keys is None or not keys:
             keys = list(grant.entries)
+        else:
+            keys = scope_keys(keys, grant.tenant)
         if len(checksums) != len(keys):
             raise InvalidArgument(
                 f"PutCommit: {len(keys)} blocks to commit but {len(checksums)} checksums; send one "
@@ -322,6 +354,10 @@ class BlockIndex:
         self.enforce_watermarks()
         return len(keys), released
 
+    def grant_tenant(self, put_id: str) -> str | None:
+        grant = self._grants.get(put_id)
+        return None if grant is None else grant.tenant
+
     def put_abort(self, put_id: str) -> int:
         grant = self._grants.pop(put_id, None)
         if grant is None:
@@ -344,8 +380,9 @@ class BlockIndex:
 
     def lookup(self, ns_id: str, keys: list[bytes], lease: bool = True) -> tuple[int, ReadLease | None]:
         """The longest present prefix of ``keys``; with ``lease``, pinned under a read lease."""
-        self.namespace(ns_id)
+        info = self.namespace(ns_id)
         self._check_keys(keys, "Lookup")
+        keys = scope_keys(keys, info.tenant)
         # map() keeps the per-key work in C: this is the hot loop of a 128K-token Lookup.
         hits = list(map(self._blocks.get, keys))
         try:
@@ -360,8 +397,9 @@ class BlockIndex:
 
     def get(self, ns_id: str, keys: list[bytes]) -> tuple[list[bool], ReadLease | None]:
         """Locate any subset of keys; those found are leased."""
-        self.namespace(ns_id)
+        info = self.namespace(ns_id)
         self._check_keys(keys, "Get")
+        keys = scope_keys(keys, info.tenant)
         found_entries: list[Entry] = []
         found: list[bool] = []
         for key in keys:
@@ -412,7 +450,7 @@ class BlockIndex:
             if lease is None:
                 continue
             for entry in lease.entries if bad else ():
-                if entry.key in bad and not entry.doomed and self._blocks.get(entry.key) is entry:
+                if entry.client_key in bad and not entry.doomed and self._blocks.get(entry.key) is entry:
                     self._drop(entry)  # pinned by this lease: freed at the unpin below
                     self.counters.corrupt_blocks += 1
                     dropped += 1
@@ -459,10 +497,11 @@ class BlockIndex:
 
     # ------------------------------------------------------------------ removal and eviction
 
-    def remove(self, keys: Iterable[bytes]) -> tuple[int, int]:
-        """Remove committed blocks. Leased ones vanish now and are freed on their last release."""
+    def remove(self, keys: Iterable[bytes], tenant: str = "") -> tuple[int, int]:
+        """Remove committed blocks of ``tenant`` (``keys`` as its clients know them). Leased
+        ones vanish now and are freed on their last release."""
         removed = deferred = 0
-        for key in keys:
+        for key in scope_keys(list(keys), tenant):
             entry = self._blocks.get(key)
             if entry is None:
                 continue
@@ -475,8 +514,13 @@ class BlockIndex:
     def flush(self, ns_id: str = "") -> tuple[int, int]:
         if ns_id:
             self.namespace(ns_id)
-        keys = [k for k, e in self._blocks.items() if not ns_id or e.ns == ns_id]
-        return self.remove(keys)
+        removed = deferred = 0
+        for entry in [e for e in self._blocks.values() if not ns_id or e.ns == ns_id]:
+            if self._drop(entry):
+                removed += 1
+            else:
+                deferred += 1
+        return removed, deferred
 
     def _drop(self, entry: Entry) -> bool:
         """Take a committed entry out of the index. True if freed now, False if deferred."""
@@ -776,12 +820,14 @@ class BlockIndex:
         self.counters.expired_leases += len(leases)
         return len(grants), len(leases)
 
-    def entry(self, key: bytes) -> Entry | None:
+    def entry(self, key: bytes, tenant: str = "") -> Entry | None:
+        key = scope_keys([key], tenant)[0]
         return self._blocks.get(key) or self._pending.get(key)
 
-    def entries(self, ns_id: str = ""):
+    def entries(self, ns_id: str = "", tenant: str | None = None):
+        """Committed entries, of one namespace and/or one tenant (None: every tenant)."""
         for entry in self._blocks.values():
-            if not ns_id or entry.ns == ns_id:
+            if (not ns_id or entry.ns == ns_id) and (tenant is None or entry.tenant == tenant):
                 yield entry
 
     @property

@@ -107,8 +107,10 @@ class _Base:
         """Whether blocks of one batch can sit in different memory tiers (HBM and DRAM)."""
         return any(len([t for t in n.tier_names() if t != "nvme"]) > 1 for n in self.index.nodes)
 
-    def _locations(self, entries, out: common_pb2.Locations, op: int, grant_id: str, ttl_s: float) -> None:
-        """Fill ``out`` with where ``entries`` are, and a capability per node for ``op``."""
+    def _locations(self, entries, out: common_pb2.Locations, op: int, grant_id: str, ttl_s: float,
+                   tenant: str) -> None:
+        """Fill ``out`` with where ``entries`` are, and a capability per node for ``op`` on
+        behalf of ``tenant``."""
         if len(self.index.nodes) == 1:  # the embedded case: skip a pass over the batch
             node_ids = {next(iter(self.index.nodes)).node_id}
         else:
@@ -132,8 +134,8 @@ class _Base:
                 continue
             mine = entries if len(node_ids) == 1 else [e for e in entries if e.node_id == node_id]
             records = b"".join(map(_record_of, mine))
-            out.caps.add(node_id=node_id, expires_unix_ms=expires,
-                         mac=sign(node.data_key, op, grant_id, node_id, expires, records))
+            out.caps.add(node_id=node_id, expires_unix_ms=expires, tenant=tenant,
+                         mac=sign(node.data_key, op, grant_id, node_id, expires, records, tenant))
 
 
 class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
@@ -152,7 +154,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         resp.status.extend(statuses)
         if grant.entries:
             self._locations(list(grant.entries.values()), resp.grants, WRITE, grant.put_id,
-                            self.index.config.grant_ttl_s)
+                            self.index.config.grant_ttl_s, grant.tenant)
         return resp
 
     @rpc
@@ -179,7 +181,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, hits)
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
-            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s)
+            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s,
+                            self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
@@ -201,7 +204,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, keep)
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
-            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s)
+            self._locations(lease.entries, resp.locations, READ, lease.lease_id, self.index.config.lease_ttl_s,
+                            self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
@@ -217,7 +221,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def Remove(self, request, context):
         keys = self.index.split_packed(request.keys, "Remove")
-        removed, deferred = self.index.remove(keys)
+        tenant = self.index.namespace(request.namespace_id).tenant if request.namespace_id else ""
+        removed, deferred = self.index.remove(keys, tenant)
         return pool_pb2.RemoveResponse(removed=removed, deferred=deferred)
 
     @rpc
@@ -246,7 +251,7 @@ def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
 
 def block_detail(entry: Entry, now: float) -> admin_pb2.BlockDetail:
     return admin_pb2.BlockDetail(
-        key=entry.key, namespace_id=entry.ns, state=entry.state, node_id=entry.node_id,
+        key=entry.client_key, tenant=entry.tenant, namespace_id=entry.ns, state=entry.state, node_id=entry.node_id,
         tier=TIER_CODES[entry.tier], offset=entry.slot.offset, size=entry.slot.size,
         checksum=entry.checksum, leases=entry.pins, hits=entry.hits,
         age_seconds=now - entry.created, idle_seconds=now - entry.last_access, position=entry.position,
@@ -272,7 +277,8 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         now = self.index.clock()
         resp = admin_pb2.ListBlocksResponse()
         total = 0
-        for entry in self.index.entries(request.namespace_id):
+        tenant = request.tenant if request.HasField("tenant") else None
+        for entry in self.index.entries(request.namespace_id, tenant):
             if request.offset <= total < request.offset + limit:
                 resp.blocks.append(block_detail(entry, now))
             total += 1
@@ -283,7 +289,7 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     def Inspect(self, request, context):
         if len(request.key) != KEY_BYTES:
             raise InvalidArgument(f"Inspect: a block key is 16 bytes (32 hex digits); got {len(request.key)} bytes")
-        entry = self.index.entry(request.key)
+        entry = self.index.entry(request.key, request.tenant)
         if entry is None:
             raise NotFound(f"Inspect: block {request.key.hex()} is not in the pool")
         return admin_pb2.InspectResponse(block=block_detail(entry, self.index.clock()))

@@ -164,17 +164,19 @@ class DataServer:
     # ------------------------------------------------------------------ requests
 
     def _handle(self, conn: socket.socket, header: bytes) -> None:
-        magic, op, _flags, id_len, n_records, n_moves, expires, mac = REQUEST.unpack(header)
+        magic, op, tenant_len, id_len, n_records, n_moves, expires, mac = REQUEST.unpack(header)
         if magic != REQUEST_MAGIC:
             raise _Refused(Status.INVALID, "not a kvpool data request (bad magic); is this the data port?")
         if op not in (READ, WRITE) or id_len > MAX_ID or n_records > MAX_RECORDS or n_moves > n_records:
             raise _Refused(Status.INVALID, f"malformed request header (op {op}, {n_records} records, {n_moves} moves)")
-        body = recv_exact(conn, id_len + 32 * n_records + 4 * n_moves)
+        head = id_len + tenant_len
+        body = recv_exact(conn, head + 32 * n_records + 4 * n_moves)
         grant_id = body[:id_len].decode(errors="replace")
-        raw_records = body[id_len:id_len + 32 * n_records]
+        tenant = body[id_len:head].decode(errors="replace")
+        raw_records = body[head:head + 32 * n_records]
         records = np.frombuffer(raw_records, dtype=RECORD_DTYPE)
-        moves = np.frombuffer(body[id_len + 32 * n_records:], dtype="<u4")
-        views = self._authorize(op, grant_id, expires, raw_records, mac, records, moves)
+        moves = np.frombuffer(body[head + 32 * n_records:], dtype="<u4")
+        views = self._authorize(op, grant_id, tenant, expires, raw_records, mac, records, moves)
         if op == WRITE:
             self._claim(grant_id, expires, moves)
         if op == READ:
@@ -182,15 +184,15 @@ class DataServer:
         else:
             self._write(conn, views)
 
-    def _authorize(self, op, grant_id, expires, raw_records, mac, records, moves) -> list[np.ndarray]:
+    def _authorize(self, op, grant_id, tenant, expires, raw_records, mac, records, moves) -> list[np.ndarray]:
         identity = self._identity
         if identity is None:
             raise _Refused(Status.UNAVAILABLE, "this node is not registered with a master yet; retry shortly")
         node_id, key = identity
         try:
-            verify(key, op, grant_id, node_id, expires, raw_records, mac)
+            verify(key, op, grant_id, node_id, expires, raw_records, mac, tenant=tenant)
         except CapabilityError as exc:
-            raise _Refused(Status.DENIED, str(exc)) from None
+            raise _Refused(Status.DENIED, f"{exc} (tenant {tenant!r})" if tenant else str(exc)) from None
         if len(moves) and int(moves.max()) >= len(records):
             raise _Refused(Status.INVALID, "a move names a record outside the capability")
         moved = records[moves]

@@ -102,6 +102,8 @@ class Access:
     expires_unix_ms: int
     mac: bytes
     records: bytes
+    #: The tenant whose blocks these are (signed with the rest).
+    tenant: str = ""
 
 
 @dataclass

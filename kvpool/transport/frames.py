@@ -6,14 +6,15 @@ little-endian.
 
 Request::
 
-    header   4s magic "KVQ1" | u8 op (1 read, 2 write) | u8 flags | u16 id_len
+    header   4s magic "KVQ1" | u8 op (1 read, 2 write) | u8 tenant_len | u16 id_len
              | u32 n_records | u32 n_moves | u64 expires_unix_ms | 32s mac
-    body     id (id_len bytes) | records (n_records x 32 bytes, kvpool.wire.RECORD)
+    body     id (id_len bytes) | tenant (tenant_len bytes, UTF-8)
+             | records (n_records x 32 bytes, kvpool.wire.RECORD)
              | moves (n_moves x u32: which records this request moves, in order)
     write:   then the bytes of each moved block, in order, then n_moves x u64 xxh3-64
              checksums of those bytes (the node verifies them before answering)
 
-``records``, ``id``, ``op``, ``expires_unix_ms`` and ``mac`` are the capability the master
+``records``, ``id``, ``tenant``, ``op``, ``expires_unix_ms`` and ``mac`` are the capability the master
 issued (kvpool.capability): the node checks it before reading the bytes that follow.
 
 Response::

@@ -111,14 +111,14 @@ class TcpTransport(Transport):
         if access is None:
             raise FailedPrecondition(f"node {self._label}: no capability for this transfer; the master "
                                      f"issues one with each grant and lease (is it older than this client?)")
-        gid = access.grant_id.encode()
+        gid, who = access.grant_id.encode(), access.tenant.encode()
         moves = np.ascontiguousarray(share.positions, dtype="<u4")
-        header = REQUEST.pack(REQUEST_MAGIC, op, 0, len(gid), len(access.records) // 32, len(moves),
+        header = REQUEST.pack(REQUEST_MAGIC, op, len(who), len(gid), len(access.records) // 32, len(moves),
                               access.expires_unix_ms, access.mac)
         sock = self._acquire()
         try:
             try:
-                send_buffers(sock, [header, gid, access.records, moves])
+                send_buffers(sock, [header, gid, who, access.records, moves])
                 if op == WRITE:
                     # Hash each block just before it is sent, while it is in cache; the sums trail.
                     digest = xxhash.xxh3_64_intdigest

@@ -102,14 +102,16 @@ class UcxRegion(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., base: _Optional[int] = ..., size: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
 
 class Capability(_message.Message):
-    __slots__ = ("node_id", "expires_unix_ms", "mac")
+    __slots__ = ("node_id", "expires_unix_ms", "mac", "tenant")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     expires_unix_ms: int
     mac: bytes
-    def __init__(self, node_id: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
+    tenant: str
+    def __init__(self, node_id: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Locations(_message.Message):
     __slots__ = ("nodes", "records", "uniform", "slots", "caps")
