@@ -73,10 +73,21 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
+    #: File of bearer tokens (token, role, tenant; kvpool.auth). Empty: no authentication,
+    #: which is allowed only on a loopback address unless ``insecure``.
+    auth_tokens: str = ""
+    #: Serve a non-loopback address without tokens (a network where every peer is trusted).
+    insecure: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+        if self.auth_tokens:
+            from kvpool.auth import TokenTable
+
+            TokenTable.load(self.auth_tokens)  # a bad file fails the start, saying which line
+        else:
+            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
@@ -136,11 +147,29 @@ class NodeSettings(TierSettings):
     #: Port of the node's NodeControl service (the master calls it); 0 picks one.
     port: int = 50061
     log_level: str = "info"
+    #: The node's bearer token (role ``node``) for the master; the node's control service
+    #: then accepts only calls bearing it. Or ``token_file``, ``KVPOOL_TOKEN_FILE``.
+    token: str = ""
+    token_file: str = ""
+    insecure: bool = False
 
     def validate(self) -> None:
         self.validate_tiers()
+        if not (self.token or self.token_file):
+            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+
+
+def refuse_open_port(host: str, insecure: bool, remedy: str) -> None:
+    """Refuse to serve gRPC beyond this machine without authentication, unless told to."""
+    from kvpool.auth import is_loopback
+
+    if not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host} without authentication: anyone who reaches that address could "
+            f"read every tenant's blocks and flush the pool. Give {remedy} (see README, \"Running kvpool "
+            f"securely\"), listen on 127.0.0.1, or pass --insecure if every host on this network is trusted")
 
 
 SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes"}

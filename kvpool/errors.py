@@ -9,7 +9,8 @@
     ├── FailedPrecondition     FAILED_PRECONDITION  grant expired, commit out of order
     ├── PoolFull               RESOURCE_EXHAUSTED   nothing evictable is left to make room
     ├── Unavailable            UNAVAILABLE          a node or the master is gone
-    ├── Unauthenticated        UNAUTHENTICATED
+    ├── Unauthenticated        UNAUTHENTICATED      no bearer token, or an unknown one
+    ├── PermissionDenied       PERMISSION_DENIED    the token's role may not do this
     ├── IntegrityError         DATA_LOSS            a block failed its checksum
     └── InternalError          INTERNAL             a bug: please report it
 
@@ -29,6 +30,7 @@ __all__ = [
     "PoolFull",
     "Unavailable",
     "Unauthenticated",
+    "PermissionDenied",
     "IntegrityError",
     "InternalError",
     "from_status",
@@ -69,6 +71,10 @@ class Unauthenticated(KvpoolError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(KvpoolError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class IntegrityError(KvpoolError):
     code = grpc.StatusCode.DATA_LOSS
 
@@ -86,6 +92,7 @@ _BY_CODE = {
         PoolFull,
         Unavailable,
         Unauthenticated,
+        PermissionDenied,
         IntegrityError,
         InternalError,
     )

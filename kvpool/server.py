@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvpool.auth import AuthInterceptor, TokenTable
 from kvpool.config import MasterSettings, TierSettings, format_size
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
@@ -84,7 +85,8 @@ class PoolServer:
         self.tiering = Tiering(self.index, write_through=s.write_through)
         self.metrics = Metrics(self.index)
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        interceptors = [AuthInterceptor(TokenTable.load(s.auth_tokens))] if s.auth_tokens else []
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
         self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval)
@@ -113,6 +115,11 @@ class PoolServer:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep())
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        if s.auth_tokens:
+            log.info("bearer tokens required (%s)", s.auth_tokens)
+        elif s.insecure:
+            log.warning("serving %s WITHOUT authentication (--insecure): every peer that reaches it is trusted",
+                        s.host)
         if self.node is None:
             log.info("kvpool master ready grpc=%s:%d metrics=%s policy=%s (nodes join with: kvpool node "
                      "--master %s:%d)", s.host, self.port, metrics, s.eviction_policy, s.host, self.port)

@@ -21,6 +21,8 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from kvpool.auth import bearer_metadata, resolve_token
+from kvpool.cli.flags import add_token_flags
 from kvpool.config import format_size, parse_size
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from kvpool.wire import TIER_NAMES
@@ -35,6 +37,7 @@ def register(sub) -> None:
                    help="master address host:port (default $KVPOOL_ADDRESS or 127.0.0.1:50051)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    add_token_flags(p)
     cmds = p.add_subparsers(dest="admin_command", metavar="COMMAND")
     cmds.required = True
     cmds.add_parser("stats", help="pool usage, hits and evictions")
@@ -100,9 +103,14 @@ def _to_json(msg) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        token = resolve_token(args.token, args.token_file)
+    except ValueError as exc:
+        print(f"kvpool admin: {exc}", file=sys.stderr)
+        return 2
     channel = grpc.insecure_channel(args.address)
     stub = admin_pb2_grpc.AdminStub(channel)
-    kw = {"timeout": args.timeout}
+    kw = {"timeout": args.timeout, "metadata": bearer_metadata(token)}
     try:
         cmd = args.admin_command
         if cmd == "stats":

@@ -15,8 +15,8 @@ import sys
 
 from kvpool.config import resolve_settings
 
-__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "settings_from_args", "setup_logging",
-           "run_until_signal"]
+__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "add_token_flags", "settings_from_args",
+           "setup_logging", "run_until_signal"]
 
 
 def add_config_flag(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,22 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
     g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+    g = p.add_argument_group("security")
+    g.add_argument("--auth-tokens", metavar="FILE", help="bearer tokens, one 'TOKEN ROLE [TENANT]' a line "
+                   "(roles: client, admin, node); required to listen beyond loopback")
+    g.add_argument("--insecure", action="store_const", const=True, help="listen beyond loopback without tokens "
+                   "(only where every host on the network is trusted)")
+
+
+def add_token_flags(p: argparse.ArgumentParser, *, insecure: bool = False) -> None:
+    """How a caller proves who it is: a bearer token (see kvpool.auth)."""
+    g = p.add_argument_group("authentication")
+    g.add_argument("--token", help="bearer token to send (also KVPOOL_TOKEN); prefer --token-file, since "
+                   "command lines are visible to other users")
+    g.add_argument("--token-file", help="file whose first line is the token (also KVPOOL_TOKEN_FILE)")
+    if insecure:
+        g.add_argument("--insecure", action="store_const", const=True,
+                       help="listen beyond loopback without a token (trusted networks only)")
 
 
 def add_tier_flags(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import sys
 
-from kvpool.cli.flags import add_config_flag, add_tier_flags, run_until_signal, settings_from_args, setup_logging
+from kvpool.cli.flags import add_config_flag, add_tier_flags, add_token_flags, run_until_signal, settings_from_args, \
+    setup_logging
 from kvpool.config import NodeSettings
 
 __all__ = ["register", "run"]
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--host", help="address of this node's control service (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
     add_tier_flags(p)
+    add_token_flags(p, insecure=True)
     p.set_defaults(func=run)
 
 

@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 import xxhash
 
+from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.client.buffers import block_views, byte_view, is_device
 from kvpool.client.shares import Planned, plan
 from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
@@ -120,12 +121,18 @@ class AsyncClient:
     one-sided UCX where the fabric makes it one-sided, else TCP); ``transport="tcp"`` (or
     ``KVPOOL_TRANSPORT``) forces one. ``connect_timeout`` and ``io_timeout`` bound how long a
     transfer waits on a node that stopped answering before it fails, naming the node.
+
+    ``token`` (or ``token_file``, or ``KVPOOL_TOKEN`` / ``KVPOOL_TOKEN_FILE``) is the bearer
+    token for a master that requires one (``--auth-tokens``); a client token acts for one
+    tenant, so its namespaces must name that tenant.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
-                 connect_timeout: float = 3.0, io_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 3.0, io_timeout: float = 10.0, token: str | None = None,
+                 token_file: str | None = None) -> None:
         self.address = address
+        self._metadata = bearer_metadata(resolve_token(token, token_file))
         self.namespace = namespace
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
@@ -181,7 +188,7 @@ class AsyncClient:
     async def _call(self, name: str, request):
         stub = self._ensure_channel()
         try:
-            return await getattr(stub, name)(request, timeout=self.timeout)
+            return await getattr(stub, name)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise from_status(exc.code(), exc.details()) from None
 

@@ -163,6 +163,11 @@ class NamespaceInfo:
         return self.namespace.tenant
 
 
+def unknown_namespace(ns_id: str) -> NotFound:
+    return NotFound(f"namespace {ns_id!r} is not registered with this master; call "
+                    f"RegisterNamespace first (the kvpool client does this on connect)")
+
+
 def scope_keys(keys: list[bytes], tenant: str) -> list[bytes]:
     """Client keys -> the index's keys for ``tenant`` (see the module docstring)."""
     if not tenant:
@@ -208,10 +213,7 @@ class BlockIndex:
     def namespace(self, ns_id: str) -> NamespaceInfo:
         info = self._namespaces.get(ns_id)
         if info is None:
-            raise NotFound(
-                f"namespace {ns_id!r} is not registered with this master; call "
-                f"RegisterNamespace first (the kvpool client does this on connect)"
-            )
+            raise unknown_namespace(ns_id)
         return info
 
     @property
@@ -304,9 +306,15 @@ class BlockIndex:
             self._grants[grant.put_id] = grant
         return grant, statuses
 
-    def put_commit(self, put_id: str, keys: list[bytes] | None, checksums: list[int]) -> tuple[int, int]:
-        """Make granted blocks visible. Grants of the put that are not committed are released."""
+    def _grant(self, put_id: str, tenant: str | None) -> PutGrant | None:
+        """The open put ``put_id``; None if there is none, or (``tenant`` given) it is another tenant's."""
         grant = self._grants.get(put_id)
+        return grant if grant is None or tenant is None or grant.tenant == tenant else None
+
+    def put_commit(self, put_id: str, keys: list[bytes] | None, checksums: list[int],
+                   tenant: str | None = None) -> tuple[int, int]:
+        """Make granted blocks visible. Grants of the put that are not committed are released."""
+        grant = self._grant(put_id, tenant)
         if grant is None and put_id in self._lost_grants:
             raise Unavailable(
                 f"PutCommit: node {self._lost_grants[put_id][0]} holding slots of put {put_id} left the pool "
@@ -354,12 +362,10 @@ class BlockIndex:
         self.enforce_watermarks()
         return len(keys), released
 
-    def grant_tenant(self, put_id: str) -> str | None:
-        grant = self._grants.get(put_id)
-        return None if grant is None else grant.tenant
-
-    def put_abort(self, put_id: str) -> int:
-        grant = self._grants.pop(put_id, None)
+    def put_abort(self, put_id: str, tenant: str | None = None) -> int:
+        grant = self._grant(put_id, tenant)
+        if grant is not None:
+            del self._grants[put_id]
         if grant is None:
             raise NotFound(f"PutAbort: no open put {put_id!r} (already committed, aborted or expired)")
         return self._release_grant_entries(grant)
@@ -436,8 +442,10 @@ class BlockIndex:
             return None
         return lease
 
-    def release(self, lease_ids: Iterable[str], corrupt: Iterable[bytes] = ()) -> tuple[int, int]:
+    def release(self, lease_ids: Iterable[str], corrupt: Iterable[bytes] = (),
+                tenant: str | None = None) -> tuple[int, int]:
         """End leases. Unknown ids (already released or expired) are ignored: release is idempotent.
+        With ``tenant``, leases of other tenants count as unknown.
 
         ``corrupt`` are keys a reader found damaged (checksum mismatch over the network): those
         held under one of the leases lose that replica, counted as corrupt. Returns (leases
@@ -446,9 +454,10 @@ class BlockIndex:
         bad = set(corrupt)
         released = dropped = 0
         for lease_id in lease_ids:
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
+            lease = self._leases.get(lease_id)
+            if lease is None or (tenant is not None and lease.entries[0].tenant != tenant):
                 continue
+            del self._leases[lease_id]
             for entry in lease.entries if bad else ():
                 if entry.client_key in bad and not entry.doomed and self._blocks.get(entry.key) is entry:
                     self._drop(entry)  # pinned by this lease: freed at the unpin below

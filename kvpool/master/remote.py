@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from kvpool.auth import bearer_metadata, current_caller
 from kvpool.errors import Unavailable
 from kvpool.master.index import NVME, BlockIndex
 from kvpool.metrics import Metrics
@@ -64,6 +65,8 @@ class RemoteNode:
         self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
         self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
+        #: The master calls the node back with the token the node registered with (if any).
+        self.token = ""
         # Opened at the first tier movement, on the event loop that needs it.
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeControlStub | None = None
@@ -113,7 +116,7 @@ class RemoteNode:
             if self._stub is None:
                 self._channel = grpc.aio.insecure_channel(self.control_address)
                 self._stub = node_pb2_grpc.NodeControlStub(self._channel)
-            return await getattr(self._stub, name)(request, timeout=60)
+            return await getattr(self._stub, name)(request, timeout=60, metadata=bearer_metadata(self.token))
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"node {self.name} ({self.control_address}) did not answer {name}: "
                               f"{exc.code().name}: {exc.details()}") from None
@@ -177,6 +180,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         node_id = self._next_id
         self._next_id += 1
         node = RemoteNode(node_id, request, self.index.clock)
+        caller = current_caller()
+        node.token = caller.token if caller is not None else ""
         self.index.nodes.add(node)
         adopted = self.index.adopt(node_id, node.recover())
         log.info("node %s joined as id %d at %s; %d blocks on its NVMe", node.name, node_id,

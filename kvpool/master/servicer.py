@@ -15,10 +15,11 @@ import time
 
 import grpc
 
-from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound
+from kvpool.auth import current_caller
+from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound, PermissionDenied
 from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
-from kvpool.master.index import BlockIndex, Entry
+from kvpool.master.index import BlockIndex, Entry, NamespaceInfo, unknown_namespace
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
@@ -86,6 +87,20 @@ class _Base:
         self.tiering = tiering
         self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
 
+    @staticmethod
+    def _tenant() -> str | None:
+        """The tenant a client token acts for; None for admins and servers without tokens."""
+        caller = current_caller()
+        return caller.tenant if caller is not None and caller.is_client else None
+
+    def _ns(self, ns_id: str) -> NamespaceInfo:
+        """A namespace the caller may use: another tenant's is reported as not registered."""
+        info = self.index.namespace(ns_id)
+        tenant = self._tenant()
+        if tenant is not None and info.tenant != tenant:
+            raise unknown_namespace(ns_id)
+        return info
+
     async def _resident(self, lease) -> list[bool] | None:
         """Promote the lease's NVMe-only blocks; None when all were in memory already."""
         if self.tiering is None or not self.tiering.any_nvme() or None not in map(_mem_of, lease.entries):
@@ -141,11 +156,17 @@ class _Base:
 class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def RegisterNamespace(self, request, context):
-        info = self.index.register_namespace(namespace_from_proto(request.namespace))
+        ns = namespace_from_proto(request.namespace)
+        tenant = self._tenant()
+        if tenant is not None and ns.tenant != tenant:
+            raise PermissionDenied(f"RegisterNamespace: this token acts for tenant {tenant!r}, not {ns.tenant!r}; "
+                                   f"set Namespace(tenant={tenant!r})")
+        info = self.index.register_namespace(ns)
         return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes)
 
     @rpc
     def PutStart(self, request, context):
+        self._ns(request.namespace_id)
         keys = self.index.split_packed(request.keys, "PutStart")
         first = request.first_position if request.HasField("first_position") else None
         grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first, request.tier,
@@ -160,18 +181,19 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def PutCommit(self, request, context):
         keys = self.index.split_packed(request.keys, "PutCommit") if request.keys else None
-        committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums))
+        committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums), self._tenant())
         return pool_pb2.PutCommitResponse(committed=committed, released=released)
 
     @rpc
     def PutAbort(self, request, context):
-        return pool_pb2.PutAbortResponse(released=self.index.put_abort(request.put_id))
+        return pool_pb2.PutAbortResponse(released=self.index.put_abort(request.put_id, self._tenant()))
 
     @rpc
     async def Lookup(self, request, context):
+        self._ns(request.namespace_id)
         keys = self.index.split_packed(request.keys, "Lookup")
         if request.release_lease_ids:
-            self.index.release(request.release_lease_ids)
+            self.index.release(request.release_lease_ids, tenant=self._tenant())
         hits, lease = self.index.lookup(request.namespace_id, keys, lease=not request.count_only)
         if lease is not None:
             ok = await self._resident(lease)
@@ -189,9 +211,10 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
 
     @rpc
     async def Get(self, request, context):
+        self._ns(request.namespace_id)
         keys = self.index.split_packed(request.keys, "Get")
         if request.release_lease_ids:
-            self.index.release(request.release_lease_ids)
+            self.index.release(request.release_lease_ids, tenant=self._tenant())
         found, lease = self.index.get(request.namespace_id, keys)
         if lease is not None:
             ok = await self._resident(lease)
@@ -213,7 +236,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def Release(self, request, context):
         corrupt = self.index.split_packed(request.corrupt_keys, "Release") if request.corrupt_keys else ()
-        released, dropped = self.index.release(request.lease_ids, corrupt)
+        released, dropped = self.index.release(request.lease_ids, corrupt, self._tenant())
         if dropped:
             log.warning("dropped %d blocks that a reader found corrupt (checksum mismatch)", dropped)
         return pool_pb2.ReleaseResponse(released=released, dropped_corrupt=dropped)
@@ -221,7 +244,10 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def Remove(self, request, context):
         keys = self.index.split_packed(request.keys, "Remove")
-        tenant = self.index.namespace(request.namespace_id).tenant if request.namespace_id else ""
+        if request.namespace_id:
+            tenant = self._ns(request.namespace_id).tenant
+        else:
+            tenant = self._tenant() or ""
         removed, deferred = self.index.remove(keys, tenant)
         return pool_pb2.RemoveResponse(removed=removed, deferred=deferred)
 
@@ -272,12 +298,14 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     @rpc
     def ListBlocks(self, request, context):
         if request.namespace_id:
-            self.index.namespace(request.namespace_id)
+            self._ns(request.namespace_id)
         limit = request.limit or 100
         now = self.index.clock()
         resp = admin_pb2.ListBlocksResponse()
         total = 0
-        tenant = request.tenant if request.HasField("tenant") else None
+        tenant = self._tenant()
+        if tenant is None and request.HasField("tenant"):
+            tenant = request.tenant
         for entry in self.index.entries(request.namespace_id, tenant):
             if request.offset <= total < request.offset + limit:
                 resp.blocks.append(block_detail(entry, now))
@@ -289,7 +317,8 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     def Inspect(self, request, context):
         if len(request.key) != KEY_BYTES:
             raise InvalidArgument(f"Inspect: a block key is 16 bytes (32 hex digits); got {len(request.key)} bytes")
-        entry = self.index.entry(request.key, request.tenant)
+        tenant = self._tenant()
+        entry = self.index.entry(request.key, request.tenant if tenant is None else tenant)
         if entry is None:
             raise NotFound(f"Inspect: block {request.key.hex()} is not in the pool")
         return admin_pb2.InspectResponse(block=block_detail(entry, self.index.clock()))

@@ -16,6 +16,7 @@ import secrets
 
 import grpc
 
+from kvpool.auth import NODE, AuthInterceptor, Caller, TokenTable, bearer_metadata, resolve_token
 from kvpool.capability import new_data_key
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
@@ -79,8 +80,9 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
 class NodeAgent:
     """Registers ``node`` with the master at ``master_address`` and keeps it registered."""
 
-    def __init__(self, node: Node, master_address: str, control_address: str) -> None:
+    def __init__(self, node: Node, master_address: str, control_address: str, token: str | None = None) -> None:
         self.node = node
+        self._metadata = bearer_metadata(token)
         self.master_address = master_address
         self.control_address = control_address
         self.incarnation = secrets.token_hex(8)
@@ -107,7 +109,7 @@ class NodeAgent:
             name=self.node.name, control_address=self.control_address, incarnation=self.incarnation,
             tiers=_geometry(self.node), nvme_blocks=self._blocks(), data_key=key)
         self.node.endpoint().fill(req.endpoint)
-        resp = await self._stub.RegisterNode(req, timeout=30)
+        resp = await self._stub.RegisterNode(req, timeout=30, metadata=self._metadata)
         self.node.set_identity(resp.node_id, key)
         self.node_id = resp.node_id
         self.interval = resp.heartbeat_interval_s or 1.0
@@ -122,13 +124,18 @@ class NodeAgent:
                     await self.register()
                 else:
                     resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
-                        node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node)), timeout=10)
+                        node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node)), timeout=10,
+                        metadata=self._metadata)
                     if resp.register_again:
                         log.info("master %s asks this node to register again", self.master_address)
                         self.node_id = None
                         continue
             except grpc.aio.AioRpcError as exc:
-                log.warning("master %s unreachable (%s); retrying", self.master_address, exc.code().name)
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("master %s refused this node: %s: %s; give the node a node token (--token-file)",
+                              self.master_address, exc.code().name, exc.details())
+                else:
+                    log.warning("master %s unreachable (%s); retrying", self.master_address, exc.code().name)
                 self.node_id = None
             await asyncio.sleep(self.interval)
 
@@ -156,7 +163,11 @@ class NodeServer:
         os.makedirs(s.data_dir, exist_ok=True)
         self.node = Node.build(0, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, hbm_bytes=s.hbm,
                                data_dir=s.data_dir, chunk_bytes=s.slab_bytes, prefault=s.prefault)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        token = resolve_token(s.token, s.token_file)
+        # With a token, the control service answers only calls that bear it: the master
+        # calls back with the token this node registered with.
+        interceptors = [AuthInterceptor(TokenTable({token: Caller(NODE, "", token)}))] if token else []
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         node_pb2_grpc.add_NodeControlServicer_to_server(NodeControlServicer(self.node), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -171,7 +182,7 @@ class NodeServer:
         self._server = server
         control = f"{s.host}:{self.port}"
         self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx)
-        self.agent = NodeAgent(self.node, s.master, control)
+        self.agent = NodeAgent(self.node, s.master, control, token)
         self._agent_task = asyncio.create_task(self.agent.run())
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
