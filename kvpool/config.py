@@ -78,6 +78,10 @@ class MasterSettings:
     auth_tokens: str = ""
     #: Serve a non-loopback address without tokens (a network where every peer is trusted).
     insecure: bool = False
+    #: Largest gRPC message the master accepts; bigger ones are refused (RESOURCE_EXHAUSTED)
+    #: from their length prefix, before they are read. A node's registration lists every
+    #: block on its NVMe (~60 bytes each), so raise it for very large NVMe tiers.
+    max_message_bytes: int = 64 * 2**20
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -172,7 +176,7 @@ def refuse_open_port(host: str, insecure: bool, remedy: str) -> None:
             f"securely\"), listen on 127.0.0.1, or pass --insecure if every host on this network is trusted")
 
 
-SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes"}
+SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes", "max_message_bytes"}
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvpool.auth import AuthInterceptor, TokenTable
+from kvpool.guard import LogLimiter, RequestGuard
 from kvpool.config import MasterSettings, TierSettings, format_size
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
@@ -85,8 +86,12 @@ class PoolServer:
         self.tiering = Tiering(self.index, write_through=s.write_through)
         self.metrics = Metrics(self.index)
 
-        interceptors = [AuthInterceptor(TokenTable.load(s.auth_tokens))] if s.auth_tokens else []
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
+        # The guard is outermost, so that even a refused caller's body is parsed safely.
+        interceptors = [RequestGuard(LogLimiter(logging.getLogger("kvpool.requests")))]
+        if s.auth_tokens:
+            interceptors.append(AuthInterceptor(TokenTable.load(s.auth_tokens)))
+        options = [(k, s.max_message_bytes if k == "grpc.max_receive_message_length" else v) for k, v in GRPC_OPTIONS]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
         self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval)

@@ -37,6 +37,8 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, help="most keys in one RPC (default 65536)")
     g.add_argument("--write-through", choices=("true", "false"), help="also copy every committed block to NVMe")
     g.add_argument("--heartbeat-interval", type=float, help="seconds between node heartbeats (default 1)")
+    g.add_argument("--max-message-bytes", help="largest gRPC request accepted, e.g. 64MiB (default); larger "
+                   "ones are refused before they are read")
     g = p.add_argument_group("security")
     g.add_argument("--auth-tokens", metavar="FILE", help="bearer tokens, one 'TOKEN ROLE [TENANT]' a line "
                    "(roles: client, admin, node); required to listen beyond loopback")

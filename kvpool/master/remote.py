@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvpool.auth import bearer_metadata, current_caller
-from kvpool.errors import Unavailable
+from kvpool.capability import KEY_BYTES as DATA_KEY_BYTES
+from kvpool.errors import InvalidArgument, Unavailable
+from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES
 from kvpool.master.index import NVME, BlockIndex
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
@@ -172,8 +174,27 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self._closing.append(node)
         log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
 
+    @staticmethod
+    def _check(request: node_pb2.RegisterNodeRequest) -> None:
+        """Refuse a registration the master could not act on, before it replaces anything."""
+        if not request.name or not request.incarnation:
+            raise InvalidArgument("RegisterNode: a node sends its name and incarnation")
+        names = [t.tier for t in request.tiers]
+        if not names or len(set(names)) != len(names) or not set(names) <= {"hbm", "dram", "nvme"}:
+            raise InvalidArgument(f"RegisterNode: tiers must be distinct ones of hbm, dram, nvme; got {names}")
+        for t in request.tiers:
+            if t.capacity_bytes == 0 or (t.tier != NVME and not 0 < t.chunk_bytes <= t.capacity_bytes):
+                raise InvalidArgument(f"RegisterNode: tier {t.tier} needs a capacity and a chunk size "
+                                      f"(0 < chunk_bytes <= capacity_bytes)")
+        if request.data_key and len(request.data_key) != DATA_KEY_BYTES:
+            raise InvalidArgument(f"RegisterNode: data_key is {DATA_KEY_BYTES} bytes; got {len(request.data_key)}")
+        for b in request.nvme_blocks:
+            if not KEY_BYTES <= len(b.key) <= KEY_BYTES + MAX_TENANT_BYTES or b.size == 0:
+                raise InvalidArgument("RegisterNode: an NVMe block needs a 16-byte key (and a tenant) and a size")
+
     @rpc
     def RegisterNode(self, request, context):
+        self._check(request)
         for old in self._remote_nodes():
             if old.name == request.name or old.control_address == request.control_address:
                 self._forget(old, "registered again (restarted)")

@@ -16,6 +16,7 @@ import time
 import grpc
 
 from kvpool.auth import current_caller
+from kvpool.guard import LogLimiter
 from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound, PermissionDenied
 from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
@@ -36,6 +37,8 @@ _tier_of = operator.attrgetter("mem_tier")
 _mem_of = operator.attrgetter("mem")
 
 log = logging.getLogger("kvpool.master")
+#: A request that trips a bug may come in a flood: one traceback per method per interval.
+_bugs = LogLimiter(log, interval=10.0)
 
 
 def rpc(method):
@@ -59,7 +62,7 @@ def rpc(method):
             code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, f"{name}: {exc}")
         except Exception as exc:  # a bug: report it, keep serving
-            log.exception("%s failed", name)
+            _bugs.event(name, "failed", level=logging.ERROR, exc_info=True)
             code = InternalError.code
             await context.abort(code, f"{name}: internal error ({type(exc).__name__}: {exc}); please report it")
         finally:

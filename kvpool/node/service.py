@@ -11,6 +11,7 @@ serving clients' data-plane copies meanwhile: they never go through the master.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 
@@ -18,6 +19,9 @@ import grpc
 
 from kvpool.auth import NODE, AuthInterceptor, Caller, TokenTable, bearer_metadata, resolve_token
 from kvpool.capability import new_data_key
+from kvpool.errors import InvalidArgument, KvpoolError
+from kvpool.node.catalog import KEY_BYTES, MAX_KEY_BYTES
+from kvpool.guard import LogLimiter, RequestGuard
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
@@ -44,16 +48,52 @@ def _nvme_geometry(node: Node) -> node_pb2.TierGeometry:
     return node_pb2.TierGeometry()
 
 
+_bugs = LogLimiter(log, interval=10.0)
+
+
+def _control(method):
+    """Map kvpool errors to statuses; a bug is INTERNAL (logged at most once per interval)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        try:
+            return await method(self, request, context)
+        except KvpoolError as exc:
+            await context.abort(exc.code, f"{name}: {exc}")
+        except Exception as exc:
+            _bugs.event(name, "failed", level=logging.ERROR, exc_info=True)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error ({type(exc).__name__}: {exc})")
+
+    return handler
+
+
 class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
     """Tier movement on the master's request. Memory slots in requests were allocated by
-    the master (on its mirror of this node's slabs); NVMe slots belong to the node's mover."""
+    the master (on its mirror of this node's slabs); NVMe slots belong to the node's mover.
+    Every slot in a request is checked against the tier it names before anything moves."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
 
+    def _check(self, what: str, key: bytes, tier: str, offset: int, size: int) -> None:
+        if not KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+            raise InvalidArgument(f"a block key is {KEY_BYTES} bytes (and a tenant); got {len(key)}")
+        arena = self.node.tiers.get(tier)
+        if arena is None:
+            raise InvalidArgument(f"{what} names the {tier} tier, which this node does not have")
+        if size == 0 or offset + size > arena.capacity:
+            raise InvalidArgument(f"{what} slot {offset}+{size} lies outside the {tier} tier "
+                                  f"({arena.capacity} bytes)")
+
+    @_control
     async def Demote(self, request, context):
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
+        for i in request.items:
+            self._check("Demote", i.key, "dram", i.offset, i.size)
+        if not request.items:
+            return node_pb2.DemoteResponse(nvme=_nvme_geometry(self.node))
         items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id) for i in request.items]
         result = await self.node.demote(items, keep_dram=request.keep_memory)
         return node_pb2.DemoteResponse(
@@ -61,18 +101,29 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             no_space=result.no_space, failed=[k for k, _ in result.failed],
             first_error=result.failed[0][1] if result.failed else "", nvme=_nvme_geometry(self.node))
 
+    @_control
     async def Promote(self, request, context):
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
+        for i in request.items:
+            self._check("Promote", i.key, "nvme", i.offset, i.size)
+            self._check("Promote target", i.key, "dram", i.target_offset, i.size)
+        if not request.items:
+            return node_pb2.PromoteResponse(nvme=_nvme_geometry(self.node))
         items = [(i.key, Slot(i.offset, i.size), i.checksum, Slot(i.target_offset, i.size)) for i in request.items]
         result = await self.node.promote(items)
         return node_pb2.PromoteResponse(promoted=result.promoted, corrupt=[k for k, _ in result.corrupt],
                                         corrupt_reasons=[r for _, r in result.corrupt],
                                         nvme=_nvme_geometry(self.node))
 
+    @_control
     async def DropNvme(self, request, context):
         if self.node.mover is None:
             return node_pb2.DropNvmeResponse()
+        for b in request.blocks:
+            self._check("DropNvme", b.key, "nvme", b.offset, b.size)
+        if not request.blocks:
+            return node_pb2.DropNvmeResponse(nvme=_nvme_geometry(self.node))
         await self.node.drop_nvme([(b.key, Slot(b.offset, b.size)) for b in request.blocks])
         return node_pb2.DropNvmeResponse(dropped=len(request.blocks), nvme=_nvme_geometry(self.node))
 
@@ -166,7 +217,9 @@ class NodeServer:
         token = resolve_token(s.token, s.token_file)
         # With a token, the control service answers only calls that bear it: the master
         # calls back with the token this node registered with.
-        interceptors = [AuthInterceptor(TokenTable({token: Caller(NODE, "", token)}))] if token else []
+        interceptors = [RequestGuard(LogLimiter(logging.getLogger("kvpool.requests")))]
+        if token:
+            interceptors.append(AuthInterceptor(TokenTable({token: Caller(NODE, "", token)})))
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         node_pb2_grpc.add_NodeControlServicer_to_server(NodeControlServicer(self.node), server)
         health_servicer = health.aio.HealthServicer()
