@@ -7,6 +7,7 @@
     ├── NotFound               NOT_FOUND            unknown namespace, key, grant or lease
     │   └── BlockNotFound                           a requested block is absent
     ├── FailedPrecondition     FAILED_PRECONDITION  grant expired, commit out of order
+    │   └── LeaseExpired                            a read outlived its lease: its bytes are not trusted
     ├── PoolFull               RESOURCE_EXHAUSTED   nothing evictable is left to make room
     ├── Unavailable            UNAVAILABLE          a node or the master is gone
     ├── Unauthenticated        UNAUTHENTICATED      no bearer token, or an unknown one
@@ -27,6 +28,7 @@ __all__ = [
     "NotFound",
     "BlockNotFound",
     "FailedPrecondition",
+    "LeaseExpired",
     "PoolFull",
     "Unavailable",
     "Unauthenticated",
@@ -57,6 +59,11 @@ class BlockNotFound(NotFound):
 
 class FailedPrecondition(KvpoolError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LeaseExpired(FailedPrecondition):
+    """Raised by the client itself: a read finished after its lease ended, so the master may
+    have freed or reused the slots while it copied. The bytes read are not returned."""
 
 
 class PoolFull(KvpoolError):

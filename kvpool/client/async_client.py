@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,7 +32,8 @@ import xxhash
 from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.client.buffers import block_views, byte_view, is_device
 from kvpool.client.shares import Planned, plan
-from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
+from kvpool.errors import (BlockNotFound, InvalidArgument, KvpoolError, LeaseExpired, NotFound, Unavailable,
+                           from_status)
 from kvpool.identity import Namespace, pack_keys
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.transport.base import (READ, WRITE, BlockIntegrityError, Share, Transport, TransportCaps, TransportFactory,
@@ -152,6 +154,8 @@ class AsyncClient:
         self._release_task: asyncio.Task | None = None
         #: Set by :class:`kvpool.Client`, whose event loop runs nothing but this client.
         self._private_loop = False
+        #: Lease deadlines are measured on this clock, from before the RPC that took the lease.
+        self._clock = time.monotonic
 
     # ------------------------------------------------------------------ plumbing
 
@@ -363,6 +367,7 @@ class AsyncClient:
             return []
         size = ns.layout.block_bytes
         dests = block_views(out, len(keys), size, writable=True, allow_device=True) if out is not None else None
+        asked = self._clock()
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys),
                                                                   release_lease_ids=self._take_done_leases()))
         found = resp.found
@@ -379,7 +384,8 @@ class AsyncClient:
             else:
                 targets = [dests[i] for i in hit_idx]
             if hit_idx:
-                await self._read(resp.locations, targets, resp.lease_id, [keys[i] for i in hit_idx])
+                await self._read(resp.locations, targets, resp.lease_id, [keys[i] for i in hit_idx],
+                                 asked + resp.lease_expires_in_ms / 1000)
         finally:
             self._release_later(resp.lease_id)
         results: list = [None] * len(keys)
@@ -388,9 +394,15 @@ class AsyncClient:
         return results
 
     async def _read(self, locations: common_pb2.Locations, targets: list, lease_id: str,
-                    keys: Sequence[bytes]) -> None:
+                    keys: Sequence[bytes], deadline: float) -> None:
         """Copy leased blocks into ``targets``. Blocks that fail their checksum (network reads
-        verify them) are reported to the master, which drops them, and the read fails."""
+        verify them) are reported to the master, which drops them, and the read fails.
+
+        ``deadline`` is when the lease ends on this client's clock, counted from before the
+        request that took it (so never later than the master's). A copy that finishes after
+        it may hold bytes of a slot the master freed and gave to another block meanwhile:
+        the read fails with :class:`LeaseExpired` instead of returning them.
+        """
         planned = self._plan(locations, READ, lease_id)
         try:
             await self._run_shares(planned, lambda t, share, outs: t.read(share, outs), targets)
@@ -399,6 +411,12 @@ class AsyncClient:
             if bad:
                 await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=[lease_id], corrupt_keys=pack_keys(bad)))
             raise
+        late = self._clock() - deadline
+        if late > 0:
+            raise LeaseExpired(
+                f"reading {len(targets)} blocks outlived their read lease (it ended {late:.3f}s before the copy "
+                f"finished), so the master may have freed or reused their slots meanwhile; the bytes are not "
+                f"returned. Retry, read smaller batches, or give the master a longer --lease-ttl")
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
         """How many leading ``keys`` are in the pool (no lease taken)."""
@@ -467,11 +485,13 @@ class AsyncClient:
         if not keys:
             return 0
         dests = block_views(out, len(keys), size, writable=True, allow_device=True)
+        asked = self._clock()
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(
             namespace_id=ns.id, keys=pack_keys(keys), release_lease_ids=self._take_done_leases()))
         try:
             if resp.hit_blocks:
-                await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks])
+                await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks],
+                                 asked + resp.lease_expires_in_ms / 1000)
         finally:
             self._release_later(resp.lease_id)
         return resp.hit_blocks
