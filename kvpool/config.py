@@ -82,16 +82,22 @@ class MasterSettings:
     #: from their length prefix, before they are read. A node's registration lists every
     #: block on its NVMe (~60 bytes each), so raise it for very large NVMe tiers.
     max_message_bytes: int = 64 * 2**20
+    #: PEM files for TLS on gRPC and the data port (kvpool.tls). With ``tls_ca``, peers must
+    #: present a certificate it signed (mutual TLS), and the master uses it to reach nodes.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+        validate_tls(self)
         if self.auth_tokens:
             from kvpool.auth import TokenTable
 
             TokenTable.load(self.auth_tokens)  # a bad file fails the start, saying which line
-        else:
-            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE")
+        elif not self.tls_ca:  # mutual TLS authenticates peers too
+            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE (or mutual TLS: --tls-ca)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
@@ -156,13 +162,25 @@ class NodeSettings(TierSettings):
     token: str = ""
     token_file: str = ""
     insecure: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def validate(self) -> None:
         self.validate_tiers()
-        if not (self.token or self.token_file):
-            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token)")
+        validate_tls(self)
+        if not (self.token or self.token_file or self.tls_ca):
+            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token) or mutual TLS (--tls-ca)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+
+
+def validate_tls(settings) -> None:
+    from kvpool.tls import TlsFiles
+
+    files = TlsFiles.of(settings)
+    if files is not None:
+        files.validate(serving=True)
 
 
 def refuse_open_port(host: str, insecure: bool, remedy: str) -> None:

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.auth import AuthInterceptor, TokenTable
 from kvpool.guard import LogLimiter, RequestGuard
+from kvpool.tls import TlsFiles, server_context, server_credentials
 from kvpool.config import MasterSettings, TierSettings, format_size
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
@@ -71,7 +72,9 @@ class PoolServer:
             os.makedirs(t.data_dir, exist_ok=True)
             self.node = Node.build(1, t.node_name, dram_bytes=t.dram, nvme_bytes=t.nvme, hbm_bytes=t.hbm,
                                    data_dir=t.data_dir, chunk_bytes=t.slab_bytes, prefault=t.prefault)
-            self.node.serve_data(s.host, t.data_port, advertise_host=t.advertise_host or None, ucx=t.ucx)
+            tls = TlsFiles.of(s)
+            self.node.serve_data(s.host, t.data_port, advertise_host=t.advertise_host or None, ucx=t.ucx,
+                                 tls=server_context(tls) if tls is not None else None)
             nodes.add(self.node)
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
@@ -94,7 +97,8 @@ class PoolServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pool_pb2_grpc.add_KVPoolServicer_to_server(PoolServicer(self.index, self.metrics, self.tiering), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.index, self.metrics, self.tiering), server)
-        self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval)
+        self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval,
+                                         tls=TlsFiles.of(s))
         node_pb2_grpc.add_RegistryServicer_to_server(self.registry, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -106,8 +110,12 @@ class PoolServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(services, server)
+        tls = TlsFiles.of(s)
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if tls is not None:
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(tls))
+            else:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError:  # newer grpcio raises instead of returning 0
             self.port = 0
         if self.port == 0:
@@ -120,6 +128,9 @@ class PoolServer:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         self._sweeper = asyncio.create_task(self._sweep())
         metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        if s.tls_cert:
+            log.info("gRPC and data port serve TLS%s", " with client certificates required (mutual TLS)"
+                     if s.tls_ca else "")
         if s.auth_tokens:
             log.info("bearer tokens required (%s)", s.auth_tokens)
         elif s.insecure:

@@ -24,6 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.cli.flags import add_token_flags
 from kvpool.config import format_size, parse_size
+from kvpool.tls import TlsFiles, open_channel
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from kvpool.wire import TIER_NAMES
 
@@ -108,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvpool admin: {exc}", file=sys.stderr)
         return 2
-    channel = grpc.insecure_channel(args.address)
+    env = os.environ
+    tls = TlsFiles(args.tls_cert or env.get("KVPOOL_TLS_CERT", ""), args.tls_key or env.get("KVPOOL_TLS_KEY", ""),
+                   args.tls_ca or env.get("KVPOOL_TLS_CA", ""))
+    channel = open_channel(args.address, tls)
     stub = admin_pb2_grpc.AdminStub(channel)
     kw = {"timeout": args.timeout, "metadata": bearer_metadata(token)}
     try:

@@ -15,7 +15,8 @@ import sys
 
 from kvpool.config import resolve_settings
 
-__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "add_token_flags", "settings_from_args",
+__all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "add_token_flags", "add_tls_flags",
+           "settings_from_args",
            "setup_logging", "run_until_signal"]
 
 
@@ -44,17 +45,31 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
                    "(roles: client, admin, node); required to listen beyond loopback")
     g.add_argument("--insecure", action="store_const", const=True, help="listen beyond loopback without tokens "
                    "(only where every host on the network is trusted)")
+    add_tls_flags(g, serving=True)
 
 
-def add_token_flags(p: argparse.ArgumentParser, *, insecure: bool = False) -> None:
-    """How a caller proves who it is: a bearer token (see kvpool.auth)."""
+def add_tls_flags(g, *, serving: bool = False) -> None:
+    """TLS for gRPC and the TCP data plane (kvpool.tls)."""
+    own = "serve TLS with this certificate (PEM)" if serving else "client certificate for mutual TLS (PEM)"
+    g.add_argument("--tls-cert", help=own)
+    g.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    g.add_argument("--tls-ca", help="CA bundle that signs the peers (PEM): " + (
+        "clients must then present a certificate (mutual TLS)" if serving else "verify the server with it"))
+
+
+def add_token_flags(p: argparse.ArgumentParser, *, serving: bool = False) -> None:
+    """How a process proves who it is: a bearer token (kvpool.auth) and TLS (kvpool.tls). A
+    ``serving`` process (a node) also listens, so it gets --insecure and server-side TLS."""
     g = p.add_argument_group("authentication")
     g.add_argument("--token", help="bearer token to send (also KVPOOL_TOKEN); prefer --token-file, since "
                    "command lines are visible to other users")
     g.add_argument("--token-file", help="file whose first line is the token (also KVPOOL_TOKEN_FILE)")
-    if insecure:
+    if serving:
         g.add_argument("--insecure", action="store_const", const=True,
                        help="listen beyond loopback without a token (trusted networks only)")
+        add_tls_flags(g, serving=True)
+    else:
+        add_tls_flags(g)
 
 
 def add_tier_flags(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--host", help="address of this node's control service (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
     add_tier_flags(p)
-    add_token_flags(p, insecure=True)
+    add_token_flags(p, serving=True)
     p.set_defaults(func=run)
 
 

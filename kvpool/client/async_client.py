@@ -36,6 +36,7 @@ from kvpool.errors import (BlockNotFound, InvalidArgument, KvpoolError, LeaseExp
                            from_status)
 from kvpool.identity import Namespace, pack_keys
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
+from kvpool.tls import TlsFiles, client_context, open_aio_channel
 from kvpool.transport.base import (READ, WRITE, BlockIntegrityError, Share, Transport, TransportCaps, TransportFactory,
                                    TransportOptions)
 from kvpool.transport.cuda_ipc import CudaIpcTransport
@@ -126,15 +127,23 @@ class AsyncClient:
 
     ``token`` (or ``token_file``, or ``KVPOOL_TOKEN`` / ``KVPOOL_TOKEN_FILE``) is the bearer
     token for a master that requires one (``--auth-tokens``); a client token acts for one
-    tenant, so its namespaces must name that tenant.
+    tenant, so its namespaces must name that tenant. ``tls_ca`` (or ``KVPOOL_TLS_CA``) turns
+    on TLS to the master and to nodes whose data port is TLS; ``tls_cert`` and ``tls_key``
+    (``KVPOOL_TLS_CERT``, ``KVPOOL_TLS_KEY``) are this client's certificate for mutual TLS.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
                  connect_timeout: float = 3.0, io_timeout: float = 10.0, token: str | None = None,
-                 token_file: str | None = None) -> None:
+                 token_file: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
         self.address = address
         self._metadata = bearer_metadata(resolve_token(token, token_file))
+        env = os.environ
+        self._tls = TlsFiles(tls_cert or env.get("KVPOOL_TLS_CERT", ""), tls_key or env.get("KVPOOL_TLS_KEY", ""),
+                             tls_ca or env.get("KVPOOL_TLS_CA", ""))
+        if not self._tls.ca:
+            self._tls = None
         self.namespace = namespace
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
@@ -144,7 +153,8 @@ class AsyncClient:
         self.transports = TransportFactory(
             TRANSPORTS, force=force,
             options=TransportOptions(connect_timeout=connect_timeout, io_timeout=io_timeout,
-                                     connections=copy_threads))
+                                     connections=copy_threads,
+                                     tls=client_context(self._tls) if self._tls is not None else None))
         self._endpoints: dict[int, NodeEndpoint] = {}
         self._host = host_id()
         self._threads = copy_threads
@@ -174,7 +184,7 @@ class AsyncClient:
 
     def _ensure_channel(self) -> pool_pb2_grpc.KVPoolStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_GRPC_OPTIONS)
+            self._channel = open_aio_channel(self.address, self._tls, options=_GRPC_OPTIONS)
             self._stub = pool_pb2_grpc.KVPoolStub(self._channel)
         return self._stub
 

@@ -28,6 +28,7 @@ from kvpool.master.index import NVME, BlockIndex
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.servicer import rpc
+from kvpool.tls import TlsFiles, open_aio_channel
 from kvpool.tiers.base import SlabAllocator, Slot, TierUsage
 from kvpool.transport.endpoint import NodeEndpoint
 
@@ -50,8 +51,10 @@ class MoveResult:
 class RemoteNode:
     """A node in another process, reached through its NodeControl service."""
 
-    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic) -> None:
+    def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic,
+                 tls: TlsFiles | None = None) -> None:
         self.node_id = node_id
+        self.tls = tls
         self.name = request.name
         self.incarnation = request.incarnation
         self.control_address = request.control_address
@@ -116,7 +119,7 @@ class RemoteNode:
     async def _call(self, name: str, request):
         try:
             if self._stub is None:
-                self._channel = grpc.aio.insecure_channel(self.control_address)
+                self._channel = open_aio_channel(self.control_address, self.tls)
                 self._stub = node_pb2_grpc.NodeControlStub(self._channel)
             return await getattr(self._stub, name)(request, timeout=60, metadata=bearer_metadata(self.token))
         except grpc.aio.AioRpcError as exc:
@@ -157,8 +160,9 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
     """Nodes join, heartbeat, and are forgotten when they restart or go silent."""
 
     def __init__(self, index: BlockIndex, metrics: Metrics, *, heartbeat_interval: float = 1.0,
-                 missed_heartbeats: int = 5) -> None:
+                 missed_heartbeats: int = 5, tls: TlsFiles | None = None) -> None:
         self.index = index
+        self.tls = tls  # how the master reaches nodes' control services
         self.metrics = metrics
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
@@ -200,7 +204,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
                 self._forget(old, "registered again (restarted)")
         node_id = self._next_id
         self._next_id += 1
-        node = RemoteNode(node_id, request, self.index.clock)
+        node = RemoteNode(node_id, request, self.index.clock, self.tls)
         caller = current_caller()
         node.token = caller.token if caller is not None else ""
         self.index.nodes.add(node)

@@ -5,7 +5,8 @@ thread, which blocks in socket calls (they release the GIL), so the node's event
 serves gRPC, never waits on a transfer.
 
 Zero copies in user space: a read is one ``sendmsg`` of memoryviews of the slots, a write
-``recv_into`` the slots themselves.
+``recv_into`` the slots themselves. With TLS (``tls``, the node's --tls-cert) every connection
+is wrapped, and mutual when the node has a CA; bytes then go through the TLS record layer.
 
 Nothing is touched before the request's capability checks out (:mod:`kvpool.capability`):
 the MAC under the node's current data key, the operation, the expiry, and every moved record
@@ -58,7 +59,8 @@ class DataServer:
     on ``host:port`` (0 picks a free port; :attr:`address` says which)."""
 
     def __init__(self, arenas: dict[str, np.ndarray], host: str = "127.0.0.1", port: int = 0,
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, tls=None) -> None:
+        self.tls = tls
         self._arenas = {TIER_CODES[name]: (name, arr) for name, arr in arenas.items()}
         self._identity: tuple[int, bytes] | None = None  # (node id, data key), set at registration
         try:
@@ -117,6 +119,21 @@ class DataServer:
 
     def _serve(self, conn: socket.socket, peer) -> None:
         try:
+            if self.tls is not None:
+                raw = conn
+                raw.settimeout(_LINGER_S)  # a handshake that stalls does not hold the thread
+                try:
+                    conn = self.tls.wrap_socket(raw, server_side=True)
+                except (OSError, ValueError) as exc:
+                    log.warning("TLS handshake with %s:%s failed: %s", peer[0], peer[1], exc)
+                    with self._lock:
+                        self._conns.discard(raw)
+                    raw.close()
+                    return
+                conn.settimeout(None)
+                with self._lock:
+                    self._conns.discard(raw)
+                    self._conns.add(conn)
             while not self._closing:
                 try:
                     header = recv_exact(conn, REQUEST.size)

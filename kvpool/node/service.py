@@ -22,6 +22,7 @@ from kvpool.capability import new_data_key
 from kvpool.errors import InvalidArgument, KvpoolError
 from kvpool.node.catalog import KEY_BYTES, MAX_KEY_BYTES
 from kvpool.guard import LogLimiter, RequestGuard
+from kvpool.tls import TlsFiles, open_aio_channel, server_context, server_credentials
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
@@ -131,7 +132,8 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
 class NodeAgent:
     """Registers ``node`` with the master at ``master_address`` and keeps it registered."""
 
-    def __init__(self, node: Node, master_address: str, control_address: str, token: str | None = None) -> None:
+    def __init__(self, node: Node, master_address: str, control_address: str, token: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.node = node
         self._metadata = bearer_metadata(token)
         self.master_address = master_address
@@ -139,7 +141,7 @@ class NodeAgent:
         self.incarnation = secrets.token_hex(8)
         self.node_id: int | None = None
         self.interval = 1.0
-        self._channel = grpc.aio.insecure_channel(master_address)
+        self._channel = open_aio_channel(master_address, tls)
         self._stub = node_pb2_grpc.RegistryStub(self._channel)
         self._first = True
 
@@ -224,8 +226,12 @@ class NodeServer:
         node_pb2_grpc.add_NodeControlServicer_to_server(NodeControlServicer(self.node), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        tls = TlsFiles.of(s)
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if tls is not None:
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(tls))
+            else:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -234,8 +240,9 @@ class NodeServer:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         control = f"{s.host}:{self.port}"
-        self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx)
-        self.agent = NodeAgent(self.node, s.master, control, token)
+        self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx,
+                             tls=server_context(tls) if tls is not None else None)
+        self.agent = NodeAgent(self.node, s.master, control, token, tls)
         self._agent_task = asyncio.create_task(self.agent.run())
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle

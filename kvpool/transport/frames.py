@@ -29,6 +29,7 @@ it cannot know where the request's remaining bytes end.
 
 from __future__ import annotations
 
+import ssl
 import struct
 
 __all__ = ["REQUEST", "RESPONSE", "REQUEST_MAGIC", "RESPONSE_MAGIC", "Status", "MAX_RECORDS", "MAX_ID",
@@ -75,6 +76,10 @@ _IOV_MAX = 1024
 def send_buffers(sock, buffers: list) -> None:
     """``sendmsg`` every buffer with no copy in user space, resuming after partial sends."""
     views = [memoryview(b).cast("B") for b in buffers if len(memoryview(b))]
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg: each buffer through the record layer
+        for v in views:
+            sock.sendall(v)
+        return
     i = 0
     while i < len(views):
         sent = sock.sendmsg(views[i:i + _IOV_MAX])

@@ -56,6 +56,7 @@ class TcpTransport(Transport):
         self._addr = (host.strip("[]"), int(port))
         self._options = options
         self._label = f"{endpoint.name!r} (id {endpoint.node_id}) at {endpoint.tcp_address}"
+        self._tls = endpoint.tcp_tls
         self._idle: queue.LifoQueue[socket.socket] = queue.LifoQueue()
         self._all: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -81,6 +82,16 @@ class TcpTransport(Transport):
                               f"{self._options.connect_timeout:g}s: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self._options.io_timeout)
+        if self._tls:
+            if self._options.tls is None:
+                sock.close()
+                raise FailedPrecondition(f"node {self._label} serves its data port over TLS only; give the client "
+                                         f"the CA that signed it (tls_ca, or KVPOOL_TLS_CA)")
+            try:
+                sock = self._options.tls.wrap_socket(sock, server_hostname=self._addr[0])
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise Unavailable(f"TLS handshake with the data server of node {self._label} failed: {exc}") from None
         with self._lock:
             self._all.add(sock)
         return sock

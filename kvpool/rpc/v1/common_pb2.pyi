@@ -54,20 +54,22 @@ class Namespace(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tenant: _Optional[str] = ..., lora: _Optional[str] = ..., salt: _Optional[str] = ...) -> None: ...
 
 class NodeEndpoint(_message.Message):
-    __slots__ = ("node_id", "name", "host_id", "segments", "tcp_address", "ucx")
+    __slots__ = ("node_id", "name", "host_id", "segments", "tcp_address", "ucx", "tcp_tls")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TCP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UCX_FIELD_NUMBER: _ClassVar[int]
+    TCP_TLS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     name: str
     host_id: str
     segments: _containers.RepeatedCompositeFieldContainer[SharedSegment]
     tcp_address: str
     ucx: UcxAccess
-    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[SharedSegment, _Mapping]]] = ..., tcp_address: _Optional[str] = ..., ucx: _Optional[_Union[UcxAccess, _Mapping]] = ...) -> None: ...
+    tcp_tls: bool
+    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[SharedSegment, _Mapping]]] = ..., tcp_address: _Optional[str] = ..., ucx: _Optional[_Union[UcxAccess, _Mapping]] = ..., tcp_tls: _Optional[bool] = ...) -> None: ...
 
 class SharedSegment(_message.Message):
     __slots__ = ("tier", "kind", "handle", "size")
