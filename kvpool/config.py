@@ -87,11 +87,15 @@ class MasterSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    #: Byte quotas per tenant and memory tier: "alice:dram=8GiB,bob:dram=2GiB,bob:hbm=1GiB"
+    #: (":dram=..." is the default tenant). See :func:`parse_quotas`.
+    quotas: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
         validate_tls(self)
+        parse_quotas(self.quotas)
         if self.auth_tokens:
             from kvpool.auth import TokenTable
 
@@ -173,6 +177,28 @@ class NodeSettings(TierSettings):
             refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token) or mutual TLS (--tls-ca)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+
+
+def parse_quotas(text: str) -> dict[str, dict[str, int]]:
+    """``"alice:dram=8GiB, bob:hbm=1GiB"`` -> ``{"alice": {"dram": 8Gi}, "bob": {"hbm": 1Gi}}``.
+
+    Quotas apply to the memory tiers clients write into (dram, hbm); a tenant past its quota
+    loses its own least valuable blocks first (kvpool.master.index).
+    """
+    out: dict[str, dict[str, int]] = {}
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        m = re.fullmatch(r"([^:=]*):(\w+)=(.+)", item)
+        if not m:
+            raise ValueError(f"quotas: cannot read {item!r}; write TENANT:TIER=SIZE, e.g. alice:dram=8GiB")
+        tenant, tier, size = m.groups()
+        if tier not in ("dram", "hbm"):
+            raise ValueError(f"quotas: {item!r}: quotas apply to the memory tiers dram and hbm, not {tier!r}")
+        if tier in out.setdefault(tenant, {}):
+            raise ValueError(f"quotas: {tenant or 'the default tenant'} has two {tier} quotas")
+        out[tenant][tier] = parse_size(size)
+    return out
 
 
 def validate_tls(settings) -> None:

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from kvpool.auth import AuthInterceptor, TokenTable
 from kvpool.guard import LogLimiter, RequestGuard
 from kvpool.tls import TlsFiles, server_context, server_credentials
-from kvpool.config import MasterSettings, TierSettings, format_size
+from kvpool.config import MasterSettings, TierSettings, format_size, parse_quotas
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
 from kvpool.master.servicer import AdminServicer, PoolServicer
@@ -79,7 +79,7 @@ class PoolServer:
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
-            eviction_policy=s.eviction_policy, write_through=s.write_through,
+            eviction_policy=s.eviction_policy, write_through=s.write_through, quotas=parse_quotas(s.quotas),
         ))
         # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
         if self.node is not None:

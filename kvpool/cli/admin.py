@@ -88,7 +88,14 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
         [t.node_name or t.node_id, t.tier, t.blocks, format_size(t.used_bytes), format_size(t.capacity_bytes),
          _pct(t.used_bytes, t.capacity_bytes), t.evictions] for t in s.tiers
     ])
-    return summary + "\n\n" + tiers
+    if not s.tenants:
+        return summary + "\n\n" + tiers
+    tenants = _table(["tenant", "tier", "blocks", "used", "quota", "use%"], [
+        [t.tenant or "(default)", t.tier, t.blocks, format_size(t.used_bytes),
+         format_size(t.quota_bytes) if t.HasField("quota_bytes") else "-",
+         _pct(t.used_bytes, t.quota_bytes) if t.HasField("quota_bytes") else "-"] for t in s.tenants
+    ])
+    return summary + "\n\n" + tiers + "\n\n" + tenants
 
 
 def _block_rows(blocks) -> list[list]:

@@ -27,6 +27,10 @@ Invariants (each one is tested):
   key followed by its namespace's tenant (the bare key for the default tenant ""). So a
   tenant who knows another's keys finds, deduplicates against and removes nothing of theirs:
   every answer is the one for a block that does not exist.
+* A tenant with a quota on a memory tier never holds more than it there, counting granted
+  and committed blocks. A put past it first evicts that tenant's own unleased blocks of the
+  tier (policy order), never another tenant's; if that is not enough it fails with
+  RESOURCE_EXHAUSTED naming the quota.
 
 All methods run on the master's event-loop thread: the index takes no locks.
 Errors are raised as :mod:`kvpool.errors` exceptions with messages a person can act on.
@@ -64,6 +68,8 @@ class IndexConfig:
     eviction_policy: str = DEFAULT_POLICY
     #: Copy every committed block to NVMe as well (when the node has an NVMe tier).
     write_through: bool = False
+    #: Byte quotas: tenant -> memory tier ("dram", "hbm") -> bytes (kvpool.config.parse_quotas).
+    quotas: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Entry:
@@ -199,6 +205,9 @@ class BlockIndex:
         #: Entries committed since the tiering task last looked (for write-through).
         self.committed: list[Entry] = []
         self.counters = Counters()
+        #: (tenant, tier) -> [bytes, blocks] of committed copies, and bytes granted, not committed.
+        self._usage: dict[tuple[str, str], list[int]] = {}
+        self._granted: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ namespaces
 
@@ -286,6 +295,7 @@ class BlockIndex:
         granted: dict[bytes, Entry] = {}
         if wanted:
             node, tier = self._place(info.block_bytes, len(wanted), tier, client_host, set(exclude))
+            self._within_quota(info.tenant, tier, info.block_bytes * len(wanted))
             try:
                 for i in wanted:
                     slot = node.allocate(tier, info.block_bytes)
@@ -304,6 +314,8 @@ class BlockIndex:
         if granted:
             self._pending.update(granted)
             self._grants[grant.put_id] = grant
+            tk = (info.tenant, tier)
+            self._granted[tk] = self._granted.get(tk, 0) + info.block_bytes * len(granted)
         return grant, statuses
 
     def _grant(self, put_id: str, tenant: str | None) -> PutGrant | None:
@@ -348,6 +360,7 @@ class BlockIndex:
         for key, checksum in zip(keys, checksums):
             entry = grant.entries.pop(key)
             del self._pending[key]
+            self._ungrant(entry)
             entry.state = COMMITTED
             entry.checksum = checksum
             entry.update_record()
@@ -373,6 +386,7 @@ class BlockIndex:
     def _release_grant_entries(self, grant: PutGrant) -> int:
         for key, entry in grant.entries.items():
             self._pending.pop(key, None)
+            self._ungrant(entry)
             self._release_storage(entry)
         n = len(grant.entries)
         grant.entries.clear()
@@ -555,14 +569,26 @@ class BlockIndex:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
 
+    def _ungrant(self, entry: Entry) -> None:
+        """A granted entry was committed or released: it no longer counts as granted."""
+        tk = (entry.tenant, entry.mem_tier)
+        self._granted[tk] = self._granted.get(tk, 0) - entry.size
+
+    def _count(self, entry: Entry, tier: str, sign: int) -> None:
+        use = self._usage.setdefault((entry.tenant, tier), [0, 0])
+        use[0] += sign * entry.size
+        use[1] += sign
+
     def _enter(self, entry: Entry, tier: str) -> None:
         """Count a new copy of ``entry`` in ``tier`` and hand it to that tier's policy."""
         tk = (entry.node_id, tier)
+        self._count(entry, tier, 1)
         self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
         self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
 
     def _leave(self, entry: Entry, tier: str) -> None:
         tk = (entry.node_id, tier)
+        self._count(entry, tier, -1)
         self._tier_blocks[tk] -= 1
         self._policy(*tk).remove(entry.key)
 
@@ -570,16 +596,19 @@ class BlockIndex:
         entry = self._blocks.get(key)
         return entry is not None and entry.pins == 0
 
-    def victims(self, node_id: int, tier: str, want_bytes: int | None) -> list[Entry]:
-        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all)."""
+    def victims(self, node_id: int, tier: str, want_bytes: int | None, tenant: str | None = None) -> list[Entry]:
+        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all); with
+        ``tenant``, only that tenant's."""
         policy = self._policies.get((node_id, tier))
         if policy is None:
             return []
         chosen: list[Entry] = []
         taken: set[bytes] = set()
         total = 0
+        suffix = None if tenant is None else tenant.encode()
         while want_bytes is None or total < want_bytes:
-            batch = policy.select_victims(64 + len(taken), lambda k: k not in taken and self._evictable(k))
+            batch = policy.select_victims(64 + len(taken), lambda k: k not in taken and self._evictable(k) and (
+                suffix is None or k[KEY_BYTES:] == suffix))
             batch = [k for k in batch if k not in taken]
             if not batch:
                 break
@@ -610,6 +639,50 @@ class BlockIndex:
     def _evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
         victims = self.victims(node_id, tier, want_bytes)
+        freed = sum(e.size for e in victims)
+        for entry in victims:
+            self.drop_copy(entry, tier)
+        if victims:
+            tk = (node_id, tier)
+            self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
+        return len(victims), freed
+
+    # ------------------------------------------------------------------ quotas
+
+    def tenant_usage(self) -> list[tuple[str, str, int, int, int | None]]:
+        """(tenant, tier, committed bytes, blocks, quota or None) for every tenant with blocks or a quota."""
+        rows = {tk: (use[0], use[1]) for tk, use in self._usage.items() if use[1]}
+        for tenant, tiers in self.config.quotas.items():
+            for tier in tiers:
+                rows.setdefault((tenant, tier), (0, 0))
+        return [(t, tier, b, n, self.config.quotas.get(t, {}).get(tier))
+                for (t, tier), (b, n) in sorted(rows.items())]
+
+    def _within_quota(self, tenant: str, tier: str, need: int) -> None:
+        """Make ``need`` more bytes of ``tier`` fit the tenant's quota, evicting only its own
+        unleased blocks there; RESOURCE_EXHAUSTED if they do not suffice."""
+        quota = self.config.quotas.get(tenant, {}).get(tier)
+        if quota is None:
+            return
+        used = self._usage.get((tenant, tier), [0, 0])[0] + self._granted.get((tenant, tier), 0)
+        over = used + need - quota
+        if over > 0 and need <= quota:
+            for node in self.nodes:
+                if over <= 0:
+                    break
+                if tier in node.tier_names():
+                    blocks, freed = self._evict_tenant(node.node_id, tier, over, tenant)
+                    over -= freed
+        if over > 0:
+            who = repr(tenant) if tenant else "the default tenant"
+            raise PoolFull(
+                f"quota exceeded: {who} may hold {quota} bytes in {tier} and holds {used} (committed and "
+                f"granted); {need} more do not fit, and none of its other {tier} blocks can be evicted (they are "
+                f"leased or not yet committed). Release leases, put fewer blocks, or raise the quota "
+                f"(--quotas {tenant}:{tier}=SIZE)")
+
+    def _evict_tenant(self, node_id: int, tier: str, want: int, tenant: str) -> tuple[int, int]:
+        victims = self.victims(node_id, tier, want, tenant)
         freed = sum(e.size for e in victims)
         for entry in victims:
             self.drop_copy(entry, tier)
@@ -717,6 +790,10 @@ class BlockIndex:
         """
         gone = [e for e in self._blocks.values() if e.node_id == node_id]
         for entry in gone:
+            if entry.mem is not None:
+                self._count(entry, entry.mem_tier, -1)
+            if entry.nvme is not None:
+                self._count(entry, NVME, -1)
             del self._blocks[entry.key]
             entry.doomed = True
             entry.mem = entry.nvme = None
@@ -725,7 +802,7 @@ class BlockIndex:
         for grant in list(self._grants.values()):
             lost = [k for k, e in grant.entries.items() if e.node_id == node_id]
             for key in lost:
-                del grant.entries[key]
+                self._ungrant(grant.entries.pop(key))
                 self._pending.pop(key, None)
             if lost:
                 # The writer is told why at commit, and its next PutStart goes elsewhere.
@@ -733,6 +810,7 @@ class BlockIndex:
                 del self._grants[grant.put_id]
                 for entry in grant.entries.values():  # slots on other nodes: free them now
                     self._pending.pop(entry.key, None)
+                    self._ungrant(entry)
                     self._release_storage(entry)
         self.nvme_drops.pop(node_id, None)
         for tk in [tk for tk in self._policies if tk[0] == node_id]:

@@ -256,10 +256,11 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
 
     @rpc
     def Stats(self, request, context):
-        return stats_response(self.index)
+        return stats_response(self.index, self._tenant())
 
 
-def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
+def stats_response(index: BlockIndex, tenant: str | None = None) -> common_pb2.StatsResponse:
+    """Pool statistics; with ``tenant``, the per-tenant rows show that tenant only."""
     c = index.counters
     resp = common_pb2.StatsResponse(
         blocks=index.block_count, bytes=index.committed_bytes(), hit_blocks=c.hit_blocks,
@@ -275,6 +276,11 @@ def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
             resp.tiers.add(tier=u.name, node_id=node.node_id, node_name=node.name, capacity_bytes=u.capacity_bytes,
                            used_bytes=u.used_bytes, blocks=index.tier_blocks(node.node_id, u.name),
                            evictions=c.evictions.get((node.node_id, u.name), 0))
+    for who, tier, used, blocks, quota in index.tenant_usage():
+        if tenant is None or who == tenant:
+            row = resp.tenants.add(tenant=who, tier=tier, used_bytes=used, blocks=blocks)
+            if quota is not None:
+                row.quota_bytes = quota
     return resp
 
 

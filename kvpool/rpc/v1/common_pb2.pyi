@@ -162,7 +162,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks")
+    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "tenants")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class StatsResponse(_message.Message):
     PROMOTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_THROUGH_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     blocks: int
     bytes: int
@@ -199,4 +200,19 @@ class StatsResponse(_message.Message):
     promoted_blocks: int
     written_through_blocks: int
     corrupt_blocks: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ...) -> None: ...
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "tier", "used_bytes", "blocks", "quota_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    tier: str
+    used_bytes: int
+    blocks: int
+    quota_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[str] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., quota_bytes: _Optional[int] = ...) -> None: ...
