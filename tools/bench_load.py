@@ -45,6 +45,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -93,6 +94,11 @@ async def _work(address: str, seed: int, start, seconds: float, ceiling_s: float
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from kvpool import AsyncClient
+    from kvpool.tiers.pinning import cuda_available
+
+    # The client asks once whether CUDA is there, which imports torch: seconds per process,
+    # and with many processes starting on few cores it could outlast a put grant. Pay it now.
+    cuda_available()
 
     latencies: dict[str, list[float]] = {}
 
@@ -102,7 +108,11 @@ async def _work(address: str, seed: int, start, seconds: float, ceiling_s: float
             try:
                 return await super()._call(name, request)
             finally:
-                latencies.setdefault(name, []).append(time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                latencies.setdefault(name, []).append(took)
+                if name == "Lookup":  # also apart: match (count only) and fetch (leased)
+                    latencies.setdefault("Lookup.count_only" if request.count_only else "Lookup.leased",
+                                         []).append(took)
 
     ns = _namespace()
     size = ns.layout.block_bytes
@@ -122,8 +132,7 @@ async def _work(address: str, seed: int, start, seconds: float, ceiling_s: float
     names = [n for n, _ in MIX]
     weights = np.array([w for _, w in MIX])
     async with TimedClient(address, ns) as c:
-        # Connect, register and warm up before the clock starts (the first put of a process
-        # imports torch to ask whether its buffers are on a GPU: seconds, once).
+        # Connect, register and warm up before the clock starts.
         toks, keys = prompts[seed % PROMPTS]
         await c.publish(toks, np.stack([content(k) for k in keys]))
         await c.fetch(toks, np.empty((len(keys), size), dtype=np.uint8))
@@ -176,26 +185,44 @@ def _start_server() -> tuple[subprocess.Popen, str, str]:
         m = re.search(r"ready grpc=(\S+) metrics=(\S+)", line)
         if m:
             # Keep draining stderr so the server never blocks on a full pipe.
-            import threading
-
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
             return proc, m.group(1), m.group(2)
     proc.kill()
     raise SystemExit("kvpool serve did not become ready")
 
 
-def _rpc_counts(metrics_url: str) -> dict[str, float]:
-    """Calls served so far per method, from the master's kvpool_rpc_duration_seconds histogram."""
+def _rpc_histogram(metrics_url: str) -> dict[str, dict[float, float]]:
+    """Per method, the cumulative bucket counts (upper bound in s -> calls) of the master's
+    ``kvpool_rpc_duration_seconds`` histogram: the time its handlers took, queueing excluded."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
-    counts: dict[str, float] = {}
+    out: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         if family.name == "kvpool_rpc_duration_seconds":
             for s in family.samples:
-                if s.name.endswith("_count"):
-                    counts[s.labels["method"]] = counts.get(s.labels["method"], 0.0) + s.value
-    return counts
+                if s.name.endswith("_bucket"):
+                    b = out.setdefault(s.labels["method"], {})
+                    le = float(s.labels["le"])
+                    b[le] = b.get(le, 0.0) + s.value
+    return out
+
+
+def _counts(hist: dict[str, dict[float, float]]) -> dict[str, float]:
+    return {m: b[float("inf")] for m, b in hist.items()}
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The upper bound (ms) of the histogram bucket holding quantile ``q`` of the calls between
+    two snapshots: the master's own latency figure, as coarse as its buckets."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    for bound, n in zip(bounds, counts):
+        if n >= q * counts[-1]:
+            return bound * 1000
+    return None
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -224,10 +251,14 @@ def main() -> None:
                  for i in range(args.clients)]
         for proc in procs:
             proc.start()
-        start.wait(timeout=600)  # every client connected: go
-        before, cpu0, t0 = _rpc_counts(metrics_url), _cpu_seconds(server.pid), time.monotonic()
+        try:
+            start.wait(timeout=600)  # every client connected: go
+        except threading.BrokenBarrierError:
+            fatal = [out.get(timeout=60) for _ in range(1)]
+            raise SystemExit(f"a client process failed before the start: {fatal}") from None
+        h0, cpu0, t0 = _rpc_histogram(metrics_url), _cpu_seconds(server.pid), time.monotonic()
         time.sleep(args.seconds)
-        after, cpu1, t1 = _rpc_counts(metrics_url), _cpu_seconds(server.pid), time.monotonic()
+        h1, cpu1, t1 = _rpc_histogram(metrics_url), _cpu_seconds(server.pid), time.monotonic()
         start.wait(timeout=600)  # every client finished its last operation: the ceiling phase
         results = [out.get(timeout=args.ceiling_seconds + 300) for _ in procs]
         for proc in procs:
@@ -242,6 +273,7 @@ def main() -> None:
     fatal = [r["fatal"] for r in results if "fatal" in r]
     good = [r for r in results if "fatal" not in r]
     elapsed = t1 - t0
+    before, after = _counts(h0), _counts(h1)
     served = {m: after.get(m, 0.0) - before.get(m, 0.0) for m in after}
     rpcs = sum(served.values())
     ops = {k: sum(r["ops"][k] for r in good) for k, _ in MIX}
@@ -264,6 +296,9 @@ def main() -> None:
         "master_cpu_share": round((cpu1 - cpu0) / elapsed, 3),
         "rpc_latency_ms": {m: {"p50": round(_pct(v, 50), 3), "p99": round(_pct(v, 99), 3), "n": len(v)}
                            for m, v in sorted(latencies.items())},
+        "master_handler_ms_at_most": {m: {"p50": _bucket_quantile(h0.get(m, {}), h1[m], 0.5),
+                                          "p99": _bucket_quantile(h0.get(m, {}), h1[m], 0.99)}
+                                      for m in sorted(h1) if served.get(m)},
         "ceiling_health_rpc_per_s": round(ceiling, 1),
         "ratio_rpc_to_ceiling": round(rpcs / elapsed / ceiling, 3) if ceiling else None,
     }
@@ -272,7 +307,7 @@ def main() -> None:
         "bench": "load", "clients": args.clients, "seconds": round(elapsed, 1), "ops": sum(ops.values()),
         "errors": sum(errors.values()) + len(fatal), "wrong_bytes": sum(r["wrong"] for r in good),
         "lookup_per_s": round(served.get("Lookup", 0.0) / elapsed, 1),
-        "lookup_p99_ms": round(_pct(latencies.get("Lookup", []), 99), 2),
+        "lookup_p99_ms": round(_pct(latencies.get("Lookup", []), 99), 2),  # as clients saw it
         "put_per_s": round(served.get("PutStart", 0.0) / elapsed, 1),
         "master_cpu_us_per_op": round(cpu_us, 1),
     }))
