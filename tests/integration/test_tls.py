@@ -155,6 +155,27 @@ def test_master_and_node_over_mutual_tls(tmp_path, pki):
             p.wait(timeout=20)
 
 
+def test_readme_secure_client_example_runs(serve_factory, pki, tmp_path):
+    """The README's client of tenant alice, with a token file and a CA, against a server that
+    requires tokens and serves TLS."""
+    import re
+    import secrets
+    from pathlib import Path
+
+    token = secrets.token_hex(16)
+    (tmp_path / "tokens").write_text(f"{token} client alice\n")
+    (tmp_path / "alice.token").write_text(token + "\n")
+    sp = serve_factory("--auth-tokens", str(tmp_path / "tokens"), "--tls-cert", pki["server"][0],
+                       "--tls-key", pki["server"][1])
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"## Running kvpool securely.*?```python\n(.*?)```", text, re.S).group(1)
+    code = (code.replace("10.0.0.1:50051", sp.address).replace('"alice.token"', repr(str(tmp_path / "alice.token")))
+            .replace('"ca.pem"', repr(pki["ca"])))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["hits"] == 0
+
+
 def test_a_certificate_that_does_not_match_its_key_fails_the_start(tmp_path, pki):
     r = subprocess.run([sys.executable, "-m", "kvpool", "serve", "--port", "0", "--data-dir", str(tmp_path / "d"),
                         "--tls-cert", pki["server"][0], "--tls-key", pki["client"][1]],
