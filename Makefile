@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: run test setup system-deps bench bench-throughput proto clean
+.PHONY: run test setup system-deps bench bench-throughput proto clean demo
 
 # torch is installed first and pinned to the CPU build (2.13.0+cpu, from the machine's
 # wheel cache), so that nothing later pulls a multi-GB CUDA build as a dependency.
@@ -33,6 +33,9 @@ run: setup
 
 test: setup system-deps
 	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/kvpool demo
 
 bench: setup
 	$(PY) tools/bench_local.py

@@ -340,7 +340,11 @@ def prefix_attention_ref(q, k, v, kv_cache, block_table, query_start_loc, prefix
                          num_warps: int | None = None, num_stages: int | None = None):
     """Reference for :func:`prefix_attention`: per sequence, in fp32, plain torch.
 
-    Tiling arguments are accepted for signature parity and ignored.
+    Tiling arguments are accepted for signature parity and ignored. Each sequence is
+    computed from fresh tensors of its own (its blocks gathered by ``index_select``, its
+    queries grouped by KV head in a new buffer), so its result depends only on its own
+    inputs and lengths, never on the other sequences of the batch. The CPU model in
+    :mod:`kvpool.worker` relies on that.
     """
     import torch
 
@@ -349,7 +353,9 @@ def prefix_attention_ref(q, k, v, kv_cache, block_table, query_start_loc, prefix
     if out is None:
         out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(layout.head_dim) if scale is None else float(scale)
-    group = num_q_heads // layout.num_kv_heads
+    kv_heads = layout.num_kv_heads
+    group = num_q_heads // kv_heads
+    dim = layout.head_dim
     bs = layout.block_size
     if layout.plane_order == "kv_first":
         k_plane, v_plane = kv_cache[0], kv_cache[1]  # [num_blocks, bs, heads, dim]
@@ -361,17 +367,27 @@ def prefix_attention_ref(q, k, v, kv_cache, block_table, query_start_loc, prefix
         n_new = hi - lo
         if n_new == 0:
             continue
-        pos = torch.arange(prefix + n_new, device=q.device)
-        blocks = block_table[b].long()[pos // bs]
-        slots = pos % bs
+        total = prefix + n_new
+        n_blocks = (total + bs - 1) // bs
+        blocks = block_table[b, :n_blocks].long()
+        pos = torch.arange(prefix, total, device=q.device)
         # Append first, then read everything back: the cache is the one source of K/V.
-        k_plane[blocks[prefix:], slots[prefix:]] = k[lo:hi]
-        v_plane[blocks[prefix:], slots[prefix:]] = v[lo:hi]
-        keys = k_plane[blocks, slots].float().repeat_interleave(group, dim=1)  # [S, Hq, D]
-        vals = v_plane[blocks, slots].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), keys) * scale
-        allowed = pos[None, :] <= (prefix + torch.arange(n_new, device=q.device))[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, vals).to(out.dtype)
+        k_plane[blocks[pos // bs], pos % bs] = k[lo:hi]
+        v_plane[blocks[pos // bs], pos % bs] = v[lo:hi]
+        # [kv_heads, S, dim], gathered a whole block at a time.
+        keys = k_plane.index_select(0, blocks).reshape(n_blocks * bs, kv_heads, dim)[:total]
+        vals = v_plane.index_select(0, blocks).reshape(n_blocks * bs, kv_heads, dim)[:total]
+        keys = keys.float().permute(1, 2, 0)  # [kv_heads, dim, S]
+        vals = vals.float().transpose(0, 1)  # [kv_heads, S, dim]
+        # GQA without copying K/V per query head: query head h reads KV head h // group,
+        # so the queries of one KV head form one [group * n_new, dim] matrix.
+        qg = (q[lo:hi].float().reshape(n_new, kv_heads, group, dim).permute(1, 2, 0, 3)
+              .reshape(kv_heads, group * n_new, dim))
+        scores = torch.matmul(qg, keys).mul_(scale).view(kv_heads, group, n_new, total)
+        allowed = (torch.arange(total, device=q.device)[None, :]
+                   <= (prefix + torch.arange(n_new, device=q.device))[:, None])
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(kv_heads, group * n_new, total)
+        o = torch.matmul(probs, vals).view(kv_heads, group, n_new, dim)
+        out[lo:hi] = o.permute(2, 0, 1, 3).reshape(n_new, num_q_heads, dim).to(out.dtype)
     return out

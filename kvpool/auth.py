@@ -1,4 +1,4 @@
-"""Bearer-token authentication and role checks for every gRPC service (DESIGN.md §3c).
+"""Bearer-token authentication and role checks for every gRPC service (docs/design.md §3c).
 
 Protocol: a caller sends ``authorization: Bearer <token>`` in the gRPC metadata of each
 call (what grpcurl's ``-H`` and most gRPC clients send). A server started with a token

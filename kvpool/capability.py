@@ -1,4 +1,4 @@
-"""Data-plane capabilities: the master authorizes, the node enforces (DESIGN.md §3b).
+"""Data-plane capabilities: the master authorizes, the node enforces (docs/design.md §3b).
 
 Each node incarnation has a 32-byte data key, made by the node at start and handed to the
 master when it registers (node.proto ``data_key``). For every grant (write) and read lease

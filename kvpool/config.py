@@ -21,8 +21,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from kvpool.master.eviction import DEFAULT_POLICY
-
 __all__ = ["MasterSettings", "NodeSettings", "ServeSettings", "TierSettings", "parse_size", "format_size", "resolve_settings", "SIZE_FIELDS"]
 
 _UNITS = {
@@ -62,7 +60,9 @@ class MasterSettings:
     port: int = 50051
     #: Prometheus exporter port; 0 picks a free one, -1 disables it.
     metrics_port: int = 9464
-    eviction_policy: str = DEFAULT_POLICY
+    #: Settings never import the master (docs/design.md §5): this equals
+    #: kvpool.master.eviction.DEFAULT_POLICY, and tests/unit/test_config.py keeps it so.
+    eviction_policy: str = "paced"
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     lease_ttl: float = 30.0
@@ -160,6 +160,9 @@ class NodeSettings(TierSettings):
     host: str = "127.0.0.1"
     #: Port of the node's NodeControl service (the master calls it); 0 picks one.
     port: int = 50061
+    #: Prometheus port of the node's own tier metrics; -1 (the default) turns it off, so that
+    #: several nodes on one host need no port each.
+    metrics_port: int = -1
     log_level: str = "info"
     #: The node's bearer token (role ``node``) for the master; the node's control service
     #: then accepts only calls bearing it. Or ``token_file``, ``KVPOOL_TOKEN_FILE``.

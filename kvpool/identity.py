@@ -1,4 +1,4 @@
-"""Block identity: namespaces and chained block keys (a contract, DESIGN.md §2).
+"""Block identity: namespaces and chained block keys (a contract, docs/design.md §2).
 
 Engines, routers and every kvpool process must derive the same key for the same prefix,
 in any process and any language, forever. So:

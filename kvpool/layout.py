@@ -6,9 +6,9 @@ of one tensor-parallel shard. Its bytes are laid out, outermost first:
 * ``kv_kind="kv"``  : layers x 2 (K then V) x tokens x kv_heads x head_dim
 * ``kv_kind="mla"`` : layers x tokens x kv_heads x head_dim   (one latent, no K/V split)
 
-This order is fixed (DESIGN.md §4): it lets one block be gathered from an engine's paged
+This order is fixed (docs/design.md §4): it lets one block be gathered from an engine's paged
 cache layer by layer and makes the bytes of a block independent of the engine that wrote
-it. The fingerprint is part of block identity (DESIGN.md §2), so two engines whose
+it. The fingerprint is part of block identity (docs/design.md §2), so two engines whose
 layouts differ in any field can never read each other's blocks.
 """
 

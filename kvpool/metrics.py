@@ -60,7 +60,31 @@ class _IndexCollector:
         yield GaugeMetricFamily("kvpool_active_leases", "Read leases held", value=index.lease_count)
 
 
+class _NodeCollector:
+    """What a node process (``kvpool node``) holds, per tier: its own view, beside the master's."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+
+    def collect(self):
+        labels = ["node", "tier"]
+        used = GaugeMetricFamily("kvpool_node_tier_used_bytes", "Bytes of allocated slots in a tier of this node",
+                                 labels=labels)
+        cap = GaugeMetricFamily("kvpool_node_tier_capacity_bytes", "Capacity of a tier of this node", labels=labels)
+        for u in self.node.usage():
+            used.add_metric([self.node.name, u.name], u.used_bytes)
+            cap.add_metric([self.node.name, u.name], u.capacity_bytes)
+        yield from (used, cap)
+
+
 class Metrics:
+    @classmethod
+    def for_node(cls, node) -> "Metrics":
+        """The exporter of a node process: its tiers' use (``--metrics-port`` of ``kvpool node``)."""
+        metrics = cls()
+        metrics.registry.register(_NodeCollector(node))
+        return metrics
+
     def __init__(self, index: "BlockIndex | None" = None) -> None:
         self.registry = CollectorRegistry()
         self.rpc_seconds = Histogram(

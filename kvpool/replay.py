@@ -1,4 +1,5 @@
-"""Replay a FAST'25 (Mooncake) trace against an eviction policy, and against Belady's MIN.
+"""Replay a FAST'25 (Mooncake) trace through the master's index and its eviction policy,
+and against Belady's MIN.
 
 The trace format is one JSON object per line with ``timestamp`` (ms), ``input_length``,
 ``output_length`` and ``hash_ids``: one id per 512-token prompt block, remapped prefix hashes,
@@ -11,22 +12,27 @@ miss ends it. The hit rate is ``hit blocks / all blocks`` over the whole trace.
 
 How a policy is driven
 ----------------------
-:func:`replay` plays the part of the master's index and makes exactly the calls the index
-makes, on a real :class:`~kvpool.master.eviction.EvictionPolicy` instance:
+:func:`replay` runs the master's real :class:`~kvpool.master.index.BlockIndex` over a
+:class:`ReplayNode`, a node with one DRAM tier of ``capacity`` slots and no bytes (the master
+never touches bytes, so it cannot tell). Each request does what a worker does through the
+client, in this order:
 
-1. *Lookup*: ``access(key)`` for each block of the leading resident run, head first.
-2. *Publish*: every block of the request that is not resident is committed, head first, with
-   ``insert(key, BlockInfo(size=block_size, position=i))``. Blocks past the first miss that are
-   still resident are deduplicated by the publish step, which calls ``access`` on them (the
-   master's ``put_start`` does the same, so that the put cannot evict them).
-3. *Room*: before the inserts, if they would take the tier past ``capacity`` blocks, the index
-   asks ``select_victims(n, evictable)`` where ``evictable`` protects every block of the request
-   being served (they are leased or being written), then evicts what it got and calls
-   ``remove`` for each. If the policy cannot free enough (only possible when one request
-   holds more blocks than the capacity), the request's tail is not cached.
+1. ``lookup(keys, lease=True)``: the leading resident run is the hit, and it is leased;
+2. if anything missed, ``put_start(keys, first_position=0)`` with the whole chain, as
+   ``AsyncClient.publish`` sends it: present blocks are deduplicated, the rest granted,
+   evicting what the tier's policy chooses when the tier is full (the leased prefix is
+   pinned, so a request never evicts its own hit);
+3. ``put_commit`` of every grant;
+4. ``release`` of the lease, which is when the index reports the reads to the policy.
 
-The replay checks the policy's answers (a victim must be resident and evictable, ``len`` must
-track the resident set), so a broken policy fails loudly instead of reporting a rosy number.
+If one request needs more room than the tier has once its own blocks are pinned, its tail
+is not cached (``uncached``), as a worker whose put is refused would do.
+
+The policy is whatever the index builds from its registry name, wrapped by
+:class:`CheckedPolicy`, which times every call (``us_per_ref``: policy CPU per block
+reference, the master's bookkeeping cost) and checks every answer (a victim must be
+resident, evictable, distinct and within the count asked; ``len`` must track the tier), so a
+broken policy fails loudly instead of reporting a rosy number.
 """
 
 from __future__ import annotations
@@ -37,9 +43,16 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+from kvpool.errors import PoolFull
+from kvpool.identity import Namespace
+from kvpool.layout import KVLayout
 from kvpool.master.eviction import BlockInfo, EvictionPolicy, make_policy
+from kvpool.master.index import BlockIndex, IndexConfig
+from kvpool.master.nodes import NodeRegistry
+from kvpool.tiers.base import Slot, TierUsage
+from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = [
     "Trace",
@@ -51,6 +64,8 @@ __all__ = [
     "block_key",
     "geomean",
     "PolicyContractError",
+    "CheckedPolicy",
+    "ReplayNode",
 ]
 
 _INF = 1 << 62
@@ -82,11 +97,18 @@ class ReplayResult:
     evictions: int = 0
     uncached: int = 0  # blocks that could not be cached because one request exceeded capacity
     seconds: float = 0.0
+    #: Seconds spent inside the policy's calls (the master's eviction bookkeeping).
+    policy_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:
         return self.hit_blocks / self.total_blocks if self.total_blocks else 0.0
+
+    @property
+    def us_per_ref(self) -> float:
+        """Policy CPU per block reference, in microseconds."""
+        return self.policy_seconds / self.total_blocks * 1e6 if self.total_blocks else 0.0
 
 
 def load_trace(path: str | os.PathLike, limit: int | None = None) -> Trace:
@@ -111,8 +133,8 @@ def load_trace(path: str | os.PathLike, limit: int | None = None) -> Trace:
 
 
 def block_key(block_id: int) -> bytes:
-    """The index key the replay uses for a trace block id (the master's keys are bytes)."""
-    return block_id.to_bytes(8, "little", signed=False)
+    """The 16-byte index key the replay uses for a trace block id."""
+    return block_id.to_bytes(16, "little", signed=False)
 
 
 def _as_trace(trace: Trace | Iterable[Sequence[int]]) -> Trace:
@@ -125,6 +147,110 @@ class PolicyContractError(AssertionError):
     """The policy answered something the index would reject."""
 
 
+class ReplayNode:
+    """A :class:`~kvpool.master.nodes.NodeHandle` with one DRAM tier of ``capacity`` slots
+    and no memory behind them: slot accounting is all the master asks of a node on this
+    path. A double free raises, as in a real arena."""
+
+    def __init__(self, capacity: int, block_bytes: int, node_id: int = 1) -> None:
+        self.node_id = node_id
+        self.name = "replay"
+        self.data_key = bytes(32)
+        self.capacity = capacity
+        self.block_bytes = block_bytes
+        self._free = list(range(capacity - 1, -1, -1))
+        self._used: set[int] = set()
+
+    def tier_names(self) -> list[str]:
+        return ["dram"]
+
+    def allocate(self, tier: str, size: int) -> Slot | None:
+        if not self._free:
+            return None
+        i = self._free.pop()
+        self._used.add(i)
+        return Slot(i * size, size)
+
+    def free(self, tier: str, slot: Slot) -> None:
+        i = slot.offset // slot.size
+        if i not in self._used:
+            raise AssertionError(f"replay node: slot {i} freed twice")
+        self._used.remove(i)
+        self._free.append(i)
+
+    def free_slots_for(self, tier: str, size: int) -> int:
+        return len(self._free)
+
+    def usage(self) -> list[TierUsage]:
+        n = len(self._used)
+        return [TierUsage("dram", self.capacity * self.block_bytes, n * self.block_bytes, n)]
+
+    def endpoint(self) -> NodeEndpoint:
+        return NodeEndpoint(self.node_id, self.name, "replay")
+
+    def recover(self) -> list:
+        return []
+
+    async def demote(self, items, *, keep_dram: bool):  # pragma: no cover - no NVMe tier
+        raise NotImplementedError("the replay node has no NVMe tier")
+
+    async def promote(self, items):  # pragma: no cover
+        raise NotImplementedError("the replay node has no NVMe tier")
+
+    async def drop_nvme(self, items) -> None:  # pragma: no cover
+        raise NotImplementedError("the replay node has no NVMe tier")
+
+
+class CheckedPolicy(EvictionPolicy):
+    """Wraps a policy: times each call (``seconds``) and checks each answer against the
+    contract; the checks run outside the timed part."""
+
+    def __init__(self, inner: EvictionPolicy) -> None:
+        self.inner = inner
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.seconds = 0.0
+        self.resident: set[bytes] = set()
+
+    def insert(self, key: bytes, info: BlockInfo) -> None:
+        self.insert_many([key], [info])
+
+    def insert_many(self, keys, infos) -> None:
+        t0 = time.perf_counter()
+        self.inner.insert_many(keys, infos)
+        self.seconds += time.perf_counter() - t0
+        self.resident.update(keys)
+
+    def access(self, key: bytes) -> None:
+        self.access_many([key])
+
+    def access_many(self, keys) -> None:
+        t0 = time.perf_counter()
+        self.inner.access_many(keys)
+        self.seconds += time.perf_counter() - t0
+
+    def remove(self, key: bytes) -> None:
+        t0 = time.perf_counter()
+        self.inner.remove(key)
+        self.seconds += time.perf_counter() - t0
+        self.resident.discard(key)
+
+    def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
+        t0 = time.perf_counter()
+        out = self.inner.select_victims(count, evictable)
+        self.seconds += time.perf_counter() - t0
+        if len(out) > count:
+            raise PolicyContractError(f"{self.name}: asked for {count} victims, got {len(out)}")
+        if len(set(out)) != len(out):
+            raise PolicyContractError(f"{self.name}: a victim is listed twice")
+        for key in out:
+            if key not in self.resident or not evictable(key):
+                raise PolicyContractError(f"{self.name}: bad victim {key!r} (not resident or not evictable)")
+        return out
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def replay(
     trace: Trace | Iterable[Sequence[int]],
     policy: EvictionPolicy | str | None,
@@ -133,31 +259,47 @@ def replay(
     block_size: int = 1,
     check: bool = True,
 ) -> ReplayResult:
-    """Replay ``trace`` against ``policy`` (an instance, or a registry name) at ``capacity`` blocks.
+    """Replay ``trace`` through the master's index with ``policy`` (an instance, or a
+    registry name) at ``capacity`` blocks. See the module docstring for the exact calls.
 
-    Returns the prefix hit rate and counters. ``block_size`` is the ``BlockInfo.size`` given to
-    the policy; capacity is always counted in blocks. See the module docstring for the exact calls.
+    ``block_size`` is kept for compatibility and ignored: capacity is counted in blocks and
+    the index sees blocks of one namespace's size.
     """
     if capacity < 0:
         raise ValueError("capacity must be >= 0")
     trace = _as_trace(trace)
     if policy is None or isinstance(policy, str):
         policy = make_policy(policy)
-    name = getattr(policy, "name", type(policy).__name__)
+    checked = CheckedPolicy(policy)
+    name = checked.name
+    layout = KVLayout(1, 1, 8, "float16", 16)  # 512-byte blocks: the size never matters here
+    ns = Namespace("replay", layout)
+    nodes = NodeRegistry()
+    node = ReplayNode(capacity, layout.block_bytes)
+    nodes.add(node)
+    made: list[EvictionPolicy] = []
+
+    def factory(_name: str) -> EvictionPolicy:
+        if made:
+            raise PolicyContractError("the replay index asked for a second policy (it has one tier)")
+        made.append(checked)
+        return checked
+
+    # Watermarks at 1.0: the tier is used to its last slot, as the capacity says.
+    index = BlockIndex(nodes, IndexConfig(high_watermark=1.0, low_watermark=1.0, max_batch=1 << 30),
+                       policy_factory=factory)
+    index.register_namespace(ns)
+    ns_id = ns.id
+    size = layout.block_bytes
     t0 = time.perf_counter()
+    cpu0 = time.thread_time()
 
-    # One bytes key per distinct block id, made once.
     keys: dict[int, bytes] = {}
-    resident: set[bytes] = set()
-    access = policy.access
-    insert = policy.insert
-    remove = policy.remove
-    select = policy.select_victims
-    infos: dict[int, BlockInfo] = {}
-
-    hits = total = inserts = evictions = uncached = 0
+    hits = total = inserts = uncached = 0
     for ids in trace.requests:
         n = len(ids)
+        if not n:
+            continue
         total += n
         rkeys = []
         for h in ids:
@@ -165,54 +307,39 @@ def replay(
             if k is None:
                 k = keys[h] = block_key(h)
             rkeys.append(k)
-        # Lookup: leading resident run.
-        i = 0
-        while i < n and rkeys[i] in resident:
-            access(rkeys[i])
-            i += 1
-        hits += i
-        if i == n:
-            continue
-        missing = []
-        for j in range(i, n):
-            if rkeys[j] in resident:
-                access(rkeys[j])  # publish dedup: the master touches a present block
-            else:
-                missing.append(j)
-        need = len(resident) + len(missing) - capacity
-        if need > 0:
-            protected = set(rkeys)
-            evictable = lambda k, _p=protected: k not in _p  # noqa: E731
-            victims = select(need, evictable)
-            if check:
-                if len(victims) > need:
-                    raise PolicyContractError(f"{name}: asked for {need} victims, got {len(victims)}")
-                seen = set()
-                for v in victims:
-                    if v not in resident or v in protected or v in seen:
-                        raise PolicyContractError(f"{name}: bad victim {v!r}")
-                    seen.add(v)
-            for v in victims:
-                resident.discard(v)
-                remove(v)
-            evictions += len(victims)
-            room = capacity - len(resident)
-            if room < len(missing):
-                uncached += len(missing) - max(room, 0)
-                missing = missing[: max(room, 0)]
-        for j in missing:
-            k = rkeys[j]
-            info = infos.get(j)
-            if info is None:
-                info = infos[j] = BlockInfo(size=block_size, position=j)
-            insert(k, info)
-            resident.add(k)
-        inserts += len(missing)
-        if check and len(policy) != len(resident):
-            raise PolicyContractError(f"{name}: len(policy)={len(policy)} but {len(resident)} resident")
+        hit, lease = index.lookup(ns_id, rkeys, lease=True)
+        hits += hit
+        if hit < n:
+            cut = n
+            while True:
+                try:
+                    grant, _ = index.put_start(ns_id, rkeys[:cut], [size] * cut, 0)
+                    break
+                except PoolFull:
+                    # One request needs more room than the tier has beside its own pinned
+                    # blocks: cache the head of its chain.
+                    cut = min(cut - 1, capacity)
+                    if cut <= hit:
+                        grant = None
+                        break
+            uncached += n - cut if grant is not None else n - hit
+            if grant is not None and grant.entries:
+                inserts += index.put_commit(grant.put_id, None, [0] * len(grant.entries))[0]
+        if lease is not None:
+            index.release([lease.lease_id])
+        if check and len(checked) != index.tier_blocks(node.node_id, "dram"):
+            raise PolicyContractError(
+                f"{name}: len(policy)={len(checked)} but {index.tier_blocks(node.node_id, 'dram')} resident")
 
+    evictions = sum(index.counters.evictions.values())
     res = ReplayResult(name, capacity, hits, total, inserts, evictions, uncached)
     res.seconds = time.perf_counter() - t0
+    # Policy calls are timed on the wall clock (a CPU clock costs a system call, more than
+    # some calls it would time). On a shared machine the thread is not always running, so
+    # the wall time is scaled by the share of the replay's wall time it ran on a CPU.
+    share = min(1.0, (time.thread_time() - cpu0) / res.seconds) if res.seconds > 0 else 1.0
+    res.policy_seconds = checked.seconds * share
+    res.extra["cpu_share"] = share
     return res
 
 
@@ -317,7 +444,11 @@ def compare(
     *,
     with_belady: bool = True,
 ) -> dict:
-    """Policy vs LRU vs Belady at each capacity. Returns the report dict used by the CLI."""
+    """Policy vs LRU vs Belady at each capacity. Returns the report dict used by the CLI.
+
+    ``us_per_ref`` is the policy's cost per block reference at its costliest capacity (each
+    capacity's is in ``us_per_ref_by_capacity``); ``min_gain_vs_lru`` the worst cell.
+    """
     from kvpool.master.eviction import DEFAULT_POLICY
 
     pname = policy or DEFAULT_POLICY
@@ -329,6 +460,7 @@ def compare(
         b = belady(trace, cap) if with_belady else None
         rows.append((cap, p, lru, b))
     gains = [p.hit_rate / l.hit_rate for _, p, l, _ in rows if l.hit_rate > 0]
+    complete = len(gains) == len(rows)
     return {
         "bench": "replay",
         "trace": trace.name,
@@ -339,6 +471,10 @@ def compare(
         "policy": [round(p.hit_rate, 6) for _, p, _, _ in rows],
         "lru": [round(l.hit_rate, 6) for _, _, l, _ in rows],
         "belady": [round(b.hit_rate, 6) if b else None for *_, b in rows],
-        "geomean_gain_vs_lru": round(geomean(gains), 6) if len(gains) == len(rows) else None,
+        "geomean_gain_vs_lru": round(geomean(gains), 6) if complete else None,
+        "min_gain_vs_lru": round(min(gains), 6) if complete and gains else None,
+        "us_per_ref": round(max(p.us_per_ref for _, p, _, _ in rows), 3) if rows else None,
+        "us_per_ref_by_capacity": [round(p.us_per_ref, 3) for _, p, _, _ in rows],
+        "lru_us_per_ref_by_capacity": [round(l.us_per_ref, 3) for _, _, l, _ in rows],
         "_rows": rows,
     }

@@ -29,10 +29,9 @@ from kvpool.config import MasterSettings, TierSettings, format_size, parse_quota
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
 from kvpool.master.servicer import AdminServicer, PoolServicer
-from kvpool.master.remote import RegistryServicer, RemoteNode
+from kvpool.master.remote import RegistryServicer
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
-from kvpool.node.node import Node
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc, pool_pb2, pool_pb2_grpc
 
 __all__ = ["PoolServer", "GRPC_OPTIONS"]
@@ -76,7 +75,7 @@ class PoolServer:
     def __init__(self, settings: MasterSettings, tiers: TierSettings | None = None) -> None:
         self.settings = settings
         self.tiers = tiers
-        self.node: Node | None = None
+        self.node = None  # kvpool.node.node.Node, for `kvpool serve`
         self.registry: RegistryServicer | None = None
         self.index: BlockIndex | None = None
         self.metrics: Metrics | None = None
@@ -90,6 +89,10 @@ class PoolServer:
         s, t = self.settings, self.tiers
         nodes = NodeRegistry()
         if t is not None:
+            # Only `kvpool serve` loads the node stack (tiers, mover, data server); `kvpool master`
+            # never does (docs/design.md §5).
+            from kvpool.node.node import Node
+
             os.makedirs(t.data_dir, exist_ok=True)
             self.node = Node.build(1, t.node_name, dram_bytes=t.dram, nvme_bytes=t.nvme, hbm_bytes=t.hbm,
                                    data_dir=t.data_dir, chunk_bytes=t.slab_bytes, prefault=t.prefault)
@@ -205,8 +208,7 @@ class PoolServer:
         if self.metrics is not None:
             self.metrics.close()
         for node in list(self.index.nodes) if self.index is not None else []:
-            if isinstance(node, RemoteNode):
-                await node.close()
+            await node.disconnect()
         if self.node is not None:
             self.node.close()
             log.info("kvpool stopped; shared memory unlinked")

@@ -1,4 +1,4 @@
-"""Storage tiers: slot arenas for HBM, DRAM and NVMe behind one interface (DESIGN.md §4).
+"""Storage tiers: slot arenas for HBM, DRAM and NVMe behind one interface (docs/design.md §4).
 
 This folder is the source of the subpackage ``kvpool.tiers`` (mapped in pyproject.toml).
 It never imports ``kvpool.rpc`` or ``kvpool.master``.

@@ -1,4 +1,4 @@
-"""The tier interface: an arena of fixed-size slots, one slab per block size (DESIGN.md §4).
+"""The tier interface: an arena of fixed-size slots, one slab per block size (docs/design.md §4).
 
 Every tier (HBM, DRAM, NVMe) is an :class:`Arena`. The node asks an arena for a slot of
 exactly a block's size, moves bytes in or out of it, and frees it. Allocation and free

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU data path vs its own ceilings, measured in one run (DESIGN.md §6).
+"""GPU data path vs its own ceilings, measured in one run (docs/design.md §6).
 
 * **gather / scatter**: the paged copy kernels moving ``--blocks`` pool blocks of a
   32-layer, 8-head, 128-dim, 16-token bf16 cache (2 MiB each), against a device-to-device

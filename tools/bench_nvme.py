@@ -27,7 +27,7 @@ The page cache is kept out by O_DIRECT (and POSIX_FADV_DONTNEED before each read
 When the filesystem refuses O_DIRECT the output says so: buffered numbers are not comparable.
 Each phase runs ``--repeat`` times and the best run counts, for every phase alike.
 
-The last line of stdout is JSON (DESIGN.md §6):
+The last line of stdout is JSON (docs/design.md §6):
 ``{"bench":"nvme","demote_gbps":…,"promote_gbps":…,"disk_write_gbps":…,"disk_read_gbps":…,
 "demote_ratio":…,"promote_ratio":…}`` (GB/s are 1e9 bytes per second).
 """

@@ -1,8 +1,22 @@
-"""Flags shared by `kvpool serve`, `kvpool master` and `kvpool node`, and how they become settings.
+"""Flags shared by the subcommands.
 
-Every flag has a setting of the same name in TOML (``--metrics-port`` = ``metrics_port``) and
-in the environment (``KVPOOL_METRICS_PORT``); flags win over the file, which wins over the
-environment. Flags left unset are None here, so they never mask the file or the environment.
+Two kinds:
+
+* **Server settings** of `kvpool serve`, `kvpool master` and `kvpool node`. Every such flag has
+  a setting of the same name in TOML (``--metrics-port`` = ``metrics_port``) and in the
+  environment (``KVPOOL_METRICS_PORT``); flags win over the file, which wins over the
+  environment. Flags left unset are None here, so they never mask the file or the environment.
+* **Common client flags** (:data:`COMMON_FLAGS`: ``--address``, ``--json``, ``--timeout``, ...)
+  of every command that talks to a running pool. :func:`install_common_flags` adds them to the
+  top-level parser and to every subcommand parser in the tree, so ``kvpool --json admin stats``,
+  ``kvpool admin --json stats`` and ``kvpool admin stats --json`` mean the same, as in kubectl
+  and docker. A subcommand registered later gets them without doing anything; one that runs
+  a server opts out with :func:`mark_server_command`. A new common flag (``--token``) is one
+  more :class:`CommonFlag` in the list.
+
+How "before or after" works: only the top-level parser has real defaults. Every subparser
+declares the same flags with ``default=argparse.SUPPRESS``, so a subparser sets an attribute
+only when the user typed the flag there, and the value typed last (closest to the command) wins.
 """
 
 from __future__ import annotations
@@ -10,14 +24,110 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from kvpool.config import resolve_settings
 
 __all__ = ["add_config_flag", "add_master_flags", "add_tier_flags", "add_token_flags", "add_tls_flags",
-           "settings_from_args",
-           "setup_logging", "run_until_signal"]
+           "settings_from_args", "setup_logging", "run_until_signal", "CommonFlag", "COMMON_FLAGS",
+           "install_common_flags", "mark_server_command", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class CommonFlag:
+    """One flag that every client command accepts before or after its subcommand.
+
+    ``default`` is called when the parser is built, so environment variables are read then.
+    ``kwargs`` go to ``add_argument`` as they are (help, type, action, metavar).
+    """
+
+    name: str
+    default: Callable[[], Any]
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+COMMON_FLAGS: list[CommonFlag] = [
+    CommonFlag("--address", lambda: os.environ.get("KVPOOL_ADDRESS", DEFAULT_ADDRESS),
+               {"metavar": "HOST:PORT", "help": f"master address (default $KVPOOL_ADDRESS or {DEFAULT_ADDRESS})"}),
+    CommonFlag("--json", lambda: False, {"action": "store_true", "help": "print one JSON document, no progress"}),
+    CommonFlag("--timeout", lambda: float(os.environ.get("KVPOOL_TIMEOUT", "10")),
+               {"type": float, "metavar": "SECONDS",
+                "help": "seconds to wait for the server, including one that is still starting (default 10)"}),
+    # Credentials (kvpool.auth, kvpool.tls): every client command sends them. The environment
+    # variables are read where they are used (kvpool.cli.output.admin_channel), so a flag wins.
+    CommonFlag("--token", lambda: None,
+               {"help": "bearer token to send (also KVPOOL_TOKEN); prefer --token-file, since command lines "
+                        "are visible to other users"}),
+    CommonFlag("--token-file", lambda: None,
+               {"metavar": "PATH", "help": "file whose first line is the token (also KVPOOL_TOKEN_FILE)"}),
+    CommonFlag("--tls-ca", lambda: None,
+               {"metavar": "PEM", "help": "CA bundle that signs the master's certificate: talk TLS "
+                                          "(also KVPOOL_TLS_CA)"}),
+    CommonFlag("--tls-cert", lambda: None,
+               {"metavar": "PEM", "help": "client certificate for mutual TLS (also KVPOOL_TLS_CERT)"}),
+    CommonFlag("--tls-key", lambda: None,
+               {"metavar": "PEM", "help": "the client certificate's private key (also KVPOOL_TLS_KEY)"}),
+]
+
+_SERVER = "_kvpool_server_command"
+
+
+def mark_server_command(p: argparse.ArgumentParser) -> None:
+    """A subcommand that runs a server: it takes server settings, not the common client flags."""
+    p.set_defaults(**{_SERVER: True})
+
+
+def _subparsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out: list[argparse.ArgumentParser] = []
+    for action in p._actions:  # argparse offers no public walk of its subcommand tree
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if all(child is not seen for seen in out):  # aliases share one parser
+                    out.append(child)
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser, *, top: bool) -> None:
+    group = p.add_argument_group("common options" if top else
+                                 "common options (also accepted before the subcommand)")
+    for flag in COMMON_FLAGS:
+        kwargs = dict(flag.kwargs)
+        kwargs["default"] = flag.default() if top else argparse.SUPPRESS
+        try:
+            group.add_argument(flag.name, dest=flag.dest, **kwargs)
+        except argparse.ArgumentError:
+            # The subcommand defines this flag itself: it keeps its own flag, but a value given
+            # before the subcommand must not be reset by that flag's default.
+            own = p._option_string_actions.get(flag.name)
+            if own is not None and own.dest == flag.dest:
+                own.default = argparse.SUPPRESS
+
+
+def install_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every client subcommand below it the :data:`COMMON_FLAGS`.
+
+    Call it once, after every subcommand is registered.
+    """
+    _add_common(parser, top=True)
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for child in _subparsers(p):
+            if child.get_default(_SERVER):
+                continue
+            _add_common(child, top=False)
+            walk(child)
+
+    walk(parser)
 
 
 def add_config_flag(p: argparse.ArgumentParser) -> None:
@@ -30,7 +140,7 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     g.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 picks, -1 disables)")
-    g.add_argument("--eviction-policy", help="eviction policy: paced (default) or lru")
+    g.add_argument("--eviction-policy", help="eviction policy: lhd (default, learned hit density), paced or lru")
     g.add_argument("--high-watermark", type=float, help="start evicting/demoting above this fraction (default 0.95)")
     g.add_argument("--low-watermark", type=float, help="evict/demote down to this fraction (default 0.90)")
     g.add_argument("--lease-ttl", type=float, help="seconds a read lease lives (default 30)")

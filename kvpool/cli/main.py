@@ -1,7 +1,10 @@
-"""The ``kvpool`` command: ``serve``, ``master``, ``node``, ``admin``, ``replay``.
+"""The ``kvpool`` command: ``serve``, ``master``, ``node``, ``admin``, ``demo``, ``replay``, ``completion``.
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds its
 parser and sets ``func`` to a callable taking the parsed args and returning an exit code.
+The common client flags (``--address``, ``--json``, ``--timeout``) are added to every
+subcommand afterwards by :func:`kvpool.cli.flags.install_common_flags`, so they work before
+or after the subcommand without each module declaring them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import argparse
 import sys
 
 from kvpool import __version__
-from kvpool.cli import admin, master, node, serve
+from kvpool.cli import admin, completion, demo, master, node, serve
+from kvpool.cli.flags import install_common_flags
 
 __all__ = ["main", "build_parser"]
 
@@ -24,12 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     master.register(sub)
     node.register(sub)
     admin.register(sub)
+    demo.register(sub)
     try:
         from kvpool.cli import replay
     except ImportError:  # the replay tool is optional in a trimmed install
         replay = None
     if replay is not None:
         replay.register(sub)
+    completion.register(sub)
+    install_common_flags(parser)
     return parser
 
 

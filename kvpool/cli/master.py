@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from kvpool.cli.flags import add_config_flag, add_master_flags, run_until_signal, settings_from_args, setup_logging
+from kvpool.cli.flags import mark_server_command
 from kvpool.config import MasterSettings
 
 __all__ = ["register", "run"]
@@ -17,6 +18,7 @@ def register(sub) -> None:
                        description="Run a master: metadata only. Storage nodes register with it.")
     add_config_flag(p)
     add_master_flags(p)
+    mark_server_command(p)
     p.set_defaults(func=run)
 
 

@@ -1,7 +1,9 @@
 """``kvpool replay TRACE --capacity BLOCKS [--capacity ...] [--policy NAME] [--json]``.
 
-Replays a FAST'25 trace against an eviction policy from the registry, against LRU and against
-Belady's MIN at each capacity, prints a table and, as its last line, one JSON object.
+Replays a FAST'25 trace through the master's index with an eviction policy from the
+registry, with LRU, and against Belady's MIN at each capacity. Prints a table (hit rates, the
+gain over LRU, the fraction of Belady reached, and the policy's CPU per block reference) and,
+as its last line, one JSON object.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["register", "run", "format_report"]
+__all__ = ["JSON_KEYS", "format_report", "json_line", "register", "run"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -40,19 +42,30 @@ def format_report(report: dict) -> str:
     lines = [
         f"trace {report.get('trace', '')}: {report.get('requests', '?')} requests, "
         f"{report.get('blocks', '?')} blocks; policy {report['policy_name']!r}",
-        f"{'capacity':>10} {'policy':>9} {'lru':>9} {'belady':>9} {'vs lru':>8} {'of belady':>10}",
+        f"{'capacity':>10} {'policy':>9} {'lru':>9} {'belady':>9} {'vs lru':>8} {'of belady':>10}"
+        f" {'us/ref':>7} {'lru us/ref':>10}",
     ]
-    for cap, p, l, b in zip(report["capacities"], report["policy"], report["lru"], report["belady"]):
+    us = report.get("us_per_ref_by_capacity") or [float("nan")] * len(report["capacities"])
+    lru_us = report.get("lru_us_per_ref_by_capacity") or [float("nan")] * len(report["capacities"])
+    for cap, p, l, b, u, lu in zip(report["capacities"], report["policy"], report["lru"], report["belady"], us, lru_us):
         gain = p / l if l else float("nan")
         frac = p / b if b else float("nan")
-        lines.append(f"{cap:>10} {p:>9.4f} {l:>9.4f} {b:>9.4f} {gain:>7.3f}x {frac:>10.3f}")
-    lines.append(f"geometric mean gain vs lru: {report['geomean_gain_vs_lru']:.3f}x")
+        lines.append(f"{cap:>10} {p:>9.4f} {l:>9.4f} {b if b is not None else float('nan'):>9.4f} {gain:>7.3f}x"
+                     f" {frac:>10.3f} {u:>7.2f} {lu:>10.2f}")
+    g = report["geomean_gain_vs_lru"]
+    m = report.get("min_gain_vs_lru")
+    lines.append(f"geometric mean gain vs lru: {g:.3f}x; worst cell: {m:.3f}x" if g and m else
+                 "geometric mean gain vs lru: n/a (lru hit nothing at some capacity)")
+    lines.append("us/ref: policy CPU per block reference (the master's eviction bookkeeping)")
     return "\n".join(lines)
 
 
+#: The keys of the JSON line, in order (tools/bench_replay.py prints the same line).
+JSON_KEYS = ("bench", "capacities", "policy", "lru", "belady", "geomean_gain_vs_lru", "min_gain_vs_lru", "us_per_ref")
+
+
 def json_line(report: dict) -> str:
-    keys = ("bench", "capacities", "policy", "lru", "belady", "geomean_gain_vs_lru")
-    return json.dumps({k: report[k] for k in keys}, separators=(",", ":"))
+    return json.dumps({k: report[k] for k in JSON_KEYS}, separators=(",", ":"))
 
 
 def run(args) -> int:

@@ -8,6 +8,7 @@ import sys
 
 from kvpool.cli.flags import add_config_flag, add_master_flags, add_tier_flags, run_until_signal, \
     settings_from_args, setup_logging
+from kvpool.cli.flags import mark_server_command
 from kvpool.config import ServeSettings
 
 __all__ = ["register", "run"]
@@ -20,6 +21,7 @@ def register(sub) -> None:
     add_config_flag(p)
     add_master_flags(p)
     add_tier_flags(p)
+    mark_server_command(p)
     p.set_defaults(func=run)
 
 

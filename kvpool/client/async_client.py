@@ -1,6 +1,6 @@
 """AsyncClient: the one real client. ``kvpool.client.Client`` is a blocking facade over it.
 
-Publish (``put_blocks``, ``publish``) follows the two-phase protocol of DESIGN.md §3:
+Publish (``put_blocks``, ``publish``) follows the two-phase protocol of docs/design.md §3:
 
 1. ``PutStart(keys, sizes)``: the master answers each key PRESENT (skip), IN_FLIGHT
    (another writer has it: skip) or GRANTED with a slot on a node;
@@ -48,7 +48,10 @@ from kvpool.transport.ucx import UcxTransport
 __all__ = ["AsyncClient", "PutResult", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20),
+                 # Retry a refused connection soon: a master that is starting answers within ~100 ms.
+                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                 ("grpc.max_reconnect_backoff_ms", 1000)]
 #: Data-plane transports this client speaks; the factory ranks them by capability.
 TRANSPORTS: tuple[type[Transport], ...] = (CudaIpcTransport, ShmTransport, UcxTransport, TcpTransport)
 
@@ -130,14 +133,20 @@ class AsyncClient:
     tenant, so its namespaces must name that tenant. ``tls_ca`` (or ``KVPOOL_TLS_CA``) turns
     on TLS to the master and to nodes whose data port is TLS; ``tls_cert`` and ``tls_key``
     (``KVPOOL_TLS_CERT``, ``KVPOOL_TLS_KEY``) are this client's certificate for mutual TLS.
+
+    The first call waits up to ``startup_wait`` seconds (``KVPOOL_STARTUP_WAIT``) for a master
+    that is still starting (0: no waiting); after that, an unreachable master fails the call with
+    :class:`~kvpool.errors.Unavailable` naming the address.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
-                 connect_timeout: float = 3.0, io_timeout: float = 10.0, token: str | None = None,
-                 token_file: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 connect_timeout: float = 3.0, io_timeout: float = 10.0, startup_wait: float | None = None,
+                 token: str | None = None, token_file: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address = address
+        self.startup_wait = float(os.environ.get("KVPOOL_STARTUP_WAIT", "5")) if startup_wait is None else startup_wait
+        self._reached = False
         self._metadata = bearer_metadata(resolve_token(token, token_file))
         env = os.environ
         self._tls = TlsFiles(tls_cert or env.get("KVPOOL_TLS_CERT", ""), tls_key or env.get("KVPOOL_TLS_KEY", ""),
@@ -199,12 +208,28 @@ class AsyncClient:
             self._channel = self._stub = None
         self._pool.shutdown(wait=True)
 
+    async def _wait_for_master(self) -> None:
+        """Before the first call: give a master that is starting ``startup_wait`` seconds."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.startup_wait)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"cannot reach the kvpool master at {self.address} (waited {self.startup_wait:g}s for it to "
+                f"start); is `kvpool serve` or `kvpool master` running there? Check the address, or wait "
+                f"longer with startup_wait= (KVPOOL_STARTUP_WAIT)") from None
+        self._reached = True
+
     async def _call(self, name: str, request):
         stub = self._ensure_channel()
+        if not self._reached and self.startup_wait > 0:
+            await self._wait_for_master()
         try:
             return await getattr(stub, name)(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise from_status(exc.code(), exc.details()) from None
+            details = exc.details()
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self.address not in (details or ""):
+                details = f"master {self.address}: {details}"
+            raise from_status(exc.code(), details) from None
 
     async def _call_ns(self, ns: Namespace, name: str, request):
         """Call with the namespace registered; re-register once if the master forgot it (restart)."""

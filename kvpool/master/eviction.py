@@ -3,31 +3,45 @@
 Protocol between the master's index and a policy:
 
 * ``insert(key, info)`` when a block is committed (becomes resident in the tier);
-* ``access(key)`` on every hit (Lookup, Get) of a resident block;
+  ``insert_many(keys, infos)`` for a batch (one put's blocks, in chain order);
+* ``access(key)`` on every hit (Lookup, Get) of a resident block; ``access_many(keys)`` for a
+  batch (a lease's blocks, when it ends);
 * ``remove(key)`` when a block leaves, whoever chose it (eviction, Remove, Flush);
 * ``select_victims(count, evictable)`` returns up to ``count`` resident keys, best victim
   first, for which ``evictable(key)`` is true. It does not remove them: the index evicts
   what it takes and calls ``remove`` for each.
 
 A policy only orders keys. It never frees memory and never sees leases or grants: the
-``evictable`` predicate is how the index keeps leased and uncommitted blocks out of reach.
+``evictable`` predicate is how the index keeps leased and uncommitted blocks out of reach
+(and the index checks every victim against it again). ``BlockInfo`` carries what the index
+knows of a block's place in its prefix chain: its position, its parent's key and whether it
+ended the chain its writer published.
 The replay tool (``kvpool replay``) drives these same classes through the same calls,
 so what it measures is what the master runs.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import itemgetter
 from typing import Callable, ClassVar
+
+import numpy as np
 
 __all__ = [
     "BlockInfo",
     "EvictionPolicy",
     "LRUPolicy",
     "PacedAdmissionPolicy",
+    "HitDensityPolicy",
+    "FIFOPolicy",
+    "LFUPolicy",
+    "MRUPolicy",
     "POLICIES",
     "make_policy",
     "DEFAULT_POLICY",
@@ -42,6 +56,11 @@ class BlockInfo:
     #: Index of the block in its prefix chain (0 = first block of a prompt); -1 if unknown.
     position: int = -1
     namespace: str = ""
+    #: Key of the block before it in its prefix chain, when the writer sent both in one batch
+    #: (the index learns parents from ``PutStart`` batches); None for a root or if unknown.
+    parent: bytes | None = None
+    #: It was the last block of the chain its writer published (the chain's leaf).
+    last: bool = False
 
 
 class EvictionPolicy(ABC):
@@ -49,6 +68,12 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def insert(self, key: bytes, info: BlockInfo) -> None: ...
+
+    def insert_many(self, keys, infos) -> None:
+        """``insert`` of each (key, info) in order; the index commits a put as one batch, so
+        policies may override it to do their work once per batch."""
+        for key, info in zip(keys, infos):
+            self.insert(key, info)
 
     @abstractmethod
     def access(self, key: bytes) -> None: ...
@@ -352,14 +377,691 @@ class PacedAdmissionPolicy(EvictionPolicy):
         return len(self._where)
 
 
+def _age_bin(age: int) -> int:
+    """Quarter-octave bin of an age in references: 0..3 exactly, then 4 bins per doubling."""
+    e = age.bit_length() - 1
+    if e < 2:
+        return age if age > 0 else 0
+    return 4 * e + ((age >> (e - 2)) & 3) - 4
+
+
+def _bin_start(b: int) -> int:
+    """The smallest age in bin ``b`` (inverse of :func:`_age_bin`)."""
+    if b < 4:
+        return b
+    e, f = divmod(b + 4, 4)
+    return (4 + f) << (e - 2)
+
+
+class HitDensityPolicy(EvictionPolicy):
+    """Learned hit density, prefix-aware and leaf-first ("lhd", the default).
+
+    The idea is LHD (Beckmann, Chen and Cidon, NSDI '18): a block is worth its expected future
+    hits per unit of cache space-time, and the policy evicts the sampled block worth least.
+    What this policy adds for a prefix cache is *where it learns from* and *what it may
+    evict*.
+
+    **Classes.** Every reference (an insert or a hit) starts an *interval* that ends at the
+    key's next reference. The interval's class is a pair of features the master knows:
+    how many times the key was referenced so far (buckets 1, 2-3, 4-7, 8+) and whether the
+    block ended the chain its writer published (``BlockInfo.last``: a request's last block
+    is the one the next turn rewrites, so it is reused far less often; the policy does not
+    assume that, it learns it per class).
+
+    **Learning from a long history, not from the cache.** The policy keeps a *history*: the
+    last reference tick, reference count and last flag of every recently referenced key,
+    resident or not. When a key in the history is referenced again, that is a reuse at
+    distance ``now - last`` for the class of the interval that ends. Keys that leave the
+    history unreused, and keys still in it, are *censored* at their age: known to survive
+    that long, fate unknown. Per class and age bin, the hazard ``h(a)`` (reuse at age ``a``
+    given survival to ``a``) is a Kaplan-Meier estimate from those counts, so the reuse
+    distributions are learned from the reference stream itself, up to ages far beyond what a
+    small cache ever keeps: a small cache can learn that what it evicts young would have
+    been reused at age 9,000, which is what lets it behave like admission control.
+
+    **Density.** For a block of class ``c`` at age ``a``, with survival ``S`` from ``a``
+    built from ``h``, keeping it until age ``T`` yields ``(1 - S(T)) / sum(S over [a, T))``
+    hits per unit of space-time. Its density is the best such ratio over ``T``. This ranks
+    blocks without knowing the capacity: a cache keeps the blocks whose density is above
+    the price its size sets, so a small one keeps few blocks that are near their likely
+    reuse (and evicts fresh ones: admission control) and a large one evicts only what is
+    unlikely to be reused at all (close to LRU). A class/age cell with no observations yet
+    borrows the hazard pooled over all classes (one pseudo-observation), and ages beyond
+    the history have density 0. Before anything is learned all densities are equal and
+    ties go to the oldest block: the policy starts as LRU.
+
+    **Leaf-first.** The index tells the policy each block's parent (the block before it in
+    the chain of one put). Only leaves, blocks with no resident child, are candidates, so
+    a non-recency order can never cut a chain in the middle and strand its tail. When a
+    victim's parent becomes a leaf it joins the candidates of the same call. Only when no
+    leaf is evictable (a pinned child) may an interior block go.
+
+    **Cost and memory.** Per reference: a few dict and list operations, batched per call
+    (one put, one lease). Densities are recomputed with numpy when half as many references
+    as the history holds have been made since the last time, and at least ``REFRESH_MIN``
+    (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
+    requested victim (all leaves when there are fewer), scored in one vectorized pass.
+    The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
+    keys, never more than ``HISTORY_MAX``, at each recomputation, so it holds at most 1.5x
+    that; about 150 bytes a key (a 16-byte key and one packed int in a dict): 30 MiB at
+    the floor, under 1 GiB at the cap.
+
+    Constants, each with its reason (none was fitted to a trace):
+
+    * ``SAMPLES = 64`` candidates per victim: LHD's sample size; the victim is then in the
+      lowest ~1/65 of densities in expectation, close to a full sort at a fraction of it.
+    * Age bins: 4 per doubling, up to 2^32 references. Reuse distances span many orders of
+      magnitude, so bins are logarithmic; a quarter octave (19% wide) resolves a reuse peak
+      while keeping ~130 bins per class, few enough to fill with data.
+    * ``HISTORY_PER_BLOCK = 4``: the history must remember keys for longer than the cache
+      keeps them, or old blocks look worthless. A block in a cache of C blocks lives about
+      C / (miss ratio) references; 4 x C covers miss ratios down to 25%. ``HISTORY_MIN =
+      2**17`` keys (about 20 MiB) so that a small cache still learns reuse far beyond its own
+      size, which is the whole point; it is a memory budget, not a fit. ``HISTORY_MAX =
+      2**22`` bounds memory for huge tiers.
+    * Reference-count buckets in powers of two (1, 2-3, 4-7, 8+): reuse probability grows
+      with past references and flattens out; doubling buckets keep four classes populated.
+    * Statistics are halved each time as many intervals have ended as the history holds,
+      so the policy remembers about two histories' worth of traffic and follows changes in
+      the workload at the pace its memory allows.
+    * One pseudo-observation of the pooled hazard per cell: the weakest prior that keeps
+      an empty cell defined; a cell with data is dominated by its own counts.
+    * ``REFRESH_MIN = 256`` references between two recomputations at least: a density pass
+      costs O(classes x bins^2), about a millisecond, so this bounds it near a few
+      microseconds per reference while the history is tiny; the first densities come
+      after 256 references, so learning starts almost at once.
+    """
+
+    name = "lhd"
+
+    SAMPLES: ClassVar[int] = 64
+    BINS: ClassVar[int] = 4 * 32 - 4
+    HISTORY_MIN: ClassVar[int] = 1 << 17
+    HISTORY_PER_BLOCK: ClassVar[int] = 4
+    HISTORY_MAX: ClassVar[int] = 1 << 22
+    COUNT_BUCKETS: ClassVar[int] = 4
+    PRIOR: ClassVar[float] = 1.0
+    #: The smallest number of references between two recomputations of the densities.
+    REFRESH_MIN: ClassVar[int] = 256
+
+    # A history value packs the key's last reference tick, its reference count (capped at
+    # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
+    _T_SHIFT = 9
+
+    def __init__(self, seed: int = 0) -> None:
+        nb = self.BINS
+        self._nclasses = nc = 2 * self.COUNT_BUCKETS
+        #: Class of (count, last): 2 * bucket(count) + last.
+        self._bucket = [2 * min(max(c, 1).bit_length() - 1, self.COUNT_BUCKETS - 1) for c in range(256)]
+        starts = np.array([_bin_start(b) for b in range(nb + 1)], dtype=np.int64)
+        self._edges = starts[1:nb]  # searchsorted(edges, age, "right") == _age_bin(age), capped
+        self._width = (starts[1:] - starts[:-1]).astype(np.float64)
+        self._reused = np.zeros((nc, nb))     # intervals that ended in a reuse, by class and age bin
+        self._censored = np.zeros((nc, nb))   # intervals that left the history unreused
+        self._ended = 0                       # intervals counted since the last halving
+        self._pending: list[int] = []         # reuses not yet added: class * BINS + bin
+        self._rank = np.zeros(nc * nb, np.int64)  # density rank of each (class, bin) cell
+        self._history: dict[bytes, int] = {}
+        self._now = 0
+        self._refresh_at = self.REFRESH_MIN
+        # Resident blocks, by slot. Python lists for the per-reference work; numpy mirrors
+        # of tick and class for the vectorized victim scoring, synced lazily from _dirty.
+        self._slot: dict[bytes, int] = {}
+        self._keys: list[bytes | None] = []
+        self._tick: list[int] = []
+        self._cls: list[int] = []
+        self._kids: list[int] = []    # resident children
+        self._parent: list[int] = []  # parent slot, -1 for none
+        self._dead: list[bool] = []   # removed while it still had children: freed by the last
+        self._leafpos: list[int] = []  # index in _leaves, -1 if not a leaf
+        self._leaves: list[int] = []   # slots of the leaves, in no order (swap-remove)
+        self._leaves_np = np.zeros(1024, np.int64)  # its numpy copy, for sampling and scoring
+        self._leaf_moves: list[int] = []  # positions of _leaves written since the copy was synced
+        self._free: list[int] = []
+        self._dirty: list[int] = []
+        self._tick_np = np.zeros(1024, np.int64)
+        self._cls_np = np.zeros(1024, np.int64)
+        self._rank_l: list[int] = self._rank.tolist()
+        self._rng = np.random.default_rng(seed)
+        self._rand = np.zeros(0, np.int64)
+        self._randpos = 0
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def history_len(self) -> int:
+        return len(self._history)
+
+    @property
+    def history_cap(self) -> int:
+        return min(self.HISTORY_MAX, max(self.HISTORY_MIN, self.HISTORY_PER_BLOCK * len(self._slot)))
+
+    def density(self, key: bytes) -> float:
+        """The current density rank of a resident block (higher is kept longer); for tests."""
+        s = self._slot[key]
+        return float(self._rank[self._cls[s] * self.BINS + min(_age_bin(self._now - self._tick[s]), self.BINS - 1)])
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    # ------------------------------------------------------------------ references
+
+    def _reference(self, keys, lasts) -> list[int]:
+        """Record one reference of each key, in order; return the class each one starts."""
+        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
+        olds = list(map(history.pop, keys, repeat(0)))
+        now = self._now
+        classes = []
+        values = []
+        for old, last in zip(olds, lasts):
+            now += 1
+            if old:
+                count = (old >> 1) & 0xFF
+                last = old & 1
+                d = now - (old >> 9)
+                e = d.bit_length() - 1
+                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
+                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
+                if count < 255:
+                    count += 1
+            else:
+                count = 1
+            values.append((now << 9) | (count << 1) | last)
+            classes.append(bucket[count] + last)
+        history.update(zip(keys, values))
+        self._now = now
+        return classes
+
+    def insert(self, key: bytes, info: BlockInfo) -> None:
+        self.insert_many((key,), (info,))
+
+    def insert_many(self, keys, infos) -> None:
+        keys = list(keys)
+        infos = list(infos)
+        slot_of = self._slot
+        if len(set(keys)) != len(keys) or any(map(slot_of.__contains__, keys)):
+            for key, info in zip(keys, infos):  # not a plain batch of new keys: one at a time
+                self.remove(key)
+                self.insert_many([key], [info])
+            return
+        cut = self._refresh_at - self._now
+        if cut < len(keys):  # refresh exactly where one-at-a-time inserts would
+            self.insert_many(keys[:cut], infos[:cut])
+            self.insert_many(keys[cut:], infos[cut:])
+            return
+        # One pass: the reference (history, reuse statistics) and the slot, per key.
+        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
+        olds = list(map(history.pop, keys, repeat(0)))
+        kl, tl, cl, kids, par, dead, lpos, free = (
+            self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
+        new: list[int] = []
+        parents: list[int] = []
+        values: list[int] = []
+        now = self._now
+        prev_key, prev_slot = None, -1
+        for key, info, old in zip(keys, infos, olds):
+            now += 1
+            last = 1 if info.last else 0
+            if old:
+                count = (old >> 1) & 0xFF
+                last = old & 1
+                d = now - (old >> 9)
+                e = d.bit_length() - 1
+                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
+                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
+                if count < 255:
+                    count += 1
+            else:
+                count = 1
+            values.append((now << 9) | (count << 1) | last)
+            c = bucket[count] + last
+            if free:  # a free slot has no children and is not dead (see remove)
+                s = free.pop()
+                kl[s] = key
+                tl[s] = now
+                cl[s] = c
+            else:
+                s = len(kl)
+                kl.append(key)
+                tl.append(now)
+                cl.append(c)
+                kids.append(0)
+                par.append(-1)
+                dead.append(False)
+                lpos.append(-1)
+            slot_of[key] = s
+            parent = info.parent
+            if parent is None:
+                p = -1
+            elif parent == prev_key:  # the usual case: the block before it in this batch
+                p = prev_slot
+                kids[p] += 1
+            else:
+                p = slot_of.get(parent, -1)
+                if p >= 0:
+                    kids[p] += 1
+                    if lpos[p] >= 0:
+                        parents.append(p)
+            par[s] = p
+            new.append(s)
+            prev_key, prev_slot = key, s
+        history.update(zip(keys, values))
+        self._now = now
+        leaves, moves = self._leaves, self._leaf_moves
+        for p in parents:
+            i = lpos[p]
+            if i >= 0:
+                moved = leaves.pop()
+                if moved != p:
+                    leaves[i] = moved
+                    lpos[moved] = i
+                    moves.append(i)
+                lpos[p] = -1
+        for s in new:
+            if kids[s] == 0:
+                lpos[s] = len(leaves)
+                moves.append(len(leaves))
+                leaves.append(s)
+        self._dirty.extend(new)
+        if self._now >= self._refresh_at:
+            self._refresh()
+
+    def access(self, key: bytes) -> None:
+        self.access_many((key,))
+
+    def access_many(self, keys) -> None:
+        get = self._slot.get
+        keys = [k for k in keys if get(k) is not None]
+        if len(keys) > 1:
+            keys = list(dict.fromkeys(keys))  # one reference per key per batch
+        if not keys:
+            return
+        cut = self._refresh_at - self._now
+        if cut < len(keys):  # refresh exactly where one-at-a-time accesses would
+            self.access_many(keys[:cut])
+            self.access_many(keys[cut:])
+            return
+        classes = self._reference(keys, repeat(0))
+        slots = list(map(get, keys))
+        tl, cl = self._tick, self._cls
+        now = self._now - len(keys)
+        for s, c in zip(slots, classes):
+            now += 1
+            tl[s] = now
+            cl[s] = c
+        self._dirty.extend(slots)
+        if self._now >= self._refresh_at:
+            self._refresh()
+
+    def remove(self, key: bytes) -> None:
+        s = self._slot.pop(key, None)
+        if s is None:
+            return
+        lpos, leaves, kids = self._leafpos, self._leaves, self._kids
+        i = lpos[s]
+        if i >= 0:
+            moved = leaves.pop()
+            if moved != s:
+                leaves[i] = moved
+                lpos[moved] = i
+                self._leaf_moves.append(i)
+            lpos[s] = -1
+        self._keys[s] = None
+        p = self._parent[s]
+        if p >= 0:
+            kids[p] -= 1
+            if kids[p] == 0:
+                if self._dead[p]:
+                    self._dead[p] = False
+                    self._free.append(p)
+                else:
+                    lpos[p] = len(leaves)
+                    self._leaf_moves.append(len(leaves))
+                    leaves.append(p)
+        if kids[s] > 0:
+            self._dead[s] = True  # its children still point here; recycled after the last one
+        else:
+            self._free.append(s)
+
+    # ------------------------------------------------------------------ learning
+
+    def _refresh(self) -> None:
+        """Fold new reuses in, trim the history (censoring what leaves), recompute densities."""
+        nb, nc = self.BINS, self._nclasses
+        if self._pending:
+            self._reused += np.bincount(self._pending, minlength=nc * nb).reshape(nc, nb)
+            self._ended += len(self._pending)
+            self._pending = []
+        now = self._now
+        history = self._history
+        cap = self.history_cap
+        if len(history) > cap:
+            # Every reference re-inserts its key, so the dict is in order of last reference:
+            # the oldest keys are its first ones. Drop down to 7/8 of the cap.
+            drop = len(history) - cap + cap // 8
+            old = list(islice(history.items(), drop))
+            for key, _ in old:
+                del history[key]
+            gone = np.fromiter((v for _, v in old), dtype=np.int64, count=len(old))
+            self._censored += self._cells(gone, now)
+            self._ended += len(gone)
+        values = np.fromiter(history.values(), dtype=np.int64, count=len(history))
+        if self._ended > len(self._history):
+            self._reused *= 0.5
+            self._censored *= 0.5
+            self._ended //= 2
+        alive = self._cells(values, now)
+        self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
+        self._rank_l = self._rank.tolist()
+        self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
+
+    def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
+        """Histogram of history values by (class, age bin)."""
+        nb, nc = self.BINS, self._nclasses
+        if len(values) == 0:
+            return np.zeros((nc, nb))
+        cls = np.asarray(self._bucket)[(values >> 1) & 0xFF] + (values & 1)
+        bins = np.searchsorted(self._edges, now - (values >> 9), "right")
+        return np.bincount(cls * nb + bins, minlength=nc * nb).reshape(nc, nb).astype(np.float64)
+
+    def densities(self, reused: np.ndarray, exits: np.ndarray) -> np.ndarray:
+        """Hit density per (class, age bin) from reuse counts and all interval exits (reused,
+        censored or still open) by the bin they ended in: Kaplan-Meier hazards, then the best
+        hits per space-time over every horizon.
+
+        With survival ``S`` and cumulative space-time ``C`` (both from age 0, at bin starts),
+        keeping a block from bin ``i`` to bin ``T`` gives ``(S[i] - S[T]) / (C[T] - C[i])``.
+        Hazards are capped at 0.99 so that ``S`` stays representable over every bin."""
+        nc, nb = reused.shape
+        density = np.zeros((nc, nb))
+        at_risk = np.cumsum(exits[:, ::-1], axis=1)[:, ::-1]
+        seen = np.nonzero(at_risk.sum(0) > 0)[0]
+        if len(seen) == 0:
+            return density
+        top = int(seen[-1]) + 1  # past the oldest age ever observed nothing is known: density 0
+        reused, at_risk = reused[:, :top], at_risk[:, :top]
+        pooled = reused.sum(0) / np.maximum(at_risk.sum(0), 1e-300)
+        hazard = np.clip((reused + self.PRIOR * pooled) / (at_risk + self.PRIOR), 0.0, 0.99)
+        surv = np.exp(np.concatenate([np.zeros((nc, 1)), np.cumsum(np.log1p(-hazard), axis=1)], axis=1))
+        spacetime = np.concatenate(
+            [np.zeros((nc, 1)), np.cumsum(self._width[:top] * 0.5 * (surv[:, :-1] + surv[:, 1:]), axis=1)], axis=1)
+        # ratio[c, i, T] for start bin i < top and end T in (i, top]
+        gained = surv[:, :top, None] - surv[:, None, :]
+        spent = spacetime[:, None, :] - spacetime[:, :top, None]
+        later = np.arange(top + 1)[None, :] > np.arange(top)[:, None]
+        ratio = np.where(later, gained / np.where(later, spent, 1.0), 0.0)
+        density[:, :top] = ratio.max(axis=2)
+        return density
+
+    @staticmethod
+    def _ranks(dens: np.ndarray) -> np.ndarray:
+        """Dense ranks of the density cells (equal densities share a rank: age breaks ties)."""
+        flat = dens.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        rank = np.empty(len(flat), np.int64)
+        rank[order] = np.concatenate([[0], np.cumsum(np.diff(flat[order]) > 0)])
+        return rank
+
+    # ------------------------------------------------------------------ victims
+
+    def _sync(self) -> None:
+        """Copy ticks and classes changed since the last selection into the numpy mirrors."""
+        n = len(self._keys)
+        if n > len(self._tick_np):
+            size = max(n, 2 * len(self._tick_np))
+            self._tick_np = np.concatenate([self._tick_np, np.zeros(size - len(self._tick_np), np.int64)])
+            self._cls_np = np.concatenate([self._cls_np, np.zeros(size - len(self._cls_np), np.int64)])
+        dirty = self._dirty
+        if dirty:
+            idx = np.array(dirty, dtype=np.int64)
+            self._tick_np[idx] = np.fromiter(map(self._tick.__getitem__, dirty), np.int64, len(dirty))
+            self._cls_np[idx] = np.fromiter(map(self._cls.__getitem__, dirty), np.int64, len(dirty))
+            dirty.clear()
+
+    def _sync_leaves(self) -> np.ndarray:
+        """The leaf list as a numpy array: only the positions written since the last call
+        are copied."""
+        leaves, moves = self._leaves, self._leaf_moves
+        nl = len(leaves)
+        if nl > len(self._leaves_np):
+            grown = np.zeros(max(nl, 2 * len(self._leaves_np)), np.int64)
+            grown[: len(self._leaves_np)] = self._leaves_np
+            self._leaves_np = grown
+        if moves:
+            live = [i for i in moves if i < nl]
+            if live:
+                self._leaves_np[np.array(live, dtype=np.int64)] = np.fromiter(
+                    map(leaves.__getitem__, live), np.int64, len(live))
+            moves.clear()
+        return self._leaves_np[:nl]
+
+    def _random(self, n: int, high: int) -> np.ndarray:
+        """``n`` uniform ints in [0, high), cut from a buffer drawn in bulk (numpy's per-call
+        overhead is larger than a draw of a thousand numbers)."""
+        if self._randpos + n > len(self._rand):
+            self._rand = self._rng.integers(0, 1 << 62, max(1 << 16, n))
+            self._randpos = 0
+        r = self._rand[self._randpos:self._randpos + n]
+        self._randpos += n
+        return r % high
+
+    def _sort_keys(self, slots: np.ndarray) -> np.ndarray:
+        """One int64 per slot that sorts victims first: density rank, then older first."""
+        age = self._now - self._tick_np[slots]
+        return (self._rank[self._cls_np[slots] * self.BINS + np.searchsorted(self._edges, age, "right")] << 40) - age
+
+    def _ranked_few(self) -> tuple[list[int], list[int]]:
+        """Every leaf with its sort key, best victim first, computed in Python: when there are
+        few leaves, a dozen numpy calls cost more than the work itself. Same keys, same
+        order (a stable sort of the leaf list) as the vectorized path."""
+        now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank_l
+        keyed = []
+        for s in self._leaves:
+            a = now - tl[s]
+            e = a.bit_length() - 1
+            b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
+            keyed.append(((rank[cl[s] * nb + (b if b < nb else nb - 1)] << 40) - a, s))
+        keyed.sort(key=itemgetter(0))
+        return [s for _, s in keyed], [k for k, _ in keyed]
+
+    def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
+        if count <= 0 or not self._slot:
+            return []
+        nl = len(self._leaves)
+        if nl <= 2 * count + 16:  # every leaf would be in the top k of the vectorized path
+            cand_l, key_l = self._ranked_few()
+            out = self._walk(cand_l, key_l, count, evictable, set(), True)
+            if len(out) < count:
+                taken = set(out)
+                self._sync()
+                rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
+                out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
+            if len(self._dirty) > len(self._keys):  # the mirrors are not read on this path: bound the backlog
+                self._sync()
+            if len(self._leaf_moves) > 4 * nl + 64:
+                self._sync_leaves()
+            return out
+        self._sync()
+        leaves_np = self._sync_leaves()
+        sampled = self.SAMPLES * count < nl
+        cand = leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else leaves_np
+        out = self._pick(cand, count, evictable, set())
+        if len(out) < count and sampled:  # the sample ran short (pinned blocks): every leaf
+            out += self._pick(leaves_np, count - len(out), evictable, set(out))
+        if len(out) < count:  # no evictable leaf is left: interior blocks, as a last resort
+            taken = set(out)
+            rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
+            out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
+        return out
+
+    def _pick(self, cand: np.ndarray, count: int, evictable, taken: set, leaves_only: bool = True) -> list[bytes]:
+        """Up to ``count`` victims from ``cand``, best first; a victim's parent that becomes a
+        leaf competes in the same call."""
+        out: list[bytes] = []
+        if len(cand) == 0:
+            return out
+        sort_key = self._sort_keys(cand)
+        k = min(len(cand), 2 * count + 16)
+        while True:
+            if k < len(cand):
+                top = np.argpartition(sort_key, k - 1)[:k]
+                top = top[np.argsort(sort_key[top], kind="stable")]
+            else:
+                top = np.argsort(sort_key, kind="stable")
+            cand_l = cand[top].tolist()
+            key_l = sort_key[top].tolist()
+            out = self._walk(cand_l, key_l, count, evictable, taken, leaves_only)
+            if len(out) >= count or k >= len(cand):
+                return out
+            k = min(len(cand), 4 * k)  # too many were pinned or taken: look further down
+
+
+    def _walk(self, cand_l: list[int], key_l: list[int], count: int, evictable, taken: set,
+              leaves_only: bool) -> list[bytes]:
+        """Take victims from candidates sorted by key; a victim's parent that becomes a leaf
+        competes at once."""
+        heap: list[tuple[int, int]] = []
+        keys, par, dead, kids, tl, cl, rank = (
+            self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank_l)
+        kids_left: dict[int, int] = {}
+        seen: set[int] = set()
+        nb, now = self.BINS, self._now
+        i, n = 0, len(cand_l)
+        out: list[bytes] = []
+        while len(out) < count:
+            if heap and (i >= n or heap[0][0] < key_l[i]):
+                s = heapq.heappop(heap)[1]
+            elif i < n:
+                s = cand_l[i]
+                i += 1
+            else:
+                break
+            if s in seen:
+                continue
+            seen.add(s)
+            key = keys[s]
+            if key is None or key in taken or not evictable(key):
+                continue
+            out.append(key)
+            # Walk up the chain while each parent becomes a leaf and is the best choice
+            # left (the common case: a dead chain peeled from its tail); a parent that is
+            # not the best yet waits in the heap.
+            # (A parent met here was not a leaf when the call began, so it is in no
+            # candidate list, and it reaches zero children only once: no ``seen`` check.)
+            p = par[s]
+            while leaves_only and p >= 0 and not dead[p]:
+                if kids[p] == 1 and p not in kids_left:
+                    kids_left[p] = 0
+                else:
+                    left = kids_left[p] = kids_left.get(p, kids[p]) - 1
+                    if left:
+                        break
+                a = now - tl[p]
+                e = a.bit_length() - 1
+                b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
+                pk = (rank[cl[p] * nb + (b if b < nb else nb - 1)] << 40) - a
+                if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
+                    key = keys[p]
+                    if key not in taken and evictable(key):
+                        out.append(key)
+                        p = par[p]
+                        continue
+                    break
+                heapq.heappush(heap, (pk, p))
+                break
+        return out
+
+
+class FIFOPolicy(LRUPolicy):
+    """First in, first out: hits do not reorder. A reference point for replays and tests."""
+
+    name = "fifo"
+
+    def access(self, key: bytes) -> None:
+        pass
+
+    def access_many(self, keys) -> None:
+        pass
+
+
+class MRUPolicy(LRUPolicy):
+    """Most recently used first: the classic winner on loops larger than the cache. A
+    reference point for replays and tests, never a policy to run."""
+
+    name = "mru"
+
+    def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
+        out: list[bytes] = []
+        for key in reversed(self._order):
+            if len(out) >= count:
+                break
+            if evictable(key):
+                out.append(key)
+        return out
+
+
+class LFUPolicy(EvictionPolicy):
+    """Least frequently used first (ties: least recently used), with counts forgotten when a
+    block leaves. A reference point for replays and tests."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._count: dict[bytes, int] = {}
+        self._tick: dict[bytes, int] = {}
+        self._now = 0
+        self._heap: list[tuple[int, int, bytes]] = []
+
+    def insert(self, key: bytes, info: BlockInfo) -> None:
+        self._count[key] = 0
+        self.access(key)
+
+    def access(self, key: bytes) -> None:
+        if key in self._count:
+            self._now += 1
+            self._count[key] += 1
+            self._tick[key] = self._now
+            heapq.heappush(self._heap, (self._count[key], self._now, key))
+
+    def remove(self, key: bytes) -> None:
+        self._count.pop(key, None)
+        self._tick.pop(key, None)
+
+    def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
+        out: list[bytes] = []
+        skipped = []
+        while self._heap and len(out) < count:
+            entry = heapq.heappop(self._heap)
+            c, t, key = entry
+            if self._tick.get(key) != t:
+                continue  # stale
+            skipped.append(entry)
+            if evictable(key):
+                out.append(key)
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        if len(self._heap) > 4 * len(self._count) + 64:
+            self._heap = [(self._count[k], t, k) for k, t in self._tick.items()]
+            heapq.heapify(self._heap)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+
 #: Policies by name, for ``--eviction-policy`` and ``kvpool replay --policy``.
 POLICIES: dict[str, type[EvictionPolicy]] = {
     LRUPolicy.name: LRUPolicy,
     PacedAdmissionPolicy.name: PacedAdmissionPolicy,
+    HitDensityPolicy.name: HitDensityPolicy,
+    FIFOPolicy.name: FIFOPolicy,
+    LFUPolicy.name: LFUPolicy,
+    MRUPolicy.name: MRUPolicy,
 }
-#: The policy the master runs unless configured otherwise: measured on the FAST'25
-#: conversation trace with ``tools/bench_replay.py`` (>= LRU at every capacity).
-DEFAULT_POLICY = "paced"
+#: The policy the master runs unless configured otherwise: learned hit density, measured
+#: with ``tools/bench_replay.py`` on the FAST'25 conversation trace and on synthetic traces
+#: of other shapes (see the README's eviction section).
+DEFAULT_POLICY = "lhd"
 
 
 def make_policy(name: str | None = None) -> EvictionPolicy:

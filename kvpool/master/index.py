@@ -45,7 +45,7 @@ from typing import Callable, Iterable
 
 from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull, Unavailable
 from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES, Namespace, split_keys
-from kvpool.master.eviction import DEFAULT_POLICY, BlockInfo, EvictionPolicy, make_policy
+from kvpool.master.eviction import DEFAULT_POLICY, POLICIES, BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
 from kvpool.wire import pack_record, pack_slot
@@ -134,6 +134,9 @@ class PutGrant:
     entries: dict[bytes, Entry]
     expires_at: float
     tenant: str = ""
+    #: Where each granted block sits in the chain the writer sent: (parent key, last in the
+    #: batch). The eviction policy hears it at commit (BlockInfo.parent, BlockInfo.last).
+    links: dict[bytes, tuple[bytes | None, bool]] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,12 +187,16 @@ def scope_keys(keys: list[bytes], tenant: str) -> list[bytes]:
 
 class BlockIndex:
     def __init__(self, nodes: NodeRegistry, config: IndexConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 policy_factory: Callable[[str], EvictionPolicy] = make_policy) -> None:
         self.nodes = nodes
         self.config = config or IndexConfig()
         self.clock = clock
         self.started = clock()
-        make_policy(self.config.eviction_policy)  # fail fast on an unknown name
+        #: Makes each tier's policy from its name (``kvpool replay`` wraps it to time and check calls).
+        self.policy_factory = policy_factory
+        if self.config.eviction_policy not in POLICIES:
+            make_policy(self.config.eviction_policy)  # raises, naming the known policies
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._blocks: dict[bytes, Entry] = {}        # committed, visible
         self._pending: dict[bytes, Entry] = {}       # granted, not yet committed
@@ -204,6 +211,8 @@ class BlockIndex:
         self.nvme_drops: dict[int, list[tuple[bytes, Slot]]] = {}
         #: Entries committed since the tiering task last looked (for write-through).
         self.committed: list[Entry] = []
+        #: Nodes being drained (kvpool.master.drain): placement gives them no new blocks.
+        self.draining: set[int] = set()
         self.counters = Counters()
         #: (tenant, tier) -> [bytes, blocks] of committed copies, and bytes granted, not committed.
         self._usage: dict[tuple[str, str], list[int]] = {}
@@ -280,11 +289,12 @@ class BlockIndex:
         statuses: list[int] = []
         wanted: list[int] = []
         seen: set[bytes] = set()
+        present: list[Entry] = []
         for i, key in enumerate(keys):
             entry = self._blocks.get(key)
             if entry is not None:
                 statuses.append(PUT_PRESENT)
-                self._touch(entry)  # about to be reused: keep it out of this put's evictions
+                present.append(entry)
                 self.counters.dedup_blocks += 1
             elif key in self._pending or key in seen:
                 statuses.append(PUT_IN_FLIGHT)
@@ -292,6 +302,10 @@ class BlockIndex:
                 statuses.append(PUT_GRANTED)
                 wanted.append(i)
                 seen.add(key)
+        # Present blocks are about to be reused: touch them so this put's evictions spare
+        # them. A pinned one is safe anyway and its reader's access is counted when the
+        # lease ends, so touching it too would count one use twice.
+        self._touch_many([e for e in present if e.pins == 0])
         granted: dict[bytes, Entry] = {}
         if wanted:
             node, tier = self._place(info.block_bytes, len(wanted), tier, client_host, set(exclude))
@@ -312,6 +326,9 @@ class BlockIndex:
                 raise
         grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s, info.tenant)
         if granted:
+            # Consecutive keys of one batch are parent and child (a key names its prefix).
+            last = len(keys) - 1
+            grant.links = {keys[i]: (keys[i - 1] if i else None, i == last) for i in wanted}
             self._pending.update(granted)
             self._grants[grant.put_id] = grant
             tk = (info.tenant, tier)
@@ -357,6 +374,7 @@ class BlockIndex:
                 )
         del self._grants[put_id]
         now = self.clock()
+        entering: dict[tuple[int, str], tuple[list[bytes], list[BlockInfo]]] = {}
         for key, checksum in zip(keys, checksums):
             entry = grant.entries.pop(key)
             del self._pending[key]
@@ -366,11 +384,19 @@ class BlockIndex:
             entry.update_record()
             entry.last_access = now
             self._blocks[key] = entry
-            self._enter(entry, entry.mem_tier)
+            self._count(entry, entry.mem_tier, 1)  # the tenant's use of the tier (quotas)
+            parent, last = grant.links.get(key, (None, False))
+            batch = entering.setdefault((entry.node_id, entry.mem_tier), ([], []))
+            batch[0].append(key)
+            batch[1].append(BlockInfo(entry.size, entry.position, entry.ns, parent, last))
             if self.config.write_through:
                 self.committed.append(entry)
             self.counters.put_blocks += 1
             self.counters.put_bytes += entry.slot.size
+        # One batched call per policy, in chain order: a policy learns parents from it.
+        for tk, (batch_keys, infos) in entering.items():
+            self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + len(batch_keys)
+            self._policy(*tk).insert_many(batch_keys, infos)
         released = self._release_grant_entries(grant)
         self.enforce_watermarks()
         return len(keys), released
@@ -512,11 +538,15 @@ class BlockIndex:
             return False
         return True
 
-    def _touch(self, entry: Entry) -> None:
-        if entry.mem is not None:
-            self._policy(entry.node_id, entry.mem_tier).access(entry.key)
-        if entry.nvme is not None:
-            self._policy(entry.node_id, NVME).access(entry.key)
+    def _touch_many(self, entries: list[Entry]) -> None:
+        touched: dict[tuple[int, str], list[bytes]] = {}
+        for entry in entries:
+            if entry.mem is not None:
+                touched.setdefault((entry.node_id, entry.mem_tier), []).append(entry.key)
+            if entry.nvme is not None:
+                touched.setdefault((entry.node_id, NVME), []).append(entry.key)
+        for tk, keys in touched.items():
+            self._policy(*tk).access_many(keys)
 
     # ------------------------------------------------------------------ removal and eviction
 
@@ -596,23 +626,50 @@ class BlockIndex:
         entry = self._blocks.get(key)
         return entry is not None and entry.pins == 0
 
-    def victims(self, node_id: int, tier: str, want_bytes: int | None, tenant: str | None = None) -> list[Entry]:
+    def _holds(self, key: bytes, node_id: int, tier: str) -> bool:
+        """Whether ``key`` is a committed block with a copy in this node's ``tier``."""
+        entry = self._blocks.get(key)
+        if entry is None or entry.node_id != node_id:
+            return False
+        return entry.nvme is not None if tier == NVME else (entry.mem is not None and entry.mem_tier == tier)
+
+    def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0,
+                tenant: str | None = None) -> list[Entry]:
         """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all); with
-        ``tenant``, only that tenant's."""
+        ``tenant``, only that tenant's.
+
+        ``block_bytes`` (the size of the blocks being placed, when known) sizes the request
+        to the policy: sampling policies choose better when asked for what is needed.
+        The policy's answers are checked: a key that is not an unpinned, committed block of
+        this index is never evicted, whatever the policy says.
+        """
         policy = self._policies.get((node_id, tier))
         if policy is None:
             return []
         chosen: list[Entry] = []
         taken: set[bytes] = set()
         total = 0
+        blocks = self._blocks
         suffix = None if tenant is None else tenant.encode()
+
+        def evictable(key: bytes) -> bool:  # called per candidate: kept to one frame
+            if key in taken:
+                return False
+            entry = blocks.get(key)
+            return entry is not None and entry.pins == 0 and (suffix is None or key[KEY_BYTES:] == suffix)
+
         while want_bytes is None or total < want_bytes:
-            batch = policy.select_victims(64 + len(taken), lambda k: k not in taken and self._evictable(k) and (
-                suffix is None or k[KEY_BYTES:] == suffix))
-            batch = [k for k in batch if k not in taken]
+            if want_bytes is not None and block_bytes > 0:
+                ask = -(-(want_bytes - total) // block_bytes)
+            else:
+                ask = 64 + len(taken)
+            batch = [k for k in policy.select_victims(ask, evictable)
+                     if self._holds(k, node_id, tier) and evictable(k)]
             if not batch:
                 break
             for key in batch:
+                if key in taken:
+                    continue
                 entry = self._blocks[key]
                 chosen.append(entry)
                 taken.add(key)
@@ -636,9 +693,9 @@ class BlockIndex:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
 
-    def _evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
+    def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
-        victims = self.victims(node_id, tier, want_bytes)
+        victims = self.victims(node_id, tier, want_bytes, block_bytes)
         freed = sum(e.size for e in victims)
         for entry in victims:
             self.drop_copy(entry, tier)
@@ -682,7 +739,7 @@ class BlockIndex:
                 f"(--quotas {tenant}:{tier}=SIZE)")
 
     def _evict_tenant(self, node_id: int, tier: str, want: int, tenant: str) -> tuple[int, int]:
-        victims = self.victims(node_id, tier, want, tenant)
+        victims = self.victims(node_id, tier, want, tenant=tenant)
         freed = sum(e.size for e in victims)
         for entry in victims:
             self.drop_copy(entry, tier)
@@ -694,7 +751,16 @@ class BlockIndex:
     def _make_room(self, node: NodeHandle, tier: str, size: int, count: int) -> None:
         need = count - node.free_slots_for(tier, size)
         if need > 0:
-            self._evict_from(node.node_id, tier, need * size)
+            self._evict_from(node.node_id, tier, need * size, size)
+
+    def evict_from(self, node_id: int, tier: str, want_bytes: int | None) -> tuple[int, int]:
+        """Evict one tier of one node in policy order (the tiering task's NVMe eviction): the
+        same path as watermark and admin eviction. Returns (blocks, bytes) freed."""
+        return self._evict_from(node_id, tier, want_bytes)
+
+    def make_room(self, node: NodeHandle, tier: str, size: int, count: int) -> None:
+        """Evict from ``tier`` until ``count`` blocks of ``size`` fit (promotion makes room so)."""
+        self._make_room(node, tier, size, count)
 
     def evict(self, want_bytes: int | None) -> tuple[int, int, int]:
         """Admin eviction of memory copies (None: all evictable). NVMe copies are kept."""
@@ -813,6 +879,7 @@ class BlockIndex:
                     self._ungrant(entry)
                     self._release_storage(entry)
         self.nvme_drops.pop(node_id, None)
+        self.draining.discard(node_id)
         for tk in [tk for tk in self._policies if tk[0] == node_id]:
             del self._policies[tk]
             self._tier_blocks.pop(tk, None)
@@ -839,7 +906,7 @@ class BlockIndex:
     def _policy(self, node_id: int, tier: str) -> EvictionPolicy:
         policy = self._policies.get((node_id, tier))
         if policy is None:
-            policy = self._policies[(node_id, tier)] = make_policy(self.config.eviction_policy)
+            policy = self._policies[(node_id, tier)] = self.policy_factory(self.config.eviction_policy)
         return policy
 
     def _place(self, size: int, count: int, prefer: str = "", client_host: str = "",
@@ -855,7 +922,7 @@ class BlockIndex:
         best = None
         reachable = 0
         for node in self.nodes:
-            if node.node_id in exclude:
+            if node.node_id in exclude or node.node_id in self.draining:
                 continue
             ep = node.endpoint()
             local = not client_host or ep.host_id == client_host
@@ -878,6 +945,32 @@ class BlockIndex:
                 f"server (kvpool node --data-port), and nodes on the writer's host ({client_host}) have none left"
             )
         return best[1], best[2]
+
+    def place(self, size: int, count: int, exclude: Iterable[int] = ()) -> tuple[NodeHandle, str]:
+        """Where ``count`` blocks of ``size`` moved off the nodes in ``exclude`` go (a drain):
+        the rule of :meth:`_place` for a writer that reaches every node with a data server."""
+        return self._place(size, count, exclude=set(exclude))
+
+    def relocate(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> None:
+        """``entry``'s bytes were copied and verified into ``slot`` of ``tier`` on ``node_id``:
+        serve them from there, and free the old copies.
+
+        The caller holds the only pin (it copied under it), so no reader holds the old slot.
+        """
+        if entry.pins != 1 or entry.doomed or self._blocks.get(entry.key) is not entry:
+            raise FailedPrecondition(f"block {entry.key.hex()} cannot move: it is leased or gone")
+        old = self.nodes.get(entry.node_id)
+        if entry.mem is not None:
+            self._leave(entry, entry.mem_tier)
+            if old is not None:
+                old.free(entry.mem_tier, entry.mem)
+        if entry.nvme is not None:
+            self._leave(entry, NVME)
+            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
+            entry.nvme = None
+        entry.node_id, entry.mem, entry.mem_tier = node_id, slot, tier
+        entry.update_record()
+        self._enter(entry, tier)
 
     def _full_message(self, node: NodeHandle, tier: str, size: int, count: int) -> str:
         leased = sum(1 for e in self._blocks.values() if e.pins and e.node_id == node.node_id)

@@ -4,17 +4,18 @@ The master never touches block bytes. It reserves and frees memory slots on a no
 :class:`NodeHandle`, and asks it to move blocks between its tiers. In ``kvpool serve`` the
 handle is the in-process node object itself (:class:`kvpool.node.node.Node`); a node in
 another process is a :class:`kvpool.master.remote.RemoteNode`. The master's code is the same
-either way (DESIGN.md §1).
+either way (docs/design.md §1).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from kvpool.tiers.base import Slot, TierUsage
+from kvpool.tiers.base import Slot, TierCaps, TierUsage
+from kvpool.tiers.moves import DemoteResult, PromoteResult
 from kvpool.transport.endpoint import NodeEndpoint
 
-__all__ = ["NodeHandle", "NodeRegistry"]
+__all__ = ["NodeHandle", "NodeRegistry", "memory_tiers", "has_durable_tier"]
 
 
 @runtime_checkable
@@ -26,9 +27,18 @@ class NodeHandle(Protocol):
     #: Key of the node's data-plane capabilities (kvpool.capability): grants and leases are
     #: signed with it, and the node's data server checks them.
     data_key: bytes
+    #: host:port of the node's control service; "" for the node inside this process.
+    control_address: str
+    #: Monotonic time of the node's last heartbeat; None for a node that does not send them
+    #: (the one inside this process, which cannot go silent without the master).
+    last_seen: float | None
 
     def tier_names(self) -> list[str]:
         """The node's tiers, fastest first."""
+
+    def tier_caps(self) -> dict[str, TierCaps]:
+        """What each tier can do (kvpool.tiers.base.TierCaps), fastest first. The master
+        chooses tiers by these flags, never by their names."""
 
     def allocate(self, tier: str, size: int) -> Slot | None:
         """Reserve a slot of ``size`` bytes in ``tier``, or None if it is full."""
@@ -49,16 +59,38 @@ class NodeHandle(Protocol):
 
     # Tier movement, for nodes with an NVMe tier (kvpool.master.tiering drives it):
 
-    async def demote(self, items, *, keep_dram: bool):
+    async def demote(self, items, *, keep_dram: bool) -> DemoteResult:
         """Copy (key, memory slot, checksum, namespace) blocks to NVMe; the result lists
         ``moved`` (key, nvme slot), ``no_space`` keys and ``failed`` (key, reason)."""
 
-    async def promote(self, items):
+    async def promote(self, items) -> PromoteResult:
         """Read (key, nvme slot, checksum, dram slot) blocks into DRAM, verifying checksums;
         the result lists ``promoted`` keys and ``corrupt`` (key, reason)."""
 
     async def drop_nvme(self, items) -> None:
         """Remove (key, nvme slot) copies from the node's NVMe tier and catalog."""
+
+    # Moving blocks between nodes (kvpool.master.drain drives it):
+
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+        """Copy the blocks of ``access.records`` (a read capability on ``source``) from the
+        source's data server into ``slots`` of ``tier`` here; returns the positions of blocks
+        that failed their checksum."""
+
+
+    async def disconnect(self) -> None:
+        """The master is done with this handle: release what it holds for the node (a
+        channel). The node itself keeps running."""
+
+
+def memory_tiers(node: NodeHandle) -> list[str]:
+    """Tiers clients read and write directly (not durable, block-I/O tiers), fastest first."""
+    return [name for name, caps in node.tier_caps().items() if TierCaps.PERSISTENT not in caps]
+
+
+def has_durable_tier(node: NodeHandle) -> bool:
+    """Whether blocks can be demoted to a tier that survives a restart (NVMe)."""
+    return any(TierCaps.PERSISTENT in caps for caps in node.tier_caps().values())
 
 
 class NodeRegistry:

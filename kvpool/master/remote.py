@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -27,25 +26,15 @@ from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES
 from kvpool.master.index import NVME, BlockIndex
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
-from kvpool.master.servicer import rpc
+from kvpool.master.handlers import rpc
 from kvpool.tls import TlsFiles, open_aio_channel
-from kvpool.tiers.base import SlabAllocator, Slot, TierUsage
+from kvpool.tiers.base import SlabAllocator, Slot, TierCaps, TierUsage
+from kvpool.tiers.moves import DemoteResult, PromoteResult
 from kvpool.transport.endpoint import NodeEndpoint
 
 __all__ = ["RemoteNode", "RegistryServicer"]
 
 log = logging.getLogger("kvpool.master")
-
-
-@dataclass
-class MoveResult:
-    """What a node reports for a demote or promote batch (the fields tiering reads)."""
-
-    moved: list[tuple[bytes, Slot]] = field(default_factory=list)
-    no_space: list[bytes] = field(default_factory=list)
-    failed: list[tuple[bytes, str]] = field(default_factory=list)
-    promoted: list[bytes] = field(default_factory=list)
-    corrupt: list[tuple[bytes, str]] = field(default_factory=list)
 
 
 class RemoteNode:
@@ -61,12 +50,14 @@ class RemoteNode:
         self._clock = clock
         self.last_seen = clock()
         self._tiers = [t.tier for t in request.tiers]
+        self._caps = {t.tier: TierCaps(t.caps) for t in request.tiers}
+        # Memory tiers are mirrored here (the master allocates their slots); the durable tier's
+        # slots belong to the node's mover, which reports its use.
         self._memory = {t.tier: SlabAllocator(t.capacity_bytes, t.chunk_bytes)
-                        for t in request.tiers if t.tier != NVME}
+                        for t in request.tiers if TierCaps.PERSISTENT not in self._caps[t.tier]}
         self._nvme: TierUsage | None = None
         for t in request.tiers:
-            if t.tier == NVME:
-                self._update_nvme(t)
+            self._update_nvme(t)
         self._endpoint = NodeEndpoint.from_proto(request.endpoint).with_id(node_id)
         self.data_key = request.data_key
         self._recovered = [(b.key, Slot(b.offset, b.size), b.checksum, b.namespace_id) for b in request.nvme_blocks]
@@ -77,8 +68,8 @@ class RemoteNode:
         self._stub: node_pb2_grpc.NodeControlStub | None = None
 
     def _update_nvme(self, t: node_pb2.TierGeometry) -> None:
-        if t.tier == NVME and t.capacity_bytes:
-            self._nvme = TierUsage(NVME, t.capacity_bytes, t.used_bytes, t.used_slots)
+        if TierCaps.PERSISTENT in TierCaps(t.caps) and t.capacity_bytes:
+            self._nvme = TierUsage(t.tier, t.capacity_bytes, t.used_bytes, t.used_slots)
 
     def heartbeat(self, tiers) -> None:
         self.last_seen = self._clock()
@@ -89,6 +80,9 @@ class RemoteNode:
 
     def tier_names(self) -> list[str]:
         return list(self._tiers)
+
+    def tier_caps(self) -> dict[str, TierCaps]:
+        return dict(self._caps)
 
     def allocate(self, tier: str, size: int) -> Slot | None:
         return self._memory[tier].allocate(size)
@@ -126,24 +120,24 @@ class RemoteNode:
             raise Unavailable(f"node {self.name} ({self.control_address}) did not answer {name}: "
                               f"{exc.code().name}: {exc.details()}") from None
 
-    async def demote(self, items, *, keep_dram: bool) -> MoveResult:
+    async def demote(self, items, *, keep_dram: bool) -> DemoteResult:
         req = node_pb2.DemoteRequest(keep_memory=keep_dram, items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, namespace_id=ns)
             for k, s, c, ns in items])
         resp = await self._call("Demote", req)
         self._update_nvme(resp.nvme)
-        return MoveResult(moved=[(b.key, Slot(b.offset, b.size)) for b in resp.moved],
-                          no_space=list(resp.no_space),
-                          failed=[(k, resp.first_error) for k in resp.failed])
+        return DemoteResult(moved=[(b.key, Slot(b.offset, b.size)) for b in resp.moved],
+                            no_space=list(resp.no_space),
+                            failed=[(k, resp.first_error) for k in resp.failed], keep_dram=keep_dram)
 
-    async def promote(self, items) -> MoveResult:
+    async def promote(self, items) -> PromoteResult:
         req = node_pb2.PromoteRequest(items=[
             node_pb2.MoveItem(key=k, offset=s.offset, size=s.size, checksum=c, target_offset=d.offset)
             for k, s, c, d in items])
         resp = await self._call("Promote", req)
         self._update_nvme(resp.nvme)
-        return MoveResult(promoted=list(resp.promoted),
-                          corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
+        return PromoteResult(promoted=list(resp.promoted),
+                             corrupt=list(zip(resp.corrupt, resp.corrupt_reasons)))
 
     async def drop_nvme(self, items) -> None:
         req = node_pb2.DropNvmeRequest(blocks=[node_pb2.StoredBlock(key=k, offset=s.offset, size=s.size)
@@ -151,7 +145,15 @@ class RemoteNode:
         resp = await self._call("DropNvme", req)
         self._update_nvme(resp.nvme)
 
-    async def close(self) -> None:
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+        req = node_pb2.PullRequest(tier=tier, records=access.records, grant_id=access.grant_id,
+                                   expires_unix_ms=access.expires_unix_ms, mac=access.mac,
+                                   target_offsets=[s.offset for s in slots], tenant=access.tenant)
+        source.fill(req.source)
+        resp = await self._call("Pull", req)
+        return list(resp.corrupt)
+
+    async def disconnect(self) -> None:
         if self._channel is not None:
             await self._channel.close()
 
@@ -168,13 +170,16 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self.missed_heartbeats = missed_heartbeats
         self._next_id = 100  # ids below are for nodes inside this process
         self._closing: list[RemoteNode] = []
+        #: The nodes this registry admitted (its own records: no need to tell handle kinds apart).
+        self._joined: dict[int, RemoteNode] = {}
 
     def _remote_nodes(self) -> list[RemoteNode]:
-        return [n for n in self.index.nodes if isinstance(n, RemoteNode)]
+        return list(self._joined.values())
 
     def _forget(self, node: RemoteNode, why: str) -> None:
         forgotten = self.index.forget_node(node.node_id)
         self.index.nodes.remove(node.node_id)
+        self._joined.pop(node.node_id, None)
         self._closing.append(node)
         log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
 
@@ -208,6 +213,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         caller = current_caller()
         node.token = caller.token if caller is not None else ""
         self.index.nodes.add(node)
+        self._joined[node_id] = node
         adopted = self.index.adopt(node_id, node.recover())
         log.info("node %s joined as id %d at %s; %d blocks on its NVMe", node.name, node_id,
                  request.control_address, adopted)
@@ -215,8 +221,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
 
     @rpc
     def Heartbeat(self, request, context):
-        node = self.index.nodes.get(request.node_id)
-        if not isinstance(node, RemoteNode) or node.incarnation != request.incarnation:
+        node = self._joined.get(request.node_id)
+        if node is None or node.incarnation != request.incarnation:
             return node_pb2.HeartbeatResponse(register_again=True)
         node.heartbeat(request.tiers)
         return node_pb2.HeartbeatResponse()
@@ -229,4 +235,4 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
                 self._forget(node, f"missed {self.missed_heartbeats} heartbeats")
         closing, self._closing = self._closing, []
         for node in closing:
-            await node.close()
+            await node.disconnect()

@@ -1,26 +1,23 @@
 """gRPC servicers of the master: the client-facing KVPool service and the Admin service.
 
 They translate protos to :class:`~kvpool.master.index.BlockIndex` calls and back, nothing
-more. Every handler goes through :func:`rpc`, which turns :mod:`kvpool.errors` exceptions
+more. Every handler goes through :func:`~kvpool.master.handlers.rpc`, which turns :mod:`kvpool.errors` exceptions
 into gRPC statuses (the server keeps serving) and records the RPC's latency.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import operator
 import logging
-import time
-
-import grpc
 
 from kvpool.auth import current_caller
-from kvpool.guard import LogLimiter
-from kvpool.errors import InternalError, InvalidArgument, KvpoolError, NotFound, PermissionDenied
+from kvpool.errors import InvalidArgument, NotFound, PermissionDenied
 from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
+from kvpool.master.handlers import rpc
+from kvpool.master.drain import DEFAULT_BATCH, Drainer, DrainReport
 from kvpool.master.index import BlockIndex, Entry, NamespaceInfo, unknown_namespace
+from kvpool.master.nodes import memory_tiers
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
@@ -37,38 +34,6 @@ _tier_of = operator.attrgetter("mem_tier")
 _mem_of = operator.attrgetter("mem")
 
 log = logging.getLogger("kvpool.master")
-#: A request that trips a bug may come in a flood: one traceback per method per interval.
-_bugs = LogLimiter(log, interval=10.0)
-
-
-def rpc(method):
-    """Map kvpool errors to statuses and time the call (``kvpool_rpc_duration_seconds``)."""
-
-    name = method.__name__
-
-    @functools.wraps(method)
-    async def handler(self, request, context):
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            result = method(self, request, context)
-            if inspect.isawaitable(result):  # handlers that wait on tier movement
-                result = await result
-            return result
-        except KvpoolError as exc:
-            code = exc.code
-            await context.abort(code, str(exc))
-        except ValueError as exc:  # validation in constructors (KVLayout, Namespace)
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, f"{name}: {exc}")
-        except Exception as exc:  # a bug: report it, keep serving
-            _bugs.event(name, "failed", level=logging.ERROR, exc_info=True)
-            code = InternalError.code
-            await context.abort(code, f"{name}: internal error ({type(exc).__name__}: {exc}); please report it")
-        finally:
-            self.metrics.observe_rpc(name, code.name, time.perf_counter() - start)
-
-    return handler
 
 
 def namespace_from_proto(msg: common_pb2.Namespace) -> Namespace:
@@ -123,7 +88,7 @@ class _Base:
 
     def _several_memory_tiers(self) -> bool:
         """Whether blocks of one batch can sit in different memory tiers (HBM and DRAM)."""
-        return any(len([t for t in n.tier_names() if t != "nvme"]) > 1 for n in self.index.nodes)
+        return any(len(memory_tiers(n)) > 1 for n in self.index.nodes)
 
     def _locations(self, entries, out: common_pb2.Locations, op: int, grant_id: str, ttl_s: float,
                    tenant: str) -> None:
@@ -269,7 +234,7 @@ def stats_response(index: BlockIndex, tenant: str | None = None) -> common_pb2.S
         active_leases=index.lease_count, namespaces=len(index.namespaces), nodes=len(index.nodes),
         eviction_policy=index.config.eviction_policy, uptime_seconds=index.clock() - index.started,
         demoted_blocks=c.demoted_blocks, promoted_blocks=c.promoted_blocks,
-        written_through_blocks=c.written_through_blocks, corrupt_blocks=c.corrupt_blocks,
+        written_through_blocks=c.written_through_blocks, corrupt_blocks=c.corrupt_blocks, put_bytes=c.put_bytes,
     )
     for node in index.nodes:
         for u in node.usage():
@@ -364,12 +329,27 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         resp = admin_pb2.ListNodesResponse()
         stats = stats_response(self.index)
         for node in self.index.nodes:
-            last_seen = getattr(node, "last_seen", None)  # only nodes in other processes beat
+            last_seen = node.last_seen  # None: the node inside this process, which does not beat
             info = resp.nodes.add(
                 node_id=node.node_id, name=node.name, in_process=last_seen is None,
-                control_address=getattr(node, "control_address", ""),
+                control_address=node.control_address,
                 seconds_since_heartbeat=0.0 if last_seen is None else now - last_seen,
                 transports=_transport_summary(node.endpoint()),
+                draining=node.node_id in self.index.draining,
             )
             info.tiers.extend(t for t in stats.tiers if t.node_id == node.node_id)
         return resp
+
+    @rpc
+    async def Drain(self, request, context):
+        drainer = Drainer(self.index, self.tiering)
+        node = drainer.find(request.node)
+        if request.resume:
+            drainer.resume(node)
+            report = DrainReport(node, remaining=sum(1 for e in self.index.entries() if e.node_id == node.node_id))
+        else:
+            report = await drainer.drain(node, drop=request.drop, max_blocks=request.max_blocks or DEFAULT_BATCH)
+        return admin_pb2.DrainResponse(
+            node_id=node.node_id, node_name=node.name, moved=report.moved, moved_bytes=report.moved_bytes,
+            dropped=report.dropped, remaining=report.remaining, leased=report.leased,
+            draining=node.node_id in self.index.draining, failed=report.failed, first_error=report.first_error)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 
 from kvpool.master.index import DRAM, NVME, BlockIndex, Entry
-from kvpool.master.nodes import NodeHandle
+from kvpool.master.nodes import NodeHandle, has_durable_tier
 
 __all__ = ["Tiering"]
 
@@ -44,7 +44,7 @@ class Tiering:
 
     @staticmethod
     def has_nvme(node: NodeHandle) -> bool:
-        return NVME in node.tier_names()
+        return has_durable_tier(node)
 
     def any_nvme(self) -> bool:
         return any(self.has_nvme(n) for n in self.index.nodes)
@@ -64,7 +64,7 @@ class Tiering:
                 await self.demote(node, excess)
             excess = self.index.over_watermark(node, NVME)
             if excess:
-                self.index._evict_from(node.node_id, NVME, excess)
+                self.index.evict_from(node.node_id, NVME, excess)
         await self.flush_drops()
 
     async def flush_drops(self) -> None:
@@ -111,7 +111,7 @@ class Tiering:
         no_space = [e for e in batch if e.key in no_space_keys and not e.doomed]
         if no_space and retry:
             # Make room on NVMe by its own policy, then try once more.
-            index._evict_from(node.node_id, NVME, sum(e.size for e in no_space))
+            index.evict_from(node.node_id, NVME, sum(e.size for e in no_space))
             await self.flush_drops()
             await self._demote_batch(node, no_space, retry=False)
             no_space = []
@@ -183,7 +183,7 @@ class Tiering:
         for e in todo:
             slot = node.allocate(DRAM, e.size)
             if slot is None:
-                index._make_room(node, DRAM, e.size, 1)
+                index.make_room(node, DRAM, e.size, 1)
                 slot = node.allocate(DRAM, e.size)
             if slot is None:
                 break  # DRAM is full of pinned blocks: the rest stay misses for now

@@ -21,6 +21,7 @@ shutdown leaves nothing in /dev/shm.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -34,8 +35,11 @@ from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResu
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
 from kvpool.tiers.nvme import NvmeArena
+from kvpool.transport.base import Access, BlockIntegrityError, Share, TransportOptions
 from kvpool.transport.endpoint import NodeEndpoint, SharedSegment
 from kvpool.transport.shm import host_id
+from kvpool.transport.tcp import TcpTransport
+from kvpool.wire import unpack_records
 
 __all__ = ["Node"]
 
@@ -90,8 +94,18 @@ class Node:
 
     # NodeHandle: slots --------------------------------------------------------
 
+    #: NodeHandle: the master calls this node in its own process, and it sends no heartbeats.
+    control_address = ""
+    last_seen = None
+
     def tier_names(self) -> list[str]:
         return list(self.tiers)
+
+    def tier_caps(self) -> dict[str, TierCaps]:
+        return {name: arena.caps for name, arena in self.tiers.items()}
+
+    async def disconnect(self) -> None:
+        """NodeHandle: nothing to release; the process that owns the node closes it."""
 
     def allocate(self, tier: str, size: int) -> Slot | None:
         return self._memory_tier(tier).allocate(size)
@@ -195,6 +209,37 @@ class Node:
     async def promote(self, items: Sequence[tuple]) -> PromoteResult:
         """Read (key, nvme_slot, checksum, dram_slot) blocks into DRAM, verifying checksums."""
         return await self.mover.promote([PromoteItem(*item) for item in items], keep_nvme=True)
+
+    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot]) -> list[int]:
+        """Copy the blocks of ``access.records`` from ``source``'s data server into ``slots`` of
+        this node's ``tier`` (a drain moving blocks here). Returns the positions of blocks that
+        failed their checksum on the way: their slots hold nothing to serve.
+
+        The master allocated ``slots`` and signed ``access`` with the source's key; the bytes go
+        straight from the source's arena into this one, never through the master.
+        """
+        arena = self.host_arenas().get(tier)
+        if arena is None:
+            raise ValueError(f"node {self.name} has no host-memory tier {tier!r} to pull into")
+        if not source.tcp_address:
+            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
+        records = unpack_records(access.records)
+        if len(records) != len(slots):
+            raise ValueError(f"pull of {len(records)} blocks into {len(slots)} slots")
+        outs = [arena[s.offset:s.offset + s.size] for s in slots]
+        share = Share(records, np.arange(len(records), dtype=np.uint32), access)
+
+        def copy() -> list[int]:
+            transport = TcpTransport.open(source, tier, TransportOptions())
+            try:
+                transport.read(share, outs)
+            except BlockIntegrityError as exc:
+                return list(exc.positions)
+            finally:
+                transport.close()
+            return []
+
+        return await asyncio.to_thread(copy)
 
     async def drop_nvme(self, items: Sequence[tuple[bytes, Slot]]) -> None:
         await self.mover.drop(items)

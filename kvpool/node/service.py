@@ -20,12 +20,16 @@ import grpc
 from kvpool.auth import NODE, AuthInterceptor, Caller, TokenTable, bearer_metadata, resolve_token
 from kvpool.capability import new_data_key
 from kvpool.errors import InvalidArgument, KvpoolError
+from kvpool.metrics import Metrics
 from kvpool.node.catalog import KEY_BYTES, MAX_KEY_BYTES
 from kvpool.guard import LogLimiter, RequestGuard
 from kvpool.tls import TlsFiles, open_aio_channel, server_context, server_credentials
 from kvpool.node.node import Node
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
+from kvpool.transport.base import READ, Access
+from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.wire import unpack_records
 
 __all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
 
@@ -38,7 +42,8 @@ def _geometry(node: Node) -> list[node_pb2.TierGeometry]:
         u = arena.usage()
         out.append(node_pb2.TierGeometry(tier=name, capacity_bytes=arena.capacity,
                                          chunk_bytes=arena.slots.chunk_bytes,
-                                         used_bytes=u.used_bytes, used_slots=u.used_slots))
+                                         used_bytes=u.used_bytes, used_slots=u.used_slots,
+                                         caps=arena.caps.value))
     return out
 
 
@@ -116,6 +121,25 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         return node_pb2.PromoteResponse(promoted=result.promoted, corrupt=[k for k, _ in result.corrupt],
                                         corrupt_reasons=[r for _, r in result.corrupt],
                                         nvme=_nvme_geometry(self.node))
+
+    @_control
+    async def Pull(self, request, context):
+        try:
+            sizes = unpack_records(request.records)["size"]
+        except ValueError as exc:
+            raise InvalidArgument(f"{exc}") from None
+        if len(sizes) != len(request.target_offsets):
+            raise InvalidArgument(f"{len(sizes)} records but {len(request.target_offsets)} target slots")
+        # The capability names the tenant whose blocks these are (kvpool-cap/v2): the source's
+        # data server checks it against the blocks' keys.
+        access = Access(READ, request.grant_id, request.source.node_id, request.expires_unix_ms, request.mac,
+                        request.records, request.tenant)
+        slots = [Slot(int(o), int(n)) for o, n in zip(request.target_offsets, sizes)]
+        try:
+            corrupt = await self.node.pull(NodeEndpoint.from_proto(request.source), access, request.tier, slots)
+        except ValueError as exc:
+            raise InvalidArgument(f"{exc}") from None
+        return node_pb2.PullResponse(corrupt=corrupt)
 
     @_control
     async def DropNvme(self, request, context):
@@ -205,6 +229,7 @@ class NodeServer:
         self.agent: NodeAgent | None = None
         self._server: grpc.aio.Server | None = None
         self._agent_task: asyncio.Task | None = None
+        self.metrics: Metrics | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -244,11 +269,15 @@ class NodeServer:
                              tls=server_context(tls) if tls is not None else None)
         self.agent = NodeAgent(self.node, s.master, control, token, tls)
         self._agent_task = asyncio.create_task(self.agent.run())
+        metrics = "off"
+        if s.metrics_port >= 0:
+            self.metrics = Metrics.for_node(self.node)
+            metrics = f"http://{s.host}:{self.metrics.serve(s.host, s.metrics_port)}/metrics"
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())
-        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s %s shm=/dev/shm/%s", control,
-                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, tiers, shm)
+        log.info("kvpool node ready control=%s data=%s ucx=%s master=%s metrics=%s %s shm=/dev/shm/%s", control,
+                 ep.tcp_address, "on" if ep.ucx_worker_address else "off", s.master, metrics, tiers, shm)
 
     async def stop(self) -> None:
         if self._agent_task is not None:
@@ -259,6 +288,8 @@ class NodeServer:
                 pass
         if self._server is not None:
             await self._server.stop(2)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.agent is not None:
             await self.agent.close()
         if self.node is not None:

@@ -223,8 +223,10 @@ class TransportFactory:
 
     def candidates(self, endpoint: NodeEndpoint, tier: str) -> list[type[Transport]]:
         """Transports that can reach ``tier`` of the node, best first."""
+        # reachable() reads only the endpoint; available() may import torch or load libucp
+        # (seconds on a cold process), so it runs only for a transport that could be used.
         usable = [c for c in self.classes if (self.force is None or c.kind == self.force)
-                  and c.available()[0] and c.reachable(endpoint, tier)]
+                  and c.reachable(endpoint, tier) and c.available()[0]]
         return sorted(usable, key=lambda c: rank(c.caps_to(endpoint)))
 
     def get(self, endpoint: NodeEndpoint, tier: str) -> Transport:

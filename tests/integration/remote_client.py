@@ -77,6 +77,8 @@ def stream(args) -> dict:
                 result["wrong"] += 1
             elif hit:
                 result["good"] += 1
+                if result["good"] == 1:  # the test acts (kill, cut) only once reads work
+                    print(json.dumps({"event": "reading"}), flush=True)
     return result
 
 

@@ -1,4 +1,4 @@
-"""`kvpool master` and `kvpool node` as separate processes (DESIGN.md §1).
+"""`kvpool master` and `kvpool node` as separate processes (docs/design.md §1).
 
 Clients talk to the master; bytes go straight to the node. Either process can die and
 come back: what the node holds on NVMe is served again.

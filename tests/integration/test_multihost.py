@@ -93,11 +93,17 @@ def test_reader_on_another_host_pulls_over_ucx(hosts):
     assert got["hit"] == 3 and got["ok"], got
 
 
+def wait_reading(reader) -> None:
+    """Block until the streaming reader has made its first good read (it says so on stdout)."""
+    line = reader.stdout.readline()
+    assert '"reading"' in line, (line, reader.stderr.read() if reader.poll() is not None else "")
+
+
 def test_killed_node_never_yields_wrong_bytes(hosts):
     c = Cluster(hosts)
     assert run_client(c.a, "publish", c.master, 3, 8)["written"] == 8
     reader = c.b.popen([sys.executable, CLIENT, "stream", c.master, "3", "8", "6"], stdout=-1, stderr=-1, text=True)
-    time.sleep(2.0)
+    wait_reading(reader)
     c.node_a.send_signal(signal.SIGKILL)
     out, err = reader.communicate(timeout=60)
     result = json.loads(out.strip().splitlines()[-1])
@@ -115,7 +121,7 @@ def test_partitioned_node_times_out_and_names_itself(hosts):
     c = Cluster(hosts)
     assert run_client(c.a, "publish", c.master, 5, 8)["written"] == 8
     reader = c.b.popen([sys.executable, CLIENT, "stream", c.master, "5", "8", "12"], stdout=-1, stderr=-1, text=True)
-    time.sleep(2.0)
+    wait_reading(reader)
     c.a.network.cut("a")  # node A's cable: packets vanish, connections stall
     out, err = reader.communicate(timeout=90)
     result = json.loads(out.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""The write/read protocol's guarantees, on a real server (DESIGN.md §3).
+"""The write/read protocol's guarantees, on a real server (docs/design.md §3).
 
 * A block that was not committed is never readable.
 * Aborted and expired grants free their slots.

@@ -1,4 +1,4 @@
-"""Tenant isolation (DESIGN.md §3c): one tenant never sees another's blocks, even with the keys.
+"""Tenant isolation (docs/design.md §3c): one tenant never sees another's blocks, even with the keys.
 
 The issue's report, against a real ``kvpool serve``: a client of tenant ``bob``, given the
 keys of ``alice``'s blocks, read her bytes and deleted them. Here bob gets exactly what he

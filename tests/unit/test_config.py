@@ -48,3 +48,10 @@ def test_validation():
         resolve_settings(ServeSettings, {"low_watermark": 0.99, "high_watermark": 0.5}, environ={})
     with pytest.raises(ValueError, match="true or false"):
         resolve_settings(ServeSettings, {}, environ={"KVPOOL_PREFAULT": "maybe"})
+
+
+def test_the_default_eviction_policy_is_the_masters():
+    from kvpool.config import MasterSettings
+    from kvpool.master.eviction import DEFAULT_POLICY, POLICIES
+
+    assert MasterSettings().eviction_policy == DEFAULT_POLICY and DEFAULT_POLICY in POLICIES

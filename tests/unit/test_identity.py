@@ -1,4 +1,4 @@
-"""Block identity is a contract (DESIGN.md §2): golden vectors, prefix property, separation."""
+"""Block identity is a contract (docs/design.md §2): golden vectors, prefix property, separation."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_golden_every_namespace_field():
 
 
 def test_chain_matches_the_written_definition():
-    # Recompute from DESIGN.md §2 with nothing but xxhash and struct.
+    # Recompute from docs/design.md §2 with nothing but xxhash and struct.
     toks = list(range(100, 148))
     root = xxhash.xxh3_128_digest(b"kvpool/v1" + NS.canonical_bytes())
     prev, expected = root, []

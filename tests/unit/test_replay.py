@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvpool.master.eviction import POLICIES, BlockInfo, LRUPolicy, PacedAdmissionPolicy, make_policy
+from kvpool.master.eviction import POLICIES, LRUPolicy, PacedAdmissionPolicy
 from kvpool.replay import PolicyContractError, Trace, belady, block_key, compare, load_trace, replay
 
 # Four conversations' worth of prompts over a shared root block 0, capacity 4 blocks.
@@ -33,15 +33,17 @@ def test_lru_by_hand():
 
 
 def test_paced_by_hand():
-    # r1 misses 0,1,2; all admitted (pace 1.0) into main.
-    # r2 hits 0: its lookup starts a new run at position 0, so 2 (r1's tail) goes to the front
-    #    of probation and is the victim; 3,4 admitted.                          hits 1
-    # r3 hits 0 and 1 (1 survived); 4, r2's tail, is demoted and evicted; 5 admitted. hits 2
-    # r4 hits 0 and 3; 5 demoted and evicted; 6 admitted.                       hits 2
-    # r5 hits 0 and 1; 6 demoted and evicted; 2 inserted (seen before: main).   hits 2
+    # Calls per request: commit inserts, then the lease release reports the hits.
+    # r1 inserts 0,1,2 into main (pace 1.0).
+    # r2 hits 0 (leased). 3,4 need one slot: probation is empty, main is 0,1,2 and 0 is
+    #    pinned, so 1 goes. Inserting 3 at position 1 ends r1's run: 2 to probation. The
+    #    release touches 0 at position 0, which ends r2's run: 4 to probation.   hits 1
+    # r3 hits 0 (1 is gone); 1 and 5 need two slots: probation 4, 2.           hits 1
+    # r4 hits 0 and 3; 6 needs one: 5, r3's tail, from probation.              hits 2
+    # r5 hits 0 and 1; 2 needs one: 6, r4's tail.                              hits 2
     r = replay(TRACE, PacedAdmissionPolicy(), 4)
-    assert (r.hit_blocks, r.total_blocks) == (7, 15)
-    assert r.evictions == 4
+    assert (r.hit_blocks, r.total_blocks) == (6, 15)
+    assert r.evictions == 5
 
 
 def test_belady_by_hand():
@@ -86,6 +88,10 @@ class Recorder(LRUPolicy):
         self.calls.append(("access", key))
         super().access(key)
 
+    def access_many(self, keys):
+        for key in keys:
+            self.access(key)
+
     def remove(self, key):
         self.calls.append(("remove", key))
         super().remove(key)
@@ -96,16 +102,23 @@ class Recorder(LRUPolicy):
         return out
 
 
+def calls_of(p):
+    """The recorded calls with each BlockInfo cut to (position, parent, last)."""
+    return [(c[0], c[1], (c[2].position, c[2].parent, c[2].last)) if c[0] == "insert" else c for c in p.calls]
+
+
 def test_replay_makes_the_master_calls():
     p = Recorder()
-    replay([[0, 1, 2], [0, 3], [0, 1, 4]], p, 4, block_size=7)
+    replay([[0, 1, 2], [0, 3], [0, 1, 4]], p, 4)
     b = block_key
-    assert p.calls == [
-        ("insert", b(0), BlockInfo(7, 0)), ("insert", b(1), BlockInfo(7, 1)), ("insert", b(2), BlockInfo(7, 2)),
-        ("access", b(0)), ("insert", b(3), BlockInfo(7, 1)),
-        # lookup hits 0 and 1; 4 needs room: one victim, not a block of this request.
-        ("access", b(0)), ("access", b(1)), ("select", 1, (b(2),)), ("remove", b(2)),
-        ("insert", b(4), BlockInfo(7, 2)),
+    assert calls_of(p) == [
+        # r1 publishes its chain: parents and the chain's last block come from the put.
+        ("insert", b(0), (0, None, False)), ("insert", b(1), (1, b(0), False)), ("insert", b(2), (2, b(1), True)),
+        # r2 hits 0 (leased, so the put does not touch it); the lease's end reports the read.
+        ("insert", b(3), (1, b(0), True)), ("access", b(0)),
+        # r3 hits 0 and 1; 4 needs room: one victim, and not 1, which r3 holds leased.
+        ("select", 1, (b(2),)), ("remove", b(2)),
+        ("insert", b(4), (2, b(1), True)), ("access", b(0)), ("access", b(1)),
     ]
 
 
@@ -115,9 +128,9 @@ def test_replay_dedups_present_blocks_past_the_first_miss():
     # still there: the publish step touches them (dedup) and only 0 is inserted again.
     replay([[0, 1, 2], [5, 6], [0, 1, 2]], p, 4)
     b = block_key
-    assert p.calls[-5:] == [
+    assert calls_of(p)[-5:] == [
         ("access", b(1)), ("access", b(2)), ("select", 1, (b(5),)), ("remove", b(5)),
-        ("insert", b(0), BlockInfo(1, 0)),
+        ("insert", b(0), (0, None, False)),
     ]
 
 
@@ -132,9 +145,9 @@ def test_replay_drives_the_registry_classes(name, monkeypatch):
             made.append(self)
             self.n = 0
 
-        def insert(self, key, info):
-            self.n += 1
-            super().insert(key, info)
+        def insert_many(self, keys, infos):
+            self.n += len(keys)
+            super().insert_many(keys, infos)
 
     monkeypatch.setitem(POLICIES, name, Spy)
     r = replay(TRACE, name, 4)
@@ -147,10 +160,10 @@ def test_replay_drives_the_registry_classes(name, monkeypatch):
 def test_replay_rejects_a_policy_that_breaks_the_contract():
     class Greedy(LRUPolicy):
         def select_victims(self, count, evictable):
-            return list(self._order)[::-1][:count]  # newest first, ignoring evictable
+            return list(self._order)[:count]  # oldest first, ignoring evictable
 
     with pytest.raises(PolicyContractError):
-        replay([[0, 1, 2], [0, 3, 4]], Greedy(), 4)  # offers 0, which r2 is using
+        replay([[0, 1, 2], [0, 3, 4]], Greedy(), 4)  # offers 0, which r2 holds leased
 
 
 def test_a_request_bigger_than_the_pool_caches_its_head():
@@ -176,10 +189,15 @@ def test_load_trace_and_cli(tmp_path, capsys):
     assert "belady" in out[1]
     last = json.loads(out[-1])
     assert last["bench"] == "replay" and last["capacities"] == [4, 1000]
-    assert last["policy"][0] == pytest.approx(7 / 15, abs=1e-6)
+    assert last["policy"][0] == pytest.approx(6 / 15, abs=1e-6)
     assert last["lru"][0] == pytest.approx(4 / 15, abs=1e-6)
     assert last["belady"][0] == pytest.approx(7 / 15, abs=1e-6)
-    assert last["geomean_gain_vs_lru"] == pytest.approx((7 / 4) ** 0.5, abs=1e-4)
+    assert last["geomean_gain_vs_lru"] == pytest.approx((6 / 4) ** 0.5, abs=1e-4)
+    assert list(last) == ["bench", "capacities", "policy", "lru", "belady", "geomean_gain_vs_lru",
+                          "min_gain_vs_lru", "us_per_ref"]
+    assert last["min_gain_vs_lru"] == pytest.approx(1.0, abs=1e-6)  # at 1000 blocks everyone hits the same
+    assert 0 < last["us_per_ref"] < 1000
+    assert "of belady" in out[1] and "us/ref" in out[1]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"timestamp": 0}\n')

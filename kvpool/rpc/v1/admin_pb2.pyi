@@ -13,7 +13,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "in_process", "control_address", "seconds_since_heartbeat", "tiers", "transports")
+    __slots__ = ("node_id", "name", "in_process", "control_address", "seconds_since_heartbeat", "tiers", "transports", "draining")
     class TransportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class NodeInfo(_message.Message):
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     name: str
     in_process: bool
@@ -35,7 +36,8 @@ class NodeInfo(_message.Message):
     seconds_since_heartbeat: float
     tiers: _containers.RepeatedCompositeFieldContainer[_common_pb2.TierStats]
     transports: _containers.ScalarMap[str, str]
-    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., in_process: _Optional[bool] = ..., control_address: _Optional[str] = ..., seconds_since_heartbeat: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.TierStats, _Mapping]]] = ..., transports: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., in_process: _Optional[bool] = ..., control_address: _Optional[str] = ..., seconds_since_heartbeat: _Optional[float] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.TierStats, _Mapping]]] = ..., transports: _Optional[_Mapping[str, str]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)
@@ -140,3 +142,39 @@ class FlushResponse(_message.Message):
     removed: int
     deferred: int
     def __init__(self, removed: _Optional[int] = ..., deferred: _Optional[int] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("node", "drop", "max_blocks", "resume")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    drop: bool
+    max_blocks: int
+    resume: bool
+    def __init__(self, node: _Optional[str] = ..., drop: _Optional[bool] = ..., max_blocks: _Optional[int] = ..., resume: _Optional[bool] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("node_id", "node_name", "moved", "moved_bytes", "dropped", "remaining", "leased", "draining", "failed", "first_error")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    node_name: str
+    moved: int
+    moved_bytes: int
+    dropped: int
+    remaining: int
+    leased: int
+    draining: bool
+    failed: int
+    first_error: str
+    def __init__(self, node_id: _Optional[int] = ..., node_name: _Optional[str] = ..., moved: _Optional[int] = ..., moved_bytes: _Optional[int] = ..., dropped: _Optional[int] = ..., remaining: _Optional[int] = ..., leased: _Optional[int] = ..., draining: _Optional[bool] = ..., failed: _Optional[int] = ..., first_error: _Optional[str] = ...) -> None: ...

@@ -66,6 +66,11 @@ class AdminStub:
                 request_serializer=kvpool_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/kvpool.v1.Admin/Drain',
+                request_serializer=kvpool_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -110,6 +115,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stops new placement on a node and moves up to max_blocks of its unleased blocks to other
+        nodes (or drops them). Call it again until remaining is 0; leased blocks move once released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=kvpool_dot_v1_dot_admin__pb2.ListNodesRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_admin__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=kvpool_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class Admin:
             '/kvpool.v1.Admin/ListNodes',
             kvpool_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
             kvpool_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.Admin/Drain',
+            kvpool_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            kvpool_dot_v1_dot_admin__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvpool.rpc.v1 import common_pb2 as kvpool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpool/v1/node.proto\x12\tkvpool.v1\x1a\x16kvpool/v1/common.proto\"q\n\x0cTierGeometry\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_slots\x18\x05 \x01(\x04\"`\n\x0bStoredBlock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12\x14\n\x0cnamespace_id\x18\x05 \x01(\t\"\xe3\x01\n\x13RegisterNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x02 \x01(\t\x12)\n\x08\x65ndpoint\x18\x03 \x01(\x0b\x32\x17.kvpool.v1.NodeEndpoint\x12&\n\x05tiers\x18\x04 \x03(\x0b\x32\x17.kvpool.v1.TierGeometry\x12+\n\x0bnvme_blocks\x18\x05 \x03(\x0b\x32\x16.kvpool.v1.StoredBlock\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\x12\x10\n\x08\x64\x61ta_key\x18\x07 \x01(\x0c\"E\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"`\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12&\n\x05tiers\x18\x03 \x03(\x0b\x32\x17.kvpool.v1.TierGeometry\"+\n\x11HeartbeatResponse\x12\x16\n\x0eregister_again\x18\x01 \x01(\x08\"t\n\x08MoveItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12\x14\n\x0cnamespace_id\x18\x05 \x01(\t\x12\x15\n\rtarget_offset\x18\x06 \x01(\x04\"H\n\rDemoteRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.MoveItem\x12\x13\n\x0bkeep_memory\x18\x02 \x01(\x08\"\x95\x01\n\x0e\x44\x65moteResponse\x12%\n\x05moved\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.StoredBlock\x12\x10\n\x08no_space\x18\x02 \x03(\x0c\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\x0c\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\x12%\n\x04nvme\x18\x05 \x01(\x0b\x32\x17.kvpool.v1.TierGeometry\"4\n\x0ePromoteRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.MoveItem\"t\n\x0fPromoteResponse\x12\x10\n\x08promoted\x18\x01 \x03(\x0c\x12\x0f\n\x07\x63orrupt\x18\x02 \x03(\x0c\x12\x17\n\x0f\x63orrupt_reasons\x18\x03 \x03(\t\x12%\n\x04nvme\x18\x04 \x01(\x0b\x32\x17.kvpool.v1.TierGeometry\"9\n\x0f\x44ropNvmeRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.StoredBlock\"J\n\x10\x44ropNvmeResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\x12%\n\x04nvme\x18\x02 \x01(\x0b\x32\x17.kvpool.v1.TierGeometry2\xa3\x01\n\x08Registry\x12O\n\x0cRegisterNode\x12\x1e.kvpool.v1.RegisterNodeRequest\x1a\x1f.kvpool.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.kvpool.v1.HeartbeatRequest\x1a\x1c.kvpool.v1.HeartbeatResponse2\xd3\x01\n\x0bNodeControl\x12=\n\x06\x44\x65mote\x12\x18.kvpool.v1.DemoteRequest\x1a\x19.kvpool.v1.DemoteResponse\x12@\n\x07Promote\x12\x19.kvpool.v1.PromoteRequest\x1a\x1a.kvpool.v1.PromoteResponse\x12\x43\n\x08\x44ropNvme\x12\x1a.kvpool.v1.DropNvmeRequest\x1a\x1b.kvpool.v1.DropNvmeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpool/v1/node.proto\x12\tkvpool.v1\x1a\x16kvpool/v1/common.proto\"\x7f\n\x0cTierGeometry\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x12\n\nused_slots\x18\x05 \x01(\x04\x12\x0c\n\x04\x63\x61ps\x18P \x01(\r\"`\n\x0bStoredBlock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12\x14\n\x0cnamespace_id\x18\x05 \x01(\t\"\xe3\x01\n\x13RegisterNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\x02 \x01(\t\x12)\n\x08\x65ndpoint\x18\x03 \x01(\x0b\x32\x17.kvpool.v1.NodeEndpoint\x12&\n\x05tiers\x18\x04 \x03(\x0b\x32\x17.kvpool.v1.TierGeometry\x12+\n\x0bnvme_blocks\x18\x05 \x03(\x0b\x32\x16.kvpool.v1.StoredBlock\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\x12\x10\n\x08\x64\x61ta_key\x18\x07 \x01(\x0c\"E\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"`\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12&\n\x05tiers\x18\x03 \x03(\x0b\x32\x17.kvpool.v1.TierGeometry\"+\n\x11HeartbeatResponse\x12\x16\n\x0eregister_again\x18\x01 \x01(\x08\"t\n\x08MoveItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12\x14\n\x0cnamespace_id\x18\x05 \x01(\t\x12\x15\n\rtarget_offset\x18\x06 \x01(\x04\"H\n\rDemoteRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.MoveItem\x12\x13\n\x0bkeep_memory\x18\x02 \x01(\x08\"\x95\x01\n\x0e\x44\x65moteResponse\x12%\n\x05moved\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.StoredBlock\x12\x10\n\x08no_space\x18\x02 \x03(\x0c\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\x0c\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\x12%\n\x04nvme\x18\x05 \x01(\x0b\x32\x17.kvpool.v1.TierGeometry\"4\n\x0ePromoteRequest\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.MoveItem\"t\n\x0fPromoteResponse\x12\x10\n\x08promoted\x18\x01 \x03(\x0c\x12\x0f\n\x07\x63orrupt\x18\x02 \x03(\x0c\x12\x17\n\x0f\x63orrupt_reasons\x18\x03 \x03(\t\x12%\n\x04nvme\x18\x04 \x01(\x0b\x32\x17.kvpool.v1.TierGeometry\"9\n\x0f\x44ropNvmeRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.StoredBlock\"J\n\x10\x44ropNvmeResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\x12%\n\x04nvme\x18\x02 \x01(\x0b\x32\x17.kvpool.v1.TierGeometry\"\xb5\x01\n\x0bPullRequest\x12\'\n\x06source\x18P \x01(\x0b\x32\x17.kvpool.v1.NodeEndpoint\x12\x0c\n\x04tier\x18Q \x01(\t\x12\x0f\n\x07records\x18R \x01(\x0c\x12\x10\n\x08grant_id\x18S \x01(\t\x12\x17\n\x0f\x65xpires_unix_ms\x18T \x01(\x04\x12\x0b\n\x03mac\x18U \x01(\x0c\x12\x16\n\x0etarget_offsets\x18V \x03(\x04\x12\x0e\n\x06tenant\x18< \x01(\t\"\x1f\n\x0cPullResponse\x12\x0f\n\x07\x63orrupt\x18P \x03(\r2\xa3\x01\n\x08Registry\x12O\n\x0cRegisterNode\x12\x1e.kvpool.v1.RegisterNodeRequest\x1a\x1f.kvpool.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.kvpool.v1.HeartbeatRequest\x1a\x1c.kvpool.v1.HeartbeatResponse2\x8c\x02\n\x0bNodeControl\x12=\n\x06\x44\x65mote\x12\x18.kvpool.v1.DemoteRequest\x1a\x19.kvpool.v1.DemoteResponse\x12@\n\x07Promote\x12\x19.kvpool.v1.PromoteRequest\x1a\x1a.kvpool.v1.PromoteResponse\x12\x43\n\x08\x44ropNvme\x12\x1a.kvpool.v1.DropNvmeRequest\x1a\x1b.kvpool.v1.DropNvmeResponse\x12\x37\n\x04Pull\x12\x16.kvpool.v1.PullRequest\x1a\x17.kvpool.v1.PullResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvpool.v1.node_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TIERGEOMETRY']._serialized_start=59
-  _globals['_TIERGEOMETRY']._serialized_end=172
-  _globals['_STOREDBLOCK']._serialized_start=174
-  _globals['_STOREDBLOCK']._serialized_end=270
-  _globals['_REGISTERNODEREQUEST']._serialized_start=273
-  _globals['_REGISTERNODEREQUEST']._serialized_end=500
-  _globals['_REGISTERNODERESPONSE']._serialized_start=502
-  _globals['_REGISTERNODERESPONSE']._serialized_end=571
-  _globals['_HEARTBEATREQUEST']._serialized_start=573
-  _globals['_HEARTBEATREQUEST']._serialized_end=669
-  _globals['_HEARTBEATRESPONSE']._serialized_start=671
-  _globals['_HEARTBEATRESPONSE']._serialized_end=714
-  _globals['_MOVEITEM']._serialized_start=716
-  _globals['_MOVEITEM']._serialized_end=832
-  _globals['_DEMOTEREQUEST']._serialized_start=834
-  _globals['_DEMOTEREQUEST']._serialized_end=906
-  _globals['_DEMOTERESPONSE']._serialized_start=909
-  _globals['_DEMOTERESPONSE']._serialized_end=1058
-  _globals['_PROMOTEREQUEST']._serialized_start=1060
-  _globals['_PROMOTEREQUEST']._serialized_end=1112
-  _globals['_PROMOTERESPONSE']._serialized_start=1114
-  _globals['_PROMOTERESPONSE']._serialized_end=1230
-  _globals['_DROPNVMEREQUEST']._serialized_start=1232
-  _globals['_DROPNVMEREQUEST']._serialized_end=1289
-  _globals['_DROPNVMERESPONSE']._serialized_start=1291
-  _globals['_DROPNVMERESPONSE']._serialized_end=1365
-  _globals['_REGISTRY']._serialized_start=1368
-  _globals['_REGISTRY']._serialized_end=1531
-  _globals['_NODECONTROL']._serialized_start=1534
-  _globals['_NODECONTROL']._serialized_end=1745
+  _globals['_TIERGEOMETRY']._serialized_end=186
+  _globals['_STOREDBLOCK']._serialized_start=188
+  _globals['_STOREDBLOCK']._serialized_end=284
+  _globals['_REGISTERNODEREQUEST']._serialized_start=287
+  _globals['_REGISTERNODEREQUEST']._serialized_end=514
+  _globals['_REGISTERNODERESPONSE']._serialized_start=516
+  _globals['_REGISTERNODERESPONSE']._serialized_end=585
+  _globals['_HEARTBEATREQUEST']._serialized_start=587
+  _globals['_HEARTBEATREQUEST']._serialized_end=683
+  _globals['_HEARTBEATRESPONSE']._serialized_start=685
+  _globals['_HEARTBEATRESPONSE']._serialized_end=728
+  _globals['_MOVEITEM']._serialized_start=730
+  _globals['_MOVEITEM']._serialized_end=846
+  _globals['_DEMOTEREQUEST']._serialized_start=848
+  _globals['_DEMOTEREQUEST']._serialized_end=920
+  _globals['_DEMOTERESPONSE']._serialized_start=923
+  _globals['_DEMOTERESPONSE']._serialized_end=1072
+  _globals['_PROMOTEREQUEST']._serialized_start=1074
+  _globals['_PROMOTEREQUEST']._serialized_end=1126
+  _globals['_PROMOTERESPONSE']._serialized_start=1128
+  _globals['_PROMOTERESPONSE']._serialized_end=1244
+  _globals['_DROPNVMEREQUEST']._serialized_start=1246
+  _globals['_DROPNVMEREQUEST']._serialized_end=1303
+  _globals['_DROPNVMERESPONSE']._serialized_start=1305
+  _globals['_DROPNVMERESPONSE']._serialized_end=1379
+  _globals['_PULLREQUEST']._serialized_start=1382
+  _globals['_PULLREQUEST']._serialized_end=1563
+  _globals['_PULLRESPONSE']._serialized_start=1565
+  _globals['_PULLRESPONSE']._serialized_end=1596
+  _globals['_REGISTRY']._serialized_start=1599
+  _globals['_REGISTRY']._serialized_end=1762
+  _globals['_NODECONTROL']._serialized_start=1765
+  _globals['_NODECONTROL']._serialized_end=2033
 # @@protoc_insertion_point(module_scope)

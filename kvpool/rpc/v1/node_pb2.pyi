@@ -9,18 +9,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TierGeometry(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "chunk_bytes", "used_bytes", "used_slots")
+    __slots__ = ("tier", "capacity_bytes", "chunk_bytes", "used_bytes", "used_slots", "caps")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CAPS_FIELD_NUMBER: _ClassVar[int]
     tier: str
     capacity_bytes: int
     chunk_bytes: int
     used_bytes: int
     used_slots: int
-    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., used_slots: _Optional[int] = ...) -> None: ...
+    caps: int
+    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., used_slots: _Optional[int] = ..., caps: _Optional[int] = ...) -> None: ...
 
 class StoredBlock(_message.Message):
     __slots__ = ("key", "offset", "size", "checksum", "namespace_id")
@@ -147,3 +149,29 @@ class DropNvmeResponse(_message.Message):
     dropped: int
     nvme: TierGeometry
     def __init__(self, dropped: _Optional[int] = ..., nvme: _Optional[_Union[TierGeometry, _Mapping]] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("source", "tier", "records", "grant_id", "expires_unix_ms", "mac", "target_offsets", "tenant")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    GRANT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    TARGET_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    source: _common_pb2.NodeEndpoint
+    tier: str
+    records: bytes
+    grant_id: str
+    expires_unix_ms: int
+    mac: bytes
+    target_offsets: _containers.RepeatedScalarFieldContainer[int]
+    tenant: str
+    def __init__(self, source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tier: _Optional[str] = ..., records: _Optional[bytes] = ..., grant_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("corrupt",)
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    corrupt: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, corrupt: _Optional[_Iterable[int]] = ...) -> None: ...

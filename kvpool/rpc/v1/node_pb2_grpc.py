@@ -169,6 +169,11 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.DropNvmeRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.DropNvmeResponse.FromString,
                 _registered_method=True)
+        self.Pull = channel.unary_unary(
+                '/kvpool.v1.NodeControl/Pull',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -193,6 +198,14 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pull(self, request, context):
+        """Copies blocks from another node's data server into slots of this node (drain): the
+        master allocated the target slots and signed a read capability for the source records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +223,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.DropNvme,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.DropNvmeRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.DropNvmeResponse.SerializeToString,
+            ),
+            'Pull': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.PullRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.PullResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -294,6 +312,33 @@ class NodeControl:
             '/kvpool.v1.NodeControl/DropNvme',
             kvpool_dot_v1_dot_node__pb2.DropNvmeRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.DropNvmeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/Pull',
+            kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Eviction policies: the LRU baseline and the paced-admission default, on their own."""
+"""Eviction policies on their own: the LRU baseline, paced admission and learned hit density."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from kvpool.master.eviction import (
     POLICIES,
     BlockInfo,
     EvictionPolicy,
+    HitDensityPolicy,
     LRUPolicy,
     PacedAdmissionPolicy,
     make_policy,
@@ -31,8 +32,8 @@ def everything(_key: bytes) -> bool:
 def test_registry_and_default():
     assert POLICIES["lru"] is LRUPolicy
     assert POLICIES["paced"] is PacedAdmissionPolicy
-    assert DEFAULT_POLICY == "paced"
-    assert isinstance(make_policy(), PacedAdmissionPolicy)
+    assert DEFAULT_POLICY == "lhd"
+    assert isinstance(make_policy(), HitDensityPolicy)
     assert isinstance(make_policy("lru"), LRUPolicy)
     for name, cls in POLICIES.items():
         assert cls.name == name and issubclass(cls, EvictionPolicy)
@@ -243,3 +244,91 @@ def test_access_many_equals_access_in_order(name):
             b.remove(k)
     assert len(a) == len(b)
     assert a.select_victims(10_000, lambda k: True) == b.select_victims(10_000, lambda k: True)
+
+
+# ---------------------------------------------------------------------------- lhd
+
+
+def chain_infos(ks, start=0):
+    return [BlockInfo(1, start + i, "", ks[i - 1] if i else None, i == len(ks) - 1) for i in range(len(ks))]
+
+
+def test_lhd_evicts_leaves_first_and_peels_a_chain_from_its_tail():
+    p = HitDensityPolicy()
+    a, b, c = k(1), k(2), k(3)
+    p.insert_many([a, b, c], chain_infos([a, b, c]))
+    assert p.select_victims(1, everything) == [c]          # a is older, but c is the only leaf
+    assert p.select_victims(3, everything) == [c, b, a]    # b, then a, become leaves in the same call
+
+
+def test_lhd_takes_an_interior_block_only_when_no_leaf_is_evictable():
+    p = HitDensityPolicy()
+    a, b, c = k(1), k(2), k(3)
+    p.insert_many([a, b, c], chain_infos([a, b, c]))
+    assert p.select_victims(1, lambda key: key != c) == [a]  # the pinned leaf keeps the chain
+    p.remove(b)  # an interior block removed (Remove, Flush): its child still counts as a leaf
+    p.remove(a)
+    assert len(p) == 1 and p.select_victims(2, everything) == [c]
+
+
+def test_lhd_learns_that_blocks_near_their_reuse_age_are_worth_more_than_fresh_ones():
+    """Every key is referenced twice, 500 references apart: a fresh key is 500 references from
+    its reuse and one of age 400 only 100, so the older one is denser and the fresh one goes
+    first, the opposite of LRU. That is admission control, learned."""
+    p = HitDensityPolicy()
+    gap = 500
+    for i in range(20_000):
+        p.insert(k(i), BlockInfo(1))
+        if i >= gap:
+            p.access(k(i - gap))  # its second and last reference
+        if i >= gap + 50:
+            p.remove(k(i - gap - 50))
+    fresh, old = k(19_999), k(19_999 - 400)
+    assert p.density(fresh) < p.density(old)
+    victims = p.select_victims(1, everything)
+    assert victims != [k(19_999 - 549)]  # not the LRU choice
+
+
+def test_lhd_history_is_bounded():
+    class Small(HitDensityPolicy):
+        HISTORY_MIN = 512
+        REFRESH_MIN = 64
+
+    p = Small()
+    for i in range(20_000):
+        p.insert(k(i), BlockInfo(1))
+        p.remove(k(i))
+        # trimmed to the cap when half of it has been referenced since the last trim
+        assert p.history_len <= 512 + 512 // 2 + 64 + 1
+    assert p.history_len >= 400  # it does remember
+
+
+def test_lhd_python_and_numpy_age_bins_agree():
+    """The per-key paths bin ages in Python, the vectorized ones with searchsorted: one scale."""
+    import numpy as np
+
+    from kvpool.master.eviction import _age_bin
+
+    p = HitDensityPolicy()
+    ages = np.array(sorted({0, 1, 2, 3, 4, 5, 7, 8, 9, 1023, 1024, 1025, 3 << 20, (1 << 32) - 1, 1 << 40}
+                           | set(np.random.default_rng(0).integers(0, 1 << 36, 2000).tolist())))
+    vec = np.searchsorted(p._edges, ages, "right")
+    assert [min(_age_bin(int(a)), p.BINS - 1) for a in ages] == vec.tolist()
+
+
+def test_lhd_few_leaves_and_many_leaves_choose_alike():
+    """Below 2 x count + 16 leaves victims are ranked in Python, above with numpy: a policy
+    with the same history must pick the same victims either way."""
+    import numpy as np
+
+    a, b = HitDensityPolicy(), HitDensityPolicy()
+    for p in (a, b):
+        for i in range(300):
+            ks = [k(10 * i + j) for j in range(3)]
+            p.insert_many(ks, chain_infos(ks))
+            if i % 4 == 0:
+                p.access_many(ks[:2])
+    few = a.select_victims(200, everything)  # 300 leaves <= 2 x 200 + 16: ranked in Python
+    b._sync()
+    many = b._pick(np.array(b._leaves, dtype=np.int64), 200, everything, set())  # ranked by numpy
+    assert len(few) == 200 and few == many

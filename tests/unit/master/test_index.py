@@ -155,3 +155,107 @@ def test_abort_all_on_shutdown(env):
     index.put_start(ns, keys(2), [BLOCK] * 2)
     assert index.abort_all() == 5
     assert node.tiers["dram"].used_bytes == 0
+
+
+# ---------------------------------------------------------------------------- policy hooks
+
+
+class Spy:
+    """Wraps a real policy and records what the index tells it."""
+
+    def __init__(self, inner):
+        self.inner, self.inserted, self.accessed = inner, [], []
+        self.answer = None  # when set, select_victims returns it instead
+
+    def insert(self, key, info):
+        self.insert_many([key], [info])
+
+    def insert_many(self, keys, infos):
+        self.inserted.append(list(zip(keys, infos)))
+        self.inner.insert_many(keys, infos)
+
+    def access(self, key):
+        self.access_many([key])
+
+    def access_many(self, keys):
+        self.accessed.append(list(keys))
+        self.inner.access_many(keys)
+
+    def remove(self, key):
+        self.inner.remove(key)
+
+    def select_victims(self, count, evictable):
+        return list(self.answer) if self.answer is not None else self.inner.select_victims(count, evictable)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def spied_index(capacity_blocks=4, policy="lhd"):
+    from kvpool.master.eviction import make_policy
+
+    node = Node.with_dram(1, "n1", capacity_blocks * BLOCK, chunk_bytes=capacity_blocks * BLOCK, prefault=False)
+    nodes = NodeRegistry()
+    nodes.add(node)
+    spies = []
+
+    def factory(name):
+        spies.append(Spy(make_policy(name)))
+        return spies[-1]
+
+    index = BlockIndex(nodes, IndexConfig(high_watermark=1.0, low_watermark=1.0, eviction_policy=policy),
+                       policy_factory=factory)
+    ns = Namespace("m", LAYOUT)
+    index.register_namespace(ns)
+    return index, node, spies, ns.id
+
+
+def test_commit_tells_the_policy_each_blocks_parent_and_the_chains_last_block():
+    index, node, spies, ns = spied_index(8)
+    try:
+        a, b, c = keys(3)
+        put(index, ns, [a])
+        grant, statuses = index.put_start(ns, [a, b, c], [BLOCK] * 3, first_position=0)
+        assert statuses == [PUT_PRESENT, PUT_GRANTED, PUT_GRANTED]
+        index.put_commit(grant.put_id, None, [0, 0])
+        (batch,) = spies[0].inserted[1:]
+        assert [(k, i.position, i.parent, i.last) for k, i in batch] == [(b, 1, a, False), (c, 2, b, True)]
+        # a was present and unpinned: the put touched it (one reference), in one batch.
+        assert spies[0].accessed == [[a]]
+    finally:
+        node.close()
+
+
+def test_a_put_does_not_touch_what_its_writer_holds_leased():
+    """The reader's lease end reports the read; a touch at put time would count it twice."""
+    index, node, spies, ns = spied_index(8)
+    try:
+        a, b = keys(2)
+        put(index, ns, [a])
+        hit, lease = index.lookup(ns, [a, b])
+        assert hit == 1
+        put(index, ns, [a, b])
+        assert spies[0].accessed == []
+        index.release([lease.lease_id])
+        assert spies[0].accessed == [[a]]
+    finally:
+        node.close()
+
+
+def test_the_index_never_evicts_a_leased_block_whatever_the_policy_answers():
+    index, node, spies, ns = spied_index(2)
+    try:
+        a, b, c = keys(3)
+        put(index, ns, [a, b])
+        hit, lease = index.lookup(ns, [a])
+        spies[0].answer = [a, a, os.urandom(16)]  # leased, twice, and a key it does not hold
+        with pytest.raises(PoolFull):
+            put(index, ns, [c])
+        assert index.lookup(ns, [a], lease=False)[0] == 1
+        spies[0].answer = [a, b]
+        put(index, ns, [c])  # b is taken; a stays
+        assert index.lookup(ns, [a], lease=False)[0] == 1
+        assert index.lookup(ns, [b], lease=False)[0] == 0
+        index.release([lease.lease_id])
+    finally:
+        node.close()
