@@ -62,7 +62,7 @@ class MasterSettings:
     metrics_port: int = 9464
     #: Settings never import the master (docs/design.md §5): this equals
     #: kvpool.master.eviction.DEFAULT_POLICY, and tests/unit/test_config.py keeps it so.
-    eviction_policy: str = "paced"
+    eviction_policy: str = "lhd"
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     lease_ttl: float = 30.0

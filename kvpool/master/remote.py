@@ -23,7 +23,7 @@ from kvpool.auth import bearer_metadata, current_caller
 from kvpool.capability import KEY_BYTES as DATA_KEY_BYTES
 from kvpool.errors import InvalidArgument, Unavailable
 from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES
-from kvpool.master.index import NVME, BlockIndex
+from kvpool.master.index import BlockIndex
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.handlers import rpc
@@ -31,6 +31,7 @@ from kvpool.tls import TlsFiles, open_aio_channel
 from kvpool.tiers.base import SlabAllocator, Slot, TierCaps, TierUsage
 from kvpool.tiers.moves import DemoteResult, PromoteResult
 from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.wire import TIER_CODES
 
 __all__ = ["RemoteNode", "RegistryServicer"]
 
@@ -189,10 +190,13 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         if not request.name or not request.incarnation:
             raise InvalidArgument("RegisterNode: a node sends its name and incarnation")
         names = [t.tier for t in request.tiers]
-        if not names or len(set(names)) != len(names) or not set(names) <= {"hbm", "dram", "nvme"}:
-            raise InvalidArgument(f"RegisterNode: tiers must be distinct ones of hbm, dram, nvme; got {names}")
+        if not names or len(set(names)) != len(names) or not set(names) <= TIER_CODES.keys():
+            raise InvalidArgument(f"RegisterNode: tiers must be distinct ones of {', '.join(TIER_CODES)}; "
+                                  f"got {names}")
         for t in request.tiers:
-            if t.capacity_bytes == 0 or (t.tier != NVME and not 0 < t.chunk_bytes <= t.capacity_bytes):
+            # Memory tiers are mirrored here in slabs; the persistent tier's slots are the node's.
+            slabbed = TierCaps.PERSISTENT not in TierCaps(t.caps)
+            if t.capacity_bytes == 0 or (slabbed and not 0 < t.chunk_bytes <= t.capacity_bytes):
                 raise InvalidArgument(f"RegisterNode: tier {t.tier} needs a capacity and a chunk size "
                                       f"(0 < chunk_bytes <= capacity_bytes)")
         if request.data_key and len(request.data_key) != DATA_KEY_BYTES:
