@@ -4,10 +4,11 @@ Each node incarnation has a 32-byte data key, made by the node at start and hand
 master when it registers (node.proto ``data_key``). For every grant (write) and read lease
 the master signs, per node involved::
 
-    mac = HMAC-SHA256(key, b"kvpool-cap/v1" | u8 op | u16 len(id) | id | u32 node_id
-                           | u64 expires_unix_ms | records)
+    mac = HMAC-SHA256(key, b"kvpool-cap/v2" | u8 op | u16 len(id) | id | u32 node_id
+                           | u64 expires_unix_ms | u8 len(tenant) | tenant | records)
 
-where ``records`` are that node's 32-byte location records (kvpool.wire.RECORD) of the grant
+where ``tenant`` is the tenant whose blocks these are (UTF-8, at most 255 bytes; "" the
+default tenant) and ``records`` are that node's 32-byte location records (kvpool.wire.RECORD) of the grant
 or lease, in order. A client sends the capability and those records with each data-plane
 request, and names which of them to move. The node's data server recomputes the MAC, checks
 the operation and the expiry, and checks every record against its own arenas before it
@@ -30,7 +31,7 @@ __all__ = ["new_data_key", "sign", "verify", "expiry_ms", "CapabilityError", "KE
 
 KEY_BYTES = 32
 MAC_BYTES = 32
-_DOMAIN = b"kvpool-cap/v1"
+_DOMAIN = b"kvpool-cap/v2"
 
 
 class CapabilityError(Exception):
@@ -46,18 +47,19 @@ def expiry_ms(ttl_s: float, now: float | None = None) -> int:
     return int(((time.time() if now is None else now) + ttl_s) * 1000)
 
 
-def sign(key: bytes, op: int, grant_id: str, node_id: int, expires_unix_ms: int, records: bytes) -> bytes:
-    gid = grant_id.encode()
+def sign(key: bytes, op: int, grant_id: str, node_id: int, expires_unix_ms: int, records: bytes,
+         tenant: str = "") -> bytes:
+    gid, who = grant_id.encode(), tenant.encode()
     mac = hmac.new(key, _DOMAIN, hashlib.sha256)
-    mac.update(struct.pack("<BH", op, len(gid)) + gid + struct.pack("<IQ", node_id, expires_unix_ms))
+    mac.update(struct.pack("<BH", op, len(gid)) + gid + struct.pack("<IQB", node_id, expires_unix_ms, len(who)) + who)
     mac.update(records)
     return mac.digest()
 
 
 def verify(key: bytes, op: int, grant_id: str, node_id: int, expires_unix_ms: int, records: bytes,
-           mac: bytes, now: float | None = None) -> None:
-    """Raise :class:`CapabilityError` unless ``mac`` is the master's, and not expired."""
-    if not hmac.compare_digest(sign(key, op, grant_id, node_id, expires_unix_ms, records), mac):
+           mac: bytes, now: float | None = None, tenant: str = "") -> None:
+    """Raise :class:`CapabilityError` unless ``mac`` is the master's (for ``tenant``), and not expired."""
+    if not hmac.compare_digest(sign(key, op, grant_id, node_id, expires_unix_ms, records, tenant), mac):
         raise CapabilityError("capability does not match: it was not issued by this node's master for "
                               "these slots, or it was altered")
     now_ms = int((time.time() if now is None else now) * 1000)

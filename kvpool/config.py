@@ -92,6 +92,23 @@ class MasterSettings:
     #: Address that standbys hand clients and nodes to reach this master when it leads, when
     #: it binds a wildcard address. Empty: the bind address.
     advertise_host: str = ""
+    #: File of bearer tokens (token, role, tenant; kvpool.auth). Empty: no authentication,
+    #: which is allowed only on a loopback address unless ``insecure``.
+    auth_tokens: str = ""
+    #: Serve a non-loopback address without tokens (a network where every peer is trusted).
+    insecure: bool = False
+    #: Largest gRPC message the master accepts; bigger ones are refused (RESOURCE_EXHAUSTED)
+    #: from their length prefix, before they are read. A node's registration lists every
+    #: block on its NVMe (~60 bytes each), so raise it for very large NVMe tiers.
+    max_message_bytes: int = 64 * 2**20
+    #: PEM files for TLS on gRPC and the data port (kvpool.tls). With ``tls_ca``, peers must
+    #: present a certificate it signed (mutual TLS), and the master uses it to reach nodes.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    #: Byte quotas per tenant and memory tier: "alice:dram=8GiB,bob:dram=2GiB,bob:hbm=1GiB"
+    #: (":dram=..." is the default tenant). See :func:`parse_quotas`.
+    quotas: str = ""
 
     def validate(self) -> None:
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
@@ -104,6 +121,14 @@ class MasterSettings:
             raise ValueError("leader_ttl must be positive seconds")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
+        validate_tls(self)
+        parse_quotas(self.quotas)
+        if self.auth_tokens:
+            from kvpool.auth import TokenTable
+
+            TokenTable.load(self.auth_tokens)  # a bad file fails the start, saying which line
+        elif not self.tls_ca:  # mutual TLS authenticates peers too
+            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE (or mutual TLS: --tls-ca)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
@@ -166,14 +191,66 @@ class NodeSettings(TierSettings):
     #: several nodes on one host need no port each.
     metrics_port: int = -1
     log_level: str = "info"
+    #: The node's bearer token (role ``node``) for the master; the node's control service
+    #: then accepts only calls bearing it. Or ``token_file``, ``KVPOOL_TOKEN_FILE``.
+    token: str = ""
+    token_file: str = ""
+    insecure: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def validate(self) -> None:
         self.validate_tiers()
+        validate_tls(self)
+        if not (self.token or self.token_file or self.tls_ca):
+            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token) or mutual TLS (--tls-ca)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
 
 
-SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes"}
+def parse_quotas(text: str) -> dict[str, dict[str, int]]:
+    """``"alice:dram=8GiB, bob:hbm=1GiB"`` -> ``{"alice": {"dram": 8Gi}, "bob": {"hbm": 1Gi}}``.
+
+    Quotas apply to the memory tiers clients write into (dram, hbm); a tenant past its quota
+    loses its own least valuable blocks first (kvpool.master.index).
+    """
+    out: dict[str, dict[str, int]] = {}
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        m = re.fullmatch(r"([^:=]*):(\w+)=(.+)", item)
+        if not m:
+            raise ValueError(f"quotas: cannot read {item!r}; write TENANT:TIER=SIZE, e.g. alice:dram=8GiB")
+        tenant, tier, size = m.groups()
+        if tier not in ("dram", "hbm"):
+            raise ValueError(f"quotas: {item!r}: quotas apply to the memory tiers dram and hbm, not {tier!r}")
+        if tier in out.setdefault(tenant, {}):
+            raise ValueError(f"quotas: {tenant or 'the default tenant'} has two {tier} quotas")
+        out[tenant][tier] = parse_size(size)
+    return out
+
+
+def validate_tls(settings) -> None:
+    from kvpool.tls import TlsFiles
+
+    files = TlsFiles.of(settings)
+    if files is not None:
+        files.validate(serving=True)
+
+
+def refuse_open_port(host: str, insecure: bool, remedy: str) -> None:
+    """Refuse to serve gRPC beyond this machine without authentication, unless told to."""
+    from kvpool.auth import is_loopback
+
+    if not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host} without authentication: anyone who reaches that address could "
+            f"read every tenant's blocks and flush the pool. Give {remedy} (see README, \"Running kvpool "
+            f"securely\"), listen on 127.0.0.1, or pass --insecure if every host on this network is trusted")
+
+
+SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes", "max_message_bytes"}
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

@@ -7,9 +7,11 @@
     ├── NotFound               NOT_FOUND            unknown namespace, key, grant or lease
     │   └── BlockNotFound                           a requested block is absent
     ├── FailedPrecondition     FAILED_PRECONDITION  grant expired, commit out of order
+    │   └── LeaseExpired                            a read outlived its lease: its bytes are not trusted
     ├── PoolFull               RESOURCE_EXHAUSTED   nothing evictable is left to make room
     ├── Unavailable            UNAVAILABLE          a node or the master is gone
-    ├── Unauthenticated        UNAUTHENTICATED
+    ├── Unauthenticated        UNAUTHENTICATED      no bearer token, or an unknown one
+    ├── PermissionDenied       PERMISSION_DENIED    the token's role may not do this
     ├── IntegrityError         DATA_LOSS            a block failed its checksum
     └── InternalError          INTERNAL             a bug: please report it
 
@@ -26,9 +28,11 @@ __all__ = [
     "NotFound",
     "BlockNotFound",
     "FailedPrecondition",
+    "LeaseExpired",
     "PoolFull",
     "Unavailable",
     "Unauthenticated",
+    "PermissionDenied",
     "IntegrityError",
     "InternalError",
     "from_status",
@@ -57,6 +61,11 @@ class FailedPrecondition(KvpoolError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class LeaseExpired(FailedPrecondition):
+    """Raised by the client itself: a read finished after its lease ended, so the master may
+    have freed or reused the slots while it copied. The bytes read are not returned."""
+
+
 class PoolFull(KvpoolError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -67,6 +76,10 @@ class Unavailable(KvpoolError, ConnectionError):
 
 class Unauthenticated(KvpoolError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(KvpoolError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class IntegrityError(KvpoolError):
@@ -86,6 +99,7 @@ _BY_CODE = {
         PoolFull,
         Unavailable,
         Unauthenticated,
+        PermissionDenied,
         IntegrityError,
         InternalError,
     )

@@ -31,9 +31,12 @@ import xxhash
 
 from kvpool.layout import KVLayout
 
-__all__ = ["Namespace", "KEY_BYTES", "ROOT_PREFIX", "encode_tokens", "chain_keys", "engine_keys", "pack_keys", "split_keys"]
+__all__ = ["Namespace", "KEY_BYTES", "ROOT_PREFIX", "encode_tokens", "chain_keys", "engine_keys", "pack_keys", "split_keys",
+           "MAX_TENANT_BYTES"]
 
 KEY_BYTES = 16
+#: Tenant names are short: the master scopes each block key by its tenant's name.
+MAX_TENANT_BYTES = 64
 ROOT_PREFIX = b"kvpool/v1"
 
 _digest128 = xxhash.xxh3_128_digest

@@ -14,7 +14,7 @@ process outside the hosts cannot reach them (talk to a host by running a command
         h = hosts(["a", "b"])              # {"a": Host, "b": Host}, torn down after the test
         h["a"].name, h["a"].address        # "host-a", "10.213.3.1"
         master, m, log = h["a"].start_kvpool(
-            ["master", "--host", h["a"].address, "--port", "50051"], r"master ready grpc=(\\S+)")
+            ["master", "--host", h["a"].address, "--port", "50051", "--insecure"], r"master ready grpc=(\\S+)")
         h["b"].run([sys.executable, "-c", "..."], check=True, timeout=10)
         net = h["a"].network
         net.cut("a"); ...; net.heal("a")   # pull / plug host a's cable at the bridge

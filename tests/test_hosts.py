@@ -191,7 +191,7 @@ def test_the_fixture_closes_its_networks_after_the_test(request):
 
 def test_start_kvpool_runs_in_the_host(hosts):
     a = hosts(["a"])["a"]
-    proc, m, lines = a.start_kvpool(["serve", "--host", a.address, "--port", "0", "--metrics-port", "-1",
+    proc, m, lines = a.start_kvpool(["serve", "--host", a.address, "--insecure", "--port", "0", "--metrics-port", "-1",
                                      "--prefault", "false"], r"ready grpc=(\S+) .*data=(\S+)", timeout=60)
     assert m.group(1).startswith(a.address + ":") and m.group(2).startswith(a.address + ":")
     assert proc in a._procs

@@ -521,7 +521,7 @@ class Node:
     def __init__(self, side: Side, dram_mib: int, data_dir: str, ucx: bool) -> None:
         from tests.conftest import start_kvpool
 
-        argv = ["serve", "--host", side.address, "--port", "0", "--metrics-port", "-1", "--data-port", "0",
+        argv = ["serve", "--host", side.address, "--insecure", "--port", "0", "--metrics-port", "-1", "--data-port", "0",
                 "--dram", f"{dram_mib}MiB", "--prefault", "true", "--data-dir", data_dir]
         if ucx:
             argv += ["--ucx", "true"]

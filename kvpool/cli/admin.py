@@ -2,14 +2,15 @@
 
     kvpool admin stats [--json] [--address HOST:PORT] [--timeout S]
     kvpool admin nodes
-    kvpool admin ls [--namespace ID] [--limit N] [--offset N]
-    kvpool admin inspect KEY
+    kvpool admin ls [--namespace ID] [--tenant NAME] [--limit N] [--offset N]
+    kvpool admin inspect KEY [--tenant NAME]
     kvpool admin evict (--bytes SIZE | --all)
     kvpool admin flush [--namespace ID]
     kvpool admin drain NODE [--drop] [--resume]       (kvpool.cli.drain)
     kvpool admin top [--interval S] [--count N]        (kvpool.cli.top)
 
-The common flags (``--address``, ``--json``, ``--timeout``) go anywhere on the line
+The common flags (``--address``, ``--json``, ``--timeout``, and the credentials ``--token``,
+``--token-file``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``) go anywhere on the line
 (kvpool.cli.flags). Human-readable tables by default; ``--json`` prints one JSON document
 instead. Long operations show progress on a terminal, never under ``--json``.
 Exit codes: 0 ok, 1 the server refused (message on stderr), 2 bad usage or unreachable.
@@ -46,8 +47,10 @@ def register(sub) -> None:
     ls.add_argument("--namespace", default="", help="only this namespace id")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--offset", type=int, default=0)
+    ls.add_argument("--tenant", help="only this tenant's blocks (\"\" is the default tenant)")
     ins = cmds.add_parser("inspect", help="show one block")
     ins.add_argument("key", help="block key, 32 hex digits")
+    ins.add_argument("--tenant", default="", help="the tenant whose key it is (default: the default tenant)")
     ev = cmds.add_parser("evict", help="evict blocks through the eviction policy")
     group = ev.add_mutually_exclusive_group(required=True)
     group.add_argument("--bytes", dest="evict_bytes", help="free at least this much, e.g. 1GiB")
@@ -72,7 +75,10 @@ def _show_stats(s: common_pb2.StatsResponse) -> str:
         ["uptime", f"{s.uptime_seconds:.0f}s"],
         ["metadata", s.metadata_store + (f" (fencing epoch {s.fencing_epoch})" if s.fencing_epoch else "")],
     ])
-    return summary + "\n\n" + tier_table(s)
+    text = summary + "\n\n" + tier_table(s)
+    if s.tenants:
+        text += "\n\n" + tenant_table(s)
+    return text
 
 
 def tier_table(s: common_pb2.StatsResponse) -> str:
@@ -82,12 +88,21 @@ def tier_table(s: common_pb2.StatsResponse) -> str:
     ])
 
 
+def tenant_table(s: common_pb2.StatsResponse) -> str:
+    """Use per tenant and tier, against its quota (--quotas)."""
+    return table(["tenant", "tier", "blocks", "used", "quota", "use%"], [
+        [t.tenant or "(default)", t.tier, t.blocks, format_size(t.used_bytes),
+         format_size(t.quota_bytes) if t.HasField("quota_bytes") else "-",
+         pct(t.used_bytes, t.quota_bytes) if t.HasField("quota_bytes") else "-"] for t in s.tenants
+    ])
+
+
 def _block_rows(blocks) -> list[list]:
-    return [[b.key.hex(), b.namespace_id[:12], b.state, TIER_NAMES.get(b.tier, "?"), format_size(b.size),
+    return [[b.key.hex(), b.tenant or "-", b.namespace_id[:12], b.state, TIER_NAMES.get(b.tier, "?"), format_size(b.size),
              b.leases, b.hits, f"{b.idle_seconds:.0f}s"] for b in blocks]
 
 
-_BLOCK_HEADERS = ["key", "namespace", "state", "tier", "size", "leases", "hits", "idle"]
+_BLOCK_HEADERS = ["key", "tenant", "namespace", "state", "tier", "size", "leases", "hits", "idle"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +143,8 @@ def _run_at(args: argparse.Namespace):
                 for n in resp.nodes])
         elif cmd == "ls":
             resp = call(stub.ListBlocks, admin_pb2.ListBlocksRequest(limit=args.limit, offset=args.offset,
-                                                                     namespace_id=args.namespace), args)
+                                                                     namespace_id=args.namespace, tenant=args.tenant),
+                        args)
             text = table(_BLOCK_HEADERS, _block_rows(resp.blocks)) + f"\n({len(resp.blocks)} of {resp.total} blocks)"
         elif cmd == "inspect":
             try:
@@ -136,10 +152,11 @@ def _run_at(args: argparse.Namespace):
             except ValueError:
                 print(f"kvpool admin inspect: {args.key!r} is not hex; a key is 32 hex digits", file=sys.stderr)
                 return 2
-            resp = call(stub.Inspect, admin_pb2.InspectRequest(key=key), args)
+            resp = call(stub.Inspect, admin_pb2.InspectRequest(key=key, tenant=args.tenant), args)
             b = resp.block
             text = table(["field", "value"], [
-                ["key", b.key.hex()], ["namespace", b.namespace_id], ["state", b.state], ["node", b.node_id],
+                ["key", b.key.hex()], ["tenant", b.tenant or "-"], ["namespace", b.namespace_id], ["state", b.state],
+                ["node", b.node_id],
                 ["tier", TIER_NAMES.get(b.tier, "?")], ["offset", b.offset], ["size", f"{b.size} ({format_size(b.size)})"],
                 ["checksum", f"{b.checksum:016x}"], ["leases", b.leases], ["hits", b.hits],
                 ["position", b.position], ["age", f"{b.age_seconds:.1f}s"], ["idle", f"{b.idle_seconds:.1f}s"],

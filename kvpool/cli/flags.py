@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 from kvpool.config import resolve_settings
 
-__all__ = ["add_config_flag", "add_master_flags", "add_redis_flags", "add_tier_flags", "settings_from_args", "setup_logging",
-           "run_until_signal", "CommonFlag", "COMMON_FLAGS", "install_common_flags", "mark_server_command",
-           "DEFAULT_ADDRESS"]
+__all__ = ["add_config_flag", "add_master_flags", "add_redis_flags", "add_tier_flags", "add_token_flags",
+           "add_tls_flags", "settings_from_args", "setup_logging", "run_until_signal", "CommonFlag", "COMMON_FLAGS",
+           "install_common_flags", "mark_server_command", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -64,7 +64,20 @@ COMMON_FLAGS: list[CommonFlag] = [
     CommonFlag("--timeout", lambda: float(os.environ.get("KVPOOL_TIMEOUT", "10")),
                {"type": float, "metavar": "SECONDS",
                 "help": "seconds to wait for the server, including one that is still starting (default 10)"}),
-    # Issue 11 adds --token here (KVPOOL_TOKEN); every client command then accepts it.
+    # Credentials (kvpool.auth, kvpool.tls): every client command sends them. The environment
+    # variables are read where they are used (kvpool.cli.output.admin_channel), so a flag wins.
+    CommonFlag("--token", lambda: None,
+               {"help": "bearer token to send (also KVPOOL_TOKEN); prefer --token-file, since command lines "
+                        "are visible to other users"}),
+    CommonFlag("--token-file", lambda: None,
+               {"metavar": "PATH", "help": "file whose first line is the token (also KVPOOL_TOKEN_FILE)"}),
+    CommonFlag("--tls-ca", lambda: None,
+               {"metavar": "PEM", "help": "CA bundle that signs the master's certificate: talk TLS "
+                                          "(also KVPOOL_TLS_CA)"}),
+    CommonFlag("--tls-cert", lambda: None,
+               {"metavar": "PEM", "help": "client certificate for mutual TLS (also KVPOOL_TLS_CERT)"}),
+    CommonFlag("--tls-key", lambda: None,
+               {"metavar": "PEM", "help": "the client certificate's private key (also KVPOOL_TLS_KEY)"}),
 ]
 
 _SERVER = "_kvpool_server_command"
@@ -140,6 +153,15 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
                    "format; 0 picks, default -1: off)")
     g.add_argument("--events-topic", help="ZMQ topic of the KV events (default empty)")
     g.add_argument("--replicas", type=int, help="copies of each block on nodes of different hosts (default 1)")
+    g.add_argument("--quotas", help="byte quotas per tenant and memory tier, e.g. 'alice:dram=8GiB,bob:dram=2GiB'")
+    g.add_argument("--max-message-bytes", help="largest gRPC request accepted, e.g. 64MiB (default); larger "
+                   "ones are refused before they are read")
+    g = p.add_argument_group("security")
+    g.add_argument("--auth-tokens", metavar="FILE", help="bearer tokens, one 'TOKEN ROLE [TENANT]' a line "
+                   "(roles: client, admin, node); required to listen beyond loopback")
+    g.add_argument("--insecure", action="store_const", const=True, help="listen beyond loopback without tokens "
+                   "(only where every host on the network is trusted)")
+    add_tls_flags(g, serving=True)
 
 
 def add_redis_flags(p: argparse.ArgumentParser) -> None:
@@ -150,6 +172,30 @@ def add_redis_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--leader-ttl", type=float, help="seconds before a standby takes over from a silent leader "
                    "(default 3)")
     g.add_argument("--advertise-host", help="address standbys hand out for this master (default: --host)")
+
+
+def add_tls_flags(g, *, serving: bool = False) -> None:
+    """TLS for gRPC and the TCP data plane (kvpool.tls)."""
+    own = "serve TLS with this certificate (PEM)" if serving else "client certificate for mutual TLS (PEM)"
+    g.add_argument("--tls-cert", help=own)
+    g.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    g.add_argument("--tls-ca", help="CA bundle that signs the peers (PEM): " + (
+        "clients must then present a certificate (mutual TLS)" if serving else "verify the server with it"))
+
+
+def add_token_flags(p: argparse.ArgumentParser, *, serving: bool = False) -> None:
+    """How a process proves who it is: a bearer token (kvpool.auth) and TLS (kvpool.tls). A
+    ``serving`` process (a node) also listens, so it gets --insecure and server-side TLS."""
+    g = p.add_argument_group("authentication")
+    g.add_argument("--token", help="bearer token to send (also KVPOOL_TOKEN); prefer --token-file, since "
+                   "command lines are visible to other users")
+    g.add_argument("--token-file", help="file whose first line is the token (also KVPOOL_TOKEN_FILE)")
+    if serving:
+        g.add_argument("--insecure", action="store_const", const=True,
+                       help="listen beyond loopback without a token (trusted networks only)")
+        add_tls_flags(g, serving=True)
+    else:
+        add_tls_flags(g)
 
 
 def add_tier_flags(p: argparse.ArgumentParser) -> None:

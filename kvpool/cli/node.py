@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import sys
 
-from kvpool.cli.flags import add_config_flag, add_tier_flags, run_until_signal, settings_from_args, setup_logging
+from kvpool.cli.flags import add_config_flag, add_tier_flags, add_token_flags, run_until_signal, settings_from_args, \
+    setup_logging
 from kvpool.cli.flags import mark_server_command
 from kvpool.config import NodeSettings
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port of this node's tier metrics (default -1: off)")
     add_tier_flags(p)
+    add_token_flags(p, serving=True)
     mark_server_command(p)
     p.set_defaults(func=run)
 

@@ -4,17 +4,26 @@
 that waits up to ``--timeout`` for a master that is still starting (gRPC wait-for-ready),
 and :func:`rpc_failure` turns a failed RPC into the message and exit code every admin
 command uses: 2 when the master cannot be reached (naming the address), 1 when it refused.
+
+The channel carries the caller's credentials (common flags, kvpool.cli.flags): the bearer
+token of ``--token`` / ``--token-file`` (or ``KVPOOL_TOKEN`` / ``KVPOOL_TOKEN_FILE``) on every
+call, and TLS when ``--tls-ca`` (or ``KVPOOL_TLS_CA``) is given, with ``--tls-cert`` and
+``--tls-key`` as the client certificate for mutual TLS.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import sys
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.rpc.v1 import admin_pb2_grpc
+from kvpool.tls import TlsFiles, open_channel
 
 __all__ = ["admin_channel", "call", "rpc_failure", "table", "pct", "to_json"]
 
@@ -22,8 +31,53 @@ _OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_bac
             ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                 "wait_for_ready", "compression")),
+               grpc.ClientCallDetails):
+    """grpc.ClientCallDetails has no constructor of its own."""
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the bearer token to every call on the channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, d):
+        return _Details(d.method, d.timeout, tuple(d.metadata or ()) + self._metadata, d.credentials,
+                        d.wait_for_ready, getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def credentials(args: argparse.Namespace) -> tuple[str | None, TlsFiles | None]:
+    """The token and TLS files of the common flags, else of the environment."""
+    token = resolve_token(getattr(args, "token", None), getattr(args, "token_file", None))
+    env = os.environ
+    tls = TlsFiles(getattr(args, "tls_cert", None) or env.get("KVPOOL_TLS_CERT", ""),
+                   getattr(args, "tls_key", None) or env.get("KVPOOL_TLS_KEY", ""),
+                   getattr(args, "tls_ca", None) or env.get("KVPOOL_TLS_CA", ""))
+    return token, tls if tls.ca else None
+
+
 def admin_channel(args: argparse.Namespace) -> tuple[grpc.Channel, admin_pb2_grpc.AdminStub]:
-    channel = grpc.insecure_channel(args.address, options=_OPTIONS)
+    """The Admin service at ``--address``, with the caller's token and TLS.
+
+    A token file that cannot be read ends the command with exit code 2, saying why.
+    """
+    try:
+        token, tls = credentials(args)
+    except ValueError as exc:
+        print(f"kvpool: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    channel = open_channel(args.address, tls, options=_OPTIONS)
+    metadata = bearer_metadata(token)
+    if metadata:
+        channel = grpc.intercept_channel(channel, _Bearer(metadata))
     return channel, admin_pb2_grpc.AdminStub(channel)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,12 +29,15 @@ import grpc
 import numpy as np
 import xxhash
 
+from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.client.buffers import block_views, byte_view, is_device
 from kvpool.client.shares import Planned, plan
-from kvpool.errors import BlockNotFound, InvalidArgument, KvpoolError, NotFound, Unavailable, from_status
+from kvpool.errors import (BlockNotFound, InvalidArgument, KvpoolError, LeaseExpired, NotFound, Unavailable,
+                           from_status)
 from kvpool.identity import Namespace, pack_keys
 from kvpool.masters import FAILOVER_S, MasterList, follows
 from kvpool.rpc.v1 import common_pb2, pool_pb2, pool_pb2_grpc
+from kvpool.tls import TlsFiles, client_context, open_aio_channel
 from kvpool.transport.base import (READ, WRITE, BlockIntegrityError, Share, Transport, TransportCaps, TransportFactory,
                                    TransportOptions)
 from kvpool.transport.cuda_ipc import CudaIpcTransport
@@ -125,6 +129,12 @@ class AsyncClient:
     ``KVPOOL_TRANSPORT``) forces one. ``connect_timeout`` and ``io_timeout`` bound how long a
     transfer waits on a node that stopped answering before it fails, naming the node.
 
+    ``token`` (or ``token_file``, or ``KVPOOL_TOKEN`` / ``KVPOOL_TOKEN_FILE``) is the bearer
+    token for a master that requires one (``--auth-tokens``); a client token acts for one
+    tenant, so its namespaces must name that tenant. ``tls_ca`` (or ``KVPOOL_TLS_CA``) turns
+    on TLS to the master and to nodes whose data port is TLS; ``tls_cert`` and ``tls_key``
+    (``KVPOOL_TLS_CERT``, ``KVPOOL_TLS_KEY``) are this client's certificate for mutual TLS.
+
     The first call waits up to ``startup_wait`` seconds (``KVPOOL_STARTUP_WAIT``) for a master
     that is still starting (0: no waiting); after that, an unreachable master fails the call with
     :class:`~kvpool.errors.Unavailable` naming the address.
@@ -132,12 +142,20 @@ class AsyncClient:
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
-                 connect_timeout: float = 3.0, io_timeout: float = 10.0, startup_wait: float | None = None) -> None:
+                 connect_timeout: float = 3.0, io_timeout: float = 10.0, startup_wait: float | None = None,
+                 token: str | None = None, token_file: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self.address = address
         #: One master, or several that share a Redis (``"a:50051,b:50051"``): calls go to the leader.
         self._masters = MasterList(address)
         self.startup_wait = float(os.environ.get("KVPOOL_STARTUP_WAIT", "5")) if startup_wait is None else startup_wait
         self._reached = False
+        self._metadata = bearer_metadata(resolve_token(token, token_file))
+        env = os.environ
+        self._tls = TlsFiles(tls_cert or env.get("KVPOOL_TLS_CERT", ""), tls_key or env.get("KVPOOL_TLS_KEY", ""),
+                             tls_ca or env.get("KVPOOL_TLS_CA", ""))
+        if not self._tls.ca:
+            self._tls = None
         self.namespace = namespace
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
@@ -147,7 +165,8 @@ class AsyncClient:
         self.transports = TransportFactory(
             TRANSPORTS, force=force,
             options=TransportOptions(connect_timeout=connect_timeout, io_timeout=io_timeout,
-                                     connections=copy_threads))
+                                     connections=copy_threads,
+                                     tls=client_context(self._tls) if self._tls is not None else None))
         self._endpoints: dict[int, NodeEndpoint] = {}
         self._host = host_id()
         self._threads = copy_threads
@@ -157,6 +176,8 @@ class AsyncClient:
         self._release_task: asyncio.Task | None = None
         #: Set by :class:`kvpool.Client`, whose event loop runs nothing but this client.
         self._private_loop = False
+        #: Lease deadlines are measured on this clock, from before the RPC that took the lease.
+        self._clock = time.monotonic
 
     # ------------------------------------------------------------------ plumbing
 
@@ -175,7 +196,7 @@ class AsyncClient:
 
     def _ensure_channel(self) -> pool_pb2_grpc.KVPoolStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._masters.current, options=_GRPC_OPTIONS)
+            self._channel = open_aio_channel(self._masters.current, self._tls, options=_GRPC_OPTIONS)
             self._stub = pool_pb2_grpc.KVPoolStub(self._channel)
         return self._stub
 
@@ -221,7 +242,7 @@ class AsyncClient:
             if not self._reached and self.startup_wait > 0 and not self._masters.several:
                 await self._wait_for_master()
             try:
-                return await getattr(stub, name)(request, timeout=self.timeout)
+                return await getattr(stub, name)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 # Several masters: follow their leader through a takeover (a lease TTL or so).
                 if self._masters.several and follows(exc):
@@ -407,6 +428,7 @@ class AsyncClient:
             return []
         size = ns.layout.block_bytes
         dests = block_views(out, len(keys), size, writable=True, allow_device=True) if out is not None else None
+        asked = self._clock()
         resp = await self._call_ns(ns, "Get", pool_pb2.GetRequest(namespace_id=ns.id, keys=pack_keys(keys),
                                                                   release_lease_ids=self._take_done_leases(),
                                                                   client_host=self._host))
@@ -424,7 +446,8 @@ class AsyncClient:
             else:
                 targets = [dests[i] for i in hit_idx]
             if hit_idx:
-                await self._read(resp.locations, targets, resp.lease_id, [keys[i] for i in hit_idx])
+                await self._read(resp.locations, targets, resp.lease_id, [keys[i] for i in hit_idx],
+                                 asked + resp.lease_expires_in_ms / 1000)
         finally:
             self._release_later(resp.lease_id)
         results: list = [None] * len(keys)
@@ -433,9 +456,15 @@ class AsyncClient:
         return results
 
     async def _read(self, locations: common_pb2.Locations, targets: list, lease_id: str,
-                    keys: Sequence[bytes]) -> None:
+                    keys: Sequence[bytes], deadline: float) -> None:
         """Copy leased blocks into ``targets``. Blocks that fail their checksum (network reads
-        verify them) are reported to the master, which drops them, and the read fails."""
+        verify them) are reported to the master, which drops them, and the read fails.
+
+        ``deadline`` is when the lease ends on this client's clock, counted from before the
+        request that took it (so never later than the master's). A copy that finishes after
+        it may hold bytes of a slot the master freed and gave to another block meanwhile:
+        the read fails with :class:`LeaseExpired` instead of returning them.
+        """
         planned = self._plan(locations, READ, lease_id)
         try:
             await self._run_shares(planned, lambda t, share, outs: t.read(share, outs), targets)
@@ -444,6 +473,12 @@ class AsyncClient:
             if bad:
                 await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=[lease_id], corrupt_keys=pack_keys(bad)))
             raise
+        late = self._clock() - deadline
+        if late > 0:
+            raise LeaseExpired(
+                f"reading {len(targets)} blocks outlived their read lease (it ended {late:.3f}s before the copy "
+                f"finished), so the master may have freed or reused their slots meanwhile; the bytes are not "
+                f"returned. Retry, read smaller batches, or give the master a longer --lease-ttl")
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
         """How many leading ``keys`` are in the pool (no lease taken)."""
@@ -467,9 +502,14 @@ class AsyncClient:
         resp = await self._call("Release", pool_pb2.ReleaseRequest(lease_ids=list(lease_ids)))
         return resp.released
 
-    async def remove(self, keys: Sequence[bytes]) -> int:
-        """Remove blocks; returns how many were present (leased ones go when released)."""
-        resp = await self._call("Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys)))
+    async def remove(self, keys: Sequence[bytes], *, namespace: Namespace | None = None) -> int:
+        """Remove blocks of the namespace's tenant; returns how many were present (leased ones
+        go when released)."""
+        ns = namespace or self.namespace
+        if ns is None:  # no namespace: the caller's tenant, as the master knows it
+            resp = await self._call("Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys)))
+        else:
+            resp = await self._call_ns(ns, "Remove", pool_pb2.RemoveRequest(keys=pack_keys(keys), namespace_id=ns.id))
         return resp.removed + resp.deferred
 
     async def stats(self) -> common_pb2.StatsResponse:
@@ -508,12 +548,14 @@ class AsyncClient:
         if not keys:
             return 0
         dests = block_views(out, len(keys), size, writable=True, allow_device=True)
+        asked = self._clock()
         resp = await self._call_ns(ns, "Lookup", pool_pb2.LookupRequest(
             namespace_id=ns.id, keys=pack_keys(keys), release_lease_ids=self._take_done_leases(),
             client_host=self._host))
         try:
             if resp.hit_blocks:
-                await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks])
+                await self._read(resp.locations, dests[: resp.hit_blocks], resp.lease_id, keys[: resp.hit_blocks],
+                                 asked + resp.lease_expires_in_ms / 1000)
         finally:
             self._release_later(resp.lease_id)
         return resp.hit_blocks

@@ -59,7 +59,8 @@ def plan(locations, factory: TransportFactory, op: int, grant_id: str, threads: 
             access = None
             if TransportCaps.NETWORK in transport.caps and node_id in caps:
                 cap = caps[node_id]
-                access = Access(op, grant_id, node_id, cap.expires_unix_ms, bytes(cap.mac), node_recs.tobytes())
+                access = Access(op, grant_id, node_id, cap.expires_unix_ms, bytes(cap.mac), node_recs.tobytes(),
+                                cap.tenant)
             n = max(1, min(threads, len(pos)))
             bounds = [len(pos) * k // n for k in range(n + 1)]
             for a, b in zip(bounds, bounds[1:]):

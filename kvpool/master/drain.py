@@ -10,7 +10,8 @@ nothing is left, showing progress):
 4. Otherwise they move. NVMe-only blocks are first promoted into the node's own DRAM (the
    data plane serves memory tiers only). Then, per batch: the master allocates slots on
    another node (``BlockIndex.place``), pins the blocks, signs a read capability for their
-   records under the source's key, and asks the target node to pull them from the source's
+   records under the source's key (one capability per tenant: kvpool-cap/v2 signs the
+   tenant whose blocks they are), and asks the target node to pull them from the source's
    data server (``NodeHandle.pull``), which verifies each block's xxh3-64 as it arrives.
 5. After the copy, a block that is still committed and pinned only by the drain is
    relocated (``BlockIndex.relocate``: the index points at the new slot, the old copies are
@@ -121,11 +122,26 @@ class Drainer:
             return
         for e in batch:
             index.pin(e)
+        # A read capability names one tenant (kvpool-cap/v2 signs it): one pull per tenant.
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(batch):
+            groups.setdefault(e.tenant, []).append(i)
+        for tenant, positions in groups.items():
+            await self._pull(source, target, tier, tenant, [batch[i] for i in positions],
+                             [slots[i] for i in positions], report)
+        report.failed += len(todo) - len(batch)
+
+    async def _pull(self, source: NodeHandle, target: NodeHandle, tier: str, tenant: str, batch: list[Entry],
+                    slots: list, report: DrainReport) -> None:
+        """Copy ``batch`` (pinned, all of ``tenant``) from ``source`` into ``slots`` of ``target``,
+        then relocate what may move; unpins every block of the batch."""
+        index = self.index
         records = b"".join(e.record for e in batch)
         grant_id = f"drain-{secrets.token_hex(8)}"
         expires = expiry_ms(_PULL_TTL_S)
         access = Access(READ, grant_id, source.node_id, expires,
-                        sign(source.data_key, READ, grant_id, source.node_id, expires, records), records)
+                        sign(source.data_key, READ, grant_id, source.node_id, expires, records, tenant), records,
+                        tenant)
         try:
             corrupt = set(await target.pull(source.endpoint(), access, tier, slots))
         except Exception as exc:  # the copy failed as a whole: nothing moved, nothing lost
@@ -133,8 +149,9 @@ class Drainer:
                 index.unpin(e)
                 target.free(tier, slot)
             report.failed += len(batch)
-            report.first_error = f"pull from {source.name} into {target.name} failed: {exc}"
-            log.warning("drain of %s: %s", source.name, report.first_error)
+            if not report.first_error:
+                report.first_error = f"pull from {source.name} into {target.name} failed: {exc}"
+            log.warning("drain of %s: pull into %s failed: %s", source.name, target.name, exc)
             return
         for i, (e, slot) in enumerate(zip(batch, slots)):
             movable = e.pins == 1 and not e.doomed and i not in corrupt and index.entry(e.key) is e
@@ -151,4 +168,3 @@ class Drainer:
                 index.remove([e.key])
                 index.counters.corrupt_blocks += 1
                 report.failed += 1
-        report.failed += len(todo) - len(batch)

@@ -17,10 +17,13 @@ import time
 import grpc
 
 from kvpool.errors import InternalError, KvpoolError
+from kvpool.guard import LogLimiter
 
 __all__ = ["rpc"]
 
 log = logging.getLogger("kvpool.master")
+#: A request that trips a bug may come in a flood: one traceback per method per interval.
+_bugs = LogLimiter(log, interval=10.0)
 
 
 def rpc(method):
@@ -44,7 +47,7 @@ def rpc(method):
             code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, f"{name}: {exc}")
         except Exception as exc:  # a bug: report it, keep serving
-            log.exception("%s failed", name)
+            _bugs.event(name, "failed", level=logging.ERROR, exc_info=True)
             code = InternalError.code
             await context.abort(code, f"{name}: internal error ({type(exc).__name__}: {exc}); please report it")
         finally:

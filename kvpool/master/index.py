@@ -23,6 +23,14 @@ Invariants (each one is tested):
 * Every slot is released exactly once: memory slots through ``NodeHandle.free``, NVMe copies
   through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
+* Tenants share nothing. The index holds a block under its *scoped* key: the client's 16-byte
+  key followed by its namespace's tenant (the bare key for the default tenant ""). So a
+  tenant who knows another's keys finds, deduplicates against and removes nothing of theirs:
+  every answer is the one for a block that does not exist.
+* A tenant with a quota on a memory tier never holds more than it there, counting granted
+  and committed blocks. A put past it first evicts that tenant's own unleased blocks of the
+  tier (policy order), never another tenant's; if that is not enough it fails with
+  RESOURCE_EXHAUSTED naming the quota.
 
 All methods run on the master's event-loop thread: the index takes no locks.
 Errors are raised as :mod:`kvpool.errors` exceptions with messages a person can act on.
@@ -36,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull, Unavailable
-from kvpool.identity import KEY_BYTES, Namespace, split_keys
+from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES, Namespace, split_keys
 from kvpool.master.eviction import DEFAULT_POLICY, POLICIES, BlockInfo, EvictionPolicy, make_policy
 from kvpool.master.nodes import NodeHandle, NodeRegistry
 from kvpool.tiers.base import Slot
@@ -60,6 +68,8 @@ class IndexConfig:
     eviction_policy: str = DEFAULT_POLICY
     #: Copy every committed block to NVMe as well (when the node has an NVMe tier).
     write_through: bool = False
+    #: Byte quotas: tenant -> memory tier ("dram", "hbm") -> bytes (kvpool.config.parse_quotas).
+    quotas: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Entry:
@@ -105,6 +115,15 @@ class Entry:
     def size(self) -> int:
         return self.slot.size
 
+    @property
+    def tenant(self) -> str:
+        return self.key[KEY_BYTES:].decode()
+
+    @property
+    def client_key(self) -> bytes:
+        """The key as its tenant's clients know it (16 bytes)."""
+        return self.key[:KEY_BYTES]
+
     def update_record(self) -> None:
         slot = self.slot
         # Both wire forms are cached: a Lookup then only joins bytes (see kvpool.wire).
@@ -126,6 +145,7 @@ class PutGrant:
     put_id: str
     entries: dict[bytes, Entry]
     expires_at: float
+    tenant: str = ""
     #: Where each granted block sits in the chain the writer sent: (parent key, last in the
     #: batch). The eviction policy hears it at commit (BlockInfo.parent, BlockInfo.last).
     links: dict[bytes, tuple[bytes | None, bool]] = field(default_factory=dict)
@@ -158,6 +178,23 @@ class Counters:
 class NamespaceInfo:
     namespace: Namespace
     block_bytes: int
+
+    @property
+    def tenant(self) -> str:
+        return self.namespace.tenant
+
+
+def unknown_namespace(ns_id: str) -> NotFound:
+    return NotFound(f"namespace {ns_id!r} is not registered with this master; call "
+                    f"RegisterNamespace first (the kvpool client does this on connect)")
+
+
+def scope_keys(keys: list[bytes], tenant: str) -> list[bytes]:
+    """Client keys -> the index's keys for ``tenant`` (see the module docstring)."""
+    if not tenant:
+        return keys
+    suffix = tenant.encode()
+    return [k + suffix for k in keys]
 
 
 class BlockIndex:
@@ -194,10 +231,16 @@ class BlockIndex:
         #: ``node_lost(entries)`` (a node left: its blocks may come back if it was only
         #: cut off), called synchronously, so they only queue the work.
         self.observers: list = []
+        #: (tenant, tier) -> [bytes, blocks] of committed copies, and bytes granted, not committed.
+        self._usage: dict[tuple[str, str], list[int]] = {}
+        self._granted: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ namespaces
 
     def register_namespace(self, ns: Namespace) -> NamespaceInfo:
+        if len(ns.tenant.encode()) > MAX_TENANT_BYTES:
+            raise InvalidArgument(f"RegisterNamespace: tenant names are at most {MAX_TENANT_BYTES} bytes; "
+                                  f"got {len(ns.tenant.encode())}")
         known = self._namespaces.get(ns.id)
         if known is not None:
             return known
@@ -209,10 +252,7 @@ class BlockIndex:
     def namespace(self, ns_id: str) -> NamespaceInfo:
         info = self._namespaces.get(ns_id)
         if info is None:
-            raise NotFound(
-                f"namespace {ns_id!r} is not registered with this master; call "
-                f"RegisterNamespace first (the kvpool client does this on connect)"
-            )
+            raise unknown_namespace(ns_id)
         return info
 
     @property
@@ -265,6 +305,7 @@ class BlockIndex:
                     f"PutStart: block size {size} does not match namespace {ns_id[:12]}…, whose "
                     f"layout makes blocks of {info.block_bytes} bytes"
                 )
+        keys = scope_keys(keys, info.tenant)
         now = self.clock()
         statuses: list[int] = []
         wanted: list[int] = []
@@ -289,6 +330,7 @@ class BlockIndex:
         granted: dict[bytes, Entry] = {}
         if wanted:
             node, tier = self._place(info.block_bytes, len(wanted), tier, client_host, set(exclude))
+            self._within_quota(info.tenant, tier, info.block_bytes * len(wanted))
             try:
                 for i in wanted:
                     slot = node.allocate(tier, info.block_bytes)
@@ -303,18 +345,26 @@ class BlockIndex:
                 for entry in granted.values():
                     node.free(tier, entry.mem)
                 raise
-        grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s)
+        grant = PutGrant(secrets.token_hex(8), granted, now + self.config.grant_ttl_s, info.tenant)
         if granted:
             # Consecutive keys of one batch are parent and child (a key names its prefix).
             last = len(keys) - 1
             grant.links = {keys[i]: (keys[i - 1] if i else None, i == last) for i in wanted}
             self._pending.update(granted)
             self._grants[grant.put_id] = grant
+            tk = (info.tenant, tier)
+            self._granted[tk] = self._granted.get(tk, 0) + info.block_bytes * len(granted)
         return grant, statuses
 
-    def put_commit(self, put_id: str, keys: list[bytes] | None, checksums: list[int]) -> tuple[int, int]:
-        """Make granted blocks visible. Grants of the put that are not committed are released."""
+    def _grant(self, put_id: str, tenant: str | None) -> PutGrant | None:
+        """The open put ``put_id``; None if there is none, or (``tenant`` given) it is another tenant's."""
         grant = self._grants.get(put_id)
+        return grant if grant is None or tenant is None or grant.tenant == tenant else None
+
+    def put_commit(self, put_id: str, keys: list[bytes] | None, checksums: list[int],
+                   tenant: str | None = None) -> tuple[int, int]:
+        """Make granted blocks visible. Grants of the put that are not committed are released."""
+        grant = self._grant(put_id, tenant)
         if grant is None and put_id in self._lost_grants:
             raise Unavailable(
                 f"PutCommit: node {self._lost_grants[put_id][0]} holding slots of put {put_id} left the pool "
@@ -328,6 +378,8 @@ class BlockIndex:
             )
         if keys is None or not keys:
             keys = list(grant.entries)
+        else:
+            keys = scope_keys(keys, grant.tenant)
         if len(checksums) != len(keys):
             raise InvalidArgument(
                 f"PutCommit: {len(keys)} blocks to commit but {len(checksums)} checksums; send one "
@@ -348,11 +400,13 @@ class BlockIndex:
         for key, checksum in zip(keys, checksums):
             entry = grant.entries.pop(key)
             del self._pending[key]
+            self._ungrant(entry)
             entry.state = COMMITTED
             entry.checksum = checksum
             entry.update_record()
             entry.last_access = now
             self._blocks[key] = entry
+            self._count(entry, entry.mem_tier, 1)  # the tenant's use of the tier (quotas)
             parent, last = grant.links.get(key, (None, False))
             batch = entering.setdefault((entry.node_id, entry.mem_tier), ([], []))
             batch[0].append(key)
@@ -374,8 +428,10 @@ class BlockIndex:
         self.enforce_watermarks()
         return len(keys), released
 
-    def put_abort(self, put_id: str) -> int:
-        grant = self._grants.pop(put_id, None)
+    def put_abort(self, put_id: str, tenant: str | None = None) -> int:
+        grant = self._grant(put_id, tenant)
+        if grant is not None:
+            del self._grants[put_id]
         if grant is None:
             raise NotFound(f"PutAbort: no open put {put_id!r} (already committed, aborted or expired)")
         return self._release_grant_entries(grant)
@@ -383,6 +439,7 @@ class BlockIndex:
     def _release_grant_entries(self, grant: PutGrant) -> int:
         for key, entry in grant.entries.items():
             self._pending.pop(key, None)
+            self._ungrant(entry)
             self._release_storage(entry)
         n = len(grant.entries)
         grant.entries.clear()
@@ -396,8 +453,9 @@ class BlockIndex:
 
     def lookup(self, ns_id: str, keys: list[bytes], lease: bool = True) -> tuple[int, ReadLease | None]:
         """The longest present prefix of ``keys``; with ``lease``, pinned under a read lease."""
-        self.namespace(ns_id)
+        info = self.namespace(ns_id)
         self._check_keys(keys, "Lookup")
+        keys = scope_keys(keys, info.tenant)
         # map() keeps the per-key work in C: this is the hot loop of a 128K-token Lookup.
         hits = list(map(self._blocks.get, keys))
         try:
@@ -412,8 +470,9 @@ class BlockIndex:
 
     def get(self, ns_id: str, keys: list[bytes]) -> tuple[list[bool], ReadLease | None]:
         """Locate any subset of keys; those found are leased."""
-        self.namespace(ns_id)
+        info = self.namespace(ns_id)
         self._check_keys(keys, "Get")
+        keys = scope_keys(keys, info.tenant)
         found_entries: list[Entry] = []
         found: list[bool] = []
         for key in keys:
@@ -450,8 +509,10 @@ class BlockIndex:
             return None
         return lease
 
-    def release(self, lease_ids: Iterable[str], corrupt: Iterable[bytes] = ()) -> tuple[int, int]:
+    def release(self, lease_ids: Iterable[str], corrupt: Iterable[bytes] = (),
+                tenant: str | None = None) -> tuple[int, int]:
         """End leases. Unknown ids (already released or expired) are ignored: release is idempotent.
+        With ``tenant``, leases of other tenants count as unknown.
 
         ``corrupt`` are keys a reader found damaged (checksum mismatch over the network): those
         held under one of the leases lose that replica, counted as corrupt. Returns (leases
@@ -460,11 +521,12 @@ class BlockIndex:
         bad = set(corrupt)
         released = dropped = 0
         for lease_id in lease_ids:
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
+            lease = self._leases.get(lease_id)
+            if lease is None or (tenant is not None and lease.entries[0].tenant != tenant):
                 continue
+            del self._leases[lease_id]
             for entry in lease.entries if bad else ():
-                if entry.key in bad and not entry.doomed and self._blocks.get(entry.key) is entry:
+                if entry.client_key in bad and not entry.doomed and self._blocks.get(entry.key) is entry:
                     self._drop(entry)  # pinned by this lease: freed at the unpin below
                     self.counters.corrupt_blocks += 1
                     dropped += 1
@@ -515,10 +577,11 @@ class BlockIndex:
 
     # ------------------------------------------------------------------ removal and eviction
 
-    def remove(self, keys: Iterable[bytes]) -> tuple[int, int]:
-        """Remove committed blocks. Leased ones vanish now and are freed on their last release."""
+    def remove(self, keys: Iterable[bytes], tenant: str = "") -> tuple[int, int]:
+        """Remove committed blocks of ``tenant`` (``keys`` as its clients know them). Leased
+        ones vanish now and are freed on their last release."""
         removed = deferred = 0
-        for key in keys:
+        for key in scope_keys(list(keys), tenant):
             entry = self._blocks.get(key)
             if entry is None:
                 continue
@@ -531,8 +594,13 @@ class BlockIndex:
     def flush(self, ns_id: str = "") -> tuple[int, int]:
         if ns_id:
             self.namespace(ns_id)
-        keys = [k for k, e in self._blocks.items() if not ns_id or e.ns == ns_id]
-        return self.remove(keys)
+        removed = deferred = 0
+        for entry in [e for e in self._blocks.values() if not ns_id or e.ns == ns_id]:
+            if self._drop(entry):
+                removed += 1
+            else:
+                deferred += 1
+        return removed, deferred
 
     def _drop(self, entry: Entry) -> bool:
         """Take a committed entry out of the index. True if freed now, False if deferred."""
@@ -576,14 +644,26 @@ class BlockIndex:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
 
+    def _ungrant(self, entry: Entry) -> None:
+        """A granted entry was committed or released: it no longer counts as granted."""
+        tk = (entry.tenant, entry.mem_tier)
+        self._granted[tk] = self._granted.get(tk, 0) - entry.size
+
+    def _count(self, entry: Entry, tier: str, sign: int) -> None:
+        use = self._usage.setdefault((entry.tenant, tier), [0, 0])
+        use[0] += sign * entry.size
+        use[1] += sign
+
     def _enter(self, entry: Entry, tier: str) -> None:
         """Count a new copy of ``entry`` in ``tier`` and hand it to that tier's policy."""
         tk = (entry.node_id, tier)
+        self._count(entry, tier, 1)
         self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
         self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
 
     def _leave(self, entry: Entry, tier: str) -> None:
         tk = (entry.node_id, tier)
+        self._count(entry, tier, -1)
         self._tier_blocks[tk] -= 1
         self._policy(*tk).remove(entry.key)
 
@@ -598,8 +678,10 @@ class BlockIndex:
             return False
         return entry.nvme is not None if tier == NVME else (entry.mem is not None and entry.mem_tier == tier)
 
-    def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> list[Entry]:
-        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all).
+    def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0,
+                tenant: str | None = None) -> list[Entry]:
+        """Unpinned entries of a tier in policy order, until ``want_bytes`` (None: all); with
+        ``tenant``, only that tenant's.
 
         ``block_bytes`` (the size of the blocks being placed, when known) sizes the request
         to the policy: sampling policies choose better when asked for what is needed.
@@ -613,12 +695,13 @@ class BlockIndex:
         taken: set[bytes] = set()
         total = 0
         blocks = self._blocks
+        suffix = None if tenant is None else tenant.encode()
 
         def evictable(key: bytes) -> bool:  # called per candidate: kept to one frame
             if key in taken:
                 return False
             entry = blocks.get(key)
-            return entry is not None and entry.pins == 0
+            return entry is not None and entry.pins == 0 and (suffix is None or key[KEY_BYTES:] == suffix)
 
         while want_bytes is None or total < want_bytes:
             if want_bytes is not None and block_bytes > 0:
@@ -659,6 +742,50 @@ class BlockIndex:
     def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
         victims = self.victims(node_id, tier, want_bytes, block_bytes)
+        freed = sum(e.size for e in victims)
+        for entry in victims:
+            self.drop_copy(entry, tier)
+        if victims:
+            tk = (node_id, tier)
+            self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
+        return len(victims), freed
+
+    # ------------------------------------------------------------------ quotas
+
+    def tenant_usage(self) -> list[tuple[str, str, int, int, int | None]]:
+        """(tenant, tier, committed bytes, blocks, quota or None) for every tenant with blocks or a quota."""
+        rows = {tk: (use[0], use[1]) for tk, use in self._usage.items() if use[1]}
+        for tenant, tiers in self.config.quotas.items():
+            for tier in tiers:
+                rows.setdefault((tenant, tier), (0, 0))
+        return [(t, tier, b, n, self.config.quotas.get(t, {}).get(tier))
+                for (t, tier), (b, n) in sorted(rows.items())]
+
+    def _within_quota(self, tenant: str, tier: str, need: int) -> None:
+        """Make ``need`` more bytes of ``tier`` fit the tenant's quota, evicting only its own
+        unleased blocks there; RESOURCE_EXHAUSTED if they do not suffice."""
+        quota = self.config.quotas.get(tenant, {}).get(tier)
+        if quota is None:
+            return
+        used = self._usage.get((tenant, tier), [0, 0])[0] + self._granted.get((tenant, tier), 0)
+        over = used + need - quota
+        if over > 0 and need <= quota:
+            for node in self.nodes:
+                if over <= 0:
+                    break
+                if tier in node.tier_names():
+                    blocks, freed = self._evict_tenant(node.node_id, tier, over, tenant)
+                    over -= freed
+        if over > 0:
+            who = repr(tenant) if tenant else "the default tenant"
+            raise PoolFull(
+                f"quota exceeded: {who} may hold {quota} bytes in {tier} and holds {used} (committed and "
+                f"granted); {need} more do not fit, and none of its other {tier} blocks can be evicted (they are "
+                f"leased or not yet committed). Release leases, put fewer blocks, or raise the quota "
+                f"(--quotas {tenant}:{tier}=SIZE)")
+
+    def _evict_tenant(self, node_id: int, tier: str, want: int, tenant: str) -> tuple[int, int]:
+        victims = self.victims(node_id, tier, want, tenant=tenant)
         freed = sum(e.size for e in victims)
         for entry in victims:
             self.drop_copy(entry, tier)
@@ -795,6 +922,10 @@ class BlockIndex:
         for observer in self.observers if gone else ():
             observer.node_lost(gone)
         for entry in gone:
+            if entry.mem is not None:
+                self._count(entry, entry.mem_tier, -1)
+            if entry.nvme is not None:
+                self._count(entry, NVME, -1)
             del self._blocks[entry.key]
             entry.doomed = True
             entry.mem = entry.nvme = None
@@ -803,7 +934,7 @@ class BlockIndex:
         for grant in list(self._grants.values()):
             lost = [k for k, e in grant.entries.items() if e.node_id == node_id]
             for key in lost:
-                del grant.entries[key]
+                self._ungrant(grant.entries.pop(key))
                 self._pending.pop(key, None)
             if lost:
                 # The writer is told why at commit, and its next PutStart goes elsewhere.
@@ -811,6 +942,7 @@ class BlockIndex:
                 del self._grants[grant.put_id]
                 for entry in grant.entries.values():  # slots on other nodes: free them now
                     self._pending.pop(entry.key, None)
+                    self._ungrant(entry)
                     self._release_storage(entry)
         self.nvme_drops.pop(node_id, None)
         self.draining.discard(node_id)
@@ -969,12 +1101,14 @@ class BlockIndex:
         self.counters.expired_leases += len(leases)
         return len(grants), len(leases)
 
-    def entry(self, key: bytes) -> Entry | None:
+    def entry(self, key: bytes, tenant: str = "") -> Entry | None:
+        key = scope_keys([key], tenant)[0]
         return self._blocks.get(key) or self._pending.get(key)
 
-    def entries(self, ns_id: str = ""):
+    def entries(self, ns_id: str = "", tenant: str | None = None):
+        """Committed entries, of one namespace and/or one tenant (None: every tenant)."""
         for entry in self._blocks.values():
-            if not ns_id or entry.ns == ns_id:
+            if (not ns_id or entry.ns == ns_id) and (tenant is None or entry.tenant == tenant):
                 yield entry
 
     @property

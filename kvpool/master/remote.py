@@ -25,15 +25,20 @@ import time
 
 import grpc
 
-from kvpool.errors import FailedPrecondition, Unavailable
+from kvpool.auth import bearer_metadata, current_caller
+from kvpool.capability import KEY_BYTES as DATA_KEY_BYTES
+from kvpool.errors import FailedPrecondition, InvalidArgument, Unavailable
+from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES
 from kvpool.master.index import BlockIndex
 from kvpool.master.metastore import BlockRecord
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.handlers import rpc
+from kvpool.tls import TlsFiles, open_aio_channel
 from kvpool.tiers.base import SlabAllocator, Slot, TierCaps, TierUsage
 from kvpool.tiers.moves import DemoteResult, PromoteResult
 from kvpool.transport.endpoint import NodeEndpoint
+from kvpool.wire import TIER_CODES
 
 __all__ = ["RemoteNode", "RegistryServicer"]
 
@@ -47,10 +52,11 @@ class RemoteNode:
     pulls_replicas = True
 
     def __init__(self, node_id: int, request: node_pb2.RegisterNodeRequest, clock=time.monotonic,
-                 epoch: int = 0) -> None:
+                 epoch: int = 0, tls: TlsFiles | None = None) -> None:
         self.node_id = node_id
         #: The master's fencing epoch, sent with every request: the node refuses older ones.
         self.epoch = epoch
+        self.tls = tls
         self.name = request.name
         self.incarnation = request.incarnation
         self.control_address = request.control_address
@@ -72,6 +78,8 @@ class RemoteNode:
         # or None). _journal[0] has sequence number _journal_base + 1.
         self._journal: list[tuple[str, Slot, object]] = []
         self._journal_base = 0
+        #: The master calls the node back with the token the node registered with (if any).
+        self.token = ""
         # Opened at the first tier movement, on the event loop that needs it.
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeControlStub | None = None
@@ -183,9 +191,9 @@ class RemoteNode:
     async def _call(self, name: str, request):
         try:
             if self._stub is None:
-                self._channel = grpc.aio.insecure_channel(self.control_address)
+                self._channel = open_aio_channel(self.control_address, self.tls)
                 self._stub = node_pb2_grpc.NodeControlStub(self._channel)
-            return await getattr(self._stub, name)(request, timeout=60)
+            return await getattr(self._stub, name)(request, timeout=60, metadata=bearer_metadata(self.token))
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"node {self.name} ({self.control_address}) did not answer {name}: "
                               f"{exc.code().name}: {exc.details()}") from None
@@ -239,7 +247,7 @@ class RemoteNode:
     async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
         req = node_pb2.PullRequest(tier=tier, records=access.records, grant_id=access.grant_id,
                                    expires_unix_ms=access.expires_unix_ms, mac=access.mac,
-                                   target_offsets=[s.offset for s in slots])
+                                   target_offsets=[s.offset for s in slots], tenant=access.tenant)
         source.fill(req.source)
         resp = await self._call("Pull", req)
         return list(resp.corrupt)
@@ -253,8 +261,9 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
     """Nodes join, heartbeat, and are forgotten when they restart or go silent."""
 
     def __init__(self, index: BlockIndex, metrics: Metrics, *, heartbeat_interval: float = 1.0,
-                 missed_heartbeats: int = 5) -> None:
+                 missed_heartbeats: int = 5, tls: TlsFiles | None = None) -> None:
         self.index = index
+        self.tls = tls  # how the master reaches nodes' control services
         self.metrics = metrics
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
@@ -292,6 +301,27 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self._closing.append(node)
         log.warning("node %s (id %d) %s: forgot its %d blocks", node.name, node.node_id, why, forgotten)
 
+    @staticmethod
+    def _check(request: node_pb2.RegisterNodeRequest) -> None:
+        """Refuse a registration the master could not act on, before it replaces anything."""
+        if not request.name or not request.incarnation:
+            raise InvalidArgument("RegisterNode: a node sends its name and incarnation")
+        names = [t.tier for t in request.tiers]
+        if not names or len(set(names)) != len(names) or not set(names) <= TIER_CODES.keys():
+            raise InvalidArgument(f"RegisterNode: tiers must be distinct ones of {', '.join(TIER_CODES)}; "
+                                  f"got {names}")
+        for t in request.tiers:
+            # Memory tiers are mirrored here in slabs; the persistent tier's slots are the node's.
+            slabbed = TierCaps.PERSISTENT not in TierCaps(t.caps)
+            if t.capacity_bytes == 0 or (slabbed and not 0 < t.chunk_bytes <= t.capacity_bytes):
+                raise InvalidArgument(f"RegisterNode: tier {t.tier} needs a capacity and a chunk size "
+                                      f"(0 < chunk_bytes <= capacity_bytes)")
+        if request.data_key and len(request.data_key) != DATA_KEY_BYTES:
+            raise InvalidArgument(f"RegisterNode: data_key is {DATA_KEY_BYTES} bytes; got {len(request.data_key)}")
+        for b in request.nvme_blocks:
+            if not KEY_BYTES <= len(b.key) <= KEY_BYTES + MAX_TENANT_BYTES or b.size == 0:
+                raise InvalidArgument("RegisterNode: an NVMe block needs a 16-byte key (and a tenant) and a size")
+
     @rpc
     async def RegisterNode(self, request, context):
         if request.epoch > self.epoch:
@@ -300,12 +330,15 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
             raise FailedPrecondition(
                 f"RegisterNode: this master's epoch {self.epoch} is older than the epoch {request.epoch} the node "
                 f"has seen: another master leads; register with it")
+        self._check(request)
         for old in self._remote_nodes():
             if old.name == request.name or old.control_address == request.control_address:
                 self._forget(old, "registered again (restarted)")
         node_id = self._next_id
         self._next_id += 1
-        node = RemoteNode(node_id, request, self.index.clock, epoch=self.epoch)
+        node = RemoteNode(node_id, request, self.index.clock, epoch=self.epoch, tls=self.tls)
+        caller = current_caller()
+        node.token = caller.token if caller is not None else ""
         self.index.nodes.add(node)
         self._joined[node_id] = node
         in_memory = self.index.adopt_memory(node_id, node.recover_memory(request.memory_blocks))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import operator
 import logging
 
-from kvpool.errors import InvalidArgument, NotFound
+from kvpool.auth import current_caller
+from kvpool.errors import InvalidArgument, NotFound, PermissionDenied
 from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
 from kvpool.master.handlers import rpc
 from kvpool.master.drain import DEFAULT_BATCH, Drainer, DrainReport
-from kvpool.master.index import BlockIndex, Entry
+from kvpool.master.index import BlockIndex, Entry, NamespaceInfo, unknown_namespace
 from kvpool.master.nodes import memory_tiers
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
@@ -77,13 +78,27 @@ class _Base:
             out.append(e)
         return out
 
-    def _stats(self) -> common_pb2.StatsResponse:
-        resp = stats_response(self.index)
+    def _stats(self, tenant: str | None = None) -> common_pb2.StatsResponse:
+        resp = stats_response(self.index, tenant)
         if self.describe_store is not None:
             self.describe_store(resp)
         else:
             resp.metadata_store = "memory"
         return resp
+
+    @staticmethod
+    def _tenant() -> str | None:
+        """The tenant a client token acts for; None for admins and servers without tokens."""
+        caller = current_caller()
+        return caller.tenant if caller is not None and caller.is_client else None
+
+    def _ns(self, ns_id: str) -> NamespaceInfo:
+        """A namespace the caller may use: another tenant's is reported as not registered."""
+        info = self.index.namespace(ns_id)
+        tenant = self._tenant()
+        if tenant is not None and info.tenant != tenant:
+            raise unknown_namespace(ns_id)
+        return info
 
     async def _resident(self, lease) -> list[bool] | None:
         """Promote the lease's NVMe-only blocks; None when all were in memory already."""
@@ -106,8 +121,10 @@ class _Base:
         """Whether blocks of one batch can sit in different memory tiers (HBM and DRAM)."""
         return any(len(memory_tiers(n)) > 1 for n in self.index.nodes)
 
-    def _locations(self, entries, out: common_pb2.Locations, op: int, grant_id: str, ttl_s: float) -> None:
-        """Fill ``out`` with where ``entries`` are, and a capability per node for ``op``."""
+    def _locations(self, entries, out: common_pb2.Locations, op: int, grant_id: str, ttl_s: float,
+                   tenant: str) -> None:
+        """Fill ``out`` with where ``entries`` are, and a capability per node for ``op`` on
+        behalf of ``tenant``."""
         if len(self.index.nodes) == 1:  # the embedded case: skip a pass over the batch
             node_ids = {next(iter(self.index.nodes)).node_id}
         else:
@@ -131,18 +148,24 @@ class _Base:
                 continue
             mine = entries if len(node_ids) == 1 else [e for e in entries if e.node_id == node_id]
             records = b"".join(map(_record_of, mine))
-            out.caps.add(node_id=node_id, expires_unix_ms=expires,
-                         mac=sign(node.data_key, op, grant_id, node_id, expires, records))
+            out.caps.add(node_id=node_id, expires_unix_ms=expires, tenant=tenant,
+                         mac=sign(node.data_key, op, grant_id, node_id, expires, records, tenant))
 
 
 class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def RegisterNamespace(self, request, context):
-        info = self.index.register_namespace(namespace_from_proto(request.namespace))
+        ns = namespace_from_proto(request.namespace)
+        tenant = self._tenant()
+        if tenant is not None and ns.tenant != tenant:
+            raise PermissionDenied(f"RegisterNamespace: this token acts for tenant {tenant!r}, not {ns.tenant!r}; "
+                                   f"set Namespace(tenant={tenant!r})")
+        info = self.index.register_namespace(ns)
         return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes)
 
     @rpc
     def PutStart(self, request, context):
+        self._ns(request.namespace_id)
         keys = self.index.split_packed(request.keys, "PutStart")
         first = request.first_position if request.HasField("first_position") else None
         grant, statuses = self.index.put_start(request.namespace_id, keys, list(request.sizes), first, request.tier,
@@ -151,26 +174,27 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         resp.status.extend(statuses)
         if grant.entries:
             self._locations(list(grant.entries.values()), resp.grants, WRITE, grant.put_id,
-                            self.index.config.grant_ttl_s)
+                            self.index.config.grant_ttl_s, grant.tenant)
         return resp
 
     @rpc
     async def PutCommit(self, request, context):
         keys = self.index.split_packed(request.keys, "PutCommit") if request.keys else None
-        committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums))
+        committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums), self._tenant())
         if self.durable is not None:
             await self.durable()
         return pool_pb2.PutCommitResponse(committed=committed, released=released)
 
     @rpc
     def PutAbort(self, request, context):
-        return pool_pb2.PutAbortResponse(released=self.index.put_abort(request.put_id))
+        return pool_pb2.PutAbortResponse(released=self.index.put_abort(request.put_id, self._tenant()))
 
     @rpc
     async def Lookup(self, request, context):
+        self._ns(request.namespace_id)
         keys = self.index.split_packed(request.keys, "Lookup")
         if request.release_lease_ids:
-            self.index.release(request.release_lease_ids)
+            self.index.release(request.release_lease_ids, tenant=self._tenant())
         hits, lease = self.index.lookup(request.namespace_id, keys, lease=not request.count_only)
         if lease is not None:
             ok = await self._resident(lease)
@@ -181,16 +205,17 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
             self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
-                            self.index.config.lease_ttl_s)
+                            self.index.config.lease_ttl_s, self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
 
     @rpc
     async def Get(self, request, context):
+        self._ns(request.namespace_id)
         keys = self.index.split_packed(request.keys, "Get")
         if request.release_lease_ids:
-            self.index.release(request.release_lease_ids)
+            self.index.release(request.release_lease_ids, tenant=self._tenant())
         found, lease = self.index.get(request.namespace_id, keys)
         if lease is not None:
             ok = await self._resident(lease)
@@ -204,7 +229,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
             self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
-                            self.index.config.lease_ttl_s)
+                            self.index.config.lease_ttl_s, self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
         return resp
@@ -212,7 +237,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def Release(self, request, context):
         corrupt = self.index.split_packed(request.corrupt_keys, "Release") if request.corrupt_keys else ()
-        released, dropped = self.index.release(request.lease_ids, corrupt)
+        released, dropped = self.index.release(request.lease_ids, corrupt, self._tenant())
         if dropped:
             log.warning("dropped %d blocks that a reader found corrupt (checksum mismatch)", dropped)
         return pool_pb2.ReleaseResponse(released=released, dropped_corrupt=dropped)
@@ -220,12 +245,16 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def Remove(self, request, context):
         keys = self.index.split_packed(request.keys, "Remove")
-        removed, deferred = self.index.remove(keys)
+        if request.namespace_id:
+            tenant = self._ns(request.namespace_id).tenant
+        else:
+            tenant = self._tenant() or ""
+        removed, deferred = self.index.remove(keys, tenant)
         return pool_pb2.RemoveResponse(removed=removed, deferred=deferred)
 
     @rpc
     def Stats(self, request, context):
-        return self._stats()
+        return self._stats(self._tenant())
 
 
 class ReplicaView:
@@ -241,7 +270,8 @@ class ReplicaView:
         self.loc = pack_slot(slot.offset, entry.checksum)
 
 
-def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
+def stats_response(index: BlockIndex, tenant: str | None = None) -> common_pb2.StatsResponse:
+    """Pool statistics; with ``tenant``, the per-tenant rows show that tenant only."""
     c = index.counters
     resp = common_pb2.StatsResponse(
         blocks=index.block_count, bytes=index.committed_bytes(), hit_blocks=c.hit_blocks,
@@ -257,12 +287,17 @@ def stats_response(index: BlockIndex) -> common_pb2.StatsResponse:
             resp.tiers.add(tier=u.name, node_id=node.node_id, node_name=node.name, capacity_bytes=u.capacity_bytes,
                            used_bytes=u.used_bytes, blocks=index.tier_blocks(node.node_id, u.name),
                            evictions=c.evictions.get((node.node_id, u.name), 0))
+    for who, tier, used, blocks, quota in index.tenant_usage():
+        if tenant is None or who == tenant:
+            row = resp.tenants.add(tenant=who, tier=tier, used_bytes=used, blocks=blocks)
+            if quota is not None:
+                row.quota_bytes = quota
     return resp
 
 
 def block_detail(entry: Entry, now: float) -> admin_pb2.BlockDetail:
     return admin_pb2.BlockDetail(
-        key=entry.key, namespace_id=entry.ns, state=entry.state, node_id=entry.node_id,
+        key=entry.client_key, tenant=entry.tenant, namespace_id=entry.ns, state=entry.state, node_id=entry.node_id,
         tier=TIER_CODES[entry.tier], offset=entry.slot.offset, size=entry.slot.size,
         checksum=entry.checksum, leases=entry.pins, hits=entry.hits,
         age_seconds=now - entry.created, idle_seconds=now - entry.last_access, position=entry.position,
@@ -283,12 +318,15 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     @rpc
     def ListBlocks(self, request, context):
         if request.namespace_id:
-            self.index.namespace(request.namespace_id)
+            self._ns(request.namespace_id)
         limit = request.limit or 100
         now = self.index.clock()
         resp = admin_pb2.ListBlocksResponse()
         total = 0
-        for entry in self.index.entries(request.namespace_id):
+        tenant = self._tenant()
+        if tenant is None and request.HasField("tenant"):
+            tenant = request.tenant
+        for entry in self.index.entries(request.namespace_id, tenant):
             if request.offset <= total < request.offset + limit:
                 resp.blocks.append(block_detail(entry, now))
             total += 1
@@ -299,7 +337,8 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     def Inspect(self, request, context):
         if len(request.key) != KEY_BYTES:
             raise InvalidArgument(f"Inspect: a block key is 16 bytes (32 hex digits); got {len(request.key)} bytes")
-        entry = self.index.entry(request.key)
+        tenant = self._tenant()
+        entry = self.index.entry(request.key, request.tenant if tenant is None else tenant)
         if entry is None:
             raise NotFound(f"Inspect: block {request.key.hex()} is not in the pool")
         return admin_pb2.InspectResponse(block=block_detail(entry, self.index.clock()))

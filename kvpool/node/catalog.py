@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: The catalog's LMDB directory, relative to the data dir.
 CATALOG_DIR = "catalog"
 KEY_BYTES = 16
+#: A key as the master scopes it: 16 bytes, then the tenant's name (kvpool.master.index).
+MAX_KEY_BYTES = KEY_BYTES + 64
 
 # value = version, offset, size, checksum, then the namespace id in UTF-8.
 _VALUE = struct.Struct("<BQQQ")
@@ -106,8 +108,8 @@ class NvmeCatalog:
         """
         items = []
         for e in entries:
-            if len(e.key) != KEY_BYTES:
-                raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(e.key)}")
+            if not KEY_BYTES <= len(e.key) <= MAX_KEY_BYTES:
+                raise ValueError(f"block keys are {KEY_BYTES} bytes (and a tenant), got {len(e.key)}")
             items.append((e.key, e.encode()))
         if items:
             self._write(lambda txn: [txn.put(k, v) for k, v in items])
@@ -211,7 +213,7 @@ class NvmeCatalog:
                       chunk_bytes: int | None = None) -> list[CatalogEntry]:
         """The entries that pass cheap checks, sorted by offset; the rest are deleted and logged.
 
-        Checks: the key is 16 bytes and the value decodes; ``size > 0``; the slot lies inside
+        Checks: the key is 16 bytes (and a tenant) and the value decodes; ``size > 0``; the slot lies inside
         ``[0, arena_capacity)``; with ``chunk_bytes``, the slot sits on the slab grid (inside
         one chunk, at a multiple of its size from the chunk's start); no two slots overlap.
         Overlapping entries are all dropped, since nothing says which one is right. Bytes are
@@ -221,7 +223,7 @@ class NvmeCatalog:
         bad: list[tuple[bytes, str]] = []
         for key, value in self._raw_items():
             try:
-                if len(key) != KEY_BYTES:
+                if not KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
                     raise ValueError(f"key of {len(key)} bytes")
                 e = CatalogEntry.decode(key, value)
             except (ValueError, UnicodeDecodeError) as exc:

@@ -5,7 +5,8 @@ thread, which blocks in socket calls (they release the GIL), so the node's event
 serves gRPC, never waits on a transfer.
 
 Zero copies in user space: a read is one ``sendmsg`` of memoryviews of the slots, a write
-``recv_into`` the slots themselves.
+``recv_into`` the slots themselves. With TLS (``tls``, the node's --tls-cert) every connection
+is wrapped, and mutual when the node has a CA; bytes then go through the TLS record layer.
 
 Nothing is touched before the request's capability checks out (:mod:`kvpool.capability`):
 the MAC under the node's current data key, the operation, the expiry, and every moved record
@@ -58,7 +59,8 @@ class DataServer:
     on ``host:port`` (0 picks a free port; :attr:`address` says which)."""
 
     def __init__(self, arenas: dict[str, np.ndarray], host: str = "127.0.0.1", port: int = 0,
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, tls=None) -> None:
+        self.tls = tls
         self._arenas = {TIER_CODES[name]: (name, arr) for name, arr in arenas.items()}
         self._identity: tuple[int, bytes] | None = None  # (node id, data key), set at registration
         try:
@@ -117,6 +119,21 @@ class DataServer:
 
     def _serve(self, conn: socket.socket, peer) -> None:
         try:
+            if self.tls is not None:
+                raw = conn
+                raw.settimeout(_LINGER_S)  # a handshake that stalls does not hold the thread
+                try:
+                    conn = self.tls.wrap_socket(raw, server_side=True)
+                except (OSError, ValueError) as exc:
+                    log.warning("TLS handshake with %s:%s failed: %s", peer[0], peer[1], exc)
+                    with self._lock:
+                        self._conns.discard(raw)
+                    raw.close()
+                    return
+                conn.settimeout(None)
+                with self._lock:
+                    self._conns.discard(raw)
+                    self._conns.add(conn)
             while not self._closing:
                 try:
                     header = recv_exact(conn, REQUEST.size)
@@ -164,17 +181,19 @@ class DataServer:
     # ------------------------------------------------------------------ requests
 
     def _handle(self, conn: socket.socket, header: bytes) -> None:
-        magic, op, _flags, id_len, n_records, n_moves, expires, mac = REQUEST.unpack(header)
+        magic, op, tenant_len, id_len, n_records, n_moves, expires, mac = REQUEST.unpack(header)
         if magic != REQUEST_MAGIC:
             raise _Refused(Status.INVALID, "not a kvpool data request (bad magic); is this the data port?")
         if op not in (READ, WRITE) or id_len > MAX_ID or n_records > MAX_RECORDS or n_moves > n_records:
             raise _Refused(Status.INVALID, f"malformed request header (op {op}, {n_records} records, {n_moves} moves)")
-        body = recv_exact(conn, id_len + 32 * n_records + 4 * n_moves)
+        head = id_len + tenant_len
+        body = recv_exact(conn, head + 32 * n_records + 4 * n_moves)
         grant_id = body[:id_len].decode(errors="replace")
-        raw_records = body[id_len:id_len + 32 * n_records]
+        tenant = body[id_len:head].decode(errors="replace")
+        raw_records = body[head:head + 32 * n_records]
         records = np.frombuffer(raw_records, dtype=RECORD_DTYPE)
-        moves = np.frombuffer(body[id_len + 32 * n_records:], dtype="<u4")
-        views = self._authorize(op, grant_id, expires, raw_records, mac, records, moves)
+        moves = np.frombuffer(body[head + 32 * n_records:], dtype="<u4")
+        views = self._authorize(op, grant_id, tenant, expires, raw_records, mac, records, moves)
         if op == WRITE:
             self._claim(grant_id, expires, moves)
         if op == READ:
@@ -182,15 +201,15 @@ class DataServer:
         else:
             self._write(conn, views)
 
-    def _authorize(self, op, grant_id, expires, raw_records, mac, records, moves) -> list[np.ndarray]:
+    def _authorize(self, op, grant_id, tenant, expires, raw_records, mac, records, moves) -> list[np.ndarray]:
         identity = self._identity
         if identity is None:
             raise _Refused(Status.UNAVAILABLE, "this node is not registered with a master yet; retry shortly")
         node_id, key = identity
         try:
-            verify(key, op, grant_id, node_id, expires, raw_records, mac)
+            verify(key, op, grant_id, node_id, expires, raw_records, mac, tenant=tenant)
         except CapabilityError as exc:
-            raise _Refused(Status.DENIED, str(exc)) from None
+            raise _Refused(Status.DENIED, f"{exc} (tenant {tenant!r})" if tenant else str(exc)) from None
         if len(moves) and int(moves.max()) >= len(records):
             raise _Refused(Status.INVALID, "a move names a record outside the capability")
         moved = records[moves]

@@ -158,6 +158,7 @@ class Node:
         ucx_address, ucx_regions = self.ucx.describe() if self.ucx is not None else (b"", [])
         return NodeEndpoint(node_id=self.node_id, name=self.name, host_id=host_id(), segments=tuple(segments),
                             tcp_address=self.data_server.address if self.data_server is not None else "",
+                            tcp_tls=self.data_server is not None and self.data_server.tls is not None,
                             ucx_worker_address=ucx_address, ucx_regions=tuple(ucx_regions))
 
     # Data plane for other hosts --------------------------------------------------
@@ -168,8 +169,9 @@ class Node:
                 if TierCaps.ADDRESSABLE in arena.caps and TierCaps.DEVICE not in arena.caps}
 
     def serve_data(self, host: str, port: int = 0, *, advertise_host: str | None = None,
-                   ucx: bool = False) -> None:
+                   ucx: bool = False, tls=None) -> None:
         """Start the TCP data server (and, with ``ucx``, register the arenas with UCX).
+        ``tls`` (an ``ssl.SSLContext`` for the server side) makes the data port TLS only.
 
         Capabilities are checked against ``node_id`` and ``data_key``; call
         :meth:`set_identity` when the master assigns new ones.
@@ -178,7 +180,7 @@ class Node:
 
         self._endpoint = None
         if port >= 0:
-            self.data_server = DataServer(self.host_arenas(), host, port, advertise_host=advertise_host)
+            self.data_server = DataServer(self.host_arenas(), host, port, advertise_host=advertise_host, tls=tls)
             self.data_server.set_identity(self.node_id, self.data_key)
             self.data_server.start()
         if ucx:

@@ -11,16 +11,21 @@ serving clients' data-plane copies meanwhile: they never go through the master.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 
 import grpc
 import numpy as np
 
+from kvpool.auth import NODE, AuthInterceptor, Caller, TokenTable, bearer_metadata, resolve_token
 from kvpool.capability import new_data_key
-from kvpool.errors import KvpoolError
+from kvpool.errors import FailedPrecondition, InvalidArgument, KvpoolError
 from kvpool.masters import MasterList
 from kvpool.metrics import Metrics
+from kvpool.node.catalog import KEY_BYTES, MAX_KEY_BYTES
+from kvpool.guard import LogLimiter, RequestGuard
+from kvpool.tls import TlsFiles, open_aio_channel, server_context, server_credentials
 from kvpool.node.node import Node
 from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
@@ -53,9 +58,32 @@ def _nvme_geometry(node: Node) -> node_pb2.TierGeometry:
     return node_pb2.TierGeometry()
 
 
+_bugs = LogLimiter(log, interval=10.0)
+
+
+def _control(method):
+    """Map kvpool errors to statuses; a bug is INTERNAL (logged at most once per interval)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # the method chose its status with context.abort: it stands
+        except KvpoolError as exc:
+            await context.abort(exc.code, f"{name}: {exc}")
+        except Exception as exc:
+            _bugs.event(name, "failed", level=logging.ERROR, exc_info=True)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error ({type(exc).__name__}: {exc})")
+
+    return handler
+
+
 class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
     """Tier movement on the master's request. Memory slots in requests were allocated by
-    the master (on its mirror of this node's slabs); NVMe slots belong to the node's mover."""
+    the master (on its mirror of this node's slabs); NVMe slots belong to the node's mover.
+    Every slot in a request is checked against the tier it names before anything moves."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -63,15 +91,29 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
     async def _fence(self, request, context) -> None:
         """Refuse a master whose epoch is older than one this node has seen (it was deposed)."""
         if request.epoch < self.node.epoch:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"refused: the sender's fencing epoch {request.epoch} is older than {self.node.epoch}; "
-                                f"it no longer leads")
+            raise FailedPrecondition(f"refused: the sender's fencing epoch {request.epoch} is older than "
+                                     f"{self.node.epoch}; it no longer leads")
         self.node.epoch = request.epoch
 
+    def _check(self, what: str, key: bytes, tier: str, offset: int, size: int) -> None:
+        if not KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+            raise InvalidArgument(f"a block key is {KEY_BYTES} bytes (and a tenant); got {len(key)}")
+        arena = self.node.tiers.get(tier)
+        if arena is None:
+            raise InvalidArgument(f"{what} names the {tier} tier, which this node does not have")
+        if size == 0 or offset + size > arena.capacity:
+            raise InvalidArgument(f"{what} slot {offset}+{size} lies outside the {tier} tier "
+                                  f"({arena.capacity} bytes)")
+
+    @_control
     async def Demote(self, request, context):
         await self._fence(request, context)
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
+        for i in request.items:
+            self._check("Demote", i.key, "dram", i.offset, i.size)
+        if not request.items:
+            return node_pb2.DemoteResponse(nvme=_nvme_geometry(self.node))
         items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id) for i in request.items]
         result = await self.node.demote(items, keep_dram=request.keep_memory)
         return node_pb2.DemoteResponse(
@@ -79,42 +121,54 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             no_space=result.no_space, failed=[k for k, _ in result.failed],
             first_error=result.failed[0][1] if result.failed else "", nvme=_nvme_geometry(self.node))
 
+    @_control
     async def Promote(self, request, context):
         await self._fence(request, context)
         if self.node.mover is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no NVMe tier (--nvme)")
+        for i in request.items:
+            self._check("Promote", i.key, "nvme", i.offset, i.size)
+            self._check("Promote target", i.key, "dram", i.target_offset, i.size)
+        if not request.items:
+            return node_pb2.PromoteResponse(nvme=_nvme_geometry(self.node))
         items = [(i.key, Slot(i.offset, i.size), i.checksum, Slot(i.target_offset, i.size)) for i in request.items]
         result = await self.node.promote(items)
         return node_pb2.PromoteResponse(promoted=result.promoted, corrupt=[k for k, _ in result.corrupt],
                                         corrupt_reasons=[r for _, r in result.corrupt],
                                         nvme=_nvme_geometry(self.node))
 
+    @_control
     async def Pull(self, request, context):
         try:
             sizes = unpack_records(request.records)["size"]
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
+            raise InvalidArgument(f"{exc}") from None
         if len(sizes) != len(request.target_offsets):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"Pull: {len(sizes)} records but {len(request.target_offsets)} target slots")
+            raise InvalidArgument(f"{len(sizes)} records but {len(request.target_offsets)} target slots")
+        # The capability names the tenant whose blocks these are (kvpool-cap/v2): the source's
+        # data server checks it against the blocks' keys.
         access = Access(READ, request.grant_id, request.source.node_id, request.expires_unix_ms, request.mac,
-                        request.records)
+                        request.records, request.tenant)
         slots = [Slot(int(o), int(n)) for o, n in zip(request.target_offsets, sizes)]
         try:
             corrupt = await self.node.pull(NodeEndpoint.from_proto(request.source), access, request.tier, slots)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Pull: {exc}")
-        except KvpoolError as exc:
-            await context.abort(exc.code, f"Pull: {exc}")
+            raise InvalidArgument(f"{exc}") from None
         return node_pb2.PullResponse(corrupt=corrupt)
 
+    @_control
     async def DropNvme(self, request, context):
         await self._fence(request, context)
         if self.node.mover is None:
             return node_pb2.DropNvmeResponse()
+        for b in request.blocks:
+            self._check("DropNvme", b.key, "nvme", b.offset, b.size)
+        if not request.blocks:
+            return node_pb2.DropNvmeResponse(nvme=_nvme_geometry(self.node))
         await self.node.drop_nvme([(b.key, Slot(b.offset, b.size)) for b in request.blocks])
         return node_pb2.DropNvmeResponse(dropped=len(request.blocks), nvme=_nvme_geometry(self.node))
 
+    @_control
     async def VerifyBlocks(self, request, context):
         await self._fence(request, context)
         arenas = self.node.host_arenas()
@@ -130,6 +184,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
 
         return node_pb2.VerifyBlocksResponse(held=await asyncio.to_thread(check))
 
+    @_control
     async def Replicate(self, request, context):
         """Pull blocks from another node's data server into our slots (a replica)."""
         await self._fence(request, context)
@@ -181,15 +236,18 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
 class NodeAgent:
     """Registers ``node`` with the master at ``master_address`` and keeps it registered."""
 
-    def __init__(self, node: Node, master_address: str, control_address: str) -> None:
+    def __init__(self, node: Node, master_address: str, control_address: str, token: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.node = node
         #: One master, or several sharing a Redis: the node follows their leader.
         self.masters = MasterList(master_address)
+        self._metadata = bearer_metadata(token)
+        self._tls = tls
         self.control_address = control_address
         self.incarnation = secrets.token_hex(8)
         self.node_id: int | None = None
         self.interval = 1.0
-        self._channel = grpc.aio.insecure_channel(self.masters.current)
+        self._channel = open_aio_channel(self.masters.current, self._tls)
         self._stub = node_pb2_grpc.RegistryStub(self._channel)
         self._first = True
 
@@ -198,7 +256,7 @@ class NodeAgent:
         return self.masters.current
 
     async def _connect(self) -> None:
-        old, self._channel = self._channel, grpc.aio.insecure_channel(self.masters.current)
+        old, self._channel = self._channel, open_aio_channel(self.masters.current, self._tls)
         self._stub = node_pb2_grpc.RegistryStub(self._channel)
         await old.close()
 
@@ -224,7 +282,7 @@ class NodeAgent:
                                                   checksum=b.checksum, namespace_id=b.namespace_id)
                            for b in memory])
         self.node.endpoint().fill(req.endpoint)
-        resp = await self._stub.RegisterNode(req, timeout=30)
+        resp = await self._stub.RegisterNode(req, timeout=30, metadata=self._metadata)
         self.node.epoch = max(self.node.epoch, resp.epoch)
         self.node.set_identity(resp.node_id, key)
         self.node.resident.reset_seq()  # this master numbers its changes from 1
@@ -239,7 +297,7 @@ class NodeAgent:
         while True:
             resp = await self._stub.Heartbeat(node_pb2.HeartbeatRequest(
                 node_id=self.node_id, incarnation=self.incarnation, tiers=_geometry(self.node),
-                applied_seq=resident.applied_seq), timeout=10)
+                applied_seq=resident.applied_seq), timeout=10, metadata=self._metadata)
             if resp.register_again:
                 return False
             if resp.changes_seq:
@@ -259,8 +317,11 @@ class NodeAgent:
                         self.node_id = None
                         continue
             except grpc.aio.AioRpcError as exc:
-                log.warning("master %s unreachable (%s: %s); retrying", self.master_address, exc.code().name,
-                            exc.details())
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("master %s refused this node: %s: %s; give the node a node token (--token-file)",
+                              self.master_address, exc.code().name, exc.details())
+                else:
+                    log.warning("master %s unreachable (%s); retrying", self.master_address, exc.code().name)
                 self.node_id = None
                 if self.masters.several:  # try the leader a standby named, or the next master, soon
                     self.masters.failed(exc)
@@ -294,12 +355,22 @@ class NodeServer:
         os.makedirs(s.data_dir, exist_ok=True)
         self.node = Node.build(0, s.node_name, dram_bytes=s.dram, nvme_bytes=s.nvme, hbm_bytes=s.hbm,
                                data_dir=s.data_dir, chunk_bytes=s.slab_bytes, prefault=s.prefault)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        token = resolve_token(s.token, s.token_file)
+        # With a token, the control service answers only calls that bear it: the master
+        # calls back with the token this node registered with.
+        interceptors = [RequestGuard(LogLimiter(logging.getLogger("kvpool.requests")))]
+        if token:
+            interceptors.append(AuthInterceptor(TokenTable({token: Caller(NODE, "", token)})))
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         node_pb2_grpc.add_NodeControlServicer_to_server(NodeControlServicer(self.node), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        tls = TlsFiles.of(s)
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if tls is not None:
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", server_credentials(tls))
+            else:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -308,8 +379,9 @@ class NodeServer:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         control = f"{s.host}:{self.port}"
-        self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx)
-        self.agent = NodeAgent(self.node, s.master, control)
+        self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx,
+                             tls=server_context(tls) if tls is not None else None)
+        self.agent = NodeAgent(self.node, s.master, control, token, tls)
         self._agent_task = asyncio.create_task(self.agent.run())
         metrics = "off"
         if s.metrics_port >= 0:

@@ -102,6 +102,8 @@ class Access:
     expires_unix_ms: int
     mac: bytes
     records: bytes
+    #: The tenant whose blocks these are (signed with the rest).
+    tenant: str = ""
 
 
 @dataclass
@@ -136,6 +138,8 @@ class TransportOptions:
     io_timeout: float = 10.0
     #: Connections (or equivalent) per node: one per concurrent share.
     connections: int = 2
+    #: Client-side ``ssl.SSLContext`` for nodes whose data port speaks TLS (kvpool.tls).
+    tls: object = None
 
 
 class Transport(ABC):

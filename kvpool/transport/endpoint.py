@@ -49,6 +49,8 @@ class NodeEndpoint:
     tcp_address: str = ""
     ucx_worker_address: bytes = b""
     ucx_regions: tuple[UcxRegion, ...] = ()
+    #: The data server at ``tcp_address`` speaks TLS only.
+    tcp_tls: bool = False
 
     def segment(self, tier: str, kind: str) -> SharedSegment | None:
         for s in self.segments:
@@ -79,6 +81,7 @@ class NodeEndpoint:
     def fill(self, msg) -> None:
         """Write this endpoint into a ``kvpool.v1.NodeEndpoint`` message."""
         msg.node_id, msg.name, msg.host_id, msg.tcp_address = self.node_id, self.name, self.host_id, self.tcp_address
+        msg.tcp_tls = self.tcp_tls
         for s in self.segments:
             msg.segments.add(tier=s.tier, kind=s.kind, handle=s.handle, size=s.size)
         if self.ucx_worker_address:
@@ -89,7 +92,7 @@ class NodeEndpoint:
     @classmethod
     def from_proto(cls, msg) -> "NodeEndpoint":
         return cls(
-            node_id=msg.node_id, name=msg.name, host_id=msg.host_id, tcp_address=msg.tcp_address,
+            node_id=msg.node_id, name=msg.name, host_id=msg.host_id, tcp_address=msg.tcp_address, tcp_tls=msg.tcp_tls,
             segments=tuple(SharedSegment(s.tier, s.kind, s.handle, s.size) for s in msg.segments),
             ucx_worker_address=bytes(msg.ucx.worker_address),
             ucx_regions=tuple(UcxRegion(r.tier, r.base, r.size, bytes(r.rkey)) for r in msg.ucx.regions),

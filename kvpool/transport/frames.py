@@ -6,14 +6,15 @@ little-endian.
 
 Request::
 
-    header   4s magic "KVQ1" | u8 op (1 read, 2 write) | u8 flags | u16 id_len
+    header   4s magic "KVQ1" | u8 op (1 read, 2 write) | u8 tenant_len | u16 id_len
              | u32 n_records | u32 n_moves | u64 expires_unix_ms | 32s mac
-    body     id (id_len bytes) | records (n_records x 32 bytes, kvpool.wire.RECORD)
+    body     id (id_len bytes) | tenant (tenant_len bytes, UTF-8)
+             | records (n_records x 32 bytes, kvpool.wire.RECORD)
              | moves (n_moves x u32: which records this request moves, in order)
     write:   then the bytes of each moved block, in order, then n_moves x u64 xxh3-64
              checksums of those bytes (the node verifies them before answering)
 
-``records``, ``id``, ``op``, ``expires_unix_ms`` and ``mac`` are the capability the master
+``records``, ``id``, ``tenant``, ``op``, ``expires_unix_ms`` and ``mac`` are the capability the master
 issued (kvpool.capability): the node checks it before reading the bytes that follow.
 
 Response::
@@ -28,6 +29,7 @@ it cannot know where the request's remaining bytes end.
 
 from __future__ import annotations
 
+import ssl
 import struct
 
 __all__ = ["REQUEST", "RESPONSE", "REQUEST_MAGIC", "RESPONSE_MAGIC", "Status", "MAX_RECORDS", "MAX_ID",
@@ -74,6 +76,10 @@ _IOV_MAX = 1024
 def send_buffers(sock, buffers: list) -> None:
     """``sendmsg`` every buffer with no copy in user space, resuming after partial sends."""
     views = [memoryview(b).cast("B") for b in buffers if len(memoryview(b))]
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg: each buffer through the record layer
+        for v in views:
+            sock.sendall(v)
+        return
     i = 0
     while i < len(views):
         sent = sock.sendmsg(views[i:i + _IOV_MAX])

@@ -56,6 +56,7 @@ class TcpTransport(Transport):
         self._addr = (host.strip("[]"), int(port))
         self._options = options
         self._label = f"{endpoint.name!r} (id {endpoint.node_id}) at {endpoint.tcp_address}"
+        self._tls = endpoint.tcp_tls
         self._idle: queue.LifoQueue[socket.socket] = queue.LifoQueue()
         self._all: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -81,6 +82,16 @@ class TcpTransport(Transport):
                               f"{self._options.connect_timeout:g}s: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self._options.io_timeout)
+        if self._tls:
+            if self._options.tls is None:
+                sock.close()
+                raise FailedPrecondition(f"node {self._label} serves its data port over TLS only; give the client "
+                                         f"the CA that signed it (tls_ca, or KVPOOL_TLS_CA)")
+            try:
+                sock = self._options.tls.wrap_socket(sock, server_hostname=self._addr[0])
+            except (OSError, ValueError) as exc:
+                sock.close()
+                raise Unavailable(f"TLS handshake with the data server of node {self._label} failed: {exc}") from None
         with self._lock:
             self._all.add(sock)
         return sock
@@ -111,14 +122,14 @@ class TcpTransport(Transport):
         if access is None:
             raise FailedPrecondition(f"node {self._label}: no capability for this transfer; the master "
                                      f"issues one with each grant and lease (is it older than this client?)")
-        gid = access.grant_id.encode()
+        gid, who = access.grant_id.encode(), access.tenant.encode()
         moves = np.ascontiguousarray(share.positions, dtype="<u4")
-        header = REQUEST.pack(REQUEST_MAGIC, op, 0, len(gid), len(access.records) // 32, len(moves),
+        header = REQUEST.pack(REQUEST_MAGIC, op, len(who), len(gid), len(access.records) // 32, len(moves),
                               access.expires_unix_ms, access.mac)
         sock = self._acquire()
         try:
             try:
-                send_buffers(sock, [header, gid, access.records, moves])
+                send_buffers(sock, [header, gid, who, access.records, moves])
                 if op == WRITE:
                     # Hash each block just before it is sent, while it is in cache; the sums trail.
                     digest = xxhash.xxh3_64_intdigest

@@ -173,3 +173,73 @@ def test_pull_with_bad_input_gets_a_status_and_the_node_keeps_serving(cluster):
     ns = fresh_namespace()
     with Client(address, ns) as c:  # still serving
         assert c.put_blocks([os.urandom(16)], random_blocks(1)).written == 1
+
+
+def test_drain_moves_each_tenants_blocks_under_auth(tmp_path):
+    """With tokens and tenants: the drain's read capability is signed for each block's tenant
+    (kvpool-cap/v2), so blocks of two tenants move, and each tenant reads back its own bytes.
+    The admin token goes after the subcommand, and the node token before it (common flags)."""
+    import secrets
+
+    from tests.conftest import start_kvpool
+
+    tokens = {name: secrets.token_hex(16) for name in ("alice", "bob", "admin", "node")}
+    table = tmp_path / "tokens"
+    table.write_text(f"{tokens['alice']} client alice\n{tokens['bob']} client bob\n{tokens['admin']} admin\n"
+                     f"{tokens['node']} node\n")
+    (tmp_path / "node.token").write_text(tokens["node"] + "\n")
+    procs = []
+
+    def start(args, pattern):
+        proc, m, _ = start_kvpool(args, pattern)
+        procs.append(proc)
+        return m
+
+    def admin(*args: str) -> subprocess.CompletedProcess:
+        return kvpool("admin", *args, "--token", tokens["admin"], address=address)
+
+    def where() -> dict[int, int]:
+        r = admin("ls", "--limit", "1000", "--json")
+        assert r.returncode == 0, r.stderr
+        out: dict[int, int] = {}
+        for b in json.loads(r.stdout)["blocks"]:
+            out[b["node_id"]] = out.get(b["node_id"], 0) + 1
+        return out
+
+    try:
+        address = start(["master", "--port", "0", "--metrics-port", "-1", "--heartbeat-interval", "1",
+                         "--auth-tokens", str(table)], r"ready grpc=(\S+)").group(1)
+
+        def node(name: str) -> None:
+            start(["node", "--master", address, "--port", "0", "--node-name", name, "--data-dir",
+                   str(tmp_path / name), "--token-file", str(tmp_path / "node.token")], r"ready control=\S+")
+
+        node("node-a")
+        assert wait_for(lambda: admin("stats", "--json").returncode == 0
+                        and json.loads(admin("stats", "--json").stdout).get("nodes") == 1, 20)
+        written = {}
+        for tenant, seed in (("alice", 1), ("bob", 2)):
+            ns = fresh_namespace(tenant=tenant)
+            keys, data = [os.urandom(16) for _ in range(6)], random_blocks(6, seed=seed)
+            with Client(address, ns, token=tokens[tenant]) as c:
+                c.put_blocks(keys, data)
+            written[tenant] = (ns, keys, data)
+        (source, n), = where().items()
+        assert n == 12
+        node("node-b")
+        assert wait_for(lambda: json.loads(admin("stats", "--json").stdout).get("nodes") == 2, 20)
+
+        r = kvpool("admin", "--token", tokens["admin"], "drain", "node-a", "--json", address=address)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["moved"] == 12 and report["failed"] == 0 and report["remaining"] == 0, report
+        (target, n), = where().items()
+        assert target != source and n == 12
+        for tenant, (ns, keys, data) in written.items():
+            with Client(address, ns, token=tokens[tenant]) as c:
+                out = c.get_blocks(keys)
+                assert all(np.array_equal(np.frombuffer(o, np.uint8), d) for o, d in zip(out, data))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=20)

@@ -33,7 +33,7 @@ class Cluster:
         h = hosts_fixture(["a", "b", "c"])
         self.a, self.b, self.c = h["a"], h["b"], h["c"]  # host c has no node: a client alone
         self.master_proc, m, self.master_log = self.c.start_kvpool(
-            ["master", "--host", self.c.address, "--port", "0", "--metrics-port", "-1",
+            ["master", "--host", self.c.address, "--insecure", "--port", "0", "--metrics-port", "-1",
              "--heartbeat-interval", HEARTBEAT], r"ready grpc=(\S+)")
         self.master = m.group(1)
         self.node_a = self._node(self.a, "node-a", *node_args, *node_a_args)
@@ -45,7 +45,7 @@ class Cluster:
 
     def _node(self, host, name: str, *args: str):
         proc, m, lines = host.start_kvpool(
-            ["node", "--master", self.master, "--host", host.address, "--port", "0", "--node-name", name,
+            ["node", "--master", self.master, "--host", host.address, "--insecure", "--port", "0", "--node-name", name,
              "--prefault", "false", "--data-dir", f"/tmp/kvpool-test-{os.getpid()}-{name}", *args],
             r"ready control=\S+ data=(\S+)")
         assert m.group(1).startswith(host.address + ":")

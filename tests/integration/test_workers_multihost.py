@@ -28,7 +28,7 @@ MAX_TOKENS = 5
 def test_decode_worker_on_another_host_pulls_over_tcp(hosts):
     h = hosts(["a", "b"])
     a, b = h["a"], h["b"]
-    _, m, _ = a.start_kvpool(["serve", "--host", a.address, "--port", "0", "--metrics-port", "-1",
+    _, m, _ = a.start_kvpool(["serve", "--host", a.address, "--insecure", "--port", "0", "--metrics-port", "-1",
                               "--prefault", "false", "--data-dir", f"/tmp/kvpool-test-{os.getpid()}-workers"],
                              r"ready grpc=(\S+) .*data=(\S+)")
     pool = m.group(1)

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvpool.rpc.v1 import common_pb2 as kvpool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvpool/v1/admin.proto\x12\tkvpool.v1\x1a\x16kvpool/v1/common.proto\"\x12\n\x10ListNodesRequest\"\xb5\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nin_process\x18\x03 \x01(\x08\x12\x17\n\x0f\x63ontrol_address\x18\x04 \x01(\t\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12#\n\x05tiers\x18\x06 \x03(\x0b\x32\x14.kvpool.v1.TierStats\x12\x37\n\ntransports\x18\x07 \x03(\x0b\x32#.kvpool.v1.NodeInfo.TransportsEntry\x12\x19\n\x11unapplied_changes\x18( \x01(\x04\x12\x10\n\x08\x64raining\x18P \x01(\x08\x1a\x31\n\x0fTransportsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.NodeInfo\"\xfa\x01\n\x0b\x42lockDetail\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x14\n\x0cnamespace_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\r\x12\x1d\n\x04tier\x18\x05 \x01(\x0e\x32\x0f.kvpool.v1.Tier\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x06\x12\x0e\n\x06leases\x18\t \x01(\r\x12\x0c\n\x04hits\x18\n \x01(\x04\x12\x13\n\x0b\x61ge_seconds\x18\x0b \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x0c \x01(\x01\x12\x10\n\x08position\x18\r \x01(\x05\"H\n\x11ListBlocksRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x14\n\x0cnamespace_id\x18\x03 \x01(\t\"K\n\x12ListBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.BlockDetail\x12\r\n\x05total\x18\x02 \x01(\x04\"\x1d\n\x0eInspectRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"8\n\x0fInspectResponse\x12%\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x16.kvpool.v1.BlockDetail\"*\n\x0c\x45victRequest\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"F\n\rEvictResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0eskipped_leased\x18\x03 \x01(\r\"$\n\x0c\x46lushRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\"2\n\rFlushResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x02 \x01(\r\"N\n\x0c\x44rainRequest\x12\x0c\n\x04node\x18P \x01(\t\x12\x0c\n\x04\x64rop\x18Q \x01(\x08\x12\x12\n\nmax_blocks\x18R \x01(\r\x12\x0e\n\x06resume\x18S \x01(\x08\"\xc2\x01\n\rDrainResponse\x12\x0f\n\x07node_id\x18P \x01(\r\x12\x11\n\tnode_name\x18Q \x01(\t\x12\r\n\x05moved\x18R \x01(\r\x12\x13\n\x0bmoved_bytes\x18S \x01(\x04\x12\x0f\n\x07\x64ropped\x18T \x01(\r\x12\x11\n\tremaining\x18U \x01(\r\x12\x0e\n\x06leased\x18V \x01(\r\x12\x10\n\x08\x64raining\x18W \x01(\x08\x12\x0e\n\x06\x66\x61iled\x18X \x01(\r\x12\x13\n\x0b\x66irst_error\x18Y \x01(\t2\xcc\x03\n\x05\x41\x64min\x12I\n\nListBlocks\x12\x1c.kvpool.v1.ListBlocksRequest\x1a\x1d.kvpool.v1.ListBlocksResponse\x12@\n\x07Inspect\x12\x19.kvpool.v1.InspectRequest\x1a\x1a.kvpool.v1.InspectResponse\x12:\n\x05\x45vict\x12\x17.kvpool.v1.EvictRequest\x1a\x18.kvpool.v1.EvictResponse\x12:\n\x05\x46lush\x12\x17.kvpool.v1.FlushRequest\x1a\x18.kvpool.v1.FlushResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponse\x12\x46\n\tListNodes\x12\x1b.kvpool.v1.ListNodesRequest\x1a\x1c.kvpool.v1.ListNodesResponse\x12:\n\x05\x44rain\x12\x17.kvpool.v1.DrainRequest\x1a\x18.kvpool.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvpool/v1/admin.proto\x12\tkvpool.v1\x1a\x16kvpool/v1/common.proto\"\x12\n\x10ListNodesRequest\"\xb5\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nin_process\x18\x03 \x01(\x08\x12\x17\n\x0f\x63ontrol_address\x18\x04 \x01(\t\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12#\n\x05tiers\x18\x06 \x03(\x0b\x32\x14.kvpool.v1.TierStats\x12\x37\n\ntransports\x18\x07 \x03(\x0b\x32#.kvpool.v1.NodeInfo.TransportsEntry\x12\x19\n\x11unapplied_changes\x18( \x01(\x04\x12\x10\n\x08\x64raining\x18P \x01(\x08\x1a\x31\n\x0fTransportsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.kvpool.v1.NodeInfo\"\x8a\x02\n\x0b\x42lockDetail\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x14\n\x0cnamespace_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\r\x12\x1d\n\x04tier\x18\x05 \x01(\x0e\x32\x0f.kvpool.v1.Tier\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x06\x12\x0e\n\x06leases\x18\t \x01(\r\x12\x0c\n\x04hits\x18\n \x01(\x04\x12\x13\n\x0b\x61ge_seconds\x18\x0b \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x0c \x01(\x01\x12\x10\n\x08position\x18\r \x01(\x05\x12\x0e\n\x06tenant\x18< \x01(\t\"h\n\x11ListBlocksRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x14\n\x0cnamespace_id\x18\x03 \x01(\t\x12\x13\n\x06tenant\x18< \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_tenant\"K\n\x12ListBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvpool.v1.BlockDetail\x12\r\n\x05total\x18\x02 \x01(\x04\"-\n\x0eInspectRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06tenant\x18< \x01(\t\"8\n\x0fInspectResponse\x12%\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x16.kvpool.v1.BlockDetail\"*\n\x0c\x45victRequest\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"F\n\rEvictResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0eskipped_leased\x18\x03 \x01(\r\"$\n\x0c\x46lushRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\"2\n\rFlushResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x02 \x01(\r\"N\n\x0c\x44rainRequest\x12\x0c\n\x04node\x18P \x01(\t\x12\x0c\n\x04\x64rop\x18Q \x01(\x08\x12\x12\n\nmax_blocks\x18R \x01(\r\x12\x0e\n\x06resume\x18S \x01(\x08\"\xc2\x01\n\rDrainResponse\x12\x0f\n\x07node_id\x18P \x01(\r\x12\x11\n\tnode_name\x18Q \x01(\t\x12\r\n\x05moved\x18R \x01(\r\x12\x13\n\x0bmoved_bytes\x18S \x01(\x04\x12\x0f\n\x07\x64ropped\x18T \x01(\r\x12\x11\n\tremaining\x18U \x01(\r\x12\x0e\n\x06leased\x18V \x01(\r\x12\x10\n\x08\x64raining\x18W \x01(\x08\x12\x0e\n\x06\x66\x61iled\x18X \x01(\r\x12\x13\n\x0b\x66irst_error\x18Y \x01(\t2\xcc\x03\n\x05\x41\x64min\x12I\n\nListBlocks\x12\x1c.kvpool.v1.ListBlocksRequest\x1a\x1d.kvpool.v1.ListBlocksResponse\x12@\n\x07Inspect\x12\x19.kvpool.v1.InspectRequest\x1a\x1a.kvpool.v1.InspectResponse\x12:\n\x05\x45vict\x12\x17.kvpool.v1.EvictRequest\x1a\x18.kvpool.v1.EvictResponse\x12:\n\x05\x46lush\x12\x17.kvpool.v1.FlushRequest\x1a\x18.kvpool.v1.FlushResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponse\x12\x46\n\tListNodes\x12\x1b.kvpool.v1.ListNodesRequest\x1a\x1c.kvpool.v1.ListNodesResponse\x12:\n\x05\x44rain\x12\x17.kvpool.v1.DrainRequest\x1a\x18.kvpool.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESRESPONSE']._serialized_start=392
   _globals['_LISTNODESRESPONSE']._serialized_end=447
   _globals['_BLOCKDETAIL']._serialized_start=450
-  _globals['_BLOCKDETAIL']._serialized_end=700
-  _globals['_LISTBLOCKSREQUEST']._serialized_start=702
-  _globals['_LISTBLOCKSREQUEST']._serialized_end=774
-  _globals['_LISTBLOCKSRESPONSE']._serialized_start=776
-  _globals['_LISTBLOCKSRESPONSE']._serialized_end=851
-  _globals['_INSPECTREQUEST']._serialized_start=853
-  _globals['_INSPECTREQUEST']._serialized_end=882
-  _globals['_INSPECTRESPONSE']._serialized_start=884
-  _globals['_INSPECTRESPONSE']._serialized_end=940
-  _globals['_EVICTREQUEST']._serialized_start=942
-  _globals['_EVICTREQUEST']._serialized_end=984
-  _globals['_EVICTRESPONSE']._serialized_start=986
-  _globals['_EVICTRESPONSE']._serialized_end=1056
-  _globals['_FLUSHREQUEST']._serialized_start=1058
-  _globals['_FLUSHREQUEST']._serialized_end=1094
-  _globals['_FLUSHRESPONSE']._serialized_start=1096
-  _globals['_FLUSHRESPONSE']._serialized_end=1146
-  _globals['_DRAINREQUEST']._serialized_start=1148
-  _globals['_DRAINREQUEST']._serialized_end=1226
-  _globals['_DRAINRESPONSE']._serialized_start=1229
-  _globals['_DRAINRESPONSE']._serialized_end=1423
-  _globals['_ADMIN']._serialized_start=1426
-  _globals['_ADMIN']._serialized_end=1886
+  _globals['_BLOCKDETAIL']._serialized_end=716
+  _globals['_LISTBLOCKSREQUEST']._serialized_start=718
+  _globals['_LISTBLOCKSREQUEST']._serialized_end=822
+  _globals['_LISTBLOCKSRESPONSE']._serialized_start=824
+  _globals['_LISTBLOCKSRESPONSE']._serialized_end=899
+  _globals['_INSPECTREQUEST']._serialized_start=901
+  _globals['_INSPECTREQUEST']._serialized_end=946
+  _globals['_INSPECTRESPONSE']._serialized_start=948
+  _globals['_INSPECTRESPONSE']._serialized_end=1004
+  _globals['_EVICTREQUEST']._serialized_start=1006
+  _globals['_EVICTREQUEST']._serialized_end=1048
+  _globals['_EVICTRESPONSE']._serialized_start=1050
+  _globals['_EVICTRESPONSE']._serialized_end=1120
+  _globals['_FLUSHREQUEST']._serialized_start=1122
+  _globals['_FLUSHREQUEST']._serialized_end=1158
+  _globals['_FLUSHRESPONSE']._serialized_start=1160
+  _globals['_FLUSHRESPONSE']._serialized_end=1210
+  _globals['_DRAINREQUEST']._serialized_start=1212
+  _globals['_DRAINREQUEST']._serialized_end=1290
+  _globals['_DRAINRESPONSE']._serialized_start=1293
+  _globals['_DRAINRESPONSE']._serialized_end=1487
+  _globals['_ADMIN']._serialized_start=1490
+  _globals['_ADMIN']._serialized_end=1950
 # @@protoc_insertion_point(module_scope)

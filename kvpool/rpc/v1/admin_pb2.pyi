@@ -48,7 +48,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class BlockDetail(_message.Message):
-    __slots__ = ("key", "namespace_id", "state", "node_id", "tier", "offset", "size", "checksum", "leases", "hits", "age_seconds", "idle_seconds", "position")
+    __slots__ = ("key", "namespace_id", "state", "node_id", "tier", "offset", "size", "checksum", "leases", "hits", "age_seconds", "idle_seconds", "position", "tenant")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class BlockDetail(_message.Message):
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     namespace_id: str
     state: str
@@ -75,17 +76,20 @@ class BlockDetail(_message.Message):
     age_seconds: float
     idle_seconds: float
     position: int
-    def __init__(self, key: _Optional[bytes] = ..., namespace_id: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., leases: _Optional[int] = ..., hits: _Optional[int] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., position: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, key: _Optional[bytes] = ..., namespace_id: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., leases: _Optional[int] = ..., hits: _Optional[int] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., position: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListBlocksRequest(_message.Message):
-    __slots__ = ("limit", "offset", "namespace_id")
+    __slots__ = ("limit", "offset", "namespace_id", "tenant")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     limit: int
     offset: int
     namespace_id: str
-    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., namespace_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ..., namespace_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListBlocksResponse(_message.Message):
     __slots__ = ("blocks", "total")
@@ -96,10 +100,12 @@ class ListBlocksResponse(_message.Message):
     def __init__(self, blocks: _Optional[_Iterable[_Union[BlockDetail, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class InspectRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "tenant")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     key: bytes
-    def __init__(self, key: _Optional[bytes] = ...) -> None: ...
+    tenant: str
+    def __init__(self, key: _Optional[bytes] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
     __slots__ = ("block",)

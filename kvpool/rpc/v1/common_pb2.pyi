@@ -54,20 +54,22 @@ class Namespace(_message.Message):
     def __init__(self, model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tenant: _Optional[str] = ..., lora: _Optional[str] = ..., salt: _Optional[str] = ...) -> None: ...
 
 class NodeEndpoint(_message.Message):
-    __slots__ = ("node_id", "name", "host_id", "segments", "tcp_address", "ucx")
+    __slots__ = ("node_id", "name", "host_id", "segments", "tcp_address", "ucx", "tcp_tls")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TCP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UCX_FIELD_NUMBER: _ClassVar[int]
+    TCP_TLS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     name: str
     host_id: str
     segments: _containers.RepeatedCompositeFieldContainer[SharedSegment]
     tcp_address: str
     ucx: UcxAccess
-    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[SharedSegment, _Mapping]]] = ..., tcp_address: _Optional[str] = ..., ucx: _Optional[_Union[UcxAccess, _Mapping]] = ...) -> None: ...
+    tcp_tls: bool
+    def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., host_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[SharedSegment, _Mapping]]] = ..., tcp_address: _Optional[str] = ..., ucx: _Optional[_Union[UcxAccess, _Mapping]] = ..., tcp_tls: _Optional[bool] = ...) -> None: ...
 
 class SharedSegment(_message.Message):
     __slots__ = ("tier", "kind", "handle", "size")
@@ -102,14 +104,16 @@ class UcxRegion(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., base: _Optional[int] = ..., size: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
 
 class Capability(_message.Message):
-    __slots__ = ("node_id", "expires_unix_ms", "mac")
+    __slots__ = ("node_id", "expires_unix_ms", "mac", "tenant")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     expires_unix_ms: int
     mac: bytes
-    def __init__(self, node_id: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
+    tenant: str
+    def __init__(self, node_id: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Locations(_message.Message):
     __slots__ = ("nodes", "records", "uniform", "slots", "caps")
@@ -158,7 +162,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "metadata_store", "metadata_degraded", "fencing_epoch", "put_bytes")
+    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "metadata_store", "metadata_degraded", "fencing_epoch", "tenants", "put_bytes")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +184,7 @@ class StatsResponse(_message.Message):
     METADATA_STORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     FENCING_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     PUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     blocks: int
@@ -202,5 +207,20 @@ class StatsResponse(_message.Message):
     metadata_store: str
     metadata_degraded: bool
     fencing_epoch: int
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
     put_bytes: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., metadata_store: _Optional[str] = ..., metadata_degraded: _Optional[bool] = ..., fencing_epoch: _Optional[int] = ..., put_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., metadata_store: _Optional[str] = ..., metadata_degraded: _Optional[bool] = ..., fencing_epoch: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., put_bytes: _Optional[int] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "tier", "used_bytes", "blocks", "quota_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    tier: str
+    used_bytes: int
+    blocks: int
+    quota_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[str] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., quota_bytes: _Optional[int] = ...) -> None: ...

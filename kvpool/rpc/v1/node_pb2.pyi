@@ -233,7 +233,7 @@ class ReplicateResponse(_message.Message):
     def __init__(self, copied: _Optional[_Iterable[bytes]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("source", "tier", "records", "grant_id", "expires_unix_ms", "mac", "target_offsets")
+    __slots__ = ("source", "tier", "records", "grant_id", "expires_unix_ms", "mac", "target_offsets", "tenant")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class PullRequest(_message.Message):
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     TARGET_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     source: _common_pb2.NodeEndpoint
     tier: str
     records: bytes
@@ -248,7 +249,8 @@ class PullRequest(_message.Message):
     expires_unix_ms: int
     mac: bytes
     target_offsets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tier: _Optional[str] = ..., records: _Optional[bytes] = ..., grant_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tier: _Optional[str] = ..., records: _Optional[bytes] = ..., grant_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("corrupt",)

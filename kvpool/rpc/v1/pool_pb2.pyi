@@ -161,10 +161,12 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ..., dropped_corrupt: _Optional[int] = ...) -> None: ...
 
 class RemoveRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "namespace_id")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     keys: bytes
-    def __init__(self, keys: _Optional[bytes] = ...) -> None: ...
+    namespace_id: str
+    def __init__(self, keys: _Optional[bytes] = ..., namespace_id: _Optional[str] = ...) -> None: ...
 
 class RemoveResponse(_message.Message):
     __slots__ = ("removed", "deferred")

@@ -57,3 +57,31 @@ def test_server_settings_ignore_the_client_flags(tmp_path):
 
     args = build_parser().parse_args(["--json", "serve", "--port", "7", "--data-dir", str(tmp_path)])
     assert settings_from_args(ServeSettings, args).port == 7
+
+
+@pytest.mark.parametrize("argv", [
+    ["--token", "t0k", "--tls-ca", "ca.pem", "admin", "drain", "n1"],
+    ["admin", "--token", "t0k", "drain", "n1", "--tls-ca", "ca.pem"],
+    ["admin", "drain", "n1", "--tls-ca", "ca.pem", "--token", "t0k"],
+    ["--tls-ca", "ca.pem", "admin", "top", "--token", "t0k"],
+])
+def test_credentials_are_common_flags(argv):
+    args = build_parser().parse_args(argv)
+    assert (args.token, args.tls_ca) == ("t0k", "ca.pem")
+    assert (args.token_file, args.tls_cert, args.tls_key) == (None, None, None)
+
+
+def test_admin_channel_takes_credentials_from_flags_then_environment(tmp_path, monkeypatch):
+    from kvpool.cli.output import credentials
+
+    for name in ("KVPOOL_TOKEN", "KVPOOL_TOKEN_FILE", "KVPOOL_TLS_CA", "KVPOOL_TLS_CERT", "KVPOOL_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert credentials(build_parser().parse_args(["admin", "stats"])) == (None, None)
+    path = tmp_path / "admin.token"
+    path.write_text("from-file\n")
+    monkeypatch.setenv("KVPOOL_TOKEN", "from-env")
+    monkeypatch.setenv("KVPOOL_TLS_CA", "env-ca.pem")
+    token, tls = credentials(build_parser().parse_args(["admin", "stats", "--token-file", str(path)]))
+    assert token == "from-file" and tls.ca == "env-ca.pem"
+    token, tls = credentials(build_parser().parse_args(["admin", "stats", "--tls-ca", "ca.pem"]))
+    assert token == "from-env" and tls.ca == "ca.pem"
