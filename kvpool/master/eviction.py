@@ -493,6 +493,8 @@ class HitDensityPolicy(EvictionPolicy):
         self._nclasses = nc = 2 * self.COUNT_BUCKETS
         #: Class of (count, last): 2 * bucket(count) + last.
         self._bucket = [2 * min(max(c, 1).bit_length() - 1, self.COUNT_BUCKETS - 1) for c in range(256)]
+        #: First cell of the rank table's row for a count (last flag 0; add BINS for 1).
+        self._row = [b * nb for b in self._bucket]
         starts = np.array([_bin_start(b) for b in range(nb + 1)], dtype=np.int64)
         self._edges = starts[1:nb]  # searchsorted(edges, age, "right") == _age_bin(age), capped
         self._width = (starts[1:] - starts[:-1]).astype(np.float64)
@@ -509,7 +511,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._slot: dict[bytes, int] = {}
         self._keys: list[bytes | None] = []
         self._tick: list[int] = []
-        self._cls: list[int] = []
+        self._cls: list[int] = []     # class * BINS: the first cell of its row in the rank table
         self._kids: list[int] = []    # resident children
         self._parent: list[int] = []  # parent slot, -1 for none
         self._dead: list[bool] = []   # removed while it still had children: freed by the last
@@ -521,7 +523,8 @@ class HitDensityPolicy(EvictionPolicy):
         self._dirty: list[int] = []
         self._tick_np = np.zeros(1024, np.int64)
         self._cls_np = np.zeros(1024, np.int64)
-        self._rank_l: list[int] = self._rank.tolist()
+        self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
+        self._rank40_l: list[int] = self._rank40.tolist()
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
@@ -539,38 +542,12 @@ class HitDensityPolicy(EvictionPolicy):
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
         s = self._slot[key]
-        return float(self._rank[self._cls[s] * self.BINS + min(_age_bin(self._now - self._tick[s]), self.BINS - 1)])
+        return float(self._rank[self._cls[s] + min(_age_bin(self._now - self._tick[s]), self.BINS - 1)])
 
     def __len__(self) -> int:
         return len(self._slot)
 
     # ------------------------------------------------------------------ references
-
-    def _reference(self, keys, lasts) -> list[int]:
-        """Record one reference of each key, in order; return the class each one starts."""
-        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
-        olds = list(map(history.pop, keys, repeat(0)))
-        now = self._now
-        classes = []
-        values = []
-        for old, last in zip(olds, lasts):
-            now += 1
-            if old:
-                count = (old >> 1) & 0xFF
-                last = old & 1
-                d = now - (old >> 9)
-                e = d.bit_length() - 1
-                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
-                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
-                if count < 255:
-                    count += 1
-            else:
-                count = 1
-            values.append((now << 9) | (count << 1) | last)
-            classes.append(bucket[count] + last)
-        history.update(zip(keys, values))
-        self._now = now
-        return classes
 
     def insert(self, key: bytes, info: BlockInfo) -> None:
         self.insert_many((key,), (info,))
@@ -590,10 +567,11 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[cut:], infos[cut:])
             return
         # One pass: the reference (history, reuse statistics) and the slot, per key.
-        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
+        history, pending, nb = self._history, self._pending, self.BINS
         olds = list(map(history.pop, keys, repeat(0)))
         kl, tl, cl, kids, par, dead, lpos, free = (
             self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
+        row = self._row
         new: list[int] = []
         parents: list[int] = []
         values: list[int] = []
@@ -608,13 +586,13 @@ class HitDensityPolicy(EvictionPolicy):
                 d = now - (old >> 9)
                 e = d.bit_length() - 1
                 b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
-                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
+                pending.append(row[count] + last * nb + (b if b < nb else nb - 1))
                 if count < 255:
                     count += 1
             else:
                 count = 1
             values.append((now << 9) | (count << 1) | last)
-            c = bucket[count] + last
+            c = row[count] + last * nb
             if free:  # a free slot has no children and is not dead (see remove)
                 s = free.pop()
                 kl[s] = key
@@ -681,16 +659,35 @@ class HitDensityPolicy(EvictionPolicy):
             self.access_many(keys[:cut])
             self.access_many(keys[cut:])
             return
-        classes = self._reference(keys, repeat(0))
+        # One pass per key: the reference (history, reuse statistics) and the slot's tick and
+        # class. A key missing from the history (trimmed) starts again at count 1, not last.
+        history, pending, row, nb = self._history, self._pending, self._row, self.BINS
         slots = list(map(get, keys))
+        olds = list(map(history.pop, keys, repeat(0)))
         tl, cl = self._tick, self._cls
-        now = self._now - len(keys)
-        for s, c in zip(slots, classes):
+        now = self._now
+        values = []
+        for s, old in zip(slots, olds):
             now += 1
+            if old:
+                count = (old >> 1) & 0xFF
+                last = (old & 1) * nb
+                d = now - (old >> 9)
+                e = d.bit_length() - 1
+                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
+                pending.append(row[count] + last + (b if b < nb else nb - 1))
+                if count < 255:
+                    count += 1
+                values.append((now << 9) | (count << 1) | (old & 1))
+                cl[s] = row[count] + last
+            else:
+                values.append((now << 9) | 2)
+                cl[s] = row[1]
             tl[s] = now
-            cl[s] = c
+        history.update(zip(keys, values))
+        self._now = now
         self._dirty.extend(slots)
-        if self._now >= self._refresh_at:
+        if now >= self._refresh_at:
             self._refresh()
 
     def remove(self, key: bytes) -> None:
@@ -752,7 +749,8 @@ class HitDensityPolicy(EvictionPolicy):
             self._ended //= 2
         alive = self._cells(values, now)
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
-        self._rank_l = self._rank.tolist()
+        self._rank40 = self._rank << 40
+        self._rank40_l = self._rank40.tolist()
         self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
@@ -846,21 +844,23 @@ class HitDensityPolicy(EvictionPolicy):
         return r % high
 
     def _sort_keys(self, slots: np.ndarray) -> np.ndarray:
-        """One int64 per slot that sorts victims first: density rank, then older first."""
-        age = self._now - self._tick_np[slots]
-        return (self._rank[self._cls_np[slots] * self.BINS + np.searchsorted(self._edges, age, "right")] << 40) - age
+        """One int64 per slot that sorts victims first: density rank, then older first (``rank << 40``
+        plus the last reference tick: the key by age shifted by ``now``, the same order in a call)."""
+        ticks = self._tick_np[slots]
+        return self._rank40[self._cls_np[slots] + np.searchsorted(self._edges, self._now - ticks, "right")] + ticks
 
     def _ranked_few(self) -> tuple[list[int], list[int]]:
         """Every leaf with its sort key, best victim first, computed in Python: when there are
         few leaves, a dozen numpy calls cost more than the work itself. Same keys, same
         order (a stable sort of the leaf list) as the vectorized path."""
-        now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank_l
+        now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank40_l
         keyed = []
         for s in self._leaves:
-            a = now - tl[s]
+            t = tl[s]
+            a = now - t
             e = a.bit_length() - 1
             b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-            keyed.append(((rank[cl[s] * nb + (b if b < nb else nb - 1)] << 40) - a, s))
+            keyed.append((rank[cl[s] + (b if b < nb else nb - 1)] + t, s))
         keyed.sort(key=itemgetter(0))
         return [s for _, s in keyed], [k for k, _ in keyed]
 
@@ -922,7 +922,7 @@ class HitDensityPolicy(EvictionPolicy):
         competes at once."""
         heap: list[tuple[int, int]] = []
         keys, par, dead, kids, tl, cl, rank = (
-            self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank_l)
+            self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank40_l)
         kids_left: dict[int, int] = {}
         seen: set[int] = set()
         nb, now = self.BINS, self._now
@@ -956,10 +956,11 @@ class HitDensityPolicy(EvictionPolicy):
                     left = kids_left[p] = kids_left.get(p, kids[p]) - 1
                     if left:
                         break
-                a = now - tl[p]
+                t = tl[p]
+                a = now - t
                 e = a.bit_length() - 1
                 b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-                pk = (rank[cl[p] * nb + (b if b < nb else nb - 1)] << 40) - a
+                pk = rank[cl[p] + (b if b < nb else nb - 1)] + t
                 if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
                     key = keys[p]
                     if key not in taken and evictable(key):
