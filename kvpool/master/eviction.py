@@ -385,6 +385,16 @@ def _age_bin(age: int) -> int:
     return 4 * e + ((age >> (e - 2)) & 3) - 4
 
 
+def _age_bin_capped(age: int, bins: int) -> int:
+    """:func:`_age_bin`, the last bin holding every older age."""
+    b = _age_bin(age)
+    return b if b < bins else bins - 1
+
+
+#: A sort key above every real one (ranks are far below 2**60).
+_NO_BOUND = 1 << 100
+
+
 def _bin_start(b: int) -> int:
     """The smallest age in bin ``b`` (inverse of :func:`_age_bin`)."""
     if b < 4:
@@ -483,6 +493,10 @@ class HitDensityPolicy(EvictionPolicy):
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
     REFRESH_MIN: ClassVar[int] = 256
+    #: Ages below this read their bin from a table (1 MiB of list, shared by all instances);
+    #: older ones compute it. A speed/memory trade only: both give the same bin.
+    BIN_LUT: ClassVar[int] = 1 << 17
+    _bin_lut_shared: ClassVar[list[int] | None] = None
 
     # A history value packs the key's last reference tick, its reference count (capped at
     # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
@@ -498,6 +512,12 @@ class HitDensityPolicy(EvictionPolicy):
         starts = np.array([_bin_start(b) for b in range(nb + 1)], dtype=np.int64)
         self._edges = starts[1:nb]  # searchsorted(edges, age, "right") == _age_bin(age), capped
         self._width = (starts[1:] - starts[:-1]).astype(np.float64)
+        # Capped age bin of every age below BIN_LUT, read from a list in the per-block loops
+        # (one index instead of the bit arithmetic of _age_bin); built once per class.
+        if HitDensityPolicy._bin_lut_shared is None:
+            HitDensityPolicy._bin_lut_shared = np.searchsorted(
+                self._edges, np.arange(self.BIN_LUT), "right").tolist()
+        self._bin_lut: list[int] = HitDensityPolicy._bin_lut_shared
         self._reused = np.zeros((nc, nb))     # intervals that ended in a reuse, by class and age bin
         self._censored = np.zeros((nc, nb))   # intervals that left the history unreused
         self._ended = 0                       # intervals counted since the last halving
@@ -571,7 +591,8 @@ class HitDensityPolicy(EvictionPolicy):
         olds = list(map(history.pop, keys, repeat(0)))
         kl, tl, cl, kids, par, dead, lpos, free = (
             self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
-        row = self._row
+        row, lut = self._row, self._bin_lut
+        lut_n = len(lut)
         new: list[int] = []
         parents: list[int] = []
         values: list[int] = []
@@ -584,9 +605,7 @@ class HitDensityPolicy(EvictionPolicy):
                 count = (old >> 1) & 0xFF
                 last = old & 1
                 d = now - (old >> 9)
-                e = d.bit_length() - 1
-                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
-                pending.append(row[count] + last * nb + (b if b < nb else nb - 1))
+                pending.append(row[count] + last * nb + (lut[d] if d < lut_n else _age_bin_capped(d, nb)))
                 if count < 255:
                     count += 1
             else:
@@ -661,7 +680,8 @@ class HitDensityPolicy(EvictionPolicy):
             return
         # One pass per key: the reference (history, reuse statistics) and the slot's tick and
         # class. A key missing from the history (trimmed) starts again at count 1, not last.
-        history, pending, row, nb = self._history, self._pending, self._row, self.BINS
+        history, pending, row, nb, lut = self._history, self._pending, self._row, self.BINS, self._bin_lut
+        lut_n = len(lut)
         slots = list(map(get, keys))
         olds = list(map(history.pop, keys, repeat(0)))
         tl, cl = self._tick, self._cls
@@ -673,9 +693,7 @@ class HitDensityPolicy(EvictionPolicy):
                 count = (old >> 1) & 0xFF
                 last = (old & 1) * nb
                 d = now - (old >> 9)
-                e = d.bit_length() - 1
-                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
-                pending.append(row[count] + last + (b if b < nb else nb - 1))
+                pending.append(row[count] + last + (lut[d] if d < lut_n else _age_bin_capped(d, nb)))
                 if count < 255:
                     count += 1
                 values.append((now << 9) | (count << 1) | (old & 1))
@@ -736,10 +754,9 @@ class HitDensityPolicy(EvictionPolicy):
             # Every reference re-inserts its key, so the dict is in order of last reference:
             # the oldest keys are its first ones. Drop down to 7/8 of the cap.
             drop = len(history) - cap + cap // 8
-            old = list(islice(history.items(), drop))
-            for key, _ in old:
-                del history[key]
-            gone = np.fromiter((v for _, v in old), dtype=np.int64, count=len(old))
+            # (keys, then values popped by map: no tuple per key, no Python loop)
+            old = list(islice(history, drop))
+            gone = np.fromiter(map(history.pop, old), dtype=np.int64, count=len(old))
             self._censored += self._cells(gone, now)
             self._ended += len(gone)
         values = np.fromiter(history.values(), dtype=np.int64, count=len(history))
@@ -854,13 +871,13 @@ class HitDensityPolicy(EvictionPolicy):
         few leaves, a dozen numpy calls cost more than the work itself. Same keys, same
         order (a stable sort of the leaf list) as the vectorized path."""
         now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank40_l
+        lut = self._bin_lut
+        lut_n = len(lut)
         keyed = []
         for s in self._leaves:
             t = tl[s]
             a = now - t
-            e = a.bit_length() - 1
-            b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-            keyed.append((rank[cl[s] + (b if b < nb else nb - 1)] + t, s))
+            keyed.append((rank[cl[s] + (lut[a] if a < lut_n else _age_bin_capped(a, nb))] + t, s))
         keyed.sort(key=itemgetter(0))
         return [s for _, s in keyed], [k for k, _ in keyed]
 
@@ -926,6 +943,8 @@ class HitDensityPolicy(EvictionPolicy):
         kids_left: dict[int, int] = {}
         seen: set[int] = set()
         nb, now = self.BINS, self._now
+        lut = self._bin_lut
+        lut_n = len(lut)
         i, n = 0, len(cand_l)
         out: list[bytes] = []
         while len(out) < count:
@@ -949,7 +968,14 @@ class HitDensityPolicy(EvictionPolicy):
             # (A parent met here was not a leaf when the call began, so it is in no
             # candidate list, and it reaches zero children only once: no ``seen`` check.)
             p = par[s]
-            while leaves_only and p >= 0 and not dead[p]:
+            if not leaves_only or p < 0:
+                continue
+            # Neither the next candidate nor the heap changes while a chain is peeled: the
+            # key a parent must not exceed to go at once is fixed for the whole climb.
+            bound = key_l[i] if i < n else _NO_BOUND
+            if heap and heap[0][0] < bound:
+                bound = heap[0][0]
+            while not dead[p]:
                 if kids[p] == 1 and p not in kids_left:
                     kids_left[p] = 0
                 else:
@@ -958,14 +984,14 @@ class HitDensityPolicy(EvictionPolicy):
                         break
                 t = tl[p]
                 a = now - t
-                e = a.bit_length() - 1
-                b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-                pk = rank[cl[p] + (b if b < nb else nb - 1)] + t
-                if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
+                pk = rank[cl[p] + (lut[a] if a < lut_n else _age_bin_capped(a, nb))] + t
+                if pk <= bound and len(out) < count:
                     key = keys[p]
                     if key not in taken and evictable(key):
                         out.append(key)
                         p = par[p]
+                        if p < 0:
+                            break
                         continue
                     break
                 heapq.heappush(heap, (pk, p))
