@@ -586,6 +586,9 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
+        if len(keys) > 1 and [info.parent for info in islice(infos, 1, None)] == keys[:-1]:
+            self._insert_chain(keys, infos)
+            return
         # One pass: the reference (history, reuse statistics) and the slot, per key.
         history, pending, nb = self._history, self._pending, self.BINS
         olds = list(map(history.pop, keys, repeat(0)))
@@ -660,6 +663,90 @@ class HitDensityPolicy(EvictionPolicy):
                 moves.append(len(leaves))
                 leaves.append(s)
         self._dirty.extend(new)
+        if self._now >= self._refresh_at:
+            self._refresh()
+
+    def _insert_chain(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
+        """``insert_many`` of new keys that form one chain (each block's parent is the block
+        before it in the batch: one put's publish, the usual case), with the same result as
+        the per-key pass: the per-key work is done list by list, so only a few stores per
+        block are left in Python."""
+        m = len(keys)
+        history, pending, nb, row, lut = self._history, self._pending, self.BINS, self._row, self._bin_lut
+        slot_of = self._slot
+        kl, tl, cl, kids, par, dead, lpos, free = (
+            self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
+        olds = list(map(history.pop, keys, repeat(0)))
+        lasts = [1 if info.last else 0 for info in infos]
+        now = self._now
+        ticks = range(now + 1, now + m + 1)
+        if any(olds):
+            lut_n = len(lut)
+            values: list[int] = []
+            classes: list[int] = []
+            for t, old, last in zip(ticks, olds, lasts):
+                if old:
+                    count = (old >> 1) & 0xFF
+                    last = old & 1
+                    d = t - (old >> 9)
+                    pending.append(row[count] + last * nb + (lut[d] if d < lut_n else _age_bin_capped(d, nb)))
+                    if count < 255:
+                        count += 1
+                else:
+                    count = 1
+                values.append((t << 9) | (count << 1) | last)
+                classes.append(row[count] + last * nb)
+        else:  # all first references: count 1
+            values = [(t << 9) | 2 | last for t, last in zip(ticks, lasts)]
+            classes = list(map((row[1], row[1] + nb).__getitem__, lasts))
+        # Slots: free ones in the order free.pop() hands them out, then new ones.
+        nf = min(len(free), m)
+        slots = free[len(free) - nf:]
+        slots.reverse()
+        del free[len(free) - nf:]
+        extra = m - nf
+        if extra:
+            base = len(kl)
+            kl.extend(repeat(None, extra))
+            tl.extend(repeat(0, extra))
+            cl.extend(repeat(0, extra))
+            kids.extend(repeat(0, extra))
+            par.extend(repeat(-1, extra))
+            dead.extend(repeat(False, extra))
+            lpos.extend(repeat(-1, extra))
+            slots.extend(range(base, base + extra))
+        # The chain's head: its parent, if resident, gains a child (and stops being a leaf).
+        parent = infos[0].parent
+        p0 = -1 if parent is None else slot_of.get(parent, -1)
+        if p0 >= 0:
+            kids[p0] += 1
+        prevs = [p0]
+        prevs += slots[:-1]
+        for s, key, t, c, p in zip(slots, keys, ticks, classes, prevs):
+            kl[s] = key
+            tl[s] = t
+            cl[s] = c
+            par[s] = p
+        for p in prevs[1:]:
+            kids[p] = 1  # a free or new slot has no children: its one child is the next block
+        slot_of.update(zip(keys, slots))
+        history.update(zip(keys, values))
+        self._now = now + m
+        leaves, moves = self._leaves, self._leaf_moves
+        if p0 >= 0:
+            i = lpos[p0]
+            if i >= 0:
+                moved = leaves.pop()
+                if moved != p0:
+                    leaves[i] = moved
+                    lpos[moved] = i
+                    moves.append(i)
+                lpos[p0] = -1
+        tail = slots[-1]
+        lpos[tail] = len(leaves)
+        moves.append(len(leaves))
+        leaves.append(tail)
+        self._dirty.extend(slots)
         if self._now >= self._refresh_at:
             self._refresh()
 
