@@ -493,10 +493,11 @@ class HitDensityPolicy(EvictionPolicy):
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
     REFRESH_MIN: ClassVar[int] = 256
-    #: Ages below this read their bin from a table (1 MiB of list, shared by all instances);
-    #: older ones compute it. A speed/memory trade only: both give the same bin.
+    #: Ages below this read their bin from a table (a list for the per-block loops and an
+    #: int8 copy for numpy, 1.1 MiB shared by all instances); older ones compute it. A
+    #: speed/memory trade only: both give the same bin.
     BIN_LUT: ClassVar[int] = 1 << 17
-    _bin_lut_shared: ClassVar[list[int] | None] = None
+    _bin_lut_shared: ClassVar[tuple[list[int], np.ndarray] | None] = None
 
     # A history value packs the key's last reference tick, its reference count (capped at
     # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
@@ -515,9 +516,9 @@ class HitDensityPolicy(EvictionPolicy):
         # Capped age bin of every age below BIN_LUT, read from a list in the per-block loops
         # (one index instead of the bit arithmetic of _age_bin); built once per class.
         if HitDensityPolicy._bin_lut_shared is None:
-            HitDensityPolicy._bin_lut_shared = np.searchsorted(
-                self._edges, np.arange(self.BIN_LUT), "right").tolist()
-        self._bin_lut: list[int] = HitDensityPolicy._bin_lut_shared
+            table = np.searchsorted(self._edges, np.arange(self.BIN_LUT), "right")
+            HitDensityPolicy._bin_lut_shared = (table.tolist(), table.astype(np.int8))
+        self._bin_lut, self._bin_lut_np = HitDensityPolicy._bin_lut_shared
         self._reused = np.zeros((nc, nb))     # intervals that ended in a reuse, by class and age bin
         self._censored = np.zeros((nc, nb))   # intervals that left the history unreused
         self._ended = 0                       # intervals counted since the last halving
@@ -951,7 +952,12 @@ class HitDensityPolicy(EvictionPolicy):
         """One int64 per slot that sorts victims first: density rank, then older first (``rank << 40``
         plus the last reference tick: the key by age shifted by ``now``, the same order in a call)."""
         ticks = self._tick_np[slots]
-        return self._rank40[self._cls_np[slots] + np.searchsorted(self._edges, self._now - ticks, "right")] + ticks
+        age = self._now - ticks
+        if len(age) and np.maximum.reduce(age) < self.BIN_LUT:  # the usual case: bins from the table
+            bins = self._bin_lut_np.take(age)
+        else:
+            bins = np.searchsorted(self._edges, age, "right")
+        return self._rank40[self._cls_np[slots] + bins] + ticks
 
     def _ranked_few(self) -> tuple[list[int], list[int]]:
         """Every leaf with its sort key, best victim first, computed in Python: when there are
@@ -1006,12 +1012,12 @@ class HitDensityPolicy(EvictionPolicy):
             return out
         sort_key = self._sort_keys(cand)
         k = min(len(cand), 2 * count + 16)
+        # One full sort (faster than a partition and a sort of its head at these sizes); each
+        # pass walks its first k. Keys are unique per slot (ticks are), so the first k are
+        # the same k slots, in the same order, whichever way they are found.
+        order = np.argsort(sort_key, kind="stable")
         while True:
-            if k < len(cand):
-                top = np.argpartition(sort_key, k - 1)[:k]
-                top = top[np.argsort(sort_key[top], kind="stable")]
-            else:
-                top = np.argsort(sort_key, kind="stable")
+            top = order[:k]
             cand_l = cand[top].tolist()
             key_l = sort_key[top].tolist()
             out = self._walk(cand_l, key_l, count, evictable, taken, leaves_only)
@@ -1063,9 +1069,8 @@ class HitDensityPolicy(EvictionPolicy):
             if heap and heap[0][0] < bound:
                 bound = heap[0][0]
             while not dead[p]:
-                if kids[p] == 1 and p not in kids_left:
-                    kids_left[p] = 0
-                else:
+                # A parent with one child is met once (its child goes once): no count to keep.
+                if kids[p] != 1:
                     left = kids_left[p] = kids_left.get(p, kids[p]) - 1
                     if left:
                         break
