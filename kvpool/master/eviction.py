@@ -801,27 +801,27 @@ class HitDensityPolicy(EvictionPolicy):
         if s is None:
             return
         lpos, leaves, kids = self._leafpos, self._leaves, self._kids
+        self._keys[s] = None
         i = lpos[s]
         if i >= 0:
+            lpos[s] = -1
             moved = leaves.pop()
             if moved != s:
                 leaves[i] = moved
                 lpos[moved] = i
                 self._leaf_moves.append(i)
-            lpos[s] = -1
-        self._keys[s] = None
         p = self._parent[s]
         if p >= 0:
-            kids[p] -= 1
-            if kids[p] == 0:
+            left = kids[p] = kids[p] - 1
+            if not left:
                 if self._dead[p]:
                     self._dead[p] = False
                     self._free.append(p)
                 else:
-                    lpos[p] = len(leaves)
-                    self._leaf_moves.append(len(leaves))
+                    i = lpos[p] = len(leaves)
+                    self._leaf_moves.append(i)
                     leaves.append(p)
-        if kids[s] > 0:
+        if kids[s]:
             self._dead[s] = True  # its children still point here; recycled after the last one
         else:
             self._free.append(s)
