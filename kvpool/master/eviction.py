@@ -447,7 +447,8 @@ class HitDensityPolicy(EvictionPolicy):
     leaf is evictable (a pinned child) may an interior block go.
 
     **Cost and memory.** Per reference: a few dict and list operations, batched per call
-    (one put, one lease). Densities are recomputed with numpy when half as many references
+    (one put, one lease; a put's chain is inserted list by list). Age bins come from a shared
+    table for ages below ``BIN_LUT``. Densities are recomputed with numpy when half as many references
     as the history holds have been made since the last time, and at least ``REFRESH_MIN``
     (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
     requested victim (all leaves when there are fewer), scored in one vectorized pass.
