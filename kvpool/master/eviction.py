@@ -385,6 +385,16 @@ def _age_bin(age: int) -> int:
     return 4 * e + ((age >> (e - 2)) & 3) - 4
 
 
+def _age_bin_capped(age: int, bins: int) -> int:
+    """:func:`_age_bin`, the last bin holding every older age."""
+    b = _age_bin(age)
+    return b if b < bins else bins - 1
+
+
+#: A sort key above every real one (ranks are far below 2**60).
+_NO_BOUND = 1 << 100
+
+
 def _bin_start(b: int) -> int:
     """The smallest age in bin ``b`` (inverse of :func:`_age_bin`)."""
     if b < 4:
@@ -437,7 +447,8 @@ class HitDensityPolicy(EvictionPolicy):
     leaf is evictable (a pinned child) may an interior block go.
 
     **Cost and memory.** Per reference: a few dict and list operations, batched per call
-    (one put, one lease). Densities are recomputed with numpy when half as many references
+    (one put, one lease; a put's chain is inserted list by list). Age bins come from a shared
+    table for ages below ``BIN_LUT``. Densities are recomputed with numpy when half as many references
     as the history holds have been made since the last time, and at least ``REFRESH_MIN``
     (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
     requested victim (all leaves when there are fewer), scored in one vectorized pass.
@@ -483,6 +494,11 @@ class HitDensityPolicy(EvictionPolicy):
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
     REFRESH_MIN: ClassVar[int] = 256
+    #: Ages below this read their bin from a table (a list for the per-block loops and an
+    #: int8 copy for numpy, 1.1 MiB shared by all instances); older ones compute it. A
+    #: speed/memory trade only: both give the same bin.
+    BIN_LUT: ClassVar[int] = 1 << 17
+    _bin_lut_shared: ClassVar[tuple[list[int], np.ndarray] | None] = None
 
     # A history value packs the key's last reference tick, its reference count (capped at
     # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
@@ -493,9 +509,17 @@ class HitDensityPolicy(EvictionPolicy):
         self._nclasses = nc = 2 * self.COUNT_BUCKETS
         #: Class of (count, last): 2 * bucket(count) + last.
         self._bucket = [2 * min(max(c, 1).bit_length() - 1, self.COUNT_BUCKETS - 1) for c in range(256)]
+        #: First cell of the rank table's row for a count (last flag 0; add BINS for 1).
+        self._row = [b * nb for b in self._bucket]
         starts = np.array([_bin_start(b) for b in range(nb + 1)], dtype=np.int64)
         self._edges = starts[1:nb]  # searchsorted(edges, age, "right") == _age_bin(age), capped
         self._width = (starts[1:] - starts[:-1]).astype(np.float64)
+        # Capped age bin of every age below BIN_LUT, read from a list in the per-block loops
+        # (one index instead of the bit arithmetic of _age_bin); built once per class.
+        if HitDensityPolicy._bin_lut_shared is None:
+            table = np.searchsorted(self._edges, np.arange(self.BIN_LUT), "right")
+            HitDensityPolicy._bin_lut_shared = (table.tolist(), table.astype(np.int8))
+        self._bin_lut, self._bin_lut_np = HitDensityPolicy._bin_lut_shared
         self._reused = np.zeros((nc, nb))     # intervals that ended in a reuse, by class and age bin
         self._censored = np.zeros((nc, nb))   # intervals that left the history unreused
         self._ended = 0                       # intervals counted since the last halving
@@ -509,7 +533,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._slot: dict[bytes, int] = {}
         self._keys: list[bytes | None] = []
         self._tick: list[int] = []
-        self._cls: list[int] = []
+        self._cls: list[int] = []     # class * BINS: the first cell of its row in the rank table
         self._kids: list[int] = []    # resident children
         self._parent: list[int] = []  # parent slot, -1 for none
         self._dead: list[bool] = []   # removed while it still had children: freed by the last
@@ -521,7 +545,8 @@ class HitDensityPolicy(EvictionPolicy):
         self._dirty: list[int] = []
         self._tick_np = np.zeros(1024, np.int64)
         self._cls_np = np.zeros(1024, np.int64)
-        self._rank_l: list[int] = self._rank.tolist()
+        self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
+        self._rank40_l: list[int] = self._rank40.tolist()
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
@@ -539,38 +564,12 @@ class HitDensityPolicy(EvictionPolicy):
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
         s = self._slot[key]
-        return float(self._rank[self._cls[s] * self.BINS + min(_age_bin(self._now - self._tick[s]), self.BINS - 1)])
+        return float(self._rank[self._cls[s] + min(_age_bin(self._now - self._tick[s]), self.BINS - 1)])
 
     def __len__(self) -> int:
         return len(self._slot)
 
     # ------------------------------------------------------------------ references
-
-    def _reference(self, keys, lasts) -> list[int]:
-        """Record one reference of each key, in order; return the class each one starts."""
-        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
-        olds = list(map(history.pop, keys, repeat(0)))
-        now = self._now
-        classes = []
-        values = []
-        for old, last in zip(olds, lasts):
-            now += 1
-            if old:
-                count = (old >> 1) & 0xFF
-                last = old & 1
-                d = now - (old >> 9)
-                e = d.bit_length() - 1
-                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
-                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
-                if count < 255:
-                    count += 1
-            else:
-                count = 1
-            values.append((now << 9) | (count << 1) | last)
-            classes.append(bucket[count] + last)
-        history.update(zip(keys, values))
-        self._now = now
-        return classes
 
     def insert(self, key: bytes, info: BlockInfo) -> None:
         self.insert_many((key,), (info,))
@@ -589,11 +588,16 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
+        if len(keys) > 1 and [info.parent for info in islice(infos, 1, None)] == keys[:-1]:
+            self._insert_chain(keys, infos)
+            return
         # One pass: the reference (history, reuse statistics) and the slot, per key.
-        history, pending, bucket, nb = self._history, self._pending, self._bucket, self.BINS
+        history, pending, nb = self._history, self._pending, self.BINS
         olds = list(map(history.pop, keys, repeat(0)))
         kl, tl, cl, kids, par, dead, lpos, free = (
             self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
+        row, lut = self._row, self._bin_lut
+        lut_n = len(lut)
         new: list[int] = []
         parents: list[int] = []
         values: list[int] = []
@@ -606,15 +610,13 @@ class HitDensityPolicy(EvictionPolicy):
                 count = (old >> 1) & 0xFF
                 last = old & 1
                 d = now - (old >> 9)
-                e = d.bit_length() - 1
-                b = d if e < 2 else 4 * e + ((d >> (e - 2)) & 3) - 4
-                pending.append((bucket[count] + last) * nb + (b if b < nb else nb - 1))
+                pending.append(row[count] + last * nb + (lut[d] if d < lut_n else _age_bin_capped(d, nb)))
                 if count < 255:
                     count += 1
             else:
                 count = 1
             values.append((now << 9) | (count << 1) | last)
-            c = bucket[count] + last
+            c = row[count] + last * nb
             if free:  # a free slot has no children and is not dead (see remove)
                 s = free.pop()
                 kl[s] = key
@@ -666,6 +668,90 @@ class HitDensityPolicy(EvictionPolicy):
         if self._now >= self._refresh_at:
             self._refresh()
 
+    def _insert_chain(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
+        """``insert_many`` of new keys that form one chain (each block's parent is the block
+        before it in the batch: one put's publish, the usual case), with the same result as
+        the per-key pass: the per-key work is done list by list, so only a few stores per
+        block are left in Python."""
+        m = len(keys)
+        history, pending, nb, row, lut = self._history, self._pending, self.BINS, self._row, self._bin_lut
+        slot_of = self._slot
+        kl, tl, cl, kids, par, dead, lpos, free = (
+            self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
+        olds = list(map(history.pop, keys, repeat(0)))
+        lasts = [1 if info.last else 0 for info in infos]
+        now = self._now
+        ticks = range(now + 1, now + m + 1)
+        if any(olds):
+            lut_n = len(lut)
+            values: list[int] = []
+            classes: list[int] = []
+            for t, old, last in zip(ticks, olds, lasts):
+                if old:
+                    count = (old >> 1) & 0xFF
+                    last = old & 1
+                    d = t - (old >> 9)
+                    pending.append(row[count] + last * nb + (lut[d] if d < lut_n else _age_bin_capped(d, nb)))
+                    if count < 255:
+                        count += 1
+                else:
+                    count = 1
+                values.append((t << 9) | (count << 1) | last)
+                classes.append(row[count] + last * nb)
+        else:  # all first references: count 1
+            values = [(t << 9) | 2 | last for t, last in zip(ticks, lasts)]
+            classes = list(map((row[1], row[1] + nb).__getitem__, lasts))
+        # Slots: free ones in the order free.pop() hands them out, then new ones.
+        nf = min(len(free), m)
+        slots = free[len(free) - nf:]
+        slots.reverse()
+        del free[len(free) - nf:]
+        extra = m - nf
+        if extra:
+            base = len(kl)
+            kl.extend(repeat(None, extra))
+            tl.extend(repeat(0, extra))
+            cl.extend(repeat(0, extra))
+            kids.extend(repeat(0, extra))
+            par.extend(repeat(-1, extra))
+            dead.extend(repeat(False, extra))
+            lpos.extend(repeat(-1, extra))
+            slots.extend(range(base, base + extra))
+        # The chain's head: its parent, if resident, gains a child (and stops being a leaf).
+        parent = infos[0].parent
+        p0 = -1 if parent is None else slot_of.get(parent, -1)
+        if p0 >= 0:
+            kids[p0] += 1
+        prevs = [p0]
+        prevs += slots[:-1]
+        for s, key, t, c, p in zip(slots, keys, ticks, classes, prevs):
+            kl[s] = key
+            tl[s] = t
+            cl[s] = c
+            par[s] = p
+        for p in prevs[1:]:
+            kids[p] = 1  # a free or new slot has no children: its one child is the next block
+        slot_of.update(zip(keys, slots))
+        history.update(zip(keys, values))
+        self._now = now + m
+        leaves, moves = self._leaves, self._leaf_moves
+        if p0 >= 0:
+            i = lpos[p0]
+            if i >= 0:
+                moved = leaves.pop()
+                if moved != p0:
+                    leaves[i] = moved
+                    lpos[moved] = i
+                    moves.append(i)
+                lpos[p0] = -1
+        tail = slots[-1]
+        lpos[tail] = len(leaves)
+        moves.append(len(leaves))
+        leaves.append(tail)
+        self._dirty.extend(slots)
+        if self._now >= self._refresh_at:
+            self._refresh()
+
     def access(self, key: bytes) -> None:
         self.access_many((key,))
 
@@ -681,16 +767,34 @@ class HitDensityPolicy(EvictionPolicy):
             self.access_many(keys[:cut])
             self.access_many(keys[cut:])
             return
-        classes = self._reference(keys, repeat(0))
+        # One pass per key: the reference (history, reuse statistics) and the slot's tick and
+        # class. A key missing from the history (trimmed) starts again at count 1, not last.
+        history, pending, row, nb, lut = self._history, self._pending, self._row, self.BINS, self._bin_lut
+        lut_n = len(lut)
         slots = list(map(get, keys))
+        olds = list(map(history.pop, keys, repeat(0)))
         tl, cl = self._tick, self._cls
-        now = self._now - len(keys)
-        for s, c in zip(slots, classes):
+        now = self._now
+        values = []
+        for s, old in zip(slots, olds):
             now += 1
+            if old:
+                count = (old >> 1) & 0xFF
+                last = (old & 1) * nb
+                d = now - (old >> 9)
+                pending.append(row[count] + last + (lut[d] if d < lut_n else _age_bin_capped(d, nb)))
+                if count < 255:
+                    count += 1
+                values.append((now << 9) | (count << 1) | (old & 1))
+                cl[s] = row[count] + last
+            else:
+                values.append((now << 9) | 2)
+                cl[s] = row[1]
             tl[s] = now
-            cl[s] = c
+        history.update(zip(keys, values))
+        self._now = now
         self._dirty.extend(slots)
-        if self._now >= self._refresh_at:
+        if now >= self._refresh_at:
             self._refresh()
 
     def remove(self, key: bytes) -> None:
@@ -698,27 +802,27 @@ class HitDensityPolicy(EvictionPolicy):
         if s is None:
             return
         lpos, leaves, kids = self._leafpos, self._leaves, self._kids
+        self._keys[s] = None
         i = lpos[s]
         if i >= 0:
+            lpos[s] = -1
             moved = leaves.pop()
             if moved != s:
                 leaves[i] = moved
                 lpos[moved] = i
                 self._leaf_moves.append(i)
-            lpos[s] = -1
-        self._keys[s] = None
         p = self._parent[s]
         if p >= 0:
-            kids[p] -= 1
-            if kids[p] == 0:
+            left = kids[p] = kids[p] - 1
+            if not left:
                 if self._dead[p]:
                     self._dead[p] = False
                     self._free.append(p)
                 else:
-                    lpos[p] = len(leaves)
-                    self._leaf_moves.append(len(leaves))
+                    i = lpos[p] = len(leaves)
+                    self._leaf_moves.append(i)
                     leaves.append(p)
-        if kids[s] > 0:
+        if kids[s]:
             self._dead[s] = True  # its children still point here; recycled after the last one
         else:
             self._free.append(s)
@@ -739,10 +843,9 @@ class HitDensityPolicy(EvictionPolicy):
             # Every reference re-inserts its key, so the dict is in order of last reference:
             # the oldest keys are its first ones. Drop down to 7/8 of the cap.
             drop = len(history) - cap + cap // 8
-            old = list(islice(history.items(), drop))
-            for key, _ in old:
-                del history[key]
-            gone = np.fromiter((v for _, v in old), dtype=np.int64, count=len(old))
+            # (keys, then values popped by map: no tuple per key, no Python loop)
+            old = list(islice(history, drop))
+            gone = np.fromiter(map(history.pop, old), dtype=np.int64, count=len(old))
             self._censored += self._cells(gone, now)
             self._ended += len(gone)
         values = np.fromiter(history.values(), dtype=np.int64, count=len(history))
@@ -752,7 +855,8 @@ class HitDensityPolicy(EvictionPolicy):
             self._ended //= 2
         alive = self._cells(values, now)
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
-        self._rank_l = self._rank.tolist()
+        self._rank40 = self._rank << 40
+        self._rank40_l = self._rank40.tolist()
         self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
@@ -846,21 +950,28 @@ class HitDensityPolicy(EvictionPolicy):
         return r % high
 
     def _sort_keys(self, slots: np.ndarray) -> np.ndarray:
-        """One int64 per slot that sorts victims first: density rank, then older first."""
-        age = self._now - self._tick_np[slots]
-        return (self._rank[self._cls_np[slots] * self.BINS + np.searchsorted(self._edges, age, "right")] << 40) - age
+        """One int64 per slot that sorts victims first: density rank, then older first (``rank << 40``
+        plus the last reference tick: the key by age shifted by ``now``, the same order in a call)."""
+        ticks = self._tick_np[slots]
+        age = self._now - ticks
+        if len(age) and np.maximum.reduce(age) < self.BIN_LUT:  # the usual case: bins from the table
+            bins = self._bin_lut_np.take(age)
+        else:
+            bins = np.searchsorted(self._edges, age, "right")
+        return self._rank40[self._cls_np[slots] + bins] + ticks
 
     def _ranked_few(self) -> tuple[list[int], list[int]]:
         """Every leaf with its sort key, best victim first, computed in Python: when there are
         few leaves, a dozen numpy calls cost more than the work itself. Same keys, same
         order (a stable sort of the leaf list) as the vectorized path."""
-        now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank_l
+        now, nb, tl, cl, rank = self._now, self.BINS, self._tick, self._cls, self._rank40_l
+        lut = self._bin_lut
+        lut_n = len(lut)
         keyed = []
         for s in self._leaves:
-            a = now - tl[s]
-            e = a.bit_length() - 1
-            b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-            keyed.append(((rank[cl[s] * nb + (b if b < nb else nb - 1)] << 40) - a, s))
+            t = tl[s]
+            a = now - t
+            keyed.append((rank[cl[s] + (lut[a] if a < lut_n else _age_bin_capped(a, nb))] + t, s))
         keyed.sort(key=itemgetter(0))
         return [s for _, s in keyed], [k for k, _ in keyed]
 
@@ -902,12 +1013,12 @@ class HitDensityPolicy(EvictionPolicy):
             return out
         sort_key = self._sort_keys(cand)
         k = min(len(cand), 2 * count + 16)
+        # One full sort (faster than a partition and a sort of its head at these sizes); each
+        # pass walks its first k. Keys are unique per slot (ticks are), so the first k are
+        # the same k slots, in the same order, whichever way they are found.
+        order = np.argsort(sort_key, kind="stable")
         while True:
-            if k < len(cand):
-                top = np.argpartition(sort_key, k - 1)[:k]
-                top = top[np.argsort(sort_key[top], kind="stable")]
-            else:
-                top = np.argsort(sort_key, kind="stable")
+            top = order[:k]
             cand_l = cand[top].tolist()
             key_l = sort_key[top].tolist()
             out = self._walk(cand_l, key_l, count, evictable, taken, leaves_only)
@@ -922,10 +1033,12 @@ class HitDensityPolicy(EvictionPolicy):
         competes at once."""
         heap: list[tuple[int, int]] = []
         keys, par, dead, kids, tl, cl, rank = (
-            self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank_l)
+            self._keys, self._parent, self._dead, self._kids, self._tick, self._cls, self._rank40_l)
         kids_left: dict[int, int] = {}
         seen: set[int] = set()
         nb, now = self.BINS, self._now
+        lut = self._bin_lut
+        lut_n = len(lut)
         i, n = 0, len(cand_l)
         out: list[bytes] = []
         while len(out) < count:
@@ -949,22 +1062,29 @@ class HitDensityPolicy(EvictionPolicy):
             # (A parent met here was not a leaf when the call began, so it is in no
             # candidate list, and it reaches zero children only once: no ``seen`` check.)
             p = par[s]
-            while leaves_only and p >= 0 and not dead[p]:
-                if kids[p] == 1 and p not in kids_left:
-                    kids_left[p] = 0
-                else:
+            if not leaves_only or p < 0:
+                continue
+            # Neither the next candidate nor the heap changes while a chain is peeled: the
+            # key a parent must not exceed to go at once is fixed for the whole climb.
+            bound = key_l[i] if i < n else _NO_BOUND
+            if heap and heap[0][0] < bound:
+                bound = heap[0][0]
+            while not dead[p]:
+                # A parent with one child is met once (its child goes once): no count to keep.
+                if kids[p] != 1:
                     left = kids_left[p] = kids_left.get(p, kids[p]) - 1
                     if left:
                         break
-                a = now - tl[p]
-                e = a.bit_length() - 1
-                b = a if e < 2 else 4 * e + ((a >> (e - 2)) & 3) - 4
-                pk = (rank[cl[p] * nb + (b if b < nb else nb - 1)] << 40) - a
-                if len(out) < count and (i >= n or pk <= key_l[i]) and (not heap or pk <= heap[0][0]):
+                t = tl[p]
+                a = now - t
+                pk = rank[cl[p] + (lut[a] if a < lut_n else _age_bin_capped(a, nb))] + t
+                if pk <= bound and len(out) < count:
                     key = keys[p]
                     if key not in taken and evictable(key):
                         out.append(key)
                         p = par[p]
+                        if p < 0:
+                            break
                         continue
                     break
                 heapq.heappush(heap, (pk, p))

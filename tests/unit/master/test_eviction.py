@@ -332,3 +332,49 @@ def test_lhd_few_leaves_and_many_leaves_choose_alike():
     b._sync()
     many = b._pick(np.array(b._leaves, dtype=np.int64), 200, everything, set())  # ranked by numpy
     assert len(few) == 200 and few == many
+
+
+def test_lhd_chain_batches_and_one_block_at_a_time_agree():
+    """A put's chain is inserted list by list (the fast path); one block at a time takes the
+    per-key path. With removals (free and dead slots), re-inserted keys (history counts)
+    and chains that extend a resident leaf, both must leave the same state."""
+    import random
+
+    rnd = random.Random(7)
+    batch, single = HitDensityPolicy(), HitDensityPolicy()
+    state = ("_slot", "_keys", "_tick", "_cls", "_kids", "_parent", "_dead", "_leafpos", "_leaves",
+             "_free", "_history", "_pending", "_now")
+    resident: list[bytes] = []
+    for step in range(600):
+        n = rnd.randint(2, 12)
+        ks = [k(rnd.randrange(3000)) for _ in range(n)]
+        ks = [x for x in dict.fromkeys(ks) if x not in batch._slot]
+        if len(ks) < 2:
+            continue
+        head = rnd.choice(resident) if resident and rnd.random() < 0.5 else None
+        infos = [BlockInfo(1, i, "", ks[i - 1] if i else head, i == len(ks) - 1) for i in range(len(ks))]
+        batch.insert_many(ks, infos)
+        for key, info in zip(ks, infos):
+            single.insert(key, info)
+        resident += ks
+        if rnd.random() < 0.3:
+            hit = rnd.sample(resident, min(5, len(resident)))
+            batch.access_many(hit)
+            single.access_many(hit)
+        while len(resident) > 200:
+            gone = resident.pop(rnd.randrange(len(resident)))
+            batch.remove(gone)
+            single.remove(gone)
+    for name in state:
+        assert getattr(batch, name) == getattr(single, name), name
+    assert batch.select_victims(50, everything) == single.select_victims(50, everything)
+
+
+def test_lhd_age_bin_table_matches_the_arithmetic():
+    from kvpool.master.eviction import _age_bin_capped
+
+    p = HitDensityPolicy()
+    lut = p._bin_lut
+    assert len(lut) == p.BIN_LUT
+    assert all(lut[a] == _age_bin_capped(a, p.BINS) for a in range(0, len(lut), 7))
+    assert lut[-1] == _age_bin_capped(len(lut) - 1, p.BINS)
