@@ -964,17 +964,20 @@ class BlockIndex:
                     self._enter(entry, NVME)
                     adopted += 1
                 continue
-            entry = Entry(key, ns, node_id, None, slot, -1, now)
-            entry.state = COMMITTED
-            entry.checksum = checksum
-            entry.update_record()
-            self._blocks[key] = entry
-            self._enter(entry, NVME)
+            fresh.append(self._adopted(Entry(key, ns, node_id, None, slot, -1, now), checksum, NVME))
             adopted += 1
-            fresh.append(entry)
         for observer in self.observers if fresh else ():
             observer.stored(fresh)
         return adopted
+
+    def _adopted(self, entry: Entry, checksum: int, tier: str) -> Entry:
+        """Index a block a node reported holding (committed, in ``tier``)."""
+        entry.state = COMMITTED
+        entry.checksum = checksum
+        entry.update_record()
+        self._blocks[entry.key] = entry
+        self._enter(entry, tier)
+        return entry
 
     def adopt_memory(self, node_id: int, blocks) -> int:
         """Index blocks a node still holds in memory (``key, slot, checksum, namespace, tier``),
@@ -990,14 +993,8 @@ class BlockIndex:
             if entry is not None:
                 node.free(tier, slot)
                 continue
-            entry = Entry(key, ns, node_id, slot, None, -1, now, tier)
-            entry.state = COMMITTED
-            entry.checksum = checksum
-            entry.update_record()
-            self._blocks[key] = entry
-            self._enter(entry, tier)
+            fresh.append(self._adopted(Entry(key, ns, node_id, slot, None, -1, now, tier), checksum, tier))
             adopted += 1
-            fresh.append(entry)
         for observer in self.observers if fresh else ():
             observer.stored(fresh)
         return adopted

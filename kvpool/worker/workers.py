@@ -165,6 +165,16 @@ class Worker:
         r.stats["hit_tokens"] = hit * c
         r.stats["fetched_bytes"] = hit * self.engine.cache.pool_layout.block_bytes
 
+    async def _prefill_or_fail(self, live: list[Request]) -> list[int] | None:
+        """Prefill the batch; on an error every request in it is failed (reported to the
+        router) and None is returned, so the worker serves on."""
+        try:
+            return await self._prefill(live)
+        except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
+            for r in live:
+                await self._fail(r, exc)
+            return None
+
     async def _prefill(self, live: list[Request]) -> list[int]:
         for r in live:
             r.stats["computed_tokens"] = len(r.seq.tokens) - r.seq.cached
@@ -196,11 +206,8 @@ class PrefillWorker(Worker):
                 await self._fail(r, exc)
         if not live:
             return
-        try:
-            firsts = await self._prefill(live)
-        except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
-            for r in live:
-                await self._fail(r, exc)
+        firsts = await self._prefill_or_fail(live)
+        if firsts is None:
             return
         for r, first in zip(live, firsts):
             seq = r.seq
@@ -329,11 +336,8 @@ class ColocatedWorker(DecodeWorker):
         live = self._admit(batch, reserve=lambda n: n)
         if not live:
             return
-        try:
-            firsts = await self._prefill(live)
-        except Exception as exc:  # noqa: BLE001 - reported to the router; the worker serves on
-            for r in live:
-                await self._fail(r, exc)
+        firsts = await self._prefill_or_fail(live)
+        if firsts is None:
             return
         for r, first in zip(live, firsts):
             await send(r.writer, {"event": "first", "id": r.msg["id"], "token": first, **r.stats})
