@@ -179,7 +179,7 @@ class ReplayNode:
         return ["dram"]
 
     def tier_caps(self) -> dict[str, TierCaps]:
-        return {"dram": TierCaps.HOST_SHARED}  # a memory tier (not PERSISTENT)
+        return {"dram": TierCaps.HOST_SHARED | TierCaps.ADDRESSABLE}  # as a DRAM arena declares
 
     def note_resident(self, entries) -> None:
         pass  # no process behind it to tell

@@ -46,8 +46,8 @@ from typing import Callable, Iterable
 from kvpool.errors import FailedPrecondition, InvalidArgument, NotFound, PoolFull, Unavailable
 from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES, Namespace, split_keys
 from kvpool.master.eviction import DEFAULT_POLICY, POLICIES, BlockInfo, EvictionPolicy, make_policy
-from kvpool.master.nodes import NodeHandle, NodeRegistry
-from kvpool.tiers.base import Slot
+from kvpool.master.nodes import NodeHandle, NodeRegistry, has_durable_tier, memory_tiers
+from kvpool.tiers.base import Slot, TierCaps
 from kvpool.wire import pack_record, pack_slot
 
 __all__ = ["BlockIndex", "IndexConfig", "Entry", "Replica", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
@@ -812,9 +812,9 @@ class BlockIndex:
         """Admin eviction of memory copies (None: all evictable). NVMe copies are kept."""
         blocks = freed = 0
         for node in self.nodes:
-            for tier in node.tier_names():
+            for tier in memory_tiers(node):
                 remaining = None if want_bytes is None else want_bytes - freed
-                if tier == NVME or (remaining is not None and remaining <= 0):
+                if remaining is not None and remaining <= 0:
                     continue
                 b, f = self._evict_from(node.node_id, tier, remaining)
                 blocks += b
@@ -833,12 +833,15 @@ class BlockIndex:
     def enforce_watermarks(self) -> int:
         """Evict tiers above the high watermark down to the low one. Returns blocks evicted.
 
-        Nodes with an NVMe tier are left to the tiering task, which demotes instead.
+        The host-memory tier of a node with a durable tier is left to the tiering task, which
+        demotes it instead.
         """
         evicted = 0
         for node in self.nodes:
-            for tier in node.tier_names():
-                if tier == DRAM and NVME in node.tier_names():
+            caps = node.tier_caps()
+            demotes = has_durable_tier(node)
+            for tier, tier_caps in caps.items():
+                if demotes and TierCaps.HOST_SHARED in tier_caps:
                     continue
                 excess = self.over_watermark(node, tier)
                 if excess:
@@ -1027,9 +1030,12 @@ class BlockIndex:
             if not local and not (ep.tcp_address or ep.ucx_worker_address):
                 continue
             reachable += 1
-            names = node.tier_names()
-            want = prefer if local else DRAM
-            tier = want if want in names else (DRAM if DRAM in names else names[0])
+            caps = node.tier_caps()
+            if local and prefer in caps and TierCaps.PERSISTENT not in caps[prefer]:
+                tier = prefer  # the writer's own host reaches any memory tier (HBM by CUDA IPC)
+            else:  # host memory: what shared memory and every network data plane serve
+                host = [t for t, c in caps.items() if TierCaps.HOST_SHARED in c]
+                tier = host[0] if host else memory_tiers(node)[0]
             room = node.free_slots_for(tier, size)
             rank = (room >= count, local, room)
             if best is None or rank > best[0]:

@@ -19,13 +19,13 @@ from tests.integration.test_multihost import HEARTBEAT, run_client
 def test_replicas_2_every_block_survives_kill_9_of_a_node(hosts):
     h = hosts(["a", "b", "c"])
     a, b, c = h["a"], h["b"], h["c"]
-    _, m, master_log = c.start_kvpool(["master", "--host", c.address, "--port", "0", "--metrics-port", "-1",
+    _, m, master_log = c.start_kvpool(["master", "--host", c.address, "--insecure", "--port", "0", "--metrics-port", "-1",
                                        "--heartbeat-interval", HEARTBEAT, "--replicas", "2"], r"ready grpc=(\S+)")
     master = m.group(1)
     nodes = {}
     for host, name in ((a, "node-a"), (b, "node-b")):
         nodes[name], _, _ = host.start_kvpool(
-            ["node", "--master", master, "--host", host.address, "--port", "0", "--node-name", name,
+            ["node", "--master", master, "--host", host.address, "--insecure", "--port", "0", "--node-name", name,
              "--prefault", "false", "--data-dir", f"/tmp/kvpool-test-{os.getpid()}-{name}"],
             r"ready control=\S+ data=(\S+)")
     deadline = time.monotonic() + 20
