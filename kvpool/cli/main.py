@@ -10,6 +10,7 @@ or after the subcommand without each module declaring them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kvpool import __version__
@@ -42,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`kvpool admin stats --json | head`): exit quietly, as Unix
+        # tools do, with stdout pointed at /dev/null so the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":
