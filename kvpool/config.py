@@ -73,9 +73,12 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
-    #: Port of the KV-event publisher (ZMQ PUB, vLLM's KV event format) on the --host
-    #: address; 0 picks one, -1 (the default) turns it off.
+    #: Port of the KV-event publisher (ZMQ PUB, vLLM's KV event format); 0 picks one, -1
+    #: (the default) turns it off.
     events_port: int = -1
+    #: Address the KV-event publisher binds. ZMQ PUB authenticates nobody and carries every
+    #: tenant's events, so it is for trusted routers: loopback unless ``insecure``.
+    events_host: str = "127.0.0.1"
     #: ZMQ topic of the KV event messages.
     events_topic: str = ""
     #: Copies of each committed block, on nodes of different hosts (1: no replicas). Copies
@@ -115,6 +118,8 @@ class MasterSettings:
             raise ValueError(f"redis {self.redis!r}: give a URL such as redis://127.0.0.1:6379/0")
         if not -1 <= self.events_port < 65536:
             raise ValueError(f"events_port {self.events_port} is out of range (-1 disables, 0 picks)")
+        if self.events_port >= 0:
+            refuse_open_events(self.events_host, self.insecure)
         if not 1 <= self.replicas <= 8:
             raise ValueError(f"replicas {self.replicas}: keep between 1 and 8 copies of each block")
         if self.leader_ttl <= 0:
@@ -248,6 +253,18 @@ def refuse_open_port(host: str, insecure: bool, remedy: str) -> None:
             f"refusing to listen on {host} without authentication: anyone who reaches that address could "
             f"read every tenant's blocks and flush the pool. Give {remedy} (see README, \"Running kvpool "
             f"securely\"), listen on 127.0.0.1, or pass --insecure if every host on this network is trusted")
+
+
+def refuse_open_events(host: str, insecure: bool) -> None:
+    """Refuse to publish KV events beyond this machine unless told every peer is trusted."""
+    from kvpool.auth import is_loopback
+
+    if not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to publish KV events on {host}: the ZMQ socket authenticates nobody and carries every "
+            f"tenant's block hashes. Keep --events-host on loopback for a router on this host, let routers "
+            f"elsewhere subscribe over gRPC with their token (Admin/SubscribeEvents: a client token gets its "
+            f"tenant's events only), or pass --insecure if every host that reaches {host} is trusted")
 
 
 SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes", "max_message_bytes"}

@@ -121,15 +121,15 @@ class PoolServer:
             eviction_policy=s.eviction_policy, write_through=s.write_through, quotas=parse_quotas(s.quotas),
         ))
         self.tiering = Tiering(self.index, write_through=s.write_through)
-        self.events = None
-        if s.events_port >= 0:
-            from kvpool.master.events import EventPublisher
+        # Always there, for token-checked gRPC subscribers; the ZMQ socket only with --events-port.
+        from kvpool.master.events import EventPublisher
 
-            self.events = EventPublisher(s.host, s.events_port, self.index, topic=s.events_topic)
-            self.events.cleared()  # whatever an earlier master announced may be stale
-            self.index.observers.append(self.events)
-            self.events.start()
-            log.info("KV events on tcp://%s:%d (topic %r)", s.host, self.events.port, s.events_topic)
+        self.events = EventPublisher(s.events_host, s.events_port, self.index, topic=s.events_topic)
+        self.events.cleared()  # whatever an earlier master announced may be stale
+        self.index.observers.append(self.events)
+        self.events.start()
+        if self.events.port >= 0:
+            log.info("KV events on tcp://%s:%d (topic %r)", s.events_host, self.events.port, s.events_topic)
         self.replicator = None
         if s.replicas > 1:
             from kvpool.master.replication import Replicator
@@ -154,7 +154,7 @@ class PoolServer:
             from kvpool.master.metastore import MetaCollector, RedisMeta
 
             self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
-            if self.events is not None:
+            if self.events.port >= 0:
                 self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
             interceptors.append(LeaderGate(self._admits, lambda: self.lease.leader_address, self._why_not))
@@ -165,6 +165,7 @@ class PoolServer:
                      AdminServicer(self.index, self.metrics, self.tiering)]
         for servicer in servicers:
             servicer.replicated = self.replicator is not None
+        servicers[1].events = self.events
         if self.meta is not None:
             for servicer in servicers:
                 servicer.durable = self.meta.durable
