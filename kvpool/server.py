@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.auth import AuthInterceptor, TokenTable
 from kvpool.guard import LogLimiter, RequestGuard
-from kvpool.tls import TlsFiles, server_context, server_credentials
+from kvpool.tls import TlsFiles, peer_context, server_context, server_credentials
 from kvpool.config import MasterSettings, TierSettings, format_size, parse_quotas
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
@@ -113,7 +113,7 @@ class PoolServer:
                                    data_dir=t.data_dir, chunk_bytes=t.slab_bytes, prefault=t.prefault)
             tls = TlsFiles.of(s)
             self.node.serve_data(s.host, t.data_port, advertise_host=t.advertise_host or None, ucx=t.ucx,
-                                 tls=server_context(tls) if tls is not None else None)
+                                 tls=server_context(tls) if tls is not None else None, peer_tls=peer_context(tls))
             nodes.add(self.node)
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
