@@ -132,8 +132,11 @@ class MasterSettings:
             from kvpool.auth import TokenTable
 
             TokenTable.load(self.auth_tokens)  # a bad file fails the start, saying which line
-        elif not self.tls_ca:  # mutual TLS authenticates peers too
-            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE (or mutual TLS: --tls-ca)")
+        else:
+            # Mutual TLS is not enough: it proves a peer holds a certificate of the CA, and without
+            # tokens every such peer would act as an admin of every tenant.
+            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE (with mutual TLS too: a certificate "
+                             "names no tenant or role)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
@@ -208,8 +211,8 @@ class NodeSettings(TierSettings):
     def validate(self) -> None:
         self.validate_tiers()
         validate_tls(self)
-        if not (self.token or self.token_file or self.tls_ca):
-            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token) or mutual TLS (--tls-ca)")
+        if not (self.token or self.token_file):  # mutual TLS alone admits any certificate of the CA
+            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token; with mutual TLS too)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
 

@@ -232,3 +232,25 @@ def test_drain_copies_node_to_node_over_tls_data_ports(tmp_path, pki):
         for p in procs:
             p.terminate()
             p.wait(timeout=20)
+
+
+def test_mutual_tls_alone_does_not_open_a_non_loopback_port(tmp_path, pki):
+    """A certificate names no tenant or role: beyond loopback, tokens are required with mTLS too
+    (else every certificate the CA signs would act as an admin of every tenant)."""
+    import secrets
+
+    cert, key = pki["server"]
+    tls = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", pki["ca"]]
+    for cmd in (["master", "--metrics-port", "-1"], ["node", "--master", "127.0.0.1:1", "--data-dir", str(tmp_path / "n")]):
+        r = subprocess.run([sys.executable, "-m", "kvpool", *cmd, "--host", "0.0.0.0", "--port", "0", *tls],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "refusing to listen on 0.0.0.0 without authentication" in r.stderr and "mutual TLS" in r.stderr
+    (tmp_path / "tokens").write_text(f"{secrets.token_hex(16)} admin\n")
+    proc, _, lines = start_kvpool(["master", "--host", "0.0.0.0", "--port", "0", "--metrics-port", "-1",
+                                   "--auth-tokens", str(tmp_path / "tokens"), *tls], r"ready grpc=(\S+)")
+    try:
+        assert any("bearer tokens required" in line for line in lines)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
