@@ -60,6 +60,9 @@ class MasterSettings:
     port: int = 50051
     #: Prometheus exporter port; 0 picks a free one, -1 disables it.
     metrics_port: int = 9464
+    #: Address of the Prometheus exporter, which authenticates nobody (it shows counts and
+    #: node names, never tenants, keys or bytes). Empty: the --host address.
+    metrics_host: str = ""
     #: Settings never import the master (docs/design.md §5): this equals
     #: kvpool.master.eviction.DEFAULT_POLICY, and tests/unit/test_config.py keeps it so.
     eviction_policy: str = "lhd"
@@ -198,6 +201,8 @@ class NodeSettings(TierSettings):
     #: Prometheus port of the node's own tier metrics; -1 (the default) turns it off, so that
     #: several nodes on one host need no port each.
     metrics_port: int = -1
+    #: Address of the node's exporter (no authentication); empty: the --host address.
+    metrics_host: str = ""
     log_level: str = "info"
     #: The node's bearer token (role ``node``) for the master; the node's control service
     #: then accepts only calls bearing it. Or ``token_file``, ``KVPOOL_TOKEN_FILE``.

@@ -200,10 +200,10 @@ class PoolServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
         self._health = health_servicer
         self._sweeper = asyncio.create_task(self._sweep())
-        metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        metrics = f"http://{s.metrics_host or s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
         if s.tls_cert:
             log.info("gRPC and data port serve TLS%s", " with client certificates required (mutual TLS)"
                      if s.tls_ca else "")

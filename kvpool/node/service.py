@@ -386,7 +386,8 @@ class NodeServer:
         metrics = "off"
         if s.metrics_port >= 0:
             self.metrics = Metrics.for_node(self.node)
-            metrics = f"http://{s.host}:{self.metrics.serve(s.host, s.metrics_port)}/metrics"
+            where = s.metrics_host or s.host
+            metrics = f"http://{where}:{self.metrics.serve(where, s.metrics_port)}/metrics"
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())
