@@ -334,6 +334,8 @@ class PoolServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.events is not None:
+            self.events.end_streams()  # else each open SubscribeEvents would hold the stop for `grace`
         if self._server is not None:
             await self._server.stop(grace)
         if self.index is not None:

@@ -218,6 +218,14 @@ class EventPublisher:
         except asyncio.QueueFull:
             sub.lost += 1  # the subscriber sees the gap in seq
 
+    def end_streams(self) -> None:
+        """Ends every gRPC subscriber's stream (the master is stopping)."""
+        for sub in tuple(self._subs):  # None ends a stream
+            while sub.queue.full():
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(None)
+            self._subs.discard(sub)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -225,10 +233,7 @@ class EventPublisher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for sub in tuple(self._subs):  # None ends each stream
-            while sub.queue.full():
-                sub.queue.get_nowait()
-            sub.queue.put_nowait(None)
+        self.end_streams()
         if self._sock is not None:
             self._sock.close(0)
             self._ctx.term()

@@ -158,3 +158,17 @@ def test_the_zmq_socket_stays_on_loopback_unless_insecure(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_stopping_master_ends_its_event_streams_cleanly(tmp_path):
+    """SIGTERM: each SubscribeEvents stream ends with OK (the subscriber knows the master
+    stopped), rather than being cut off at the end of the shutdown grace."""
+    sp = start_serve(tmp_path)
+    try:
+        with grpc.insecure_channel(sp.address) as ch:
+            call = admin_pb2_grpc.AdminStub(ch).SubscribeEvents(admin_pb2.SubscribeEventsRequest(), timeout=60)
+            call.initial_metadata()
+            assert sp.stop() == 0
+            assert list(call) == [] and call.code() == grpc.StatusCode.OK
+    finally:
+        sp.stop()
