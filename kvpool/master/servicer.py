@@ -10,6 +10,8 @@ from __future__ import annotations
 import operator
 import logging
 
+import grpc
+
 from kvpool.auth import current_caller
 from kvpool.errors import InvalidArgument, NotFound, PermissionDenied
 from kvpool.identity import KEY_BYTES, Namespace
@@ -315,6 +317,9 @@ def _transport_summary(ep) -> dict[str, str]:
 
 
 class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
+    #: The master's KV events (kvpool.master.events.EventPublisher), set by the server.
+    events = None
+
     @rpc
     def ListBlocks(self, request, context):
         if request.namespace_id:
@@ -400,3 +405,18 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
             node_id=node.node_id, node_name=node.name, moved=report.moved, moved_bytes=report.moved_bytes,
             dropped=report.dropped, remaining=report.remaining, leased=report.leased,
             draining=node.node_id in self.index.draining, failed=report.failed, first_error=report.first_error)
+
+    async def SubscribeEvents(self, request, context):
+        """Streams KV event batches, narrowed to the caller's tenant for a client token
+        (kvpool.master.events); ends when the master stops or the caller goes away."""
+        if self.events is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "SubscribeEvents: this master publishes no events")
+        sub = self.events.subscribe(self._tenant())
+        try:
+            # Headers now, so a subscriber knows when it is subscribed (before any event).
+            await context.send_initial_metadata(())
+            while (batch := await sub.queue.get()) is not None:
+                seq, payload = batch
+                yield admin_pb2.EventBatch(seq=seq, payload=payload)
+        finally:
+            self.events.unsubscribe(sub)

@@ -66,6 +66,8 @@ class Node:
         self.data_key = new_data_key()
         self.data_server = None
         self.ucx = None
+        #: Client-side TLS context for the data ports of other nodes this node pulls from.
+        self.peer_tls = None
         self._endpoint: NodeEndpoint | None = None
         #: Committed blocks in the memory tiers, as the master reported them (kvpool.node.resident).
         self.resident = ResidentMap()
@@ -169,9 +171,11 @@ class Node:
                 if TierCaps.ADDRESSABLE in arena.caps and TierCaps.DEVICE not in arena.caps}
 
     def serve_data(self, host: str, port: int = 0, *, advertise_host: str | None = None,
-                   ucx: bool = False, tls=None) -> None:
+                   ucx: bool = False, tls=None, peer_tls=None) -> None:
         """Start the TCP data server (and, with ``ucx``, register the arenas with UCX).
-        ``tls`` (an ``ssl.SSLContext`` for the server side) makes the data port TLS only.
+        ``tls`` (an ``ssl.SSLContext`` for the server side) makes the data port TLS only;
+        ``peer_tls`` (client side, :func:`kvpool.tls.peer_context`) is how this node dials the
+        data ports of the nodes it copies from (:meth:`peer_options`).
 
         Capabilities are checked against ``node_id`` and ``data_key``; call
         :meth:`set_identity` when the master assigns new ones.
@@ -179,6 +183,7 @@ class Node:
         from kvpool.node.data_server import DataServer
 
         self._endpoint = None
+        self.peer_tls = peer_tls
         if port >= 0:
             self.data_server = DataServer(self.host_arenas(), host, port, advertise_host=advertise_host, tls=tls)
             self.data_server.set_identity(self.node_id, self.data_key)
@@ -192,6 +197,13 @@ class Node:
             else:
                 self.ucx = UcxArenaServer(self.host_arenas())
                 self.ucx.start()
+
+    def peer_options(self) -> TransportOptions:
+        """Options for the transports this node opens to copy from another node's data server
+        (a drain's pull, a replica). Nodes of one pool share their TLS files, so a peer whose
+        data port is TLS-only is dialled with this node's own CA and certificate; without
+        them the transport refuses a TLS peer (it never falls back to plaintext)."""
+        return TransportOptions(tls=self.peer_tls)
 
     def set_identity(self, node_id: int, data_key: bytes) -> None:
         """The id and capability key the master knows this node incarnation by."""
@@ -245,7 +257,7 @@ class Node:
         share = Share(records, np.arange(len(records), dtype=np.uint32), access)
 
         def copy() -> list[int]:
-            transport = TcpTransport.open(source, tier, TransportOptions())
+            transport = TcpTransport.open(source, tier, self.peer_options())
             try:
                 transport.read(share, outs)
             except BlockIntegrityError as exc:

@@ -25,12 +25,12 @@ from kvpool.masters import MasterList
 from kvpool.metrics import Metrics
 from kvpool.node.catalog import KEY_BYTES, MAX_KEY_BYTES
 from kvpool.guard import LogLimiter, RequestGuard
-from kvpool.tls import TlsFiles, open_aio_channel, server_context, server_credentials
+from kvpool.tls import TlsFiles, open_aio_channel, peer_context, server_context, server_credentials
 from kvpool.node.node import Node
 from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
-from kvpool.transport.base import READ, Access, BlockIntegrityError, Share, TransportOptions
+from kvpool.transport.base import READ, Access, BlockIntegrityError, Share
 from kvpool.transport.endpoint import NodeEndpoint
 from kvpool.transport.tcp import TcpTransport
 from kvpool.wire import unpack_records
@@ -226,7 +226,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         return node_pb2.ReplicateResponse(copied=copied, error=error)
 
     def _pull(self, source: NodeEndpoint, share: Share, outs) -> None:
-        transport = TcpTransport.open(source, "dram", TransportOptions())
+        transport = TcpTransport.open(source, "dram", self.node.peer_options())
         try:
             transport.read(share, outs)
         finally:
@@ -380,13 +380,14 @@ class NodeServer:
         self._server = server
         control = f"{s.host}:{self.port}"
         self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx,
-                             tls=server_context(tls) if tls is not None else None)
+                             tls=server_context(tls) if tls is not None else None, peer_tls=peer_context(tls))
         self.agent = NodeAgent(self.node, s.master, control, token, tls)
         self._agent_task = asyncio.create_task(self.agent.run())
         metrics = "off"
         if s.metrics_port >= 0:
             self.metrics = Metrics.for_node(self.node)
-            metrics = f"http://{s.host}:{self.metrics.serve(s.host, s.metrics_port)}/metrics"
+            where = s.metrics_host or s.host
+            metrics = f"http://{where}:{self.metrics.serve(where, s.metrics_port)}/metrics"
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())

@@ -180,3 +180,15 @@ class DrainResponse(_message.Message):
     failed: int
     first_error: str
     def __init__(self, node_id: _Optional[int] = ..., node_name: _Optional[str] = ..., moved: _Optional[int] = ..., moved_bytes: _Optional[int] = ..., dropped: _Optional[int] = ..., remaining: _Optional[int] = ..., leased: _Optional[int] = ..., draining: _Optional[bool] = ..., failed: _Optional[int] = ..., first_error: _Optional[str] = ...) -> None: ...
+
+class SubscribeEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("seq", "payload")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    payload: bytes
+    def __init__(self, seq: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...

@@ -71,6 +71,11 @@ class AdminStub:
                 request_serializer=kvpool_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_admin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/kvpool.v1.Admin/SubscribeEvents',
+                request_serializer=kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_admin__pb2.EventBatch.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -123,6 +128,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeEvents(self, request, context):
+        """KV events for routers (kvpool/master/events.py), filtered by the caller: a client token
+        receives its own tenant's events only, an admin token every tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +173,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=kvpool_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_admin__pb2.EventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class Admin:
             '/kvpool.v1.Admin/Drain',
             kvpool_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             kvpool_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvpool.v1.Admin/SubscribeEvents',
+            kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.SerializeToString,
+            kvpool_dot_v1_dot_admin__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,
