@@ -220,7 +220,7 @@ class ReplayNode:
     async def drop_nvme(self, items) -> None:  # pragma: no cover
         raise NotImplementedError("the replay node has no NVMe tier")
 
-    async def pull(self, source, access, tier: str, slots) -> list[int]:  # pragma: no cover
+    async def pull(self, source, access, tier: str, slots, keys=(), namespace_ids=()) -> list[int]:  # pragma: no cover
         raise NotImplementedError("the replay node holds no bytes to copy")
 
     async def disconnect(self) -> None:

@@ -119,6 +119,7 @@ class PoolServer:
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through, quotas=parse_quotas(s.quotas),
+            replicas=s.replicas,
         ))
         self.tiering = Tiering(self.index, write_through=s.write_through)
         self.events = None
@@ -130,12 +131,11 @@ class PoolServer:
             self.index.observers.append(self.events)
             self.events.start()
             log.info("KV events on tcp://%s:%d (topic %r)", s.host, self.events.port, s.events_topic)
-        self.replicator = None
-        if s.replicas > 1:
-            from kvpool.master.replication import Replicator
+        # Always there: a namespace may ask for replicas although the pool default is 1. It
+        # queues only blocks of namespaces that want copies, so it costs nothing otherwise.
+        from kvpool.master.replication import Replicator
 
-            self.replicator = Replicator(self.index, s.replicas)
-            self.index.observers.append(self.replicator)
+        self.replicator = Replicator(self.index)
         # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
         if self.node is not None:
             recovered = self.index.adopt(self.node.node_id, self.node.recover())
@@ -163,8 +163,6 @@ class PoolServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicers = [PoolServicer(self.index, self.metrics, self.tiering),
                      AdminServicer(self.index, self.metrics, self.tiering)]
-        for servicer in servicers:
-            servicer.replicated = self.replicator is not None
         if self.meta is not None:
             for servicer in servicers:
                 servicer.durable = self.meta.durable

@@ -70,6 +70,13 @@ class IndexConfig:
     write_through: bool = False
     #: Byte quotas: tenant -> memory tier ("dram", "hbm") -> bytes (kvpool.config.parse_quotas).
     quotas: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Copies of each committed block for namespaces without a setting of their own
+    #: (``kvpool master --replicas``; kvpool.master.replication makes them).
+    replicas: int = 1
+
+
+#: The most copies a namespace may ask for.
+MAX_REPLICAS = 8
 
 
 class Entry:
@@ -178,6 +185,8 @@ class Counters:
 class NamespaceInfo:
     namespace: Namespace
     block_bytes: int
+    #: The namespace's own ``replicas`` setting; 0: the pool default (IndexConfig.replicas).
+    replicas: int = 0
 
     @property
     def tenant(self) -> str:
@@ -234,19 +243,67 @@ class BlockIndex:
         #: (tenant, tier) -> [bytes, blocks] of committed copies, and bytes granted, not committed.
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._granted: dict[tuple[str, str], int] = {}
+        #: Called with a namespace id when its replicas setting goes up, so that the blocks
+        #: it has already get their new copies (the Replicator listens).
+        self.replicas_raised: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ namespaces
 
-    def register_namespace(self, ns: Namespace) -> NamespaceInfo:
+    def register_namespace(self, ns: Namespace, replicas: int = 0) -> NamespaceInfo:
+        """Declare ``ns``; ``replicas`` > 0 sets its replicas (see :meth:`set_replicas`), 0
+        keeps its setting (the pool default for a new one)."""
         if len(ns.tenant.encode()) > MAX_TENANT_BYTES:
             raise InvalidArgument(f"RegisterNamespace: tenant names are at most {MAX_TENANT_BYTES} bytes; "
                                   f"got {len(ns.tenant.encode())}")
+        self._check_replicas(replicas, "RegisterNamespace")
         known = self._namespaces.get(ns.id)
-        if known is not None:
-            return known
-        info = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
-        for observer in self.observers:
-            observer.namespace(ns)
+        if known is None:
+            known = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
+            for observer in self.observers:
+                observer.namespace(ns)
+        if replicas and replicas != known.replicas:
+            known = self.set_replicas(ns.id, replicas)
+        return known
+
+    @staticmethod
+    def _check_replicas(replicas: int, what: str) -> None:
+        if not 0 <= replicas <= MAX_REPLICAS:
+            raise InvalidArgument(f"{what}: replicas must be between 1 and {MAX_REPLICAS} (0 keeps the setting); "
+                                  f"got {replicas}")
+
+    def replicas_of(self, ns_id: str) -> int:
+        """Copies each committed block of ``ns_id`` should have (its setting or the pool default)."""
+        info = self._namespaces.get(ns_id)
+        return (info.replicas if info is not None and info.replicas else 0) or self.config.replicas
+
+    @property
+    def replicated(self) -> bool:
+        """Whether any block may have replicas (Lookup then looks for the nearest copy)."""
+        return self.config.replicas > 1 or any(i.replicas > 1 for i in self._namespaces.values())
+
+    def set_replicas(self, ns_id: str, replicas: int) -> NamespaceInfo:
+        """Change how many copies the blocks of ``ns_id`` get. Raising it tells
+        ``replicas_raised`` (the blocks there get copies at the next replication cycles);
+        lowering it frees the extra copies of unleased blocks now (a leased block keeps its
+        copies until it leaves memory: a leased copy is never freed)."""
+        self._check_replicas(replicas, "SetReplicas")
+        if replicas == 0:
+            raise InvalidArgument("SetReplicas: replicas must be at least 1 (a block's one copy)")
+        info = self.namespace(ns_id)
+        before = self.replicas_of(ns_id)
+        info = self._namespaces[ns_id] = NamespaceInfo(info.namespace, info.block_bytes, replicas)
+        if replicas > before:
+            for call in self.replicas_raised:
+                call(ns_id)
+        elif replicas < before:
+            for entry in self.entries(ns_id):
+                if entry.pins == 0 and 1 + len(entry.replicas) > replicas:
+                    extra = entry.replicas[replicas - 1:]
+                    entry.replicas = entry.replicas[: replicas - 1]
+                    for r in extra:
+                        node = self.nodes.get(r.node_id)
+                        if node is not None:
+                            node.free(r.tier, r.slot)
         return info
 
     def namespace(self, ns_id: str) -> NamespaceInfo:

@@ -1,16 +1,21 @@
-"""Replicas: each committed block kept on ``replicas`` nodes of different hosts.
+"""Replicas: each committed block of a namespace kept on ``replicas`` nodes of different hosts.
+
+How many copies a block gets is its namespace's setting (``RegisterNamespace.replicas``,
+``kvpool admin namespaces --set-replicas``), or the pool default (``kvpool master
+--replicas``) for a namespace without one (:meth:`BlockIndex.replicas_of`).
 
 Protocol, driven by the master's sweeper (:meth:`Replicator.cycle`, twice a second):
 
-1. Blocks committed since the last cycle (the index tells this module, as an observer) that
-   have fewer than ``replicas`` copies are grouped by the node that holds them.
-2. For each group, a target node is chosen on another host (not holding a copy yet, with a
-   data server on the source, with the most room), and DRAM slots are allocated on it.
-3. The blocks are pinned, and the target node is asked to pull them from the source's data
-   server under a READ capability the master signs (``NodeControl.Replicate``): the bytes go
-   node to node, never through the master or the writer, and the target checks each block's
-   checksum. Blocks it confirms become replicas (:meth:`BlockIndex.add_replica`); the other
-   slots are freed. The pins end.
+1. Blocks committed since the last cycle (the index tells this module, as an observer) whose
+   namespace wants more copies than they have are grouped by the node that holds them. So
+   are the blocks of a namespace whose setting went up (``BlockIndex.replicas_raised``).
+2. For each group, a target node is chosen on another host (not holding a copy yet, able to
+   pull, with the most room), and DRAM slots are allocated on it.
+3. The blocks are pinned and copied node to node (:func:`kvpool.master.copier.copy_blocks`:
+   ``NodeControl.Pull`` under a READ capability the master signs per tenant): the bytes never
+   pass through the master or the writer, and the target checks each block's checksum.
+   Blocks it confirms become replicas (:meth:`BlockIndex.add_replica`); the other slots are
+   freed. The pins end.
 
 A replica lives as long as the entry's memory copy: evicting, demoting or removing that copy
 frees the replicas too. When a node is forgotten (it died), a replica on a live node becomes
@@ -21,32 +26,44 @@ the copy clients read (:meth:`BlockIndex.forget_node`). Blocks that cannot be re
 from __future__ import annotations
 
 import logging
-import secrets
 
-from kvpool.capability import expiry_ms, sign
+from kvpool.master.copier import copy_blocks
 from kvpool.master.index import DRAM, BlockIndex, Entry
-from kvpool.transport.base import READ
 
 __all__ = ["Replicator"]
 
 log = logging.getLogger("kvpool.replication")
 
 BATCH_BLOCKS = 256
-COPY_TTL_S = 60.0
 
 
 class Replicator:
-    def __init__(self, index: BlockIndex, replicas: int) -> None:
+    def __init__(self, index: BlockIndex) -> None:
         self.index = index
-        self.replicas = replicas
         self._queue: dict[bytes, Entry] = {}
         self.copied = 0
+        index.observers.append(self)
+        index.replicas_raised.append(self.raised)
+
+    def _short(self, e: Entry) -> bool:
+        """Whether ``e`` has a DRAM copy and fewer copies than its namespace wants."""
+        return (not e.doomed and e.mem is not None and e.mem_tier == DRAM
+                and 1 + len(e.replicas) < self.index.replicas_of(e.ns))
 
     # the index's observer -------------------------------------------------------------
 
     def stored(self, entries) -> None:
+        wants: dict[str, int] = {}  # one setting lookup per namespace, not per block
         for e in entries:
-            self._queue[e.key] = e
+            n = wants.get(e.ns)
+            if n is None:
+                n = wants[e.ns] = self.index.replicas_of(e.ns)
+            if n > 1:
+                self._queue[e.key] = e
+
+    def raised(self, ns_id: str) -> None:
+        """The namespace's replicas setting went up: its blocks need more copies."""
+        self.stored(self.index.entries(ns_id))
 
     def removed(self, entries) -> None:
         for e in entries:
@@ -69,24 +86,27 @@ class Replicator:
         if not self._queue:
             return 0
         queue, self._queue = self._queue, {}
-        by_node: dict[int, list[Entry]] = {}
+        # One group per source node and set of nodes holding copies already: every block of
+        # a group can then go to the same target (a host with none of its copies).
+        by_node: dict[tuple[int, tuple[int, ...]], list[Entry]] = {}
         for e in queue.values():
-            if not e.doomed and e.mem is not None and e.mem_tier == DRAM and 1 + len(e.replicas) < self.replicas:
-                by_node.setdefault(e.node_id, []).append(e)
+            if self._short(e):
+                by_node.setdefault((e.node_id, tuple(sorted(r.node_id for r in e.replicas))), []).append(e)
         made = 0
-        for node_id, entries in by_node.items():
+        for (node_id, _), entries in by_node.items():
             for start in range(0, len(entries), BATCH_BLOCKS):
                 batch = entries[start : start + BATCH_BLOCKS]
                 done = await self._copy(node_id, batch)
                 made += done
                 for e in batch:  # not there yet: another cycle
-                    if not e.doomed and e.mem is not None and 1 + len(e.replicas) < self.replicas:
+                    if self._short(e):
                         self._queue[e.key] = e
         self.copied += made
         return made
 
     def _target(self, source, entries: list[Entry]):
-        """A node on another host than every copy, with room for the batch's blocks."""
+        """A node on another host than every copy, with room for the batch's blocks (the
+        blocks of a batch have their copies on the same nodes)."""
         nodes = self.index.nodes
         taken_hosts = {source.endpoint().host_id}
         for e in entries[:1]:
@@ -122,18 +142,9 @@ class Replicator:
             index.pin(e)
         made = 0
         try:
-            copy_id = "replicate-" + secrets.token_hex(8)
-            records = b"".join(e.record for e in entries)
-            expires = expiry_ms(COPY_TTL_S)
-            mac = sign(source.data_key, READ, copy_id, node_id, expires, records)
-            try:
-                held = await target.replicate(source, copy_id, expires, mac, records, entries, slots)
-            except Exception as exc:  # the target or the source went away
-                log.warning("replication of %d blocks from node %s to %s failed: %s", len(entries), source.name,
-                            target.name, exc)
-                held = set()
-            for e, slot in zip(entries, slots):
-                if e.key in held and index.add_replica(e, target.node_id, DRAM, slot):
+            result = await copy_blocks(source, target, DRAM, entries, slots, "replicate")
+            for i, (e, slot) in enumerate(zip(entries, slots)):
+                if i in result.copied and index.add_replica(e, target.node_id, DRAM, slot):
                     made += 1
                 else:
                     target.free(DRAM, slot)

@@ -58,13 +58,11 @@ class _Base:
         self.durable = None
         #: Fills the metadata-store fields of a StatsResponse (set by the server).
         self.describe_store = None
-        #: Blocks may have replicas (kvpool.master.replication): reads get the nearest copy.
-        self.replicated = False
 
     def _nearest(self, entries, client_host: str):
         """For each entry, a copy on the reader's host when a replica is there (the entry pins
         its replicas too, so the lease covers the copy chosen)."""
-        if not self.replicated or not client_host:
+        if not client_host or not self.index.replicated:
             return entries
         nodes = self.index.nodes
         out = []
@@ -160,8 +158,9 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         if tenant is not None and ns.tenant != tenant:
             raise PermissionDenied(f"RegisterNamespace: this token acts for tenant {tenant!r}, not {ns.tenant!r}; "
                                    f"set Namespace(tenant={tenant!r})")
-        info = self.index.register_namespace(ns)
-        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes)
+        info = self.index.register_namespace(ns, request.replicas)
+        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes,
+                                                  replicas=self.index.replicas_of(info.namespace.id))
 
     @rpc
     def PutStart(self, request, context):
@@ -400,3 +399,24 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
             node_id=node.node_id, node_name=node.name, moved=report.moved, moved_bytes=report.moved_bytes,
             dropped=report.dropped, remaining=report.remaining, leased=report.leased,
             draining=node.node_id in self.index.draining, failed=report.failed, first_error=report.first_error)
+
+    @rpc
+    def Namespaces(self, request, context):
+        index = self.index
+        if request.HasField("set_replicas"):
+            if not request.namespace_id:
+                raise InvalidArgument("Namespaces: set_replicas needs namespace_id (see kvpool admin namespaces)")
+            index.set_replicas(request.namespace_id, request.set_replicas)
+        elif request.namespace_id:
+            index.namespace(request.namespace_id)  # NOT_FOUND, naming RegisterNamespace
+        blocks: dict[str, int] = {}
+        for entry in index.entries(request.namespace_id):
+            blocks[entry.ns] = blocks.get(entry.ns, 0) + 1
+        resp = admin_pb2.NamespacesResponse(default_replicas=index.config.replicas)
+        for ns_id, info in index.namespaces.items():
+            if request.namespace_id and ns_id != request.namespace_id:
+                continue
+            resp.namespaces.add(namespace_id=ns_id, model=info.namespace.model, tenant=info.tenant,
+                                block_bytes=info.block_bytes, replicas=index.replicas_of(ns_id),
+                                replicas_default=not info.replicas, blocks=blocks.get(ns_id, 0))
+        return resp

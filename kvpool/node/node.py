@@ -32,7 +32,7 @@ import numpy as np
 from kvpool.capability import new_data_key
 from kvpool.node.catalog import NvmeCatalog
 from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResult, TierMover
-from kvpool.node.resident import ResidentMap
+from kvpool.node.resident import ResidentBlock, ResidentMap
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
 from kvpool.tiers.nvme import NvmeArena
@@ -225,13 +225,16 @@ class Node:
         """Read (key, nvme_slot, checksum, dram_slot) blocks into DRAM, verifying checksums."""
         return await self.mover.promote([PromoteItem(*item) for item in items], keep_nvme=True)
 
-    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot]) -> list[int]:
+    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot],
+                   keys: Sequence[bytes] = (), namespace_ids: Sequence[str] = ()) -> list[int]:
         """Copy the blocks of ``access.records`` from ``source``'s data server into ``slots`` of
-        this node's ``tier`` (a drain moving blocks here). Returns the positions of blocks that
-        failed their checksum on the way: their slots hold nothing to serve.
+        this node's ``tier`` (a replica, or a drain moving blocks here). Returns the positions
+        of blocks that failed their checksum on the way: their slots hold nothing to serve.
 
         The master allocated ``slots`` and signed ``access`` with the source's key; the bytes go
-        straight from the source's arena into this one, never through the master.
+        straight from the source's arena into this one, never through the master. With
+        ``keys`` and ``namespace_ids`` (one per record), the good copies become resident
+        blocks of this node (reported again after a master restart).
         """
         arena = self.host_arenas().get(tier)
         if arena is None:
@@ -241,6 +244,11 @@ class Node:
         records = unpack_records(access.records)
         if len(records) != len(slots):
             raise ValueError(f"pull of {len(records)} blocks into {len(slots)} slots")
+        if keys and not len(keys) == len(namespace_ids) == len(records):
+            raise ValueError(f"pull of {len(records)} blocks with {len(keys)} keys and {len(namespace_ids)} "
+                             f"namespaces: give one of each per record, or none")
+        if any(s.offset + s.size > len(arena) for s in slots):
+            raise ValueError(f"a target slot lies outside this node's {tier} tier ({len(arena)} bytes)")
         outs = [arena[s.offset:s.offset + s.size] for s in slots]
         share = Share(records, np.arange(len(records), dtype=np.uint32), access)
 
@@ -254,7 +262,14 @@ class Node:
                 transport.close()
             return []
 
-        return await asyncio.to_thread(copy)
+        corrupt = await asyncio.to_thread(copy)
+        bad = set(corrupt)
+        for i, key in enumerate(keys):
+            if i not in bad:
+                r = records[i]
+                self.resident.add(ResidentBlock(tier, slots[i].offset, slots[i].size, key, int(r["checksum"]),
+                                                namespace_ids[i]))
+        return corrupt
 
     async def drop_nvme(self, items: Sequence[tuple[bytes, Slot]]) -> None:
         await self.mover.drop(items)

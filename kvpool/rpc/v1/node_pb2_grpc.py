@@ -217,16 +217,20 @@ class NodeControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Replicate(self, request, context):
-        """Copy blocks from another node into this node's memory slots, over the data plane (the
-        bytes never pass through the master): a replica.
+        """Deprecated: Pull does the same copy (with `epoch`, `keys` and `namespace_ids` set); the
+        master no longer calls it. Nodes still answer it, through the same code as Pull, so a
+        master of the previous release keeps working during a rolling upgrade.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pull(self, request, context):
-        """Copies blocks from another node's data server into slots of this node (drain): the
-        master allocated the target slots and signed a read capability for the source records.
+        """The one node-to-node copy: blocks from another node's data server into slots of this
+        node, over the data plane (the bytes never pass through the master). The master
+        allocated the target slots and signed a read capability for the source records; this
+        node checks each block's checksum. Used for replicas (kvpool.master.replication) and
+        drains (kvpool.master.drain), both through kvpool.master.copier.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
