@@ -65,3 +65,38 @@ def test_the_journal_is_resent_until_applied():
     assert len(changes) == 1 and seq == 3 and a.unapplied_changes == 1
     a.applied(3)
     assert a.changes()[0] == [] and a.unapplied_changes == 0
+
+
+def test_the_namespace_setting_decides_which_blocks_are_queued_for_copies():
+    from kvpool.master.replication import Replicator
+
+    index, a, b, ns = setup()
+    index.config.replicas = 2                          # the pool default (kvpool master --replicas 2)
+    single = Namespace("single", LAYOUT)
+    index.register_namespace(single, replicas=1)
+    replicator = Replicator(index)
+    commit(index, ns, n=2)
+    commit(index, single.id, n=3)
+    assert replicator.backlog == 2 and {e.ns for e in replicator._queue.values()} == {ns}
+    index.config.replicas = 1
+    index.set_replicas(single.id, 2)                   # raised: the blocks it has are queued too
+    assert replicator.backlog == 5
+    assert (index.replicas_of(ns), index.replicas_of(single.id)) == (1, 2)
+    assert index.register_namespace(single).replicas == 2   # registering again keeps the setting
+
+
+def test_lowering_replicas_frees_copies_but_never_a_leased_one():
+    index, a, b, ns = setup()
+    index.set_replicas(ns, 2)
+    free, leased = commit(index, ns)
+    for e in (free, leased):
+        assert index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    _, lease = index.get(ns, [leased.key])             # a reader may be reading the copy on b
+    index.set_replicas(ns, 1)
+    assert free.replicas == [] and len(leased.replicas) == 1
+    assert b.usage()[0].used_slots == 1
+    index.evict(None)                                  # the leased block, and so its copy, stays
+    assert b.usage()[0].used_slots == 1 and index.entry(leased.key) is leased
+    index.release([lease.lease_id])
+    index.evict(None)
+    assert b.usage()[0].used_slots == 0 and index.block_count == 0
