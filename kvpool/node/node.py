@@ -239,16 +239,16 @@ class Node:
         arena = self.host_arenas().get(tier)
         if arena is None:
             raise ValueError(f"node {self.name} has no host-memory tier {tier!r} to pull into")
-        if not source.tcp_address:
-            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
         records = unpack_records(access.records)
         if len(records) != len(slots):
             raise ValueError(f"pull of {len(records)} blocks into {len(slots)} slots")
-        if keys and not len(keys) == len(namespace_ids) == len(records):
+        if (keys or namespace_ids) and not len(keys) == len(namespace_ids) == len(records):
             raise ValueError(f"pull of {len(records)} blocks with {len(keys)} keys and {len(namespace_ids)} "
                              f"namespaces: give one of each per record, or none")
         if any(s.offset + s.size > len(arena) for s in slots):
             raise ValueError(f"a target slot lies outside this node's {tier} tier ({len(arena)} bytes)")
+        if not source.tcp_address:
+            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
         outs = [arena[s.offset:s.offset + s.size] for s in slots]
         share = Share(records, np.arange(len(records), dtype=np.uint32), access)
 

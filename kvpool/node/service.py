@@ -142,28 +142,28 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         if request.keys or request.namespace_ids:
             for key in request.keys:
                 if not KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
-                    raise InvalidArgument(f"Pull: a block key is {KEY_BYTES} bytes (and a tenant); got {len(key)}")
+                    raise InvalidArgument(f"a block key is {KEY_BYTES} bytes (and a tenant); got {len(key)}")
         # The capability names the tenant whose blocks these are (kvpool-cap/v2): the source's
         # data server checks it against the blocks' keys.
         access = Access(READ, request.grant_id, request.source.node_id, request.expires_unix_ms, request.mac,
                         request.records, request.tenant)
         corrupt = await self._pull(request.source, access, request.tier, request.target_offsets, request.keys,
-                                   request.namespace_ids, "Pull")
+                                   request.namespace_ids)
         return node_pb2.PullResponse(corrupt=corrupt)
 
-    async def _pull(self, source, access: Access, tier: str, offsets, keys, namespace_ids, what: str) -> list[int]:
+    async def _pull(self, source, access: Access, tier: str, offsets, keys, namespace_ids) -> list[int]:
         try:
             sizes = unpack_records(access.records)["size"]
         except ValueError as exc:
-            raise InvalidArgument(f"{what}: {exc}") from None
+            raise InvalidArgument(str(exc)) from None
         if len(sizes) != len(offsets):
-            raise InvalidArgument(f"{what}: {len(sizes)} records but {len(offsets)} target slots; give one per record")
+            raise InvalidArgument(f"{len(sizes)} records but {len(offsets)} target slots; give one per record")
         slots = [Slot(int(o), int(n)) for o, n in zip(offsets, sizes)]
         try:
             return await self.node.pull(NodeEndpoint.from_proto(source), access, tier, slots, list(keys),
                                         list(namespace_ids))
         except ValueError as exc:
-            raise InvalidArgument(f"{what}: {exc}") from None
+            raise InvalidArgument(str(exc)) from None
 
     @_control
     async def DropNvme(self, request, context):
@@ -203,7 +203,7 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             raise InvalidArgument("Replicate: give one target offset, key and namespace per record")
         try:
             bad = set(await self._pull(request.source, access, request.tier, request.target_offsets, request.keys,
-                                       request.namespace_ids, "Replicate"))
+                                       request.namespace_ids))
         except KvpoolError as exc:
             if isinstance(exc, InvalidArgument):
                 raise
