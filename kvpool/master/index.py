@@ -890,15 +890,19 @@ class BlockIndex:
     def enforce_watermarks(self) -> int:
         """Evict tiers above the high watermark down to the low one. Returns blocks evicted.
 
-        The host-memory tier of a node with a durable tier is left to the tiering task, which
-        demotes it instead.
+        Tiers that have a next tier on their node are left to the tiering task, which demotes
+        them instead: the host-memory tier of a node with a durable tier (to NVMe), and a
+        device tier (HBM) of a node with a host-memory tier (to DRAM).
         """
         evicted = 0
         for node in self.nodes:
             caps = node.tier_caps()
             demotes = has_durable_tier(node)
+            hosts = any(TierCaps.HOST_SHARED in c for c in caps.values())
             for tier, tier_caps in caps.items():
                 if demotes and TierCaps.HOST_SHARED in tier_caps:
+                    continue
+                if hosts and TierCaps.DEVICE in tier_caps:
                     continue
                 excess = self.over_watermark(node, tier)
                 if excess:
@@ -922,6 +926,26 @@ class BlockIndex:
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
+
+    def moved_tier(self, entry: Entry, tier: str, slot: Slot) -> bool:
+        """The node copied ``entry``'s memory copy into ``slot`` of its memory tier ``tier``
+        (HBM demoted to DRAM), checksum verified: serve it from there and free the old slot.
+
+        Only when the mover's pin is the only one (a reader may be reading the old slot) and
+        the entry still has its memory copy where it was; otherwise returns False and the
+        caller frees ``slot``. Replicas stay: they mirror the bytes, not the slot.
+        """
+        if entry.doomed or entry.pins != 1 or entry.mem is None or self._blocks.get(entry.key) is not entry:
+            return False
+        node = self.nodes.get(entry.node_id)
+        self._leave(entry, entry.mem_tier)
+        node.free(entry.mem_tier, entry.mem)
+        entry.mem, entry.mem_tier = slot, tier
+        entry.update_record()
+        self._enter(entry, tier)
+        node.note_resident([entry])
+        self.counters.demoted_blocks += 1
+        return True
 
     def written_through(self, entry: Entry, nvme_slot: Slot) -> None:
         if entry.doomed:
@@ -1088,10 +1112,15 @@ class BlockIndex:
                 continue
             reachable += 1
             caps = node.tier_caps()
+            host = [t for t, c in caps.items() if TierCaps.HOST_SHARED in c]
             if local and prefer in caps and TierCaps.PERSISTENT not in caps[prefer]:
                 tier = prefer  # the writer's own host reaches any memory tier (HBM by CUDA IPC)
+                if (host and prefer != host[0] and node.free_slots_for(prefer, size) < count
+                        and node.free_slots_for(host[0], size) >= count):
+                    # A full HBM would evict to make room; host memory takes the batch instead
+                    # (a GPU writer reaches it by DMA), and HBM's demotion frees slots meanwhile.
+                    tier = host[0]
             else:  # host memory: what shared memory and every network data plane serve
-                host = [t for t, c in caps.items() if TierCaps.HOST_SHARED in c]
                 tier = host[0] if host else memory_tiers(node)[0]
             room = node.free_slots_for(tier, size)
             rank = (room >= count, local, room)

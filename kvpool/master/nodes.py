@@ -81,6 +81,10 @@ class NodeHandle(Protocol):
     async def drop_nvme(self, items) -> None:
         """Remove (key, nvme slot) copies from the node's NVMe tier and catalog."""
 
+    async def move_tier(self, items, source_tier: str, target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        """Copy (key, source slot, checksum, namespace, target slot) blocks between the node's
+        memory tiers (HBM -> DRAM), checksums verified; returns (moved keys, corrupt keys)."""
+
     # Copying blocks between nodes (kvpool.master.copier, for replicas and drains):
 
     async def pull(self, source: NodeEndpoint, access, tier: str, slots, keys=(), namespace_ids=()) -> list[int]:

@@ -239,6 +239,13 @@ class RemoteNode:
         resp = await self._call("Pull", req)
         return list(resp.corrupt)
 
+    async def move_tier(self, items, source_tier: str, target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        req = node_pb2.MoveTierRequest(epoch=self.epoch, source_tier=source_tier, target_tier=target_tier, items=[
+            node_pb2.MoveItem(key=k, offset=src.offset, size=src.size, checksum=c, namespace_id=ns,
+                              target_offset=dst.offset) for k, src, c, ns, dst in items])
+        resp = await self._call("MoveTier", req)
+        return list(resp.moved), list(resp.corrupt)
+
     async def disconnect(self) -> None:
         if self._channel is not None:
             await self._channel.close()

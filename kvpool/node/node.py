@@ -28,6 +28,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+import xxhash
 
 from kvpool.capability import new_data_key
 from kvpool.node.catalog import NvmeCatalog
@@ -270,6 +271,38 @@ class Node:
                 self.resident.add(ResidentBlock(tier, slots[i].offset, slots[i].size, key, int(r["checksum"]),
                                                 namespace_ids[i]))
         return corrupt
+
+    async def move_tier(self, items: Sequence[tuple], source_tier: str,
+                        target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        """Copy (key, source slot, checksum, namespace, target slot) blocks from one memory
+        tier to another of this node (HBM over its watermark -> DRAM). Returns (moved keys,
+        corrupt keys): a moved block's target slot holds its bytes, checksum verified, and is
+        now a resident block of this node; a corrupt one's target holds nothing to serve.
+        The source slots are left alone: the master frees them once it serves the new copies.
+        """
+        source, target = self.tiers.get(source_tier), self.host_arenas().get(target_tier)
+        if source is None or TierCaps.PERSISTENT in source.caps:
+            raise ValueError(f"node {self.name} has no memory tier {source_tier!r} to move blocks from")
+        if target is None:
+            raise ValueError(f"node {self.name} has no host-memory tier {target_tier!r} to move blocks into")
+        for key, src, _, _, dst in items:
+            if src.size != dst.size or src.offset + src.size > source.capacity or dst.offset + dst.size > len(target):
+                raise ValueError(f"block {bytes(key).hex()}: slot {src} of {source_tier} or {dst} of {target_tier} "
+                                 f"lies outside its tier or sizes differ")
+
+        def copy() -> tuple[list[bytes], list[bytes]]:
+            moved, corrupt = [], []
+            for key, src, checksum, ns, dst in items:
+                out = target[dst.offset : dst.offset + dst.size]
+                source.read_into(src, out)
+                if xxhash.xxh3_64_intdigest(out) != checksum:
+                    corrupt.append(key)
+                    continue
+                self.resident.add(ResidentBlock(target_tier, dst.offset, dst.size, key, checksum, ns))
+                moved.append(key)
+            return moved, corrupt
+
+        return await asyncio.to_thread(copy)
 
     async def drop_nvme(self, items: Sequence[tuple[bytes, Slot]]) -> None:
         await self.mover.drop(items)

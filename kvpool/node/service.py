@@ -166,6 +166,20 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
             raise InvalidArgument(str(exc)) from None
 
     @_control
+    async def MoveTier(self, request, context):
+        await self._fence(request, context)
+        for i in request.items:
+            self._check("MoveTier", i.key, request.source_tier, i.offset, i.size)
+            self._check("MoveTier target", i.key, request.target_tier, i.target_offset, i.size)
+        items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id, Slot(i.target_offset, i.size))
+                 for i in request.items]
+        try:
+            moved, corrupt = await self.node.move_tier(items, request.source_tier, request.target_tier)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return node_pb2.MoveTierResponse(moved=moved, corrupt=corrupt)
+
+    @_control
     async def DropNvme(self, request, context):
         await self._fence(request, context)
         if self.node.mover is None:

@@ -175,6 +175,19 @@ def test_pull_with_bad_input_gets_a_status_and_the_node_keeps_serving(cluster):
             raise AssertionError("Pull from nowhere succeeded")
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and "nowhere" in exc.details(), exc.details()
+        # MoveTier (HBM -> DRAM demotion) checks its tiers and slots before copying anything.
+        item = node_pb2.MoveItem(key=b"k" * 16, offset=0, size=4096, target_offset=0)
+        for req, words in [
+            (node_pb2.MoveTierRequest(source_tier="hbm", target_tier="dram", items=[item]),
+             "names the hbm tier, which this node does not have"),
+            (node_pb2.MoveTierRequest(source_tier="dram", target_tier="dram", items=[
+                node_pb2.MoveItem(key=b"k" * 16, offset=0, size=4096, target_offset=2**40)]), "lies outside"),
+        ]:
+            try:
+                stub.MoveTier(req, timeout=10)
+                raise AssertionError("MoveTier accepted bad input")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.details(), exc.details()
         # The deprecated Replicate (a master of the previous release) runs the same copy.
         old = node_pb2.ReplicateRequest(records=b"\0" * 32, target_offsets=[0], keys=[b"k" * 16],
                                         namespace_ids=["n"], tier="dram", lease_id="g", source=src.source)

@@ -263,3 +263,23 @@ class PullResponse(_message.Message):
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
     corrupt: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, corrupt: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MoveTierRequest(_message.Message):
+    __slots__ = ("epoch", "source_tier", "target_tier", "items")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    source_tier: str
+    target_tier: str
+    items: _containers.RepeatedCompositeFieldContainer[MoveItem]
+    def __init__(self, epoch: _Optional[int] = ..., source_tier: _Optional[str] = ..., target_tier: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MoveItem, _Mapping]]] = ...) -> None: ...
+
+class MoveTierResponse(_message.Message):
+    __slots__ = ("moved", "corrupt")
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    moved: _containers.RepeatedScalarFieldContainer[bytes]
+    corrupt: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, moved: _Optional[_Iterable[bytes]] = ..., corrupt: _Optional[_Iterable[bytes]] = ...) -> None: ...

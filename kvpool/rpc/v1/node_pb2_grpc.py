@@ -184,6 +184,11 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.MoveTier = channel.unary_unary(
+                '/kvpool.v1.NodeControl/MoveTier',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.MoveTierRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.MoveTierResponse.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -236,6 +241,16 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveTier(self, request, context):
+        """Moves blocks between this node's memory tiers (HBM over its watermark -> DRAM): each
+        block's bytes are copied from `source_tier` at `offset` to `target_tier` at
+        `target_offset` (slots the master allocated) and checked against its checksum there.
+        The source slots are left as they are: the master frees them once it serves the new copy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +283,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.PullRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.PullResponse.SerializeToString,
+            ),
+            'MoveTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveTier,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.MoveTierRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.MoveTierResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +453,33 @@ class NodeControl:
             '/kvpool.v1.NodeControl/Pull',
             kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/MoveTier',
+            kvpool_dot_v1_dot_node__pb2.MoveTierRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.MoveTierResponse.FromString,
             options,
             channel_credentials,
             insecure,
