@@ -8,8 +8,12 @@ Life of a block entry::
                                                           (invisible) ── last unpin ─► freed
 
 A committed entry has a memory copy (``entry.mem``, in DRAM or HBM), an NVMe copy
-(``entry.nvme``), or both. Clients read only memory copies; an NVMe-only block is promoted
-into DRAM before it is served
+(``entry.nvme``), or both, on its node; and it may have replicas: DRAM copies on nodes of
+other hosts (``entry.replicas``, kvpool.master.replication). Each copy is its node's own: it
+sits in that node's tier policy, and that node's evictions and watermarks take it without
+touching the other copies. A block leaves the index only when its last copy goes; when the
+copies on the entry's node go first, a replica becomes the entry's copy. Clients read only
+memory copies; an NVMe-only block is promoted into DRAM before it is served
 (:mod:`kvpool.master.tiering` drives demotion, promotion and write-through; this module
 keeps the books synchronously).
 
@@ -17,9 +21,10 @@ Invariants (each one is tested):
 
 * Only COMMITTED entries live in ``_blocks``; Lookup and Get read nothing else, so a block
   that was not committed is never readable.
-* An entry with ``pins > 0`` is never evicted, moved or freed. Read leases pin; so does the
-  tier mover for the duration of a copy. Removing a pinned entry makes it invisible at once
-  and frees its storage at the last unpin.
+* An entry with ``pins > 0`` is never evicted, moved or freed, nor is any of its replicas
+  (a lease may be served from one). Read leases pin; so does the tier mover for the
+  duration of a copy. Removing a pinned entry makes it invisible at once and frees its
+  storage at the last unpin.
 * Every slot is released exactly once: memory slots through ``NodeHandle.free``, NVMe copies
   through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
@@ -103,8 +108,8 @@ class Entry:
         self.created = now
         self.last_access = now
         self.hits = 0
-        #: Copies of the memory copy on other nodes (kvpool.master.replication): they live as
-        #: long as the memory copy does, and a pin on the entry pins them too.
+        #: DRAM copies on other nodes (kvpool.master.replication), each in its node's tier
+        #: policy; a pin on the entry pins them too.
         self.replicas: list[Replica] = []
         self.record = self.loc = b""
         self.update_record()
@@ -140,7 +145,8 @@ class Entry:
 
 @dataclass
 class Replica:
-    """A copy of an entry's memory copy on another node (always a host tier: DRAM)."""
+    """A copy of an entry's bytes on another node (a host tier: DRAM), evicted by that node's
+    policy on its own."""
 
     node_id: int
     tier: str
@@ -298,12 +304,8 @@ class BlockIndex:
         elif replicas < before:
             for entry in self.entries(ns_id):
                 if entry.pins == 0 and 1 + len(entry.replicas) > replicas:
-                    extra = entry.replicas[replicas - 1:]
-                    entry.replicas = entry.replicas[: replicas - 1]
-                    for r in extra:
-                        node = self.nodes.get(r.node_id)
-                        if node is not None:
-                            node.free(r.tier, r.slot)
+                    for r in entry.replicas[replicas - 1:]:
+                        self._discard_replica(entry, r)
         return info
 
     def namespace(self, ns_id: str) -> NamespaceInfo:
@@ -668,6 +670,8 @@ class BlockIndex:
             self._leave(entry, entry.mem_tier)
         if entry.nvme is not None:
             self._leave(entry, NVME)
+        for r in entry.replicas:  # out of their policies now; their slots go with the rest
+            self._leave_replica(entry, r)
         entry.doomed = True
         if entry.pins:
             return False
@@ -675,18 +679,53 @@ class BlockIndex:
         return True
 
     def _free_replicas(self, entry: Entry) -> None:
+        """Free the slots of a dropped entry's replicas (``_drop`` took them out of their policies)."""
         for r in entry.replicas:
             node = self.nodes.get(r.node_id)
             if node is not None:
                 node.free(r.tier, r.slot)
         entry.replicas = []
 
+    def _enter_replica(self, entry: Entry, r: Replica) -> None:
+        # Not counted in the tenant's use of the tier: quotas count a block once.
+        tk = (r.node_id, r.tier)
+        self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
+        self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
+
+    def _leave_replica(self, entry: Entry, r: Replica) -> None:
+        tk = (r.node_id, r.tier)
+        policy = self._policies.get(tk)
+        if policy is not None:  # None: the node was forgotten, and its policies with it
+            self._tier_blocks[tk] -= 1
+            policy.remove(entry.key)
+
+    def _discard_replica(self, entry: Entry, r: Replica) -> None:
+        """Let one replica of a live entry go: out of its policy, its slot freed."""
+        entry.replicas.remove(r)
+        self._leave_replica(entry, r)
+        node = self.nodes.get(r.node_id)
+        if node is not None:
+            node.free(r.tier, r.slot)
+
+    def _promote_replica(self, entry: Entry) -> None:
+        """The entry's node has no copy left (the caller left and freed them): its first
+        replica becomes the entry's copy."""
+        r = entry.replicas.pop(0)
+        self._leave_replica(entry, r)
+        entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
+        entry.update_record()
+        self._enter(entry, r.tier)
+
     def add_replica(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> bool:
         """Record a copy the node made (kvpool.master.replication); False if the entry's memory
-        copy went meanwhile (the caller frees the slot)."""
+        copy went meanwhile, or the node holds a copy already (the caller frees the slot)."""
         if entry.doomed or entry.mem is None or self._blocks.get(entry.key) is not entry:
             return False
-        entry.replicas.append(Replica(node_id, tier, slot))
+        if node_id == entry.node_id or any(r.node_id == node_id for r in entry.replicas):
+            return False
+        r = Replica(node_id, tier, slot)
+        entry.replicas.append(r)
+        self._enter_replica(entry, r)
         return True
 
     def _release_storage(self, entry: Entry) -> None:
@@ -729,10 +768,12 @@ class BlockIndex:
         return entry is not None and entry.pins == 0
 
     def _holds(self, key: bytes, node_id: int, tier: str) -> bool:
-        """Whether ``key`` is a committed block with a copy in this node's ``tier``."""
+        """Whether ``key`` is a committed block with a copy (or a replica) in this node's ``tier``."""
         entry = self._blocks.get(key)
-        if entry is None or entry.node_id != node_id:
+        if entry is None:
             return False
+        if entry.node_id != node_id:
+            return any(r.node_id == node_id and r.tier == tier for r in entry.replicas)
         return entry.nvme is not None if tier == NVME else (entry.mem is not None and entry.mem_tier == tier)
 
     def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0,
@@ -780,28 +821,40 @@ class BlockIndex:
                     break
         return chosen
 
-    def drop_copy(self, entry: Entry, tier: str) -> None:
-        """Evict one copy. An entry that loses its last copy leaves the index."""
+    def drop_copy(self, entry: Entry, tier: str, node_id: int | None = None) -> None:
+        """Evict one copy: the one in ``tier`` of ``node_id`` (default: the entry's node), a
+        replica if it is another node. An entry that loses its last copy leaves the index;
+        one that loses the last copy on its node is served from its first replica."""
+        if node_id is not None and node_id != entry.node_id:
+            for r in entry.replicas:
+                if r.node_id == node_id and r.tier == tier:
+                    self._discard_replica(entry, r)
+                    return
+            return
         other = entry.mem if tier == NVME else entry.nvme
-        if other is None:
+        if other is None and not entry.replicas:
             self._drop(entry)
             return
         self._leave(entry, tier)
         if tier != NVME:
-            self._free_replicas(entry)
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
-            entry.update_record()
         else:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
+        if other is None:
+            self._promote_replica(entry)
+            for observer in self.observers:  # the block is elsewhere now (Redis, events)
+                observer.stored((entry,))
+        else:
+            entry.update_record()
 
     def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
         victims = self.victims(node_id, tier, want_bytes, block_bytes)
         freed = sum(e.size for e in victims)
         for entry in victims:
-            self.drop_copy(entry, tier)
+            self.drop_copy(entry, tier, node_id)
         if victims:
             tk = (node_id, tier)
             self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
@@ -845,7 +898,7 @@ class BlockIndex:
         victims = self.victims(node_id, tier, want, tenant=tenant)
         freed = sum(e.size for e in victims)
         for entry in victims:
-            self.drop_copy(entry, tier)
+            self.drop_copy(entry, tier, node_id)
         if victims:
             tk = (node_id, tier)
             self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
@@ -921,8 +974,7 @@ class BlockIndex:
             self._enter(entry, NVME)
         self.counters.demoted_blocks += 1
         if entry.pins == 1 and entry.mem is not None:  # only the mover's own pin
-            self._leave(entry, entry.mem_tier)
-            self._free_replicas(entry)
+            self._leave(entry, entry.mem_tier)  # its replicas stay: each is its node's own
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
@@ -988,7 +1040,7 @@ class BlockIndex:
         """
         gone, moved = [], []
         for entry in self._blocks.values():
-            if entry.replicas:
+            if entry.replicas:  # the dead node's policies go below, with its replicas' entries
                 entry.replicas = [r for r in entry.replicas if r.node_id != node_id]
             if entry.node_id != node_id:
                 continue
@@ -997,10 +1049,11 @@ class BlockIndex:
             else:
                 gone.append(entry)
         for entry in moved:  # a replica on a live node becomes the copy clients read
-            r = entry.replicas.pop(0)
-            entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
-            entry.update_record()
-            self._enter(entry, r.tier)
+            if entry.mem is not None:
+                self._count(entry, entry.mem_tier, -1)
+            if entry.nvme is not None:
+                self._count(entry, NVME, -1)
+            self._promote_replica(entry)
         for observer in self.observers if moved else ():
             observer.stored(moved)
         for observer in self.observers if gone else ():
@@ -1149,6 +1202,8 @@ class BlockIndex:
         """
         if entry.pins != 1 or entry.doomed or self._blocks.get(entry.key) is not entry:
             raise FailedPrecondition(f"block {entry.key.hex()} cannot move: it is leased or gone")
+        for r in [r for r in entry.replicas if r.node_id == node_id]:  # one copy per node
+            self._discard_replica(entry, r)
         old = self.nodes.get(entry.node_id)
         if entry.mem is not None:
             self._leave(entry, entry.mem_tier)

@@ -17,9 +17,11 @@ Protocol, driven by the master's sweeper (:meth:`Replicator.cycle`, twice a seco
    Blocks it confirms become replicas (:meth:`BlockIndex.add_replica`); the other slots are
    freed. The pins end.
 
-A replica lives as long as the entry's memory copy: evicting, demoting or removing that copy
-frees the replicas too. When a node is forgotten (it died), a replica on a live node becomes
-the copy clients read (:meth:`BlockIndex.forget_node`). Blocks that cannot be replicated now
+Each replica is its node's own copy: that node's DRAM policy evicts it (watermarks,
+``make_room``, admin eviction) without touching the other copies, and demoting or evicting
+the entry's own copy leaves the replicas alone. When the entry's node loses its last copy
+(evicted, or the node died: :meth:`BlockIndex.forget_node`), a replica on a live node becomes
+the copy clients read; removing the block frees every copy. Blocks that cannot be replicated now
 (no other host has room) are tried again at a later cycle, until they leave memory.
 """
 

@@ -92,6 +92,15 @@ class Tiering:
         index = self.index
         victims = index.victims(node.node_id, DRAM, want_bytes)
         freed = sum(v.size for v in victims)
+        # Replicas of blocks whose own node is another are evicted: the block keeps its
+        # other copies (a replica is not written to this node's NVMe).
+        replicas = [v for v in victims if v.node_id != node.node_id]
+        for v in replicas:
+            index.drop_copy(v, DRAM, node.node_id)
+        if replicas:
+            tk = (node.node_id, DRAM)
+            index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + len(replicas)
+        victims = [v for v in victims if v.node_id == node.node_id]
         for v in victims:
             if v.nvme is not None:  # already durable: no I/O, just let the DRAM copy go
                 index.drop_copy(v, DRAM)
@@ -105,7 +114,7 @@ class Tiering:
         finally:
             for v in moving:
                 index.unpin(v)
-        return len(victims), freed
+        return len(victims) + len(replicas), freed
 
     async def demote_memory(self, node: NodeHandle, tier: str, target: str, want_bytes: int | None) -> tuple[int, int]:
         """Move victims of ``node``'s memory ``tier`` (HBM) into its host tier ``target``

@@ -100,3 +100,52 @@ def test_lowering_replicas_frees_copies_but_never_a_leased_one():
     index.release([lease.lease_id])
     index.evict(None)
     assert b.usage()[0].used_slots == 0 and index.block_count == 0
+
+
+def replicated(index, ns, b, n=2):
+    entries = commit(index, ns, n=n)
+    for e in entries:
+        assert index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    return entries
+
+
+def test_each_copy_is_evicted_by_its_own_nodes_policy():
+    index, a, b, ns = setup()
+    entries = replicated(index, ns, b)
+    assert index.evict_from(b.node_id, "dram", None) == (2, 2 * BLOCK)   # node B's copies only
+    assert b.usage()[0].used_slots == 0 and a.usage()[0].used_slots == 2
+    assert all(index.entry(e.key).node_id == a.node_id and e.replicas == [] for e in entries)
+    assert index.lookup(ns, [e.key for e in entries], lease=False)[0] == 2
+
+
+def test_a_block_whose_node_evicts_it_lives_on_in_its_replica():
+    index, a, b, ns = setup()
+    entries = replicated(index, ns, b)
+    index.evict_from(a.node_id, "dram", None)
+    assert a.usage()[0].used_slots == 0 and b.usage()[0].used_slots == 2
+    for e in entries:                                  # served from node B now, bytes where they were
+        assert index.entry(e.key).node_id == b.node_id and e.mem_tier == "dram" and e.replicas == []
+    assert index.tier_blocks(b.node_id, "dram") == 2 and index.tier_blocks(a.node_id, "dram") == 0
+    index.evict_from(b.node_id, "dram", None)          # the last copy: the block is gone
+    assert index.block_count == 0 and b.usage()[0].used_slots == 0
+
+
+def test_demoting_the_entrys_copy_keeps_its_replicas():
+    from kvpool.tiers.base import Slot
+
+    index, a, b, ns = setup()
+    (e,) = replicated(index, ns, b, n=1)
+    index.pin(e)                                       # the mover's pin
+    index.demoted(e, Slot(0, BLOCK))                   # node A's DRAM copy went to its NVMe
+    index.unpin(e)
+    assert e.mem is None and e.nvme is not None and len(e.replicas) == 1
+    assert a.usage()[0].used_slots == 0 and b.usage()[0].used_slots == 1
+
+
+def test_a_leased_replica_is_not_evicted():
+    index, a, b, ns = setup()
+    entries = replicated(index, ns, b)
+    _, lease = index.lookup(ns, [entries[0].key])
+    assert index.evict_from(b.node_id, "dram", None)[0] == 1       # only the unleased one's copy
+    assert len(entries[0].replicas) == 1 and entries[1].replicas == []
+    index.release([lease.lease_id])
