@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(to_json(resp), sort_keys=True))
         return 0
+    if args.set_replicas is not None:
+        print(f"namespace {args.namespace[:16]} now keeps {args.set_replicas} "
+              f"{'copy' if args.set_replicas == 1 else 'copies'} of each block")
     print(table(["namespace", "model", "tenant", "block", "blocks", "replicas"], [
         [n.namespace_id[:16], n.model, n.tenant or "-", format_size(n.block_bytes), n.blocks,
          f"{n.replicas}" + (" (default)" if n.replicas_default else "")]

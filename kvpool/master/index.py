@@ -252,6 +252,9 @@ class BlockIndex:
         #: Called with a namespace id when its replicas setting goes up, so that the blocks
         #: it has already get their new copies (the Replicator listens).
         self.replicas_raised: list[Callable[[str], None]] = []
+        #: Whether some namespace asks for more than one copy (kept by set_replicas, so that
+        #: Lookup's check costs nothing however many namespaces there are).
+        self._ns_replicated = False
 
     # ------------------------------------------------------------------ namespaces
 
@@ -285,7 +288,7 @@ class BlockIndex:
     @property
     def replicated(self) -> bool:
         """Whether any block may have replicas (Lookup then looks for the nearest copy)."""
-        return self.config.replicas > 1 or any(i.replicas > 1 for i in self._namespaces.values())
+        return self.config.replicas > 1 or self._ns_replicated
 
     def set_replicas(self, ns_id: str, replicas: int) -> NamespaceInfo:
         """Change how many copies the blocks of ``ns_id`` get. Raising it tells
@@ -298,6 +301,7 @@ class BlockIndex:
         info = self.namespace(ns_id)
         before = self.replicas_of(ns_id)
         info = self._namespaces[ns_id] = NamespaceInfo(info.namespace, info.block_bytes, replicas)
+        self._ns_replicated = any(i.replicas > 1 for i in self._namespaces.values())
         if replicas > before:
             for call in self.replicas_raised:
                 call(ns_id)
