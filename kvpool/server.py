@@ -119,7 +119,7 @@ class PoolServer:
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through, quotas=parse_quotas(s.quotas),
-            replicas=s.replicas,
+            replicas=s.replicas, read_replicas=s.read_replicas,
         ))
         self.tiering = Tiering(self.index, write_through=s.write_through)
         self.events = None
@@ -163,6 +163,8 @@ class PoolServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicers = [PoolServicer(self.index, self.metrics, self.tiering),
                      AdminServicer(self.index, self.metrics, self.tiering)]
+        if s.read_replicas:
+            servicers[0].read_by = self.replicator.read
         if self.meta is not None:
             for servicer in servicers:
                 servicer.durable = self.meta.durable

@@ -78,6 +78,8 @@ class IndexConfig:
     #: Copies of each committed block for namespaces without a setting of their own
     #: (``kvpool master --replicas``; kvpool.master.replication makes them).
     replicas: int = 1
+    #: Extra copies a block may gain on hosts that read it often (kvpool.master.replication).
+    read_replicas: int = 0
 
 
 #: The most copies a namespace may ask for.
@@ -288,7 +290,7 @@ class BlockIndex:
     @property
     def replicated(self) -> bool:
         """Whether any block may have replicas (Lookup then looks for the nearest copy)."""
-        return self.config.replicas > 1 or self._ns_replicated
+        return self.config.replicas > 1 or self.config.read_replicas > 0 or self._ns_replicated
 
     def set_replicas(self, ns_id: str, replicas: int) -> NamespaceInfo:
         """Change how many copies the blocks of ``ns_id`` get. Raising it tells

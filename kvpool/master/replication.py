@@ -17,6 +17,12 @@ Protocol, driven by the master's sweeper (:meth:`Replicator.cycle`, twice a seco
    Blocks it confirms become replicas (:meth:`BlockIndex.add_replica`); the other slots are
    freed. The pins end.
 
+**Read-driven replicas** (``kvpool master --read-replicas K``, off by default): a block that
+readers on one host fetch from another host ``READ_COPY_AFTER`` times gains a copy on a node of
+that host (one that can pull), so the next reads there are local. Bounded: a block has at most
+``K`` copies beyond its namespace's replicas, and the read counts are forgotten when more than
+``READ_COUNTS_MAX`` are kept. Such copies are replicas like the others.
+
 Each replica is its node's own copy: that node's DRAM policy evicts it (watermarks,
 ``make_room``, admin eviction) without touching the other copies, and demoting or evicting
 the entry's own copy leaves the replicas alone. When the entry's node loses its last copy
@@ -37,12 +43,19 @@ __all__ = ["Replicator"]
 log = logging.getLogger("kvpool.replication")
 
 BATCH_BLOCKS = 256
+#: Reads from one host, served from another, after which a block gains a copy on that host.
+READ_COPY_AFTER = 3
+#: Most (block, host) read counts kept; beyond it they start again from zero.
+READ_COUNTS_MAX = 100_000
 
 
 class Replicator:
     def __init__(self, index: BlockIndex) -> None:
         self.index = index
         self._queue: dict[bytes, Entry] = {}
+        #: Blocks to copy to a host that reads them (read-driven): key -> (entry, host id).
+        self._to_host: dict[bytes, tuple[Entry, str]] = {}
+        self._reads: dict[tuple[bytes, str], int] = {}
         self.copied = 0
         index.observers.append(self)
         index.replicas_raised.append(self.raised)
@@ -51,6 +64,31 @@ class Replicator:
         """Whether ``e`` has a DRAM copy and fewer copies than its namespace wants."""
         return (not e.doomed and e.mem is not None and e.mem_tier == DRAM
                 and 1 + len(e.replicas) < self.index.replicas_of(e.ns))
+
+    def read(self, served, host: str) -> None:
+        """Readers on ``host`` were sent to ``served`` (entries, or replicas dressed as them):
+        count the copies on other hosts, and queue a copy to ``host`` for a block read often."""
+        nodes = self.index.nodes
+        far: dict[int, bool] = {}
+        for e in served:
+            node_id = e.node_id
+            if node_id not in far:
+                node = nodes.get(node_id)
+                far[node_id] = node is not None and node.endpoint().host_id != host
+            if not far[node_id]:
+                continue
+            key = (e.key, host)
+            n = self._reads.get(key, 0) + 1
+            if n < READ_COPY_AFTER:
+                if len(self._reads) >= READ_COUNTS_MAX:
+                    self._reads.clear()
+                self._reads[key] = n
+                continue
+            self._reads.pop(key, None)
+            entry = self.index.entry(e.key)
+            bound = self.index.replicas_of(entry.ns) + self.index.config.read_replicas if entry is not None else 0
+            if entry is not None and 1 + len(entry.replicas) < bound:
+                self._to_host[e.key] = (entry, host)
 
     # the index's observer -------------------------------------------------------------
 
@@ -81,12 +119,14 @@ class Replicator:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._to_host)
 
     async def cycle(self) -> int:
         """Replicate what is queued; returns replicas made."""
+        made = await self._copy_to_readers() if self._to_host else 0
         if not self._queue:
-            return 0
+            self.copied += made
+            return made
         queue, self._queue = self._queue, {}
         # One group per source node and set of nodes holding copies already: every block of
         # a group can then go to the same target (a host with none of its copies).
@@ -94,7 +134,6 @@ class Replicator:
         for e in queue.values():
             if self._short(e):
                 by_node.setdefault((e.node_id, tuple(sorted(r.node_id for r in e.replicas))), []).append(e)
-        made = 0
         for (node_id, _), entries in by_node.items():
             for start in range(0, len(entries), BATCH_BLOCKS):
                 batch = entries[start : start + BATCH_BLOCKS]
@@ -106,7 +145,26 @@ class Replicator:
         self.copied += made
         return made
 
-    def _target(self, source, entries: list[Entry]):
+    async def _copy_to_readers(self) -> int:
+        """Copy blocks read often from afar to a node on their readers' host (best effort:
+        a block that finds no node or room there is not tried again until read again)."""
+        todo, self._to_host = self._to_host, {}
+        groups: dict[tuple[int, str], list[Entry]] = {}
+        for e, host in todo.values():
+            if (not e.doomed and e.mem is not None and e.mem_tier == DRAM
+                    and not any(self._host(r.node_id) == host for r in e.replicas)):
+                groups.setdefault((e.node_id, host), []).append(e)
+        made = 0
+        for (node_id, host), entries in groups.items():
+            for start in range(0, len(entries), BATCH_BLOCKS):
+                made += await self._copy(node_id, entries[start : start + BATCH_BLOCKS], host)
+        return made
+
+    def _host(self, node_id: int) -> str | None:
+        node = self.index.nodes.get(node_id)
+        return None if node is None else node.endpoint().host_id
+
+    def _target(self, source, entries: list[Entry], host: str | None = None):
         """A node on another host than every copy, with room for the batch's blocks (the
         blocks of a batch have their copies on the same nodes)."""
         nodes = self.index.nodes
@@ -118,6 +176,8 @@ class Replicator:
         for node in nodes:
             if node.endpoint().host_id in taken_hosts or DRAM not in node.tier_names():
                 continue
+            if host is not None and node.endpoint().host_id != host:
+                continue
             if not node.pulls_replicas:
                 continue
             room = node.free_slots_for(DRAM, size)
@@ -125,12 +185,12 @@ class Replicator:
                 best = (room, node)
         return None if best is None else best[1]
 
-    async def _copy(self, node_id: int, entries: list[Entry]) -> int:
+    async def _copy(self, node_id: int, entries: list[Entry], host: str | None = None) -> int:
         index = self.index
         source = index.nodes.get(node_id)
         if source is None or not source.endpoint().tcp_address or not source.data_key:
             return 0
-        target = self._target(source, entries)
+        target = self._target(source, entries, host)
         if target is None:
             return 0
         slots = []

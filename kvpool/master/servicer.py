@@ -58,6 +58,9 @@ class _Base:
         self.durable = None
         #: Fills the metadata-store fields of a StatsResponse (set by the server).
         self.describe_store = None
+        #: Told of each read served from another host than the reader's (read-driven
+        #: replicas, kvpool.master.replication); None when they are off.
+        self.read_by = None
 
     def _nearest(self, entries, client_host: str):
         """For each entry, a copy on the reader's host when a replica is there (the entry pins
@@ -75,6 +78,13 @@ class _Base:
                         break
             out.append(e)
         return out
+
+    def _served(self, entries, client_host: str):
+        """The copies a read is sent to (:meth:`_nearest`); reads from afar are counted."""
+        served = self._nearest(entries, client_host)
+        if self.read_by is not None and client_host:
+            self.read_by(served, client_host)
+        return served
 
     def _stats(self, tenant: str | None = None) -> common_pb2.StatsResponse:
         resp = stats_response(self.index, tenant)
@@ -203,7 +213,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, hits)
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
-            self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
+            self._locations(self._served(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
                             self.index.config.lease_ttl_s, self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
@@ -227,7 +237,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, keep)
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
-            self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
+            self._locations(self._served(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
                             self.index.config.lease_ttl_s, self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)

@@ -139,3 +139,17 @@ def test_replicas_set_per_namespace_on_a_pool_without_them(hosts):
     wait_used(c, master, {"node-a": 7, "node-b": 4})
     got = run_client(b, "fetch", master, 2, 4, "--model", "plain")                         # its own host's copy
     assert got["hit"] == 4 and got["ok"] and set(got["kinds"].values()) == {"shm"}, got
+
+
+def test_a_block_read_often_from_another_host_gains_a_copy_there(hosts):
+    (a, b, c), master, _ = start_pool(hosts, "--read-replicas", "1")                      # replicas: 1
+    assert run_client(a, "publish", master, 1, 4)["written"] == 4
+    time.sleep(1.0)
+    wait_used(c, master, {"node-a": 4, "node-b": 0}, timeout=0)          # nobody read them yet: no copy
+    got = run_client(b, "fetch", master, 1, 4)
+    assert got["hit"] == 4 and got["ok"] and set(got["kinds"].values()) == {"tcp"}, got
+    for _ in range(2):                                                    # READ_COPY_AFTER reads from host b
+        assert run_client(b, "fetch", master, 1, 4)["ok"]
+    wait_used(c, master, {"node-a": 4, "node-b": 4})
+    got = run_client(b, "fetch", master, 1, 4)                            # now read on its own host
+    assert got["hit"] == 4 and got["ok"] and set(got["kinds"].values()) == {"shm"}, got

@@ -149,3 +149,24 @@ def test_a_leased_replica_is_not_evicted():
     assert index.evict_from(b.node_id, "dram", None)[0] == 1       # only the unleased one's copy
     assert len(entries[0].replicas) == 1 and entries[1].replicas == []
     index.release([lease.lease_id])
+
+
+def test_read_driven_copies_are_bounded_and_go_to_the_readers_host():
+    from kvpool.master.replication import READ_COPY_AFTER, Replicator
+
+    index, a, b, ns = setup()
+    index.config.read_replicas = 1
+    replicator = Replicator(index)
+    entries = commit(index, ns)                        # on node A (host-a)
+    for _ in range(READ_COPY_AFTER - 1):
+        replicator.read(entries, "host-b")
+        replicator.read(entries, "host-a")             # local reads are not counted
+    assert replicator.backlog == 0
+    replicator.read(entries, "host-b")
+    assert replicator.backlog == 2 and {h for _, h in replicator._to_host.values()} == {"host-b"}
+    replicator._to_host.clear()
+    for e in entries:                                  # one extra copy already: the bound is reached
+        index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    for _ in range(READ_COPY_AFTER):
+        replicator.read(entries, "host-c")
+    assert replicator.backlog == 0
