@@ -87,6 +87,9 @@ class MasterSettings:
     #: Copies of each committed block, on nodes of different hosts (1: no replicas). Copies
     #: go node to node over the data plane; a dead node's blocks stay readable from the others.
     replicas: int = 1
+    #: Copies a block may gain beyond its namespace's replicas on hosts that read it often
+    #: (READ_COPY_AFTER reads from one host): 0 (the default) makes none.
+    read_replicas: int = 0
     #: Redis URL (redis://host:port/db) for shared metadata and leader election among
     #: several masters; empty: this master keeps its metadata in memory only.
     redis: str = ""
@@ -125,6 +128,8 @@ class MasterSettings:
             refuse_open_events(self.events_host, self.insecure)
         if not 1 <= self.replicas <= 8:
             raise ValueError(f"replicas {self.replicas}: keep between 1 and 8 copies of each block")
+        if not 0 <= self.read_replicas <= 7:
+            raise ValueError(f"read_replicas {self.read_replicas}: between 0 (off) and 7 extra copies of a block")
         if self.leader_ttl <= 0:
             raise ValueError("leader_ttl must be positive seconds")
         if not 0 <= self.port < 65536:

@@ -119,6 +119,7 @@ class PoolServer:
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through, quotas=parse_quotas(s.quotas),
+            replicas=s.replicas, read_replicas=s.read_replicas,
         ))
         self.tiering = Tiering(self.index, write_through=s.write_through)
         # Always there, for token-checked gRPC subscribers; the ZMQ socket only with --events-port.
@@ -130,12 +131,11 @@ class PoolServer:
         self.events.start()
         if self.events.port >= 0:
             log.info("KV events on tcp://%s:%d (topic %r)", s.events_host, self.events.port, s.events_topic)
-        self.replicator = None
-        if s.replicas > 1:
-            from kvpool.master.replication import Replicator
+        # Always there: a namespace may ask for replicas although the pool default is 1. It
+        # queues only blocks of namespaces that want copies, so it costs nothing otherwise.
+        from kvpool.master.replication import Replicator
 
-            self.replicator = Replicator(self.index, s.replicas)
-            self.index.observers.append(self.replicator)
+        self.replicator = Replicator(self.index)
         # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
         if self.node is not None:
             recovered = self.index.adopt(self.node.node_id, self.node.recover())
@@ -163,9 +163,9 @@ class PoolServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicers = [PoolServicer(self.index, self.metrics, self.tiering),
                      AdminServicer(self.index, self.metrics, self.tiering)]
-        for servicer in servicers:
-            servicer.replicated = self.replicator is not None
         servicers[1].events = self.events
+        if s.read_replicas:
+            servicers[0].read_by = self.replicator.read
         if self.meta is not None:
             for servicer in servicers:
                 servicer.durable = self.meta.durable

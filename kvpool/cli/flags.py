@@ -157,6 +157,8 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--events-host", help="address the KV-event socket binds (default 127.0.0.1; it carries every "
                    "tenant's events unauthenticated, so another address needs --insecure)")
     g.add_argument("--replicas", type=int, help="copies of each block on nodes of different hosts (default 1)")
+    g.add_argument("--read-replicas", type=int, help="extra copies a block may gain on hosts that read it often "
+                   "(default 0: none)")
     g.add_argument("--quotas", help="byte quotas per tenant and memory tier, e.g. 'alice:dram=8GiB,bob:dram=2GiB'")
     g.add_argument("--max-message-bytes", help="largest gRPC request accepted, e.g. 64MiB (default); larger "
                    "ones are refused before they are read")

@@ -28,11 +28,12 @@ import os
 from typing import Sequence
 
 import numpy as np
+import xxhash
 
 from kvpool.capability import new_data_key
 from kvpool.node.catalog import NvmeCatalog
 from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResult, TierMover
-from kvpool.node.resident import ResidentMap
+from kvpool.node.resident import ResidentBlock, ResidentMap
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
 from kvpool.tiers.nvme import NvmeArena
@@ -237,22 +238,30 @@ class Node:
         """Read (key, nvme_slot, checksum, dram_slot) blocks into DRAM, verifying checksums."""
         return await self.mover.promote([PromoteItem(*item) for item in items], keep_nvme=True)
 
-    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot]) -> list[int]:
+    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot],
+                   keys: Sequence[bytes] = (), namespace_ids: Sequence[str] = ()) -> list[int]:
         """Copy the blocks of ``access.records`` from ``source``'s data server into ``slots`` of
-        this node's ``tier`` (a drain moving blocks here). Returns the positions of blocks that
-        failed their checksum on the way: their slots hold nothing to serve.
+        this node's ``tier`` (a replica, or a drain moving blocks here). Returns the positions
+        of blocks that failed their checksum on the way: their slots hold nothing to serve.
 
         The master allocated ``slots`` and signed ``access`` with the source's key; the bytes go
-        straight from the source's arena into this one, never through the master.
+        straight from the source's arena into this one, never through the master. With
+        ``keys`` and ``namespace_ids`` (one per record), the good copies become resident
+        blocks of this node (reported again after a master restart).
         """
         arena = self.host_arenas().get(tier)
         if arena is None:
             raise ValueError(f"node {self.name} has no host-memory tier {tier!r} to pull into")
-        if not source.tcp_address:
-            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
         records = unpack_records(access.records)
         if len(records) != len(slots):
             raise ValueError(f"pull of {len(records)} blocks into {len(slots)} slots")
+        if (keys or namespace_ids) and not len(keys) == len(namespace_ids) == len(records):
+            raise ValueError(f"pull of {len(records)} blocks with {len(keys)} keys and {len(namespace_ids)} "
+                             f"namespaces: give one of each per record, or none")
+        if any(s.offset + s.size > len(arena) for s in slots):
+            raise ValueError(f"a target slot lies outside this node's {tier} tier ({len(arena)} bytes)")
+        if not source.tcp_address:
+            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
         outs = [arena[s.offset:s.offset + s.size] for s in slots]
         share = Share(records, np.arange(len(records), dtype=np.uint32), access)
 
@@ -265,6 +274,45 @@ class Node:
             finally:
                 transport.close()
             return []
+
+        corrupt = await asyncio.to_thread(copy)
+        bad = set(corrupt)
+        for i, key in enumerate(keys):
+            if i not in bad:
+                r = records[i]
+                self.resident.add(ResidentBlock(tier, slots[i].offset, slots[i].size, key, int(r["checksum"]),
+                                                namespace_ids[i]))
+        return corrupt
+
+    async def move_tier(self, items: Sequence[tuple], source_tier: str,
+                        target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        """Copy (key, source slot, checksum, namespace, target slot) blocks from one memory
+        tier to another of this node (HBM over its watermark -> DRAM). Returns (moved keys,
+        corrupt keys): a moved block's target slot holds its bytes, checksum verified, and is
+        now a resident block of this node; a corrupt one's target holds nothing to serve.
+        The source slots are left alone: the master frees them once it serves the new copies.
+        """
+        source, target = self.tiers.get(source_tier), self.host_arenas().get(target_tier)
+        if source is None or TierCaps.PERSISTENT in source.caps:
+            raise ValueError(f"node {self.name} has no memory tier {source_tier!r} to move blocks from")
+        if target is None:
+            raise ValueError(f"node {self.name} has no host-memory tier {target_tier!r} to move blocks into")
+        for key, src, _, _, dst in items:
+            if src.size != dst.size or src.offset + src.size > source.capacity or dst.offset + dst.size > len(target):
+                raise ValueError(f"block {bytes(key).hex()}: slot {src} of {source_tier} or {dst} of {target_tier} "
+                                 f"lies outside its tier or sizes differ")
+
+        def copy() -> tuple[list[bytes], list[bytes]]:
+            moved, corrupt = [], []
+            for key, src, checksum, ns, dst in items:
+                out = target[dst.offset : dst.offset + dst.size]
+                source.read_into(src, out)
+                if xxhash.xxh3_64_intdigest(out) != checksum:
+                    corrupt.append(key)
+                    continue
+                self.resident.add(ResidentBlock(target_tier, dst.offset, dst.size, key, checksum, ns))
+                moved.append(key)
+            return moved, corrupt
 
         return await asyncio.to_thread(copy)
 

@@ -76,6 +76,11 @@ class AdminStub:
                 request_serializer=kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_admin__pb2.EventBatch.FromString,
                 _registered_method=True)
+        self.Namespaces = channel.unary_unary(
+                '/kvpool.v1.Admin/Namespaces',
+                request_serializer=kvpool_dot_v1_dot_admin__pb2.NamespacesRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_admin__pb2.NamespacesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -136,6 +141,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Namespaces(self, request, context):
+        """The registered namespaces with their settings; with `set_replicas`, changes a setting first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SubscribeEvents,
                     request_deserializer=kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_admin__pb2.EventBatch.SerializeToString,
+            ),
+            'Namespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.Namespaces,
+                    request_deserializer=kvpool_dot_v1_dot_admin__pb2.NamespacesRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_admin__pb2.NamespacesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +413,33 @@ class Admin:
             '/kvpool.v1.Admin/SubscribeEvents',
             kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.SerializeToString,
             kvpool_dot_v1_dot_admin__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Namespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.Admin/Namespaces',
+            kvpool_dot_v1_dot_admin__pb2.NamespacesRequest.SerializeToString,
+            kvpool_dot_v1_dot_admin__pb2.NamespacesResponse.FromString,
             options,
             channel_credentials,
             insecure,
