@@ -72,6 +72,7 @@ import concurrent.futures
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -490,6 +491,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         ns = self._namespace(load.lora, load.salt)
         keys = ns.keys(load.tokens)[load.start:load.end]
         n = len(keys)
+        started = time.perf_counter()
         staging = self._staging(n)
         got = 0
         try:
@@ -502,9 +504,12 @@ class KVPoolConnector(KVConnectorBase_V1):
                         n, load.req_id, exc)
             got = 0
         if got:
+            read = time.perf_counter()
             self._scatter(staging[:got], self._bound, self._table(load.block_ids[:got]), layout=self._paged)
+            done = time.perf_counter()
             self._stats.data["blocks_loaded"] += got
-            log.info("kvpool: loaded %d blocks for request %s", got, load.req_id)
+            log.info("kvpool: loaded %d blocks for request %s in %.1f ms (read %.1f ms, scatter %.1f ms)", got,
+                     load.req_id, (done - started) * 1000, (read - started) * 1000, (done - read) * 1000)
             self._stats.data["bytes_loaded"] += got * self._layout.block_bytes
         if got < n:
             if got:
