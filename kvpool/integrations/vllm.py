@@ -35,9 +35,9 @@ Scheduler side
   committed (``build_connector_worker_meta``).
 
 Worker side
-  ``register_kv_caches`` reads the paged-cache layout from the tensors vLLM allocated
-  (flash-attention ``[2, blocks, block_size, heads, dim]``, FlashInfer ``[blocks, 2, ...]``,
-  the CPU backend's ``[blocks, heads, block_size, 2 * dim]``, or MLA) and binds it once.
+  ``register_kv_caches`` binds the tensors vLLM allocated, in whatever layout they are
+  (:class:`~kvpool.integrations.block_mover.PagedBlockMover` recognises flash-attention,
+  FlashInfer, the CPU backend's and MLA's), once.
   ``start_load_kv`` reads each planned load from the pool and scatters it into the cache
   before the forward runs (so ``wait_for_layer_load`` has nothing to wait for).
   ``wait_for_save`` never waits on the pool: a save is handed to a
@@ -46,8 +46,8 @@ Worker side
   a staging buffer first (the job then owns its bytes); a finish save is gathered by the
   publisher itself, from blocks vLLM keeps until ``get_finished`` names the request.
   ``save_kv_layer`` has nothing to do per layer.
-  Copies use :mod:`kvpool.kernels.paged_copy`: the Triton kernels on a GPU, the torch
-  references elsewhere.
+  Copies use :mod:`kvpool.kernels.paged_copy` (through the mover): the Triton kernels on a
+  GPU, the torch references elsewhere.
 
 Invariants
   * Keys come from token ids through :class:`kvpool.identity.Namespace` (model, layout,
@@ -71,7 +71,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,8 +89,7 @@ from kvpool.client import Client
 from kvpool.client.async_client import DEFAULT_ADDRESS
 from kvpool.identity import Namespace
 from kvpool.integrations.publisher import BackgroundPublisher
-from kvpool.kernels.paged_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
-from kvpool.kernels.paged_layout import PagedCacheLayout
+from kvpool.integrations.block_mover import PagedBlockMover
 from kvpool.layout import KVLayout
 
 if TYPE_CHECKING:
@@ -202,37 +200,6 @@ def pool_layout_from_config(kv_cache_config: "KVCacheConfig") -> KVLayout:
     )
 
 
-def _layer_index(name: str) -> tuple[int, str]:
-    m = re.search(r"\d+", name)
-    return (int(m.group()) if m else -1, name)
-
-
-def paged_layout_from_tensors(layer: torch.Tensor, pool: KVLayout, num_layers: int):
-    """Recognise the engine cache layout of one layer tensor; return (PagedCacheLayout, view fn)."""
-    bs, h, d = pool.block_tokens, pool.num_kv_heads, pool.head_dim
-    dtype = str(layer.dtype).removeprefix("torch.")
-    shape = tuple(layer.shape)
-    if pool.kv_kind == "mla":
-        if layer.dim() == 3 and shape[1:] == (bs, d):
-            return PagedCacheLayout.mla(num_layers, shape[0], bs, d, dtype), lambda t: t.unsqueeze(2)
-    elif layer.dim() == 5 and shape[0] == 2 and shape[2:] == (bs, h, d):
-        return PagedCacheLayout.vllm(num_layers, shape[1], bs, h, d, dtype), lambda t: t
-    elif layer.dim() == 5 and shape[1] == 2 and shape[2:] == (bs, h, d):
-        return (PagedCacheLayout(num_layers, shape[0], bs, h, d, dtype, "kv", "block_first"),
-                lambda t: t)
-    elif layer.dim() == 4 and shape[1:] == (h, bs, 2 * d):
-        # vLLM's CPU backend: K rows then V rows of each (block, head).
-        nb = shape[0]
-        return (PagedCacheLayout.vllm_cpu(num_layers, nb, bs, h, d, dtype),
-                lambda t: t.view(nb, h, 2, bs, d))
-    raise ValueError(
-        f"KVPoolConnector does not recognise the KV cache layout {shape} (dtype {layer.dtype}) for "
-        f"block_size={bs}, kv_heads={h}, head_dim={d}, kind={pool.kv_kind}; known: [2, blocks, "
-        f"block_size, heads, dim], [blocks, 2, block_size, heads, dim], [blocks, heads, block_size, "
-        f"2*dim] (CPU), [blocks, block_size, dim] (MLA)"
-    )
-
-
 class KVPoolConnector(KVConnectorBase_V1):
     """vLLM v1 KV connector that loads and publishes prefix blocks through kvpool."""
 
@@ -274,8 +241,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._unconfirmed: dict[tuple[str, int], BlockTransfer] = {}
         self._events: list[BlockStored] = []
         # worker side
-        self._paged: PagedCacheLayout | None = None
-        self._bound = None
+        self._mover: PagedBlockMover | None = None
         self._load_errors: set[int] = set()
         self._published: list[tuple[str, int]] = []
         self._failed: list[tuple[str, int]] = []
@@ -458,27 +424,14 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._tp_rank = get_tensor_model_parallel_rank()
         except Exception:  # no model-parallel group (a single process): rank 0
             self._tp_rank = 0
-        names = sorted(kv_caches, key=_layer_index)
-        if len(names) != self._layout.num_layers:
-            raise ValueError(f"KVPoolConnector: vLLM registered {len(names)} KV cache tensors but its "
-                             f"KV cache config names {self._layout.num_layers} layers")
-        paged, view = paged_layout_from_tensors(kv_caches[names[0]], self._layout, len(names))
-        self._paged = paged
-        self._bound = paged.bind([view(kv_caches[n]) for n in names])
-        on_gpu = self._bound.device.type == "cuda"
-        fast = on_gpu and paged.chunks_contiguous
-        self._gather = gather_blocks if fast else gather_blocks_ref
-        self._scatter = scatter_blocks if fast else scatter_blocks_ref
+        try:
+            self._mover = PagedBlockMover(kv_caches, self._layout)
+        except ValueError as exc:
+            raise ValueError(f"KVPoolConnector: {exc}") from None
         self._publisher = BackgroundPublisher()
+        paged = self._mover.paged
         log.info("KVPoolConnector worker (TP rank %d): %s cache, %d blocks, copies by %s", self._tp_rank,
-                 paged.plane_order if paged.kv_kind == "kv" else "mla", paged.num_blocks,
-                 self._gather.__name__)
-
-    def _staging(self, n: int) -> torch.Tensor:
-        return torch.empty((n, self._layout.block_bytes), dtype=torch.uint8, device=self._bound.device)
-
-    def _table(self, block_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.int64, device=self._bound.device)
+                 paged.plane_order if paged.kv_kind == "kv" else "mla", paged.num_blocks, self._mover.kernel)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -492,7 +445,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         keys = ns.keys(load.tokens)[load.start:load.end]
         n = len(keys)
         started = time.perf_counter()
-        staging = self._staging(n)
+        staging = self._mover.staging(n)
         got = 0
         try:
             blocks = self._client.get_blocks(keys, staging if staging.is_cuda else staging.numpy(),
@@ -505,7 +458,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             got = 0
         if got:
             read = time.perf_counter()
-            self._scatter(staging[:got], self._bound, self._table(load.block_ids[:got]), layout=self._paged)
+            self._mover.scatter(staging[:got], load.block_ids[:got])
             done = time.perf_counter()
             self._stats.data["blocks_loaded"] += got
             log.info("kvpool: loaded %d blocks for request %s in %.1f ms (read %.1f ms, scatter %.1f ms)", got,
@@ -534,8 +487,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         for save in meta.saves:  # the request goes on: copy its blocks out now
             staging = None
             try:
-                staging = self._staging(len(save.block_ids))
-                self._gather(self._bound, self._table(save.block_ids), staging, layout=self._paged)
+                staging = self._mover.staging(len(save.block_ids))
+                self._mover.gather(save.block_ids, staging)
             except Exception as exc:  # noqa: BLE001 - a failed copy-out is a failed publish
                 staging = exc
             self._publisher.submit((save.req_id, save.start), self._put_job(save, staging, _step_done()))
@@ -556,8 +509,8 @@ class KVPoolConnector(KVConnectorBase_V1):
                 ready.synchronize()
             buf = staging
             if buf is None:
-                buf = self._staging(len(keys))
-                self._gather(self._bound, self._table(save.block_ids), buf, layout=self._paged)
+                buf = self._mover.staging(len(keys))
+                self._mover.gather(save.block_ids, buf)
                 if buf.is_cuda:
                     torch.cuda.current_stream(buf.device).synchronize()
             return self._client.put_blocks(keys, buf if buf.is_cuda else buf.numpy(), namespace=ns,
