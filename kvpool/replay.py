@@ -260,6 +260,12 @@ class CheckedPolicy(EvictionPolicy):
         self.seconds += time.perf_counter() - t0
         self.resident.discard(key)
 
+    def remove_many(self, keys) -> None:
+        t0 = time.perf_counter()
+        self.inner.remove_many(keys)
+        self.seconds += time.perf_counter() - t0
+        self.resident.difference_update(keys)
+
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         t0 = time.perf_counter()
         out = self.inner.select_victims(count, evictable)

@@ -7,6 +7,7 @@ Protocol between the master's index and a policy:
 * ``access(key)`` on every hit (Lookup, Get) of a resident block; ``access_many(keys)`` for a
   batch (a lease's blocks, when it ends);
 * ``remove(key)`` when a block leaves, whoever chose it (eviction, Remove, Flush);
+  ``remove_many(keys)`` for a batch (the victims of one eviction, once they are dropped);
 * ``select_victims(count, evictable)`` returns up to ``count`` resident keys, best victim
   first, for which ``evictable(key)`` is true. It does not remove them: the index evicts
   what it takes and calls ``remove`` for each.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import islice, repeat
 from operator import itemgetter
@@ -87,6 +88,11 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def remove(self, key: bytes) -> None: ...
 
+    def remove_many(self, keys) -> None:
+        """``remove`` of each key in order; the index tells an eviction's victims in one call."""
+        for key in keys:
+            self.remove(key)
+
     @abstractmethod
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]: ...
 
@@ -119,6 +125,11 @@ class LRUPolicy(EvictionPolicy):
 
     def remove(self, key: bytes) -> None:
         self._order.pop(key, None)
+
+    def remove_many(self, keys) -> None:
+        pop = self._order.pop
+        for key in keys:
+            pop(key, None)
 
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         out: list[bytes] = []
@@ -494,6 +505,8 @@ class HitDensityPolicy(EvictionPolicy):
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
     REFRESH_MIN: ClassVar[int] = 256
+    #: The most victims a selection pass keeps in reserve beyond those asked for.
+    RESERVE_MAX: ClassVar[int] = 64
     #: Ages below this read their bin from a table (a list for the per-block loops and an
     #: int8 copy for numpy, 1.1 MiB shared by all instances); older ones compute it. A
     #: speed/memory trade only: both give the same bin.
@@ -550,6 +563,9 @@ class HitDensityPolicy(EvictionPolicy):
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
+        #: Victims chosen by a pass beyond those asked for: (slot, key, tick at the choice),
+        #: best first; emptied when the densities change.
+        self._reserve: deque[tuple[int, bytes, int]] = deque()
 
     # ------------------------------------------------------------------ introspection
 
@@ -827,6 +843,41 @@ class HitDensityPolicy(EvictionPolicy):
         else:
             self._free.append(s)
 
+    def remove_many(self, keys) -> None:
+        """Exactly ``remove`` of each key in order (tested), with the state in locals: an
+        eviction's victims are mostly a chain peeled from its tail, one parent after its child."""
+        slots = list(map(self._slot.pop, keys, repeat(-1)))
+        lpos, leaves, kids, kl, par, dead, free, moves = (
+            self._leafpos, self._leaves, self._kids, self._keys, self._parent, self._dead, self._free,
+            self._leaf_moves)
+        for s in slots:
+            if s < 0:
+                continue
+            kl[s] = None
+            i = lpos[s]
+            if i >= 0:
+                lpos[s] = -1
+                moved = leaves.pop()
+                if moved != s:
+                    leaves[i] = moved
+                    lpos[moved] = i
+                    moves.append(i)
+            p = par[s]
+            if p >= 0:
+                left = kids[p] = kids[p] - 1
+                if not left:
+                    if dead[p]:
+                        dead[p] = False
+                        free.append(p)
+                    else:
+                        i = lpos[p] = len(leaves)
+                        moves.append(i)
+                        leaves.append(p)
+            if kids[s]:
+                dead[s] = True
+            else:
+                free.append(s)
+
     # ------------------------------------------------------------------ learning
 
     def _refresh(self) -> None:
@@ -857,6 +908,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
         self._rank40 = self._rank << 40
         self._rank40_l = self._rank40.tolist()
+        self._reserve.clear()  # chosen under the old densities
         self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
@@ -976,14 +1028,62 @@ class HitDensityPolicy(EvictionPolicy):
         return [s for _, s in keyed], [k for k, _ in keyed]
 
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
+        """Victims from the reserve first (those still valid), then from one selection pass
+        that chooses ``reserve_size`` more than needed and keeps them for the next calls."""
         if count <= 0 or not self._slot:
             return []
+        out = self._from_reserve(count, evictable) if self._reserve else []
+        if len(out) < count:
+            want = count - len(out)
+            extra = self.reserve_size
+            taken = set(out)
+            if self._reserve:  # still reserved (its turn had not come): not chosen twice
+                taken.update(k for _, k, _ in self._reserve)
+            chosen = self._choose(want + extra, evictable, taken)
+            out += chosen[:want]
+            if len(chosen) > want:
+                tl = self._tick
+                slot_of = self._slot
+                self._reserve.extend((slot_of[k], k, tl[slot_of[k]]) for k in chosen[want:])
+        return out
+
+    @property
+    def reserve_size(self) -> int:
+        """Victims a selection pass chooses beyond the count asked: 1/64 of the resident blocks,
+        at most ``RESERVE_MAX``."""
+        return min(self.RESERVE_MAX, len(self._slot) >> 6)
+
+    def _from_reserve(self, count: int, evictable) -> list[bytes]:
+        """Up to ``count`` reserved victims that are still what the pass chose: the same key in
+        the same slot, not referenced since (same tick), a leaf once the victims handed out
+        before it in this call are gone, and evictable now. Invalid ones leave the reserve."""
+        reserve = self._reserve
+        kl, tl, kids, par = self._keys, self._tick, self._kids, self._parent
+        out: list[bytes] = []
+        gone: dict[int, int] = {}  # slot -> its children handed out in this call
+        while reserve and len(out) < count:
+            s, key, t = reserve.popleft()
+            if kl[s] != key or tl[s] != t:
+                continue
+            k = kids[s]
+            if k and k != gone.get(s, 0):
+                continue
+            if not evictable(key):
+                continue
+            out.append(key)
+            p = par[s]
+            if p >= 0:
+                gone[p] = gone.get(p, 0) + 1
+        return out
+
+    def _choose(self, count: int, evictable, taken: set) -> list[bytes]:
+        """One selection pass: up to ``count`` victims not in ``taken``, best first."""
         nl = len(self._leaves)
         if nl <= 2 * count + 16:  # every leaf would be in the top k of the vectorized path
             cand_l, key_l = self._ranked_few()
-            out = self._walk(cand_l, key_l, count, evictable, set(), True)
+            out = self._walk(cand_l, key_l, count, evictable, taken, True)
             if len(out) < count:
-                taken = set(out)
+                taken = taken | set(out)
                 self._sync()
                 rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
                 out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
@@ -996,11 +1096,11 @@ class HitDensityPolicy(EvictionPolicy):
         leaves_np = self._sync_leaves()
         sampled = self.SAMPLES * count < nl
         cand = leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else leaves_np
-        out = self._pick(cand, count, evictable, set())
+        out = self._pick(cand, count, evictable, taken)
         if len(out) < count and sampled:  # the sample ran short (pinned blocks): every leaf
-            out += self._pick(leaves_np, count - len(out), evictable, set(out))
+            out += self._pick(leaves_np, count - len(out), evictable, taken | set(out))
         if len(out) < count:  # no evictable leaf is left: interior blocks, as a last resort
-            taken = set(out)
+            taken = taken | set(out)
             rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
             out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
         return out

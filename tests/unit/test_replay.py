@@ -96,6 +96,10 @@ class Recorder(LRUPolicy):
         self.calls.append(("remove", key))
         super().remove(key)
 
+    def remove_many(self, keys):
+        for key in keys:
+            self.remove(key)
+
     def select_victims(self, count, evictable):
         out = super().select_victims(count, evictable)
         self.calls.append(("select", count, tuple(out)))

@@ -184,6 +184,9 @@ class Spy:
     def remove(self, key):
         self.inner.remove(key)
 
+    def remove_many(self, keys):
+        self.inner.remove_many(keys)
+
     def select_victims(self, count, evictable):
         return list(self.answer) if self.answer is not None else self.inner.select_victims(count, evictable)
 
