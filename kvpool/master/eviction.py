@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import islice, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -402,6 +402,9 @@ def _age_bin_capped(age: int, bins: int) -> int:
     return b if b < bins else bins - 1
 
 
+_parent_of = attrgetter("parent")
+_last_of = attrgetter("last")
+
 #: A sort key above every real one (ranks are far below 2**60).
 _NO_BOUND = 1 << 100
 
@@ -604,7 +607,7 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
-        if len(keys) > 1 and [info.parent for info in islice(infos, 1, None)] == keys[:-1]:
+        if len(keys) > 1 and list(map(_parent_of, islice(infos, 1, None))) == keys[:-1]:
             self._insert_chain(keys, infos)
             return
         # One pass: the reference (history, reuse statistics) and the slot, per key.
@@ -695,7 +698,7 @@ class HitDensityPolicy(EvictionPolicy):
         kl, tl, cl, kids, par, dead, lpos, free = (
             self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
         olds = list(map(history.pop, keys, repeat(0)))
-        lasts = [1 if info.last else 0 for info in infos]
+        lasts = list(map(_last_of, infos))  # bools: 0 or 1 in the arithmetic below
         now = self._now
         ticks = range(now + 1, now + m + 1)
         if any(olds):
@@ -740,13 +743,13 @@ class HitDensityPolicy(EvictionPolicy):
             kids[p0] += 1
         prevs = [p0]
         prevs += slots[:-1]
-        for s, key, t, c, p in zip(slots, keys, ticks, classes, prevs):
-            kl[s] = key
-            tl[s] = t
-            cl[s] = c
-            par[s] = p
-        for p in prevs[1:]:
-            kids[p] = 1  # a free or new slot has no children: its one child is the next block
+        # Stores by map: the per-block loop runs in C (any() only drains the Nones).
+        any(map(kl.__setitem__, slots, keys))
+        any(map(tl.__setitem__, slots, ticks))
+        any(map(cl.__setitem__, slots, classes))
+        any(map(par.__setitem__, slots, prevs))
+        # A free or new slot has no children: each block but the tail has one, the next.
+        any(map(kids.__setitem__, islice(slots, m - 1), repeat(1)))
         slot_of.update(zip(keys, slots))
         history.update(zip(keys, values))
         self._now = now + m
@@ -773,9 +776,10 @@ class HitDensityPolicy(EvictionPolicy):
 
     def access_many(self, keys) -> None:
         get = self._slot.get
-        keys = [k for k in keys if get(k) is not None]
-        if len(keys) > 1:
-            keys = list(dict.fromkeys(keys))  # one reference per key per batch
+        keys = list(dict.fromkeys(keys))  # one reference per key per batch
+        slots = list(map(get, keys))
+        if None in slots:  # not resident here: not this tier's reference
+            keys = [k for k, s in zip(keys, slots) if s is not None]
         if not keys:
             return
         cut = self._refresh_at - self._now
@@ -787,7 +791,8 @@ class HitDensityPolicy(EvictionPolicy):
         # class. A key missing from the history (trimmed) starts again at count 1, not last.
         history, pending, row, nb, lut = self._history, self._pending, self._row, self.BINS, self._bin_lut
         lut_n = len(lut)
-        slots = list(map(get, keys))
+        if len(slots) != len(keys):
+            slots = list(map(get, keys))
         olds = list(map(history.pop, keys, repeat(0)))
         tl, cl = self._tick, self._cls
         now = self._now

@@ -378,3 +378,77 @@ def test_lhd_age_bin_table_matches_the_arithmetic():
     assert len(lut) == p.BIN_LUT
     assert all(lut[a] == _age_bin_capped(a, p.BINS) for a in range(0, len(lut), 7))
     assert lut[-1] == _age_bin_capped(len(lut) - 1, p.BINS)
+
+
+# ---------------------------------------------------------------------------- batch calls
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_remove_many_equals_remove_in_order(name):
+    """The index tells an eviction's victims in one remove_many; the policy must end in the
+    same state as told one by one (chains peeled from the tail, dead interior blocks, keys
+    never inserted, keys listed twice)."""
+    import random
+
+    rng = random.Random(5)
+    a, b = make_policy(name), make_policy(name)
+    resident: list[bytes] = []
+    for step in range(120):
+        ks = [k(10_000 + 20 * step + j) for j in range(rng.randint(1, 8))]
+        infos = chain_infos(ks)
+        a.insert_many(ks, infos)
+        b.insert_many(ks, infos)
+        resident += ks
+        if len(resident) > 150:
+            gone = a.select_victims(12, everything)
+            assert gone == b.select_victims(12, everything)
+            gone += rng.sample([x for x in resident if x not in gone], 3)  # a Remove: any block
+            gone += [gone[0], k(1)]                                         # twice; never inserted
+            for key in gone:
+                a.remove(key)
+            b.remove_many(gone)
+            resident = [x for x in resident if x not in set(gone)]
+        assert len(a) == len(b) == len(resident)
+    assert a.select_victims(10_000, everything) == b.select_victims(10_000, everything)
+
+
+def test_lhd_victims_asked_one_at_a_time_are_those_asked_at_once():
+    """A selection pass chooses ``reserve_size`` victims beyond the count asked and hands
+    them out on the next calls: asking for one victim at a time (each removed before the
+    next call, as the index does) must give the same victims, in the same order, as one
+    call for all of them."""
+    once, one_by_one = HitDensityPolicy(), HitDensityPolicy()
+    for p in (once, one_by_one):
+        for i in range(160):
+            ks = [k(10 * i + j) for j in range(4)]
+            p.insert_many(ks, chain_infos(ks))
+            if i % 3 == 0:
+                p.access_many(ks[:2])
+    n = one_by_one.reserve_size + 1
+    assert n == 11  # 640 blocks: a pass keeps 10 in reserve
+    all_at_once = once.select_victims(n, everything)
+    singles = []
+    for _ in range(n):
+        (victim,) = one_by_one.select_victims(1, everything)
+        singles.append(victim)
+        one_by_one.remove_many([victim])
+    assert len(set(all_at_once)) == n and singles == all_at_once
+
+
+def test_lhd_a_reserved_victim_that_changed_is_not_handed_out():
+    """A reserved victim is handed out only if it is still what the pass chose: not
+    referenced since, still a leaf, still evictable (a lease may pin it meanwhile)."""
+    p = HitDensityPolicy()
+    for i in range(640):  # one-block chains: every block is a leaf
+        p.insert_many([k(i)], [BlockInfo(1, 0, "", None, True)])
+    first = p.select_victims(1, everything)
+    reserved = [key for _, key, _ in p._reserve]
+    assert len(reserved) == p.reserve_size == 10 and first[0] not in reserved
+    p.remove_many(first)
+    touched, pinned, extended = reserved[1], reserved[4], reserved[7]
+    p.access_many([touched])                                            # referenced: young again
+    p.insert_many([k(99_999)], [BlockInfo(1, 1, "", extended, True)])   # gains a child: not a leaf
+    out = p.select_victims(len(reserved), lambda key: key != pinned)    # leased meanwhile
+    valid = [key for key in reserved if key not in (touched, pinned, extended)]
+    assert len(out) == len(reserved) and out[:len(valid)] == valid      # the reserve first, in order
+    assert pinned not in out and extended not in out
