@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 from abc import ABC, abstractmethod
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice, repeat
 from operator import attrgetter, itemgetter
@@ -508,8 +508,6 @@ class HitDensityPolicy(EvictionPolicy):
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
     REFRESH_MIN: ClassVar[int] = 256
-    #: The most victims a selection pass keeps in reserve beyond those asked for.
-    RESERVE_MAX: ClassVar[int] = 64
     #: Ages below this read their bin from a table (a list for the per-block loops and an
     #: int8 copy for numpy, 1.1 MiB shared by all instances); older ones compute it. A
     #: speed/memory trade only: both give the same bin.
@@ -566,9 +564,6 @@ class HitDensityPolicy(EvictionPolicy):
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
-        #: Victims chosen by a pass beyond those asked for: (slot, key, tick at the choice),
-        #: best first; emptied when the densities change.
-        self._reserve: deque[tuple[int, bytes, int]] = deque()
 
     # ------------------------------------------------------------------ introspection
 
@@ -913,7 +908,6 @@ class HitDensityPolicy(EvictionPolicy):
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
         self._rank40 = self._rank << 40
         self._rank40_l = self._rank40.tolist()
-        self._reserve.clear()  # chosen under the old densities
         self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
@@ -1033,53 +1027,9 @@ class HitDensityPolicy(EvictionPolicy):
         return [s for _, s in keyed], [k for k, _ in keyed]
 
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
-        """Victims from the reserve first (those still valid), then from one selection pass
-        that chooses ``reserve_size`` more than needed and keeps them for the next calls."""
         if count <= 0 or not self._slot:
             return []
-        out = self._from_reserve(count, evictable) if self._reserve else []
-        if len(out) < count:
-            want = count - len(out)
-            extra = self.reserve_size
-            taken = set(out)
-            if self._reserve:  # still reserved (its turn had not come): not chosen twice
-                taken.update(k for _, k, _ in self._reserve)
-            chosen = self._choose(want + extra, evictable, taken)
-            out += chosen[:want]
-            if len(chosen) > want:
-                tl = self._tick
-                slot_of = self._slot
-                self._reserve.extend((slot_of[k], k, tl[slot_of[k]]) for k in chosen[want:])
-        return out
-
-    @property
-    def reserve_size(self) -> int:
-        """Victims a selection pass chooses beyond the count asked: 1/64 of the resident blocks,
-        at most ``RESERVE_MAX``."""
-        return min(self.RESERVE_MAX, len(self._slot) >> 6)
-
-    def _from_reserve(self, count: int, evictable) -> list[bytes]:
-        """Up to ``count`` reserved victims that are still what the pass chose: the same key in
-        the same slot, not referenced since (same tick), a leaf once the victims handed out
-        before it in this call are gone, and evictable now. Invalid ones leave the reserve."""
-        reserve = self._reserve
-        kl, tl, kids, par = self._keys, self._tick, self._kids, self._parent
-        out: list[bytes] = []
-        gone: dict[int, int] = {}  # slot -> its children handed out in this call
-        while reserve and len(out) < count:
-            s, key, t = reserve.popleft()
-            if kl[s] != key or tl[s] != t:
-                continue
-            k = kids[s]
-            if k and k != gone.get(s, 0):
-                continue
-            if not evictable(key):
-                continue
-            out.append(key)
-            p = par[s]
-            if p >= 0:
-                gone[p] = gone.get(p, 0) + 1
-        return out
+        return self._choose(count, evictable, set())
 
     def _choose(self, count: int, evictable, taken: set) -> list[bytes]:
         """One selection pass: up to ``count`` victims not in ``taken``, best first."""
