@@ -10,7 +10,7 @@ Protocol between the master's index and a policy:
   ``remove_many(keys)`` for a batch (the victims of one eviction, once they are dropped);
 * ``select_victims(count, evictable)`` returns up to ``count`` resident keys, best victim
   first, for which ``evictable(key)`` is true. It does not remove them: the index evicts
-  what it takes and calls ``remove`` for each.
+  what it takes and tells the policy with one ``remove_many`` of them.
 
 A policy only orders keys. It never frees memory and never sees leases or grants: the
 ``evictable`` predicate is how the index keeps leased and uncommitted blocks out of reach
@@ -461,7 +461,8 @@ class HitDensityPolicy(EvictionPolicy):
     leaf is evictable (a pinned child) may an interior block go.
 
     **Cost and memory.** Per reference: a few dict and list operations, batched per call
-    (one put, one lease; a put's chain is inserted list by list). Age bins come from a shared
+    (one put, one lease, one eviction's removals; a put's chain is inserted list by list,
+    its stores done by ``map`` so the per-block loop runs in C). Age bins come from a shared
     table for ages below ``BIN_LUT``. Densities are recomputed with numpy when half as many references
     as the history holds have been made since the last time, and at least ``REFRESH_MIN``
     (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
