@@ -674,15 +674,18 @@ class BlockIndex:
             self._policy(*tk).remove(entry.key)
 
     def _drop_victims(self, victims: list[Entry], tier: str) -> None:
-        """``drop_copy`` of each victim, the policies told of the removals in one batch each."""
-        self._leaving = leaving = {}
+        """``drop_copy`` of each victim, the policies told of the removals in one batch each
+        (an eviction nested in this one adds to the same batch)."""
+        outer = self._leaving
+        leaving = self._leaving = {} if outer is None else outer
         try:
             for entry in victims:
                 self.drop_copy(entry, tier)
         finally:
-            self._leaving = None
-            for tk, keys in leaving.items():
-                self._policy(*tk).remove_many(keys)
+            if outer is None:
+                self._leaving = None
+                for tk, keys in leaving.items():
+                    self._policy(*tk).remove_many(keys)
 
     def _evictable(self, key: bytes) -> bool:
         entry = self._blocks.get(key)
