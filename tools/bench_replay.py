@@ -52,6 +52,7 @@ def verdict(report: dict) -> str:
         f">= lru at every capacity: {'yes' if gains and all(g >= 1.0 for g in gains) else 'NO'}",
         f"geomean {report['geomean_gain_vs_lru']}x (target >= {TARGET_GEOMEAN})",
         f"us_per_ref {report['us_per_ref']} (target <= {TARGET_US_PER_REF})",
+        f"whole replay loop (index + policy + checks) {report['loop_us_per_ref_by_capacity']} us/ref",
     ]
     return "; ".join(parts)
 

@@ -7,9 +7,10 @@ Protocol between the master's index and a policy:
 * ``access(key)`` on every hit (Lookup, Get) of a resident block; ``access_many(keys)`` for a
   batch (a lease's blocks, when it ends);
 * ``remove(key)`` when a block leaves, whoever chose it (eviction, Remove, Flush);
+  ``remove_many(keys)`` for a batch (the victims of one eviction, once they are dropped);
 * ``select_victims(count, evictable)`` returns up to ``count`` resident keys, best victim
   first, for which ``evictable(key)`` is true. It does not remove them: the index evicts
-  what it takes and calls ``remove`` for each.
+  what it takes and tells the policy with one ``remove_many`` of them.
 
 A policy only orders keys. It never frees memory and never sees leases or grants: the
 ``evictable`` predicate is how the index keeps leased and uncommitted blocks out of reach
@@ -28,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -87,6 +88,11 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def remove(self, key: bytes) -> None: ...
 
+    def remove_many(self, keys) -> None:
+        """``remove`` of each key in order; the index tells an eviction's victims in one call."""
+        for key in keys:
+            self.remove(key)
+
     @abstractmethod
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]: ...
 
@@ -119,6 +125,11 @@ class LRUPolicy(EvictionPolicy):
 
     def remove(self, key: bytes) -> None:
         self._order.pop(key, None)
+
+    def remove_many(self, keys) -> None:
+        pop = self._order.pop
+        for key in keys:
+            pop(key, None)
 
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         out: list[bytes] = []
@@ -391,6 +402,9 @@ def _age_bin_capped(age: int, bins: int) -> int:
     return b if b < bins else bins - 1
 
 
+_parent_of = attrgetter("parent")
+_last_of = attrgetter("last")
+
 #: A sort key above every real one (ranks are far below 2**60).
 _NO_BOUND = 1 << 100
 
@@ -447,7 +461,8 @@ class HitDensityPolicy(EvictionPolicy):
     leaf is evictable (a pinned child) may an interior block go.
 
     **Cost and memory.** Per reference: a few dict and list operations, batched per call
-    (one put, one lease; a put's chain is inserted list by list). Age bins come from a shared
+    (one put, one lease, one eviction's removals; a put's chain is inserted list by list,
+    its stores done by ``map`` so the per-block loop runs in C). Age bins come from a shared
     table for ages below ``BIN_LUT``. Densities are recomputed with numpy when half as many references
     as the history holds have been made since the last time, and at least ``REFRESH_MIN``
     (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
@@ -588,7 +603,7 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
-        if len(keys) > 1 and [info.parent for info in islice(infos, 1, None)] == keys[:-1]:
+        if len(keys) > 1 and list(map(_parent_of, islice(infos, 1, None))) == keys[:-1]:
             self._insert_chain(keys, infos)
             return
         # One pass: the reference (history, reuse statistics) and the slot, per key.
@@ -679,7 +694,7 @@ class HitDensityPolicy(EvictionPolicy):
         kl, tl, cl, kids, par, dead, lpos, free = (
             self._keys, self._tick, self._cls, self._kids, self._parent, self._dead, self._leafpos, self._free)
         olds = list(map(history.pop, keys, repeat(0)))
-        lasts = [1 if info.last else 0 for info in infos]
+        lasts = list(map(_last_of, infos))  # bools: 0 or 1 in the arithmetic below
         now = self._now
         ticks = range(now + 1, now + m + 1)
         if any(olds):
@@ -724,13 +739,13 @@ class HitDensityPolicy(EvictionPolicy):
             kids[p0] += 1
         prevs = [p0]
         prevs += slots[:-1]
-        for s, key, t, c, p in zip(slots, keys, ticks, classes, prevs):
-            kl[s] = key
-            tl[s] = t
-            cl[s] = c
-            par[s] = p
-        for p in prevs[1:]:
-            kids[p] = 1  # a free or new slot has no children: its one child is the next block
+        # Stores by map: the per-block loop runs in C (any() only drains the Nones).
+        any(map(kl.__setitem__, slots, keys))
+        any(map(tl.__setitem__, slots, ticks))
+        any(map(cl.__setitem__, slots, classes))
+        any(map(par.__setitem__, slots, prevs))
+        # A free or new slot has no children: each block but the tail has one, the next.
+        any(map(kids.__setitem__, islice(slots, m - 1), repeat(1)))
         slot_of.update(zip(keys, slots))
         history.update(zip(keys, values))
         self._now = now + m
@@ -757,9 +772,10 @@ class HitDensityPolicy(EvictionPolicy):
 
     def access_many(self, keys) -> None:
         get = self._slot.get
-        keys = [k for k in keys if get(k) is not None]
-        if len(keys) > 1:
-            keys = list(dict.fromkeys(keys))  # one reference per key per batch
+        keys = list(dict.fromkeys(keys))  # one reference per key per batch
+        slots = list(map(get, keys))
+        if None in slots:  # not resident here: not this tier's reference
+            keys = [k for k, s in zip(keys, slots) if s is not None]
         if not keys:
             return
         cut = self._refresh_at - self._now
@@ -771,7 +787,8 @@ class HitDensityPolicy(EvictionPolicy):
         # class. A key missing from the history (trimmed) starts again at count 1, not last.
         history, pending, row, nb, lut = self._history, self._pending, self._row, self.BINS, self._bin_lut
         lut_n = len(lut)
-        slots = list(map(get, keys))
+        if len(slots) != len(keys):
+            slots = list(map(get, keys))
         olds = list(map(history.pop, keys, repeat(0)))
         tl, cl = self._tick, self._cls
         now = self._now
@@ -826,6 +843,41 @@ class HitDensityPolicy(EvictionPolicy):
             self._dead[s] = True  # its children still point here; recycled after the last one
         else:
             self._free.append(s)
+
+    def remove_many(self, keys) -> None:
+        """Exactly ``remove`` of each key in order (tested), with the state in locals: an
+        eviction's victims are mostly a chain peeled from its tail, one parent after its child."""
+        slots = list(map(self._slot.pop, keys, repeat(-1)))
+        lpos, leaves, kids, kl, par, dead, free, moves = (
+            self._leafpos, self._leaves, self._kids, self._keys, self._parent, self._dead, self._free,
+            self._leaf_moves)
+        for s in slots:
+            if s < 0:
+                continue
+            kl[s] = None
+            i = lpos[s]
+            if i >= 0:
+                lpos[s] = -1
+                moved = leaves.pop()
+                if moved != s:
+                    leaves[i] = moved
+                    lpos[moved] = i
+                    moves.append(i)
+            p = par[s]
+            if p >= 0:
+                left = kids[p] = kids[p] - 1
+                if not left:
+                    if dead[p]:
+                        dead[p] = False
+                        free.append(p)
+                    else:
+                        i = lpos[p] = len(leaves)
+                        moves.append(i)
+                        leaves.append(p)
+            if kids[s]:
+                dead[s] = True
+            else:
+                free.append(s)
 
     # ------------------------------------------------------------------ learning
 
@@ -978,12 +1030,16 @@ class HitDensityPolicy(EvictionPolicy):
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         if count <= 0 or not self._slot:
             return []
+        return self._choose(count, evictable, set())
+
+    def _choose(self, count: int, evictable, taken: set) -> list[bytes]:
+        """One selection pass: up to ``count`` victims not in ``taken``, best first."""
         nl = len(self._leaves)
         if nl <= 2 * count + 16:  # every leaf would be in the top k of the vectorized path
             cand_l, key_l = self._ranked_few()
-            out = self._walk(cand_l, key_l, count, evictable, set(), True)
+            out = self._walk(cand_l, key_l, count, evictable, taken, True)
             if len(out) < count:
-                taken = set(out)
+                taken = taken | set(out)
                 self._sync()
                 rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
                 out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
@@ -996,11 +1052,11 @@ class HitDensityPolicy(EvictionPolicy):
         leaves_np = self._sync_leaves()
         sampled = self.SAMPLES * count < nl
         cand = leaves_np[self._random(self.SAMPLES * count, nl)] if sampled else leaves_np
-        out = self._pick(cand, count, evictable, set())
+        out = self._pick(cand, count, evictable, taken)
         if len(out) < count and sampled:  # the sample ran short (pinned blocks): every leaf
-            out += self._pick(leaves_np, count - len(out), evictable, set(out))
+            out += self._pick(leaves_np, count - len(out), evictable, taken | set(out))
         if len(out) < count:  # no evictable leaf is left: interior blocks, as a last resort
-            taken = set(out)
+            taken = taken | set(out)
             rest = np.array([s for s in self._slot.values() if self._keys[s] not in taken], dtype=np.int64)
             out += self._pick(rest, count - len(out), evictable, taken, leaves_only=False)
         return out

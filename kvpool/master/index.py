@@ -235,6 +235,9 @@ class BlockIndex:
         self._leases: dict[str, ReadLease] = {}
         self._policies: dict[tuple[int, str], EvictionPolicy] = {}
         self._tier_blocks: dict[tuple[int, str], int] = {}
+        #: While an eviction drops its victims: the keys each policy is to hear of, told in
+        #: one ``remove_many`` per policy when the drops are done (None: tell at once).
+        self._leaving: dict[tuple[int, str], list[bytes]] | None = None
         #: NVMe copies to drop, per node: (key, slot). Dropping touches the node's catalog,
         #: which is I/O, so the tiering task does it off this (synchronous) path.
         self.nvme_drops: dict[int, list[tuple[bytes, Slot]]] = {}
@@ -767,7 +770,24 @@ class BlockIndex:
         tk = (entry.node_id, tier)
         self._count(entry, tier, -1)
         self._tier_blocks[tk] -= 1
-        self._policy(*tk).remove(entry.key)
+        if self._leaving is not None:
+            self._leaving.setdefault(tk, []).append(entry.key)
+        else:
+            self._policy(*tk).remove(entry.key)
+
+    def _drop_victims(self, victims: list[Entry], tier: str, node_id: int | None = None) -> None:
+        """``drop_copy`` of each victim's copy in ``tier`` of ``node_id``, the policies told of
+        the removals in one batch each (an eviction nested in this one adds to the same batch)."""
+        outer = self._leaving
+        leaving = self._leaving = {} if outer is None else outer
+        try:
+            for entry in victims:
+                self.drop_copy(entry, tier, node_id)
+        finally:
+            if outer is None:
+                self._leaving = None
+                for tk, keys in leaving.items():
+                    self._policy(*tk).remove_many(keys)
 
     def _evictable(self, key: bytes) -> bool:
         entry = self._blocks.get(key)
@@ -859,8 +879,7 @@ class BlockIndex:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
         victims = self.victims(node_id, tier, want_bytes, block_bytes)
         freed = sum(e.size for e in victims)
-        for entry in victims:
-            self.drop_copy(entry, tier, node_id)
+        self._drop_victims(victims, tier, node_id)
         if victims:
             tk = (node_id, tier)
             self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
@@ -903,8 +922,7 @@ class BlockIndex:
     def _evict_tenant(self, node_id: int, tier: str, want: int, tenant: str) -> tuple[int, int]:
         victims = self.victims(node_id, tier, want, tenant=tenant)
         freed = sum(e.size for e in victims)
-        for entry in victims:
-            self.drop_copy(entry, tier, node_id)
+        self._drop_victims(victims, tier, node_id)
         if victims:
             tk = (node_id, tier)
             self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)

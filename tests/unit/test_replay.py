@@ -96,6 +96,10 @@ class Recorder(LRUPolicy):
         self.calls.append(("remove", key))
         super().remove(key)
 
+    def remove_many(self, keys):
+        for key in keys:
+            self.remove(key)
+
     def select_victims(self, count, evictable):
         out = super().select_victims(count, evictable)
         self.calls.append(("select", count, tuple(out)))
@@ -219,3 +223,16 @@ def test_progress_counts_every_request_of_every_run(policy):
     assert len(calls) == runs * 2 * 3               # two full batches and the rest, per run
     plain = compare(trace, [8, 64], policy)          # progress changes nothing it reports
     assert [report[k] for k in ("policy", "lru", "belady")] == [plain[k] for k in ("policy", "lru", "belady")]
+
+
+def test_us_per_ref_is_the_policy_share_of_the_whole_loop():
+    """``us_per_ref`` times every policy call (the eviction bookkeeping); the whole replay
+    loop (index, policy, checks) is reported beside it and must cost more."""
+    import random
+
+    rng = random.Random(11)
+    tr = Trace(tuple(tuple(range(s, s + rng.randint(1, 12))) for s in (rng.randrange(300) for _ in range(400))))
+    report = compare(tr, [50, 200], "lhd", with_belady=False)
+    policy, loop = report["us_per_ref_by_capacity"], report["loop_us_per_ref_by_capacity"]
+    assert all(0 < p < l for p, l in zip(policy, loop)), (policy, loop)
+    assert report["us_per_ref"] == max(policy)

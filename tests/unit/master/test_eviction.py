@@ -378,3 +378,35 @@ def test_lhd_age_bin_table_matches_the_arithmetic():
     assert len(lut) == p.BIN_LUT
     assert all(lut[a] == _age_bin_capped(a, p.BINS) for a in range(0, len(lut), 7))
     assert lut[-1] == _age_bin_capped(len(lut) - 1, p.BINS)
+
+
+# ---------------------------------------------------------------------------- batch calls
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_remove_many_equals_remove_in_order(name):
+    """The index tells an eviction's victims in one remove_many; the policy must end in the
+    same state as told one by one (chains peeled from the tail, dead interior blocks, keys
+    never inserted, keys listed twice)."""
+    import random
+
+    rng = random.Random(5)
+    a, b = make_policy(name), make_policy(name)
+    resident: list[bytes] = []
+    for step in range(120):
+        ks = [k(10_000 + 20 * step + j) for j in range(rng.randint(1, 8))]
+        infos = chain_infos(ks)
+        a.insert_many(ks, infos)
+        b.insert_many(ks, infos)
+        resident += ks
+        if len(resident) > 150:
+            gone = a.select_victims(12, everything)
+            assert gone == b.select_victims(12, everything)
+            gone += rng.sample([x for x in resident if x not in gone], 3)  # a Remove: any block
+            gone += [gone[0], k(1)]                                         # twice; never inserted
+            for key in gone:
+                a.remove(key)
+            b.remove_many(gone)
+            resident = [x for x in resident if x not in set(gone)]
+        assert len(a) == len(b) == len(resident)
+    assert a.select_victims(10_000, everything) == b.select_victims(10_000, everything)

@@ -164,7 +164,7 @@ class Spy:
     """Wraps a real policy and records what the index tells it."""
 
     def __init__(self, inner):
-        self.inner, self.inserted, self.accessed = inner, [], []
+        self.inner, self.inserted, self.accessed, self.removed = inner, [], [], []
         self.answer = None  # when set, select_victims returns it instead
 
     def insert(self, key, info):
@@ -183,6 +183,10 @@ class Spy:
 
     def remove(self, key):
         self.inner.remove(key)
+
+    def remove_many(self, keys):
+        self.removed.append(list(keys))
+        self.inner.remove_many(keys)
 
     def select_victims(self, count, evictable):
         return list(self.answer) if self.answer is not None else self.inner.select_victims(count, evictable)
@@ -259,3 +263,20 @@ def test_the_index_never_evicts_a_leased_block_whatever_the_policy_answers():
         index.release([lease.lease_id])
     finally:
         node.close()
+
+
+def test_an_evictions_victims_reach_the_policy_in_one_batch_once_they_are_gone():
+    """The index drops every victim, then tells the policy with one remove_many: what it
+    hears is exactly what left, and the policy tracks the tier."""
+    index, node, spies, ns = spied_index(4)
+    try:
+        first, second = keys(4), keys(3)
+        put(index, ns, first)
+        put(index, ns, second)  # 3 of the first chain's blocks must go
+        (gone,) = spies[0].removed
+        assert len(gone) == 3 and set(gone) <= set(first)
+        assert [index.lookup(ns, [k])[0] for k in gone] == [0, 0, 0]
+        assert len(spies[0].inner) == index.tier_blocks(1, "dram") == 4
+    finally:
+        node.close()
+
