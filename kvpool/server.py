@@ -153,7 +153,8 @@ class PoolServer:
             from kvpool.master.leader import LeaderLease
             from kvpool.master.metastore import MetaCollector, RedisMeta
 
-            self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
+            self.meta = RedisMeta(s.redis, s.redis_prefix, self.index, max_backlog=s.redis_backlog,
+                                  wait_for_redis=s.redis_commit == "wait")
             if self.events is not None:
                 self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
@@ -167,7 +168,7 @@ class PoolServer:
             servicer.replicated = self.replicator is not None
         if self.meta is not None:
             for servicer in servicers:
-                servicer.durable = self.meta.durable
+                servicer.admit_commit = self.meta.admit
                 servicer.describe_store = self._describe_store
         pool_pb2_grpc.add_KVPoolServicer_to_server(servicers[0], _GenericHandlersOnly(server))
         admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], _GenericHandlersOnly(server))

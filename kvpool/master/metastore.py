@@ -12,16 +12,32 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
 Protocol of writes:
 
 * The index tells this store of blocks stored and removed (``BlockIndex.observers``); that
-  only marks the key dirty in a dict, so the put path never waits on Redis per block.
-* One writer task flushes the dirty keys in batches: one Lua call per 4,096 changes, all
-  calls of a flush in one pipeline, so a flush is one round trip. The script first checks
-  that ``PREFIX:epoch`` still holds this master's epoch: a deposed master cannot write.
-* ``PutCommit`` answers after the flush that carries its blocks (group commit: concurrent
-  commits share one round trip), or after ``flush_timeout`` at most. So a block whose
-  commit a client saw is in Redis unless Redis was down.
+  only marks the key dirty in a dict (a later change of a key replaces an earlier one), so
+  the put path never waits on Redis per block.
+* One writer task flushes the dirty keys: one Lua call per 4,096 changes, all calls of a
+  flush in one pipeline, so a flush is one round trip. While a flush is in flight, the
+  changes of every commit that arrives meanwhile gather for the next one (coalesced across
+  commits). The script first checks that ``PREFIX:epoch`` still holds this master's epoch:
+  a deposed master cannot write.
+* ``PutCommit`` (``--redis-commit background``, the default) is answered at once: Redis is
+  off the client's critical path. **Backpressure**: while Redis answers and more than
+  ``max_backlog`` changes (``--redis-backlog``) wait to be written, a commit is answered
+  only after a flush has taken the backlog; a Redis that stops answering is declared down
+  after the socket timeout (2 s), which ends the wait.
+* With ``--redis-commit wait``, ``PutCommit`` is answered after the flush that carries its
+  blocks (group commit: concurrent commits share one round trip), or after
+  ``flush_timeout`` at most.
 * When Redis is down, the pool keeps serving from memory: commits are answered without
   waiting, health and metrics say the store is down, and the writer retries. Once Redis
   answers again, the writer rewrites the whole index (a Redis that restarted lost it).
+
+**What a failover can lose.** A master taking over serves the blocks Redis lists (once
+their node confirms them) and the blocks its nodes report (the changes they applied, see
+:mod:`kvpool.master.remote`). With background commits, a block whose commit was answered
+but that was in neither place when the leader died is forgotten: its change was still in the
+backlog (not yet flushed: normally well under a millisecond) *and* its node had not yet
+applied it (the next heartbeat answer). Forgotten means a miss, never wrong bytes. With
+``--redis-commit wait``, nothing whose commit was answered is forgotten while Redis is up.
 
 On start, a master loads the namespaces and the block records (:meth:`load`); a block is
 served again only when its node registers with the same incarnation and the node confirms
@@ -96,7 +112,7 @@ def decode_block(key: bytes, value: bytes) -> BlockRecord:
 
 class RedisMeta:
     def __init__(self, url: str, prefix: str, index, *, flush_timeout: float = 1.0,
-                 retry_interval: float = 0.5) -> None:
+                 retry_interval: float = 0.5, max_backlog: int = 65536, wait_for_redis: bool = False) -> None:
         import redis.asyncio as aioredis
 
         self.url = url
@@ -104,6 +120,10 @@ class RedisMeta:
         self.index = index
         self.flush_timeout = flush_timeout
         self.retry_interval = retry_interval
+        self.max_backlog = max_backlog
+        self.wait_for_redis = wait_for_redis
+        #: Commits that waited for the writer (backpressure).
+        self.backpressured = 0
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -164,22 +184,30 @@ class RedisMeta:
             self._dirty.setdefault(key, None)
         self._wake.set()
 
-    # ------------------------------------------------------------------ durability
+    # ------------------------------------------------------------------ commits
+
+    @property
+    def backlog(self) -> int:
+        """Changes not yet written to Redis."""
+        return len(self._dirty) + len(self._other)
+
+    async def admit(self) -> None:
+        """What a commit awaits before it is answered (see the module docstring): nothing
+        (background), backpressure once the backlog passes ``max_backlog``, or the flush that
+        carries it (``wait_for_redis``)."""
+        if self.wait_for_redis:
+            await self.durable()
+            return
+        while self.up and self.backlog > self.max_backlog:
+            if self._flushed is None:
+                self._flushed = asyncio.get_running_loop().create_future()
+            self.backpressured += 1
+            await asyncio.shield(self._flushed)  # a flush, or Redis declared down, resolves it
 
     async def durable(self) -> None:
         """Wait for the flush that carries every change made so far (group commit), at most
-        ``flush_timeout``; at once when Redis is down (the pool serves from memory then).
-
-        When no flush is running, the caller flushes itself (no hop to the writer task);
-        commits that arrive meanwhile wait for the writer's next flush, which takes them all.
-        """
-        if not self.up or (not self._dirty and not self._other):
-            return
-        if self._task is not None and not self._lock.locked():
-            try:
-                await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
-            except asyncio.TimeoutError:
-                pass
+        ``flush_timeout``; at once when Redis is down (the pool serves from memory then)."""
+        if not self.up or not self.backlog:
             return
         if self._flushed is None:
             self._flushed = asyncio.get_running_loop().create_future()
@@ -197,12 +225,18 @@ class RedisMeta:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Write what is left (a master stopped on purpose loses nothing), then close."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            if self.up and self.backlog:
+                try:
+                    await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
+                except asyncio.TimeoutError:
+                    log.warning("stopping with %d changes not written to Redis", self.backlog)
         await self.redis.aclose()
 
     async def _run(self) -> None:
@@ -346,7 +380,7 @@ class RedisMeta:
         if self.up:
             return f"redis up ({self.url})"
         since = time.strftime("%H:%M:%S", time.gmtime(self.down_since or time.time()))
-        return f"redis down since {since} UTC ({self.last_error}); serving from memory, {len(self._dirty)} changes to write"
+        return f"redis down since {since} UTC ({self.last_error}); serving from memory, {self.backlog} changes to write"
 
 
 def namespace_to_json(ns) -> bytes:
@@ -372,8 +406,10 @@ class MetaCollector:
 
         yield GaugeMetricFamily("kvpool_metadata_store_up", "1 when Redis answers; 0: serving from memory, "
                                 "catching up later", value=1 if self.meta.up else 0)
-        yield GaugeMetricFamily("kvpool_metadata_backlog", "Block changes not yet written to Redis",
-                                value=len(self.meta._dirty))
+        yield GaugeMetricFamily("kvpool_metadata_backlog", "Changes not yet written to Redis",
+                                value=self.meta.backlog)
+        yield CounterMetricFamily("kvpool_metadata_backpressured", "Commits that waited for the Redis writer "
+                                  "(--redis-backlog)", value=self.meta.backpressured)
         yield CounterMetricFamily("kvpool_metadata_writes", "Block and namespace changes written to Redis",
                                   value=self.meta.writes)
         yield CounterMetricFamily("kvpool_metadata_resyncs", "Full rewrites of the index to Redis after an outage",
