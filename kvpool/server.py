@@ -251,6 +251,8 @@ class PoolServer:
             last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)
             self.registry.first_node_id(100 + (last - (1 << 20)) % (1 << 31))
             namespaces, records, known_nodes = await meta.load()
+            self.index.config.quotas = await meta.take_tenant_settings(
+                self.index.config.quotas if self.settings.quotas else None)
         except Exception as exc:  # Redis went away between the lease and the load
             log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
             namespaces, records, known_nodes = [], [], []

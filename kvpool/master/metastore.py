@@ -6,6 +6,8 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
                         size, checksum, node name, node incarnation, namespace id;
 * ``PREFIX:namespaces`` hash: namespace id -> the Namespace proto;
 * ``PREFIX:nodes``      hash: node name -> control address and incarnation;
+* ``PREFIX:tenants``    hash: tenant (``""``: the default tenant) -> its settings as JSON,
+                        ``{"quotas": {"dram": bytes, "hbm": bytes}}`` (:meth:`take_tenant_settings`);
 * ``PREFIX:epoch`` and ``PREFIX:leader``: the fencing epoch and the leader's lease
   (:mod:`kvpool.master.leader`).
 
@@ -79,7 +81,7 @@ end
 return n
 """
 
-_BLOCKS, _NAMESPACES, _NODES = 2, 3, 4
+_BLOCKS, _NAMESPACES, _NODES, _TENANTS = 2, 3, 4, 5
 
 
 class Fenced(Exception):
@@ -133,7 +135,8 @@ class RedisMeta:
         self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
                                              retry=Retry(NoBackoff(), 1))
         self._script = self.redis.register_script(_WRITE)
-        self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes"]
+        self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes",
+                     f"{prefix}:tenants"]
         self.epoch = 0
         #: Dirty keys: block key -> index entry (write it) or None (delete it).
         self._dirty: dict[bytes, object] = {}
@@ -352,6 +355,7 @@ class RedisMeta:
         snapshot = list(self.index.entries())
         ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info.namespace))
                   for ns_id, info in self.index.namespaces.items()]
+        ns_ops += [(_TENANTS, tenant, tenant_to_json(quotas)) for tenant, quotas in self.index.config.quotas.items()]
         for entry in snapshot:
             self._dirty.setdefault(entry.key, entry)
         self._other[:0] = ns_ops
@@ -376,6 +380,33 @@ class RedisMeta:
         nodes = [name.decode() for name in await self.redis.hkeys(self.keys[_NODES - 1])]
         return namespaces, blocks, nodes
 
+    async def take_tenant_settings(self, configured: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]]:
+        """The pool's quotas for a master that takes over (tenant -> tier -> bytes).
+
+        A master started with ``--quotas`` (``configured``) makes them the pool's: they replace
+        what Redis holds, written with its first flush. A master started without takes those
+        Redis holds, so a standby enforces what the leader before it did.
+        """
+        raw = await self.redis.hgetall(self.keys[_TENANTS - 1])
+        stored: dict[str, dict[str, int]] = {}
+        for tenant, value in raw.items():
+            name = tenant.decode()
+            try:
+                stored[name] = tenant_from_json(value)
+            except (ValueError, TypeError, AttributeError) as exc:
+                log.warning("ignoring unreadable settings of tenant %r in Redis: %s", name, exc)
+        if configured is None:
+            return stored
+        for tenant in stored.keys() - configured.keys():
+            self._other.append((_TENANTS, tenant, b""))
+        for tenant, quotas in configured.items():
+            if stored.get(tenant) != quotas:
+                self._other.append((_TENANTS, tenant, tenant_to_json(quotas)))
+        if stored and stored != configured:
+            log.info("--quotas replace the tenant settings in Redis")
+        self._wake.set()
+        return configured
+
     def health(self) -> str:
         if self.up:
             return f"redis up ({self.url})"
@@ -393,6 +424,18 @@ def namespace_from_json(data: bytes):
 
     d = json.loads(data)
     return Namespace(layout=KVLayout(**d.pop("layout")), **d)
+
+
+def tenant_to_json(quotas: dict[str, int]) -> bytes:
+    return json.dumps({"quotas": quotas}, sort_keys=True).encode()
+
+
+def tenant_from_json(data: bytes) -> dict[str, int]:
+    """A tenant's quotas from its record; ValueError if they are not tier -> positive bytes."""
+    quotas = json.loads(data).get("quotas", {})
+    if not all(tier in ("dram", "hbm") and type(n) is int and n > 0 for tier, n in quotas.items()):
+        raise ValueError(f"quotas {quotas!r}: want dram/hbm -> positive bytes")
+    return dict(quotas)
 
 
 class MetaCollector:
