@@ -211,3 +211,16 @@ def test_backlog_past_its_bound_holds_commits_until_redis_catches_up(pool_procs,
         assert wait_for(lambda: r.hlen("kvpool:blocks") == 7, timeout=10)
         out = bytearray(4 * SMALL.block_bytes)
         assert c.fetch(b, out) == 4 and bytes(out) == d_b.tobytes()
+        # A Redis that stays silent is declared down (2 s socket timeout): the wait ends there.
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            c.publish(list(range(3000, 3000 + 16 * 2)), random_blocks(2, seed=13))
+            started = time.monotonic()
+            c.publish(list(range(4000, 4000 + 16 * 4)), random_blocks(4, seed=14))
+            held = time.monotonic() - started
+            assert 0.5 < held < 6, f"held {held:.1f}s"
+            assert stats(m.address).metadata_degraded
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: not stats(m.address).metadata_degraded, timeout=15)
+        assert wait_for(lambda: r.hlen("kvpool:blocks") == 13, timeout=10)   # caught up
