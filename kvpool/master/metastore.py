@@ -37,8 +37,10 @@ Protocol of writes:
 their node confirms them) and the blocks its nodes report (the changes they applied, see
 :mod:`kvpool.master.remote`). With background commits, a block whose commit was answered
 but that was in neither place when the leader died is forgotten: its change was still in the
-backlog (not yet flushed: normally well under a millisecond) *and* its node had not yet
-applied it (the next heartbeat answer). Forgotten means a miss, never wrong bytes. With
+backlog (the writer flushes as soon as a commit lands: about one Redis round trip) *and* its
+node had not yet applied it (the next heartbeat answer). Forgotten means a miss, never wrong
+bytes. A writer that waited even 2 ms before flushing made tools/bench_failover.py lose the
+put acknowledged just before its kill, every run: the flush must not linger. With
 ``--redis-commit wait``, nothing whose commit was answered is forgotten while Redis is up.
 
 On start, a master loads the namespaces and the block records (:meth:`load`); a block is
@@ -201,10 +203,11 @@ class RedisMeta:
         if self.wait_for_redis:
             await self.durable()
             return
+        if self.up and self.backlog > self.max_backlog:
+            self.backpressured += 1
         while self.up and self.backlog > self.max_backlog:
             if self._flushed is None:
                 self._flushed = asyncio.get_running_loop().create_future()
-            self.backpressured += 1
             await asyncio.shield(self._flushed)  # a flush, or Redis declared down, resolves it
 
     async def durable(self) -> None:
