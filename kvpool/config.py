@@ -89,10 +89,11 @@ class MasterSettings:
     #: Seconds a leader's lease lives unless renewed: a standby takes over this long after
     #: the leader stops.
     leader_ttl: float = 3.0
-    #: When a commit is answered with Redis: "background" (at once; a writer task coalesces
-    #: the changes of all commits into batched Redis calls) or "wait" (after the flush that
-    #: carries it). See kvpool.master.metastore for what each can lose at a failover.
-    redis_commit: str = "background"
+    #: When a commit is answered with Redis: "wait" (after the flush that carries it: no
+    #: answered commit is lost at a failover) or "background" (at once; a writer task
+    #: coalesces the changes of all commits; a kill -9 can lose the last ones). See
+    #: kvpool.master.metastore.
+    redis_commit: str = "wait"
     #: Changes not yet written to Redis past which commits wait for the writer (backpressure).
     redis_backlog: int = 65536
     #: Address that standbys hand clients and nodes to reach this master when it leads, when

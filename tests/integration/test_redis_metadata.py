@@ -1,9 +1,9 @@
 """A master with Redis metadata (``kvpool master --redis``), against a real redis-server.
 
-* ``--redis-commit wait``: a commit is answered after Redis has it, so a master killed right
+* ``--redis-commit wait`` (the default): a commit is answered after Redis has it, so a master killed right
   after a commit (before its node heard of the block) loses nothing: the next master
   reconciles Redis with the node, which confirms the bytes.
-* ``--redis-commit background`` (the default): a commit is answered while Redis is stopped;
+* ``--redis-commit background``: a commit is answered while Redis is stopped;
   a block that was only in the writer's backlog, and not yet applied by its node, when the
   master died is a miss afterwards (the window the README states), never wrong bytes; a
   backlog past ``--redis-backlog`` holds commits back until the writer catches up.
@@ -143,7 +143,8 @@ def test_background_commits_what_a_kill_9_can_lose(pool_procs, redis_server):
     import time
 
     master, node = pool_procs
-    m = master("--redis", redis_server.url, "--metrics-port", "0", ready=r"ready grpc=(\S+) metrics=(\S+)")
+    m = master("--redis", redis_server.url, "--redis-commit", "background", "--metrics-port", "0",
+               ready=r"ready grpc=(\S+) metrics=(\S+)")
     metrics_url = m.wait_log(r"ready grpc=\S+ metrics=(\S+)").group(1)
     port = int(m.address.rsplit(":", 1)[1])
     n = node(m.address, "node-a")
@@ -183,8 +184,8 @@ def test_backlog_past_its_bound_holds_commits_until_redis_catches_up(pool_procs,
     import time
 
     master, node = pool_procs
-    m = master("--redis", redis_server.url, "--redis-backlog", "3", "--metrics-port", "0",
-               ready=r"ready grpc=(\S+) metrics=(\S+)")
+    m = master("--redis", redis_server.url, "--redis-commit", "background", "--redis-backlog", "3",
+               "--metrics-port", "0", ready=r"ready grpc=(\S+) metrics=(\S+)")
     metrics_url = m.wait_log(r"ready grpc=\S+ metrics=(\S+)").group(1)
     node(m.address, "node-a")
     assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
