@@ -243,9 +243,9 @@ def main() -> None:
         dram = f"{max(512, 2 * args.blocks + 64)}MiB"
         node_r = node(tmp, "node-r", a if args.control else f"{a},{b}", dram)
         procs.append(node_r)
-        # The pool started later puts a few per cent faster on this machine (an A/A run, with
-        # --control, shows it: ~0.93-0.97 against the pool started first), so the Redis pool
-        # starts first: the ceiling gets that edge, and the ratio errs low, never high.
+        # The pool started later put a few per cent faster on this machine (A/A runs with
+        # --control: 1.07-1.09 for it, 0.94-0.97 when started first), so the Redis pool starts
+        # first: the ceiling gets that edge, and the ratio errs low, never high.
         mem_master = kvpool("master", "--port", "0", "--metrics-port", "-1", ready=r"ready grpc=(\S+)")
         mem_addr = mem_master.match.group(1)
         procs.append(mem_master)
