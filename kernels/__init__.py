@@ -31,8 +31,8 @@ _HOMES = {
     "scatter_blocks": "paged_copy",
     "gather_blocks_ref": "paged_copy",
     "scatter_blocks_ref": "paged_copy",
-    "prefix_attention": "prefix_attention",
-    "prefix_attention_ref": "prefix_attention",
+    "prefix_attention": "attention",
+    "prefix_attention_ref": "attention",
 }
 
 

@@ -25,6 +25,7 @@ Roles: ``client`` (the pool service for one tenant, and listing that tenant's bl
 from __future__ import annotations
 
 import contextvars
+import inspect
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = {
     # A client lists and inspects its own tenant's blocks (the servicer narrows the view).
     "/kvpool.v1.Admin/ListBlocks": frozenset({CLIENT, ADMIN}),
     "/kvpool.v1.Admin/Inspect": frozenset({CLIENT, ADMIN}),
+    # A client receives its own tenant's KV events; an admin every tenant's.
+    "/kvpool.v1.Admin/SubscribeEvents": frozenset({CLIENT, ADMIN}),
     "/kvpool.v1.Registry/": frozenset({NODE}),
     "/kvpool.v1.NodeControl/": frozenset({NODE}),
     "/grpc.health.v1.Health/": PUBLIC,
@@ -187,7 +190,24 @@ def _denied(handler, code: grpc.StatusCode, message: str):
 
 def _as(caller: Caller, handler):
     """``handler`` with :func:`current_caller` set to ``caller`` while it runs."""
-    if handler.request_streaming or handler.response_streaming:
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:  # KV events: the stream is narrowed to the caller's tenant
+        inner_stream = handler.unary_stream
+
+        async def streaming(request, context):
+            reset = _caller.set(caller)
+            try:
+                result = inner_stream(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes with context.write()
+                    await result
+            finally:
+                _caller.reset(reset)
+
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
         return handler  # health and reflection: they do not ask who called
     inner = handler.unary_unary
 
@@ -198,8 +218,7 @@ def _as(caller: Caller, handler):
         finally:
             _caller.reset(reset)
 
-    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=handler.request_deserializer,
-                                               response_serializer=handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(behavior, **kw)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -60,6 +60,9 @@ class MasterSettings:
     port: int = 50051
     #: Prometheus exporter port; 0 picks a free one, -1 disables it.
     metrics_port: int = 9464
+    #: Address of the Prometheus exporter, which authenticates nobody (it shows counts and
+    #: node names, never tenants, keys or bytes). Empty: the --host address.
+    metrics_host: str = ""
     #: Settings never import the master (docs/design.md §5): this equals
     #: kvpool.master.eviction.DEFAULT_POLICY, and tests/unit/test_config.py keeps it so.
     eviction_policy: str = "lhd"
@@ -73,14 +76,20 @@ class MasterSettings:
     #: Seconds between node heartbeats; a node that misses 5 is forgotten.
     heartbeat_interval: float = 1.0
     log_level: str = "info"
-    #: Port of the KV-event publisher (ZMQ PUB, vLLM's KV event format) on the --host
-    #: address; 0 picks one, -1 (the default) turns it off.
+    #: Port of the KV-event publisher (ZMQ PUB, vLLM's KV event format); 0 picks one, -1
+    #: (the default) turns it off.
     events_port: int = -1
+    #: Address the KV-event publisher binds. ZMQ PUB authenticates nobody and carries every
+    #: tenant's events, so it is for trusted routers: loopback unless ``insecure``.
+    events_host: str = "127.0.0.1"
     #: ZMQ topic of the KV event messages.
     events_topic: str = ""
     #: Copies of each committed block, on nodes of different hosts (1: no replicas). Copies
     #: go node to node over the data plane; a dead node's blocks stay readable from the others.
     replicas: int = 1
+    #: Copies a block may gain beyond its namespace's replicas on hosts that read it often
+    #: (READ_COPY_AFTER reads from one host): 0 (the default) makes none.
+    read_replicas: int = 0
     #: Redis URL (redis://host:port/db) for shared metadata and leader election among
     #: several masters; empty: this master keeps its metadata in memory only.
     redis: str = ""
@@ -122,8 +131,12 @@ class MasterSettings:
             raise ValueError(f"redis {self.redis!r}: give a URL such as redis://127.0.0.1:6379/0")
         if not -1 <= self.events_port < 65536:
             raise ValueError(f"events_port {self.events_port} is out of range (-1 disables, 0 picks)")
+        if self.events_port >= 0:
+            refuse_open_events(self.events_host, self.insecure)
         if not 1 <= self.replicas <= 8:
             raise ValueError(f"replicas {self.replicas}: keep between 1 and 8 copies of each block")
+        if not 0 <= self.read_replicas <= 7:
+            raise ValueError(f"read_replicas {self.read_replicas}: between 0 (off) and 7 extra copies of a block")
         if self.leader_ttl <= 0:
             raise ValueError("leader_ttl must be positive seconds")
         if self.redis_commit not in ("background", "wait"):
@@ -138,8 +151,11 @@ class MasterSettings:
             from kvpool.auth import TokenTable
 
             TokenTable.load(self.auth_tokens)  # a bad file fails the start, saying which line
-        elif not self.tls_ca:  # mutual TLS authenticates peers too
-            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE (or mutual TLS: --tls-ca)")
+        else:
+            # Mutual TLS is not enough: it proves a peer holds a certificate of the CA, and without
+            # tokens every such peer would act as an admin of every tenant.
+            refuse_open_port(self.host, self.insecure, "--auth-tokens FILE (with mutual TLS too: a certificate "
+                             "names no tenant or role)")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port} is out of range (-1 disables, 0 picks)")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
@@ -201,6 +217,8 @@ class NodeSettings(TierSettings):
     #: Prometheus port of the node's own tier metrics; -1 (the default) turns it off, so that
     #: several nodes on one host need no port each.
     metrics_port: int = -1
+    #: Address of the node's exporter (no authentication); empty: the --host address.
+    metrics_host: str = ""
     log_level: str = "info"
     #: The node's bearer token (role ``node``) for the master; the node's control service
     #: then accepts only calls bearing it. Or ``token_file``, ``KVPOOL_TOKEN_FILE``.
@@ -214,8 +232,8 @@ class NodeSettings(TierSettings):
     def validate(self) -> None:
         self.validate_tiers()
         validate_tls(self)
-        if not (self.token or self.token_file or self.tls_ca):
-            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token) or mutual TLS (--tls-ca)")
+        if not (self.token or self.token_file):  # mutual TLS alone admits any certificate of the CA
+            refuse_open_port(self.host, self.insecure, "--token-file FILE (a node token; with mutual TLS too)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
 
@@ -259,6 +277,18 @@ def refuse_open_port(host: str, insecure: bool, remedy: str) -> None:
             f"refusing to listen on {host} without authentication: anyone who reaches that address could "
             f"read every tenant's blocks and flush the pool. Give {remedy} (see README, \"Running kvpool "
             f"securely\"), listen on 127.0.0.1, or pass --insecure if every host on this network is trusted")
+
+
+def refuse_open_events(host: str, insecure: bool) -> None:
+    """Refuse to publish KV events beyond this machine unless told every peer is trusted."""
+    from kvpool.auth import is_loopback
+
+    if not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to publish KV events on {host}: the ZMQ socket authenticates nobody and carries every "
+            f"tenant's block hashes. Keep --events-host on loopback for a router on this host, let routers "
+            f"elsewhere subscribe over gRPC with their token (Admin/SubscribeEvents: a client token gets its "
+            f"tenant's events only), or pass --insecure if every host that reaches {host} is trusted")
 
 
 SIZE_FIELDS = {"dram", "hbm", "nvme", "slab_bytes", "max_message_bytes"}

@@ -9,6 +9,10 @@ INVALID_ARGUMENT naming the message type, before any servicer code runs.
 :class:`LogLimiter` keeps logs bounded: at most one line per method per interval, carrying
 how many events it stands for. Servicers use it for internal errors as well.
 
+The guard is the first code of the server to see a call, so it also notes when the call
+arrived (:func:`arrival_time`): the master's latency histogram counts from there, so that
+time a call waits on a busy event loop is part of the latency it reports.
+
 Oversized messages never reach this module: the server's ``grpc.max_receive_message_length``
 (``--max-message-bytes``) makes gRPC refuse them with RESOURCE_EXHAUSTED from the length
 prefix, before the body is read in full.
@@ -16,6 +20,7 @@ prefix, before the body is read in full.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
@@ -24,7 +29,16 @@ from typing import Callable
 
 import grpc
 
-__all__ = ["RequestGuard", "LogLimiter", "Malformed"]
+__all__ = ["RequestGuard", "LogLimiter", "Malformed", "arrival_time"]
+
+# Each call runs in its own task, which copies the server's context: a value set while the
+# guard intercepts the call is seen by that call's handler alone.
+_arrived: contextvars.ContextVar[float | None] = contextvars.ContextVar("kvpool_arrived", default=None)
+
+
+def arrival_time() -> float | None:
+    """``time.perf_counter()`` when the call being handled reached the guard; None outside one."""
+    return _arrived.get()
 
 
 class Malformed:
@@ -87,6 +101,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 f"send a serialized protobuf of the method's request type")
 
     async def intercept_service(self, continuation, details):
+        _arrived.set(time.perf_counter())
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler

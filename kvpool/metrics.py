@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Metrics"]
 
-_RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class _IndexCollector:
@@ -88,7 +88,7 @@ class Metrics:
     def __init__(self, index: "BlockIndex | None" = None) -> None:
         self.registry = CollectorRegistry()
         self.rpc_seconds = Histogram(
-            "kvpool_rpc_duration_seconds", "Latency of gRPC calls served, by method and status code",
+            "kvpool_rpc_duration_seconds", "Latency of gRPC calls served (from their arrival at the server to the answer), by method and status code",
             ["method", "code"], registry=self.registry, buckets=_RPC_BUCKETS,
         )
         if index is not None:

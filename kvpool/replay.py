@@ -220,8 +220,11 @@ class ReplayNode:
     async def drop_nvme(self, items) -> None:  # pragma: no cover
         raise NotImplementedError("the replay node has no NVMe tier")
 
-    async def pull(self, source, access, tier: str, slots) -> list[int]:  # pragma: no cover
+    async def pull(self, source, access, tier: str, slots, keys=(), namespace_ids=()) -> list[int]:  # pragma: no cover
         raise NotImplementedError("the replay node holds no bytes to copy")
+
+    async def move_tier(self, items, source_tier: str, target_tier: str):  # pragma: no cover
+        raise NotImplementedError("the replay node has one memory tier")
 
     async def disconnect(self) -> None:
         pass

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvpool.auth import AuthInterceptor, TokenTable
 from kvpool.guard import LogLimiter, RequestGuard
-from kvpool.tls import TlsFiles, server_context, server_credentials
+from kvpool.tls import TlsFiles, peer_context, server_context, server_credentials
 from kvpool.config import MasterSettings, TierSettings, format_size, parse_quotas
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
@@ -113,29 +113,29 @@ class PoolServer:
                                    data_dir=t.data_dir, chunk_bytes=t.slab_bytes, prefault=t.prefault)
             tls = TlsFiles.of(s)
             self.node.serve_data(s.host, t.data_port, advertise_host=t.advertise_host or None, ucx=t.ucx,
-                                 tls=server_context(tls) if tls is not None else None)
+                                 tls=server_context(tls) if tls is not None else None, peer_tls=peer_context(tls))
             nodes.add(self.node)
         self.index = BlockIndex(nodes, IndexConfig(
             grant_ttl_s=s.grant_ttl, lease_ttl_s=s.lease_ttl, max_batch=s.max_batch,
             high_watermark=s.high_watermark, low_watermark=s.low_watermark,
             eviction_policy=s.eviction_policy, write_through=s.write_through, quotas=parse_quotas(s.quotas),
+            replicas=s.replicas, read_replicas=s.read_replicas,
         ))
         self.tiering = Tiering(self.index, write_through=s.write_through)
-        self.events = None
-        if s.events_port >= 0:
-            from kvpool.master.events import EventPublisher
+        # Always there, for token-checked gRPC subscribers; the ZMQ socket only with --events-port.
+        from kvpool.master.events import EventPublisher
 
-            self.events = EventPublisher(s.host, s.events_port, self.index, topic=s.events_topic)
-            self.events.cleared()  # whatever an earlier master announced may be stale
-            self.index.observers.append(self.events)
-            self.events.start()
-            log.info("KV events on tcp://%s:%d (topic %r)", s.host, self.events.port, s.events_topic)
-        self.replicator = None
-        if s.replicas > 1:
-            from kvpool.master.replication import Replicator
+        self.events = EventPublisher(s.events_host, s.events_port, self.index, topic=s.events_topic)
+        self.events.cleared()  # whatever an earlier master announced may be stale
+        self.index.observers.append(self.events)
+        self.events.start()
+        if self.events.port >= 0:
+            log.info("KV events on tcp://%s:%d (topic %r)", s.events_host, self.events.port, s.events_topic)
+        # Always there: a namespace may ask for replicas although the pool default is 1. It
+        # queues only blocks of namespaces that want copies, so it costs nothing otherwise.
+        from kvpool.master.replication import Replicator
 
-            self.replicator = Replicator(self.index, s.replicas)
-            self.index.observers.append(self.replicator)
+        self.replicator = Replicator(self.index)
         # The index is rebuilt from what the nodes hold: blocks that survived on NVMe.
         if self.node is not None:
             recovered = self.index.adopt(self.node.node_id, self.node.recover())
@@ -155,7 +155,7 @@ class PoolServer:
 
             self.meta = RedisMeta(s.redis, s.redis_prefix, self.index, max_backlog=s.redis_backlog,
                                   wait_for_redis=s.redis_commit == "wait")
-            if self.events is not None:
+            if self.events.port >= 0:
                 self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
             interceptors.append(LeaderGate(self._admits, lambda: self.lease.leader_address, self._why_not))
@@ -164,8 +164,9 @@ class PoolServer:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicers = [PoolServicer(self.index, self.metrics, self.tiering),
                      AdminServicer(self.index, self.metrics, self.tiering)]
-        for servicer in servicers:
-            servicer.replicated = self.replicator is not None
+        servicers[1].events = self.events
+        if s.read_replicas:
+            servicers[0].read_by = self.replicator.read
         if self.meta is not None:
             for servicer in servicers:
                 servicer.admit_commit = self.meta.admit
@@ -200,10 +201,10 @@ class PoolServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
         self._health = health_servicer
         self._sweeper = asyncio.create_task(self._sweep())
-        metrics = f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
+        metrics = f"http://{s.metrics_host or s.host}:{self.metrics_port}/metrics" if self.metrics_port >= 0 else "off"
         if s.tls_cert:
             log.info("gRPC and data port serve TLS%s", " with client certificates required (mutual TLS)"
                      if s.tls_ca else "")
@@ -336,6 +337,8 @@ class PoolServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.events is not None:
+            self.events.end_streams()  # else each open SubscribeEvents would hold the stop for `grace`
         if self._server is not None:
             await self._server.stop(grace)
         if self.index is not None:

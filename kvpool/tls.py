@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 __all__ = ["TlsFiles", "server_credentials", "open_channel", "open_aio_channel", "server_context",
-           "client_context"]
+           "client_context", "peer_context"]
 
 
 def _read(path: str, what: str) -> bytes:
@@ -109,3 +109,10 @@ def client_context(files: TlsFiles) -> ssl.SSLContext:
     if files.cert:
         ctx.load_cert_chain(files.cert, files.key)
     return ctx
+
+
+def peer_context(files: TlsFiles | None) -> ssl.SSLContext | None:
+    """How a node dials other nodes' data ports when it copies from them (drain, replicas):
+    with its own files, as it dials the master. None without a CA: the node then cannot
+    verify a TLS peer, and the transport says so rather than copying in plaintext."""
+    return client_context(files) if files is not None and files.ca else None

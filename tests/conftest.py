@@ -149,3 +149,40 @@ def server(tmp_path_factory):
     sp = start_serve(tmp_path_factory.mktemp("serve"))
     yield sp
     sp.stop()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the DRAM segments of nodes that tests killed with SIGKILL.
+
+    A node unlinks its segment on any orderly exit (tiers/dram.py); a kill -9, which the
+    failover tests do on purpose, leaves it in /dev/shm. Only segments created during this
+    session by a process that is gone are removed, so a developer's running pool is untouched.
+    """
+    shm = "/dev/shm"
+    try:
+        names = os.listdir(shm)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(r"kvpool-(\d+)-[0-9a-f]+", name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(shm, name)
+        try:
+            if os.stat(path).st_mtime >= _SESSION_START - 1:
+                os.unlink(path)
+        except OSError:
+            pass

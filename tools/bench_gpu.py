@@ -137,7 +137,7 @@ def bench_prefill(context: int, iters: int) -> dict:
     import torch.nn.functional as F
 
     from kvpool.kernels.paged_layout import PagedCacheLayout
-    from kvpool.kernels.prefix_attention import prefix_attention
+    from kvpool.kernels.attention import prefix_attention
 
     q_heads, kv_heads, dim, bs = 32, 8, 128, 16
     prefix, new = context // 2, context - context // 2

@@ -5,10 +5,14 @@ Run it with the engine environment's python (``make test`` builds ``.venv-engine
 
     .venv-engines/bin/python tools/bench_vllm.py
 
-It starts a real ``kvpool serve`` and runs one vLLM engine per configuration, each in its own
-process: a random-weight Llama (``load_format="dummy"``, greedy) serves the same synthetic
-multi-turn conversations, each turn's prompt being the whole history plus a new user message.
-vLLM's prefix cache is reset before every request, so any reuse must come from the pool.
+It starts a real ``kvpool serve`` and two vLLM engines, each in its own process, one with the
+connector and one without: a random-weight Llama (``load_format="dummy"``, greedy) serves the
+same synthetic multi-turn conversations, each turn's prompt being the whole history plus a new
+user message. The engines take the turns in alternation (the first of each pair alternating
+too), so a change in the machine's load falls on both alike. vLLM's prefix cache is reset
+before every request, so any reuse must come from the pool; the connector publishes a finished
+request's KV in the background, and the reset waits for that (it cannot succeed while vLLM
+holds the request's blocks for the publish), outside the timed request.
 TTFT is the wall time of a ``max_tokens=1`` request. The engine without the connector is the
 ceiling this run measures against: ``ratio`` = mean TTFT with the pool / without it, over the
 turns after the first (the first turn of a conversation has nothing to reuse).
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,20 +62,36 @@ def conversations(n: int, turns: int, system: int, user: int, reply: int) -> lis
     return out
 
 
+def settle(llm, timeout_s: float = 120.0) -> None:
+    """Reset the engine's prefix cache, first stepping it until the connector's finish saves are
+    done (vLLM holds a finished request's blocks until then, and a reset fails while any block is
+    held). ``LLM.generate`` stops stepping once it has its outputs; a server's engine loop keeps
+    stepping by itself. A reset that never succeeds ends the run: a turn measured on a warm
+    prefix cache would not be the turn this benchmark defines."""
+    deadline = time.monotonic() + timeout_s
+    while not llm.reset_prefix_cache():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM's prefix cache could not be reset within {timeout_s} s")
+        llm.llm_engine.step()
+        time.sleep(0.002)
+
+
 def run_engine(args) -> None:
-    """Child: one engine, every turn of every conversation; prints one JSON line."""
+    """Child: one engine; runs the turn named on each stdin line ("conversation turn") and
+    prints one ``TURN {json}`` line per turn."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    loaded = []
+    loaded: list[tuple[int, float, float]] = []  # (blocks, read ms, scatter ms) of each load
 
     class Loaded(logging.Handler):
         def emit(self, record):
-            m = re.match(r"kvpool: loaded (\d+) blocks", record.getMessage())
+            m = re.match(r"kvpool: loaded (\d+) blocks .* \(read ([\d.]+) ms, scatter ([\d.]+) ms\)",
+                         record.getMessage())
             if m:
-                loaded.append(int(m.group(1)))
+                loaded.append((int(m.group(1)), float(m.group(2)), float(m.group(3))))
 
     kvt = None
     if args.address:
@@ -85,17 +106,57 @@ def run_engine(args) -> None:
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     for n in (64, args.system):  # warm-up, off the record
         llm.generate([{"prompt_token_ids": [5] * n}], params, use_tqdm=False)
-        llm.reset_prefix_cache()
-    turns = []
-    for conv in conversations(args.conversations, args.turns, args.system, args.user, args.reply):
-        for t, prompt in enumerate(conv):
-            llm.reset_prefix_cache()
-            before = sum(loaded)
-            start = time.perf_counter()
-            llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-            ms = (time.perf_counter() - start) * 1000
-            turns.append({"turn": t, "tokens": len(prompt), "ttft_ms": ms, "loaded_tokens": (sum(loaded) - before) * 32})
-    print("TURNS " + json.dumps(turns), flush=True)
+        settle(llm)
+    convs = conversations(args.conversations, args.turns, args.system, args.user, args.reply)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        c, t = map(int, line.split())
+        prompt = convs[c][t]
+        started = time.perf_counter()
+        settle(llm)  # the previous turn's publish (off its TTFT) ends here; the cache is cold
+        settle_ms = (time.perf_counter() - started) * 1000
+        # A quiet gap before each timed request, the same for both engines: the other engine's
+        # idle OpenMP threads spin for a while after its turn, and would otherwise slow the
+        # start of this one (more so for the engine whose reset has nothing to wait for).
+        time.sleep(args.gap_ms / 1000)
+        before = len(loaded)
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        ms = (time.perf_counter() - start) * 1000
+        new = loaded[before:]
+        print("TURN " + json.dumps({"turn": t, "tokens": len(prompt), "ttft_ms": ms,
+                                    "loaded_tokens": sum(n for n, _, _ in new) * 32,
+                                    "read_ms": sum(r for _, r, _ in new), "scatter_ms": sum(c for _, _, c in new),
+                                    "settle_ms": settle_ms}), flush=True)
+
+
+class EngineChild:
+    """One engine process (``--engine``), driven a turn at a time over its stdin/stdout."""
+
+    def __init__(self, args, model: str, address: str | None, log_path: str) -> None:
+        cmd = [sys.executable, __file__, "--engine", "--model", model, "--conversations", str(args.conversations),
+               "--turns", str(args.turns), "--system", str(args.system), "--user", str(args.user),
+               "--reply", str(args.reply), "--gap-ms", str(args.gap_ms)] + (["--address", address] if address else [])
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._read("READY")
+
+    def _read(self, marker: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line[len(marker):].strip()
+        self.proc.wait()
+        raise SystemExit(f"engine run failed ({self.proc.returncode}):\n{Path(self.log.name).read_text()[-4000:]}")
+
+    def turn(self, conversation: int, turn: int) -> dict:
+        self.proc.stdin.write(f"{conversation} {turn}\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("TURN "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        self.log.close()
 
 
 def start_pool(workdir: str) -> tuple[subprocess.Popen, str]:
@@ -115,16 +176,6 @@ def start_pool(workdir: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("kvpool serve did not become ready:\n" + Path(log.name).read_text())
 
 
-def child(args, model: str, address: str | None) -> list[dict]:
-    cmd = [sys.executable, __file__, "--engine", "--model", model, "--conversations", str(args.conversations),
-           "--turns", str(args.turns), "--system", str(args.system), "--user", str(args.user),
-           "--reply", str(args.reply)] + (["--address", address] if address else [])
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if run.returncode != 0 or "TURNS " not in run.stdout:
-        raise SystemExit(f"engine run failed ({run.returncode}):\n{(run.stdout + run.stderr)[-4000:]}")
-    return json.loads(run.stdout.split("TURNS ", 1)[1].splitlines()[0])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conversations", type=int, default=4)
@@ -132,6 +183,7 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=1024, help="tokens of shared history before turn 1")
     ap.add_argument("--user", type=int, default=64, help="tokens of each new user message")
     ap.add_argument("--reply", type=int, default=64, help="tokens of each (synthetic) assistant reply")
+    ap.add_argument("--gap-ms", type=float, default=500, help="idle time before each timed request")
     ap.add_argument("--engine", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
@@ -143,19 +195,36 @@ def main() -> None:
     model = os.path.join(workdir, "model")
     os.makedirs(model)
     Path(model, "config.json").write_text(json.dumps(MODEL))
-    without = child(args, model, None)
     pool, address = start_pool(workdir)
+    engines = {}
     try:
-        with_pool = child(args, model, address)
+        # Both engines are up at once and take the turns in alternation (which goes first
+        # alternates too), so a change in the machine's load falls on both alike.
+        engines["without"] = EngineChild(args, model, None, os.path.join(workdir, "without.log"))
+        engines["with"] = EngineChild(args, model, address, os.path.join(workdir, "with.log"))
+        rows = {"without": [], "with": []}
+        order = ["without", "with"]
+        for c in range(args.conversations):
+            for t in range(args.turns):
+                for name in order:
+                    rows[name].append(engines[name].turn(c, t))
+                order.reverse()
     finally:
+        for e in engines.values():
+            e.close()
         pool.terminate()
         pool.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    without, with_pool = rows["without"], rows["with"]
     later = lambda rows: [r for r in rows if r["turn"] > 0]  # noqa: E731
-    for name, rows in (("without", without), ("with", with_pool)):
+    for name, got in (("without", without), ("with", with_pool)):
         for t in range(args.turns):
-            ms = [r["ttft_ms"] for r in rows if r["turn"] == t]
-            print(f"{name:8s} turn {t}: {rows[t]['tokens']:5d} tokens, TTFT mean {statistics.mean(ms):8.1f} ms",
-                  file=sys.stderr)
+            at = [r for r in got if r["turn"] == t]
+            print(f"{name:8s} turn {t}: {at[0]['tokens']:5d} tokens, TTFT mean "
+                  f"{statistics.mean(r['ttft_ms'] for r in at):8.1f} ms (pool read "
+                  f"{statistics.mean(r['read_ms'] for r in at):5.1f} ms, scatter "
+                  f"{statistics.mean(r['scatter_ms'] for r in at):5.1f} ms; publish drain before it "
+                  f"{statistics.mean(r['settle_ms'] for r in at):6.1f} ms)", file=sys.stderr)
     ttft_without = statistics.mean(r["ttft_ms"] for r in later(without))
     ttft_with = statistics.mean(r["ttft_ms"] for r in later(with_pool))
     hit = sum(r["loaded_tokens"] for r in later(with_pool)) / sum(r["tokens"] for r in later(with_pool))

@@ -7,6 +7,7 @@
     kvpool admin evict (--bytes SIZE | --all)
     kvpool admin flush [--namespace ID]
     kvpool admin drain NODE [--drop] [--resume]       (kvpool.cli.drain)
+    kvpool admin namespaces [--namespace ID] [--set-replicas N]   (kvpool.cli.namespaces)
     kvpool admin top [--interval S] [--count N]        (kvpool.cli.top)
 
 The common flags (``--address``, ``--json``, ``--timeout``, and the credentials ``--token``,
@@ -25,7 +26,7 @@ import time
 
 import grpc
 
-from kvpool.cli import drain, top
+from kvpool.cli import drain, namespaces, top
 from kvpool.cli.output import admin_channel, call, pct, rpc_failure, table, to_json
 from kvpool.cli.progress import busy
 from kvpool.config import format_size, parse_size
@@ -58,6 +59,7 @@ def register(sub) -> None:
     fl = cmds.add_parser("flush", help="delete all unleased blocks (of one namespace)")
     fl.add_argument("--namespace", default="")
     drain.register(cmds)
+    namespaces.register(cmds)
     top.register(cmds)
     p.set_defaults(func=run)
 

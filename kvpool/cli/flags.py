@@ -141,6 +141,8 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     g.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 picks, -1 disables)")
+    g.add_argument("--metrics-host", help="address of the Prometheus port, which has no authentication "
+                   "(default: the --host address; e.g. 127.0.0.1 for a local scraper)")
     g.add_argument("--eviction-policy", help="eviction policy: lhd (default, learned hit density), paced or lru")
     g.add_argument("--high-watermark", type=float, help="start evicting/demoting above this fraction (default 0.95)")
     g.add_argument("--low-watermark", type=float, help="evict/demote down to this fraction (default 0.90)")
@@ -152,7 +154,11 @@ def add_master_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--events-port", type=int, help="publish KV events for routers on this ZMQ PUB port (vLLM's "
                    "format; 0 picks, default -1: off)")
     g.add_argument("--events-topic", help="ZMQ topic of the KV events (default empty)")
+    g.add_argument("--events-host", help="address the KV-event socket binds (default 127.0.0.1; it carries every "
+                   "tenant's events unauthenticated, so another address needs --insecure)")
     g.add_argument("--replicas", type=int, help="copies of each block on nodes of different hosts (default 1)")
+    g.add_argument("--read-replicas", type=int, help="extra copies a block may gain on hosts that read it often "
+                   "(default 0: none)")
     g.add_argument("--quotas", help="byte quotas per tenant and memory tier, e.g. 'alice:dram=8GiB,bob:dram=2GiB'")
     g.add_argument("--max-message-bytes", help="largest gRPC request accepted, e.g. 64MiB (default); larger "
                    "ones are refused before they are read")

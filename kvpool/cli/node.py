@@ -24,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--host", help="address of this node's control service (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of this node's control service (default 50061; 0 picks)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port of this node's tier metrics (default -1: off)")
+    p.add_argument("--metrics-host", help="address of that port, which has no authentication (default: --host)")
     add_tier_flags(p)
     add_token_flags(p, serving=True)
     mark_server_command(p)

@@ -138,13 +138,16 @@ class AsyncClient:
     The first call waits up to ``startup_wait`` seconds (``KVPOOL_STARTUP_WAIT``) for a master
     that is still starting (0: no waiting); after that, an unreachable master fails the call with
     :class:`~kvpool.errors.Unavailable` naming the address.
+
+    ``replicas`` sets how many copies (on nodes of different hosts) the pool keeps of each
+    block of ``namespace`` (see :meth:`register`); None leaves the namespace's setting.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, namespace: Namespace | None = None, *,
                  timeout: float = 30.0, copy_threads: int = 2, transport: str | None = None,
                  connect_timeout: float = 3.0, io_timeout: float = 10.0, startup_wait: float | None = None,
                  token: str | None = None, token_file: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 tls_cert: str | None = None, tls_key: str | None = None, replicas: int | None = None) -> None:
         self.address = address
         #: One master, or several that share a Redis (``"a:50051,b:50051"``): calls go to the leader.
         self._masters = MasterList(address)
@@ -161,6 +164,9 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pool_pb2_grpc.KVPoolStub | None = None
         self._registered: set[str] = set()
+        #: Namespace id -> the replicas setting this client asked for: sent again whenever it
+        #: registers the namespace again (a restarted master has forgotten it).
+        self._replicas: dict[str, int] = {namespace.id: replicas} if namespace is not None and replicas else {}
         force = transport or os.environ.get("KVPOOL_TRANSPORT") or None
         self.transports = TransportFactory(
             TRANSPORTS, force=force,
@@ -344,10 +350,20 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ namespaces
 
-    async def register(self, namespace: Namespace | None = None) -> str:
-        """Register a namespace with the master; returns its id. Idempotent."""
+    async def register(self, namespace: Namespace | None = None, *, replicas: int | None = None) -> str:
+        """Register a namespace with the master; returns its id. Idempotent.
+
+        ``replicas`` (1 to 8) is a setting of the namespace, not part of its identity: the pool
+        keeps that many copies of each of its committed blocks, on nodes of different hosts,
+        whatever the pool default (``kvpool master --replicas``). None keeps the setting.
+        """
         ns = self._ns(namespace)
-        resp = await self._call("RegisterNamespace", pool_pb2.RegisterNamespaceRequest(namespace=namespace_to_proto(ns)))
+        if replicas is not None:
+            if not 1 <= replicas <= 8:
+                raise InvalidArgument(f"replicas={replicas}: keep between 1 and 8 copies of each block")
+            self._replicas[ns.id] = replicas
+        req = pool_pb2.RegisterNamespaceRequest(namespace=namespace_to_proto(ns), replicas=self._replicas.get(ns.id, 0))
+        resp = await self._call("RegisterNamespace", req)
         if resp.namespace_id != ns.id:
             raise KvpoolError(f"master computed namespace id {resp.namespace_id}, client {ns.id}: identity drift")
         self._registered.add(ns.id)

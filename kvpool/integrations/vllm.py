@@ -17,22 +17,37 @@ Scheduler side
   ``lookup_wait_ms`` it returns ``None`` ("ask again later") and vLLM asks again next step;
   the answer is kept for that request until its blocks are allocated.
   ``update_state_after_alloc`` turns a hit into a load plan for the engine blocks vLLM just
-  allocated. ``build_connector_meta`` hands the workers the step's loads, and a save for every
-  block the step fills (in ``kv_producer``/``kv_both``): a request's full blocks are published
-  in the step that computes them, so ``request_finished`` has nothing left to publish and never
-  asks vLLM to keep a finished request's blocks. A block becomes a ``BlockStored`` event
-  (``take_events``) once every worker reports it committed (``build_connector_worker_meta``).
+  allocated. ``build_connector_meta`` hands the workers the step's loads and saves (in
+  ``kv_producer``/``kv_both``). Saves come two ways:
+
+  * a step that fills blocks of a request that certainly goes on (a prefill chunk that does
+    not reach the request's last token) saves them at once: the worker copies them out of
+    the cache within the step, because a running request's blocks can be freed under it (a
+    preemption) and vLLM says nothing to the connector when that happens;
+  * every other full block (the prompt's last chunk, the blocks decoding filled) is
+    published when the request finishes: ``request_finished`` plans a *finish save* and
+    returns True, so vLLM keeps the request's blocks; the next step's metadata hands the
+    save to the workers, and ``has_pending_push_work`` keeps the engine stepping until each
+    worker has reported the request in ``get_finished`` (its blocks copied out and put), at
+    which point vLLM frees them.
+
+  A block becomes a ``BlockStored`` event (``take_events``) once every worker reports it
+  committed (``build_connector_worker_meta``).
 
 Worker side
-  ``register_kv_caches`` reads the paged-cache layout from the tensors vLLM allocated
-  (flash-attention ``[2, blocks, block_size, heads, dim]``, FlashInfer ``[blocks, 2, ...]``,
-  the CPU backend's ``[blocks, heads, block_size, 2 * dim]``, or MLA) and binds it once.
+  ``register_kv_caches`` binds the tensors vLLM allocated, in whatever layout they are
+  (:class:`~kvpool.integrations.block_mover.PagedBlockMover` recognises flash-attention,
+  FlashInfer, the CPU backend's and MLA's), once.
   ``start_load_kv`` reads each planned load from the pool and scatters it into the cache
   before the forward runs (so ``wait_for_layer_load`` has nothing to wait for).
-  ``wait_for_save`` gathers the step's full blocks (every layer in one copy) and puts them,
-  committed, before the step ends (so ``save_kv_layer`` has nothing to do per layer).
-  Copies use :mod:`kvpool.kernels.paged_copy`: the Triton kernels on a GPU, the torch
-  references elsewhere.
+  ``wait_for_save`` never waits on the pool: a save is handed to a
+  :class:`~kvpool.integrations.publisher.BackgroundPublisher` that puts it (every layer of a
+  block in one copy) while the engine runs its next steps. An at-once save is gathered into
+  a staging buffer first (the job then owns its bytes); a finish save is gathered by the
+  publisher itself, from blocks vLLM keeps until ``get_finished`` names the request.
+  ``save_kv_layer`` has nothing to do per layer.
+  Copies use :mod:`kvpool.kernels.paged_copy` (through the mover): the Triton kernels on a
+  GPU, the torch references elsewhere.
 
 Invariants
   * Keys come from token ids through :class:`kvpool.identity.Namespace` (model, layout,
@@ -43,6 +58,10 @@ Invariants
     ``kv_load_failure_policy="recompute"`` vLLM recomputes them and never uses their bytes.
   * Pool blocks hold exactly one vLLM block (``block_tokens`` = vLLM ``block_size``); any
     other ``block_tokens`` in the extra config is refused when the connector is built.
+  * A publish is a two-phase put: another engine's Lookup counts a block only once it is
+    committed, so a block still on its way is a miss, never half-read.
+  * The publisher never reads an engine block after vLLM may reuse it: at-once saves are
+    copied within their step, finish saves only while vLLM holds the request's blocks.
   * ``kv_role``: ``kv_producer`` only publishes, ``kv_consumer`` only loads, ``kv_both`` does
     both (a plain prefix cache).
 """
@@ -52,7 +71,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +88,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kvpool.client import Client
 from kvpool.client.async_client import DEFAULT_ADDRESS
 from kvpool.identity import Namespace
-from kvpool.kernels.paged_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
-from kvpool.kernels.paged_layout import PagedCacheLayout
+from kvpool.integrations.publisher import BackgroundPublisher
+from kvpool.integrations.block_mover import PagedBlockMover
 from kvpool.layout import KVLayout
 
 if TYPE_CHECKING:
@@ -112,7 +131,10 @@ class KVPoolConnectorMetadata(KVConnectorMetadata):
     """What the scheduler tells the workers for one step."""
 
     loads: list[BlockTransfer] = field(default_factory=list)
+    #: copy out within this step (the request goes on; its blocks may be freed under us)
     saves: list[BlockTransfer] = field(default_factory=list)
+    #: of finished requests whose blocks vLLM keeps until get_finished names them
+    finish_saves: list[BlockTransfer] = field(default_factory=list)
 
 
 @dataclass
@@ -178,37 +200,6 @@ def pool_layout_from_config(kv_cache_config: "KVCacheConfig") -> KVLayout:
     )
 
 
-def _layer_index(name: str) -> tuple[int, str]:
-    m = re.search(r"\d+", name)
-    return (int(m.group()) if m else -1, name)
-
-
-def paged_layout_from_tensors(layer: torch.Tensor, pool: KVLayout, num_layers: int):
-    """Recognise the engine cache layout of one layer tensor; return (PagedCacheLayout, view fn)."""
-    bs, h, d = pool.block_tokens, pool.num_kv_heads, pool.head_dim
-    dtype = str(layer.dtype).removeprefix("torch.")
-    shape = tuple(layer.shape)
-    if pool.kv_kind == "mla":
-        if layer.dim() == 3 and shape[1:] == (bs, d):
-            return PagedCacheLayout.mla(num_layers, shape[0], bs, d, dtype), lambda t: t.unsqueeze(2)
-    elif layer.dim() == 5 and shape[0] == 2 and shape[2:] == (bs, h, d):
-        return PagedCacheLayout.vllm(num_layers, shape[1], bs, h, d, dtype), lambda t: t
-    elif layer.dim() == 5 and shape[1] == 2 and shape[2:] == (bs, h, d):
-        return (PagedCacheLayout(num_layers, shape[0], bs, h, d, dtype, "kv", "block_first"),
-                lambda t: t)
-    elif layer.dim() == 4 and shape[1:] == (h, bs, 2 * d):
-        # vLLM's CPU backend: K rows then V rows of each (block, head).
-        nb = shape[0]
-        return (PagedCacheLayout.vllm_cpu(num_layers, nb, bs, h, d, dtype),
-                lambda t: t.view(nb, h, 2, bs, d))
-    raise ValueError(
-        f"KVPoolConnector does not recognise the KV cache layout {shape} (dtype {layer.dtype}) for "
-        f"block_size={bs}, kv_heads={h}, head_dim={d}, kind={pool.kv_kind}; known: [2, blocks, "
-        f"block_size, heads, dim], [blocks, 2, block_size, heads, dim], [blocks, heads, block_size, "
-        f"2*dim] (CPU), [blocks, block_size, dim] (MLA)"
-    )
-
-
 class KVPoolConnector(KVConnectorBase_V1):
     """vLLM v1 KV connector that loads and publishes prefix blocks through kvpool."""
 
@@ -242,17 +233,20 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._pool_hit: dict[str, int] = {}
         self._loads: list[BlockTransfer] = []
         self._saves: list[BlockTransfer] = []
+        self._finish_saves: list[BlockTransfer] = []
+        self._held: set[str] = set()  # finished requests whose blocks vLLM keeps for us
         self._step_loads: dict[str, BlockTransfer] = {}
         self._reqs: dict[str, "Request"] = {}
         self._saved: dict[str, int] = {}  # blocks of each request known to be in the pool
         self._unconfirmed: dict[tuple[str, int], BlockTransfer] = {}
         self._events: list[BlockStored] = []
         # worker side
-        self._paged: PagedCacheLayout | None = None
-        self._bound = None
+        self._mover: PagedBlockMover | None = None
         self._load_errors: set[int] = set()
         self._published: list[tuple[str, int]] = []
         self._failed: list[tuple[str, int]] = []
+        self._publisher: BackgroundPublisher | None = None
+        self._holding: dict[str, tuple[str, int]] = {}  # req id -> tag of its finish save
         self._stats = KVPoolConnectorStats()
         log.info("KVPoolConnector %s: pool %s, model %r, layout %s, role %s", role.name, address, model,
                  self._layout.canonical(), self._kv_transfer_config.kv_role)
@@ -327,39 +321,68 @@ class KVPoolConnector(KVConnectorBase_V1):
             cached = scheduler_output.scheduled_cached_reqs
             for rid, done in zip(cached.req_ids, cached.num_computed_tokens):
                 self._plan_save(rid, done + counts[rid])
-        meta = KVPoolConnectorMetadata(loads=self._loads, saves=self._saves)
+        meta = KVPoolConnectorMetadata(loads=self._loads, saves=self._saves, finish_saves=self._finish_saves)
         for load in self._loads:
             self._step_loads[load.req_id] = load
-        self._loads, self._saves = [], []
+        self._loads, self._saves, self._finish_saves = [], [], []
         return meta
 
     def _plan_save(self, rid: str, computed: int) -> None:
-        """Publish the blocks this step fills: the worker copies them out right after the forward."""
+        """Save at once the blocks a prefill chunk fills when the request certainly goes on.
+
+        A step that reaches the request's last known token may end it, and then its blocks
+        are published (without delaying the step) by the finish save of ``request_finished``.
+        """
         request = self._reqs.get(rid)
-        if request is None:
+        if request is None or computed >= len(request.all_token_ids):
             return
-        bs = self._block_size
-        full = min(computed, len(request.all_token_ids)) // bs
+        save = self._new_save(request, computed // self._block_size,
+                              self._kv_cache_manager.get_block_ids(rid)[0])
+        if save is not None:
+            self._saves.append(save)
+
+    def _new_save(self, request: "Request", full: int, block_ids: list[int]) -> BlockTransfer | None:
+        """A save of the request's blocks from the first not yet published up to ``full``."""
+        rid = request.request_id
         start = self._saved.get(rid, 0)
         if full <= start:
-            return
-        block_ids = self._kv_cache_manager.get_block_ids(rid)[0]
+            return None
         lora, salt = self._request_ns_fields(request)
-        save = BlockTransfer(rid, list(request.all_token_ids[: full * bs]), start, full,
+        save = BlockTransfer(rid, list(request.all_token_ids[: full * self._block_size]), start, full,
                              list(block_ids[start:full]), lora, salt)
-        self._saves.append(save)
         self._unconfirmed[(rid, start)] = save
         self._saved[rid] = full
+        return save
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Every full block was published in the step that computed it (the worker copied it
-        # out of the paged cache before that step ended), so none has to outlive the request.
+        """Plan the finish save of the request's unpublished full blocks; True keeps them alive.
+
+        vLLM then frees the blocks only once every worker names the request in
+        ``get_finished``, which a worker does when its copy of them has gone to the pool.
+        """
         rid = request.request_id
+        held = False
+        if self._saves_enabled and rid in self._reqs:
+            # Tokens whose KV a forward has written (with async scheduling, num_computed_tokens
+            # also counts tokens of a step still running).
+            done = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+            full = min(done, len(request.all_token_ids), len(block_ids) * self._block_size) // self._block_size
+            save = self._new_save(request, full, block_ids)
+            if save is not None:
+                self._finish_saves.append(save)
+                self._held.add(rid)
+                held = True
         for table in (self._lookups, self._asked_from, self._pool_hit, self._reqs, self._saved):
             table.pop(rid, None)
-        return False, None
+        return held, None
+
+    def has_pending_push_work(self) -> bool:
+        # A held request's blocks are freed only through a later step's get_finished: keep
+        # the engine stepping (empty steps when nothing else runs) until every one is.
+        return bool(self._held)
 
     def update_connector_output(self, connector_output) -> None:
+        self._held.difference_update(connector_output.finished_sending or ())
         bad = connector_output.invalid_block_ids
         for rid, load in self._step_loads.items():  # loads are synchronous: done this step
             lost = [i for i, b in enumerate(load.block_ids) if b in bad] if bad else []
@@ -401,26 +424,14 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._tp_rank = get_tensor_model_parallel_rank()
         except Exception:  # no model-parallel group (a single process): rank 0
             self._tp_rank = 0
-        names = sorted(kv_caches, key=_layer_index)
-        if len(names) != self._layout.num_layers:
-            raise ValueError(f"KVPoolConnector: vLLM registered {len(names)} KV cache tensors but its "
-                             f"KV cache config names {self._layout.num_layers} layers")
-        paged, view = paged_layout_from_tensors(kv_caches[names[0]], self._layout, len(names))
-        self._paged = paged
-        self._bound = paged.bind([view(kv_caches[n]) for n in names])
-        on_gpu = self._bound.device.type == "cuda"
-        fast = on_gpu and paged.chunks_contiguous
-        self._gather = gather_blocks if fast else gather_blocks_ref
-        self._scatter = scatter_blocks if fast else scatter_blocks_ref
+        try:
+            self._mover = PagedBlockMover(kv_caches, self._layout)
+        except ValueError as exc:
+            raise ValueError(f"KVPoolConnector: {exc}") from None
+        self._publisher = BackgroundPublisher()
+        paged = self._mover.paged
         log.info("KVPoolConnector worker (TP rank %d): %s cache, %d blocks, copies by %s", self._tp_rank,
-                 paged.plane_order if paged.kv_kind == "kv" else "mla", paged.num_blocks,
-                 self._gather.__name__)
-
-    def _staging(self, n: int) -> torch.Tensor:
-        return torch.empty((n, self._layout.block_bytes), dtype=torch.uint8, device=self._bound.device)
-
-    def _table(self, block_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.int64, device=self._bound.device)
+                 paged.plane_order if paged.kv_kind == "kv" else "mla", paged.num_blocks, self._mover.kernel)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -433,7 +444,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         ns = self._namespace(load.lora, load.salt)
         keys = ns.keys(load.tokens)[load.start:load.end]
         n = len(keys)
-        staging = self._staging(n)
+        started = time.perf_counter()
+        staging = self._mover.staging(n)
         got = 0
         try:
             blocks = self._client.get_blocks(keys, staging if staging.is_cuda else staging.numpy(),
@@ -445,9 +457,12 @@ class KVPoolConnector(KVConnectorBase_V1):
                         n, load.req_id, exc)
             got = 0
         if got:
-            self._scatter(staging[:got], self._bound, self._table(load.block_ids[:got]), layout=self._paged)
+            read = time.perf_counter()
+            self._mover.scatter(staging[:got], load.block_ids[:got])
+            done = time.perf_counter()
             self._stats.data["blocks_loaded"] += got
-            log.info("kvpool: loaded %d blocks for request %s", got, load.req_id)
+            log.info("kvpool: loaded %d blocks for request %s in %.1f ms (read %.1f ms, scatter %.1f ms)", got,
+                     load.req_id, (done - started) * 1000, (read - started) * 1000, (done - read) * 1000)
             self._stats.data["bytes_loaded"] += got * self._layout.block_bytes
         if got < n:
             if got:
@@ -463,34 +478,72 @@ class KVPoolConnector(KVConnectorBase_V1):
         return  # wait_for_save gathers all layers of a finished request at once
 
     def wait_for_save(self) -> None:
+        """Hand the step's saves to the publisher; wait on neither the copy-out nor the pool."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         if not isinstance(meta, KVPoolConnectorMetadata):
             return
-        for save in meta.saves:
-            self._save_one(save)
+        for save in meta.saves:  # the request goes on: copy its blocks out now
+            staging = None
+            try:
+                staging = self._mover.staging(len(save.block_ids))
+                self._mover.gather(save.block_ids, staging)
+            except Exception as exc:  # noqa: BLE001 - a failed copy-out is a failed publish
+                staging = exc
+            self._publisher.submit((save.req_id, save.start), self._put_job(save, staging, _step_done()))
+        for save in meta.finish_saves:  # vLLM keeps these blocks until get_finished names the request
+            tag = (save.req_id, save.start)
+            self._holding[save.req_id] = tag
+            self._publisher.submit(tag, self._put_job(save, None, _step_done()))
 
-    def _save_one(self, save: BlockTransfer) -> None:
-        ns = self._namespace(save.lora, save.salt)
-        keys = ns.keys(save.tokens)[save.start:save.end]
-        try:
-            staging = self._staging(len(keys))
-            self._gather(self._bound, self._table(save.block_ids), staging, layout=self._paged)
-            res = self._client.put_blocks(keys, staging if staging.is_cuda else staging.numpy(),
-                                          namespace=ns, first_position=save.start * self._block_size)
-            self._stats.data["blocks_saved"] += res.written
-            log.info("kvpool: published %d blocks of request %s (%d already in the pool)", res.written,
-                     save.req_id, res.present)
-            self._stats.data["bytes_saved"] += res.written * self._layout.block_bytes
-        except Exception as exc:  # a failed publish is a future miss, never a failed request
-            log.warning("kvpool publish of %d blocks for request %s failed: %s", len(keys), save.req_id, exc)
-            self._stats.data["save_failures"] += 1
-            self._failed.append((save.req_id, save.start))
+    def _put_job(self, save: BlockTransfer, staging, ready):
+        """The publisher's job for one save: gather (unless given the bytes), put, commit."""
+
+        def job():
+            if isinstance(staging, Exception):
+                raise staging
+            ns = self._namespace(save.lora, save.salt)
+            keys = ns.keys(save.tokens)[save.start:save.end]
+            if ready is not None:  # the step's kernels (the forward, an at-once gather) are done
+                ready.synchronize()
+            buf = staging
+            if buf is None:
+                buf = self._mover.staging(len(keys))
+                self._mover.gather(save.block_ids, buf)
+                if buf.is_cuda:
+                    torch.cuda.current_stream(buf.device).synchronize()
+            return self._client.put_blocks(keys, buf if buf.is_cuda else buf.numpy(), namespace=ns,
+                                           first_position=save.start * self._block_size)
+
+        return job
+
+    def _collect(self) -> None:
+        """Account for the publishes that finished since the last call (the engine's thread)."""
+        if self._publisher is None:
             return
-        self._published.append((save.req_id, save.start))
+        for (rid, start), res, error in self._publisher.done():
+            if error is not None:  # a failed publish is a future miss, never a failed request
+                log.warning("kvpool publish for request %s (blocks from %d) failed: %s", rid, start, error)
+                self._stats.data["save_failures"] += 1
+                self._failed.append((rid, start))
+                continue
+            self._stats.data["blocks_saved"] += res.written
+            self._stats.data["bytes_saved"] += res.written * self._layout.block_bytes
+            log.info("kvpool: published %d blocks of request %s (%d already in the pool)", res.written, rid,
+                     res.present)
+            self._published.append((rid, start))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose finish save is done: vLLM may now free (and reuse) their blocks."""
+        self._collect()
+        sent = {rid for rid, tag in self._holding.items() if not self._publisher.pending(tag)}
+        for rid in sent:
+            del self._holding[rid]
+        return (sent or None), None
 
     def build_connector_worker_meta(self) -> "KVPoolWorkerMetadata | None":
+        self._collect()
         if not (self._published or self._failed):
             return None
         meta = KVPoolWorkerMetadata(self._published, self._failed)
@@ -512,6 +565,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         return KVPoolConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()  # queued publishes finish first: none is cut off mid-put
         self._client.close()
 
 
@@ -520,6 +575,19 @@ def _served_name(vllm_config: "VllmConfig") -> str:
     if isinstance(served, (list, tuple)):
         served = served[0] if served else None
     return served or vllm_config.model_config.model
+
+
+def _step_done():
+    """Something the publisher can wait on for the step's device work, or None on the CPU.
+
+    On a GPU the forward (and an at-once gather) are queued on the engine's stream; the
+    publisher's thread must not read their blocks before they ran.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        event = torch.cuda.Event()
+        event.record()
+        return event
+    return None
 
 
 def _all_of(futures: list[concurrent.futures.Future]) -> concurrent.futures.Future:

@@ -9,10 +9,9 @@ nothing is left, showing progress):
 3. With ``drop`` they are removed (``BlockIndex.remove``), as ``kvpool admin flush`` would.
 4. Otherwise they move. NVMe-only blocks are first promoted into the node's own DRAM (the
    data plane serves memory tiers only). Then, per batch: the master allocates slots on
-   another node (``BlockIndex.place``), pins the blocks, signs a read capability for their
-   records under the source's key (one capability per tenant: kvpool-cap/v2 signs the
-   tenant whose blocks they are), and asks the target node to pull them from the source's
-   data server (``NodeHandle.pull``), which verifies each block's xxh3-64 as it arrives.
+   another node (``BlockIndex.place``), pins the blocks, and copies them node to node with
+   the same copy replicas use (:func:`kvpool.master.copier.copy_blocks`: a read capability
+   per tenant, ``NodeControl.Pull``, each block's xxh3-64 verified as it arrives).
 5. After the copy, a block that is still committed and pinned only by the drain is
    relocated (``BlockIndex.relocate``: the index points at the new slot, the old copies are
    freed). A block that a reader leased meanwhile keeps its old place (its target slot is
@@ -26,15 +25,13 @@ not passed its checksum; the master never touches the bytes.
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 
-from kvpool.capability import expiry_ms, sign
 from kvpool.errors import FailedPrecondition, KvpoolError, NotFound
+from kvpool.master.copier import copy_blocks
 from kvpool.master.index import BlockIndex, Entry
 from kvpool.master.nodes import NodeHandle
 from kvpool.master.tiering import Tiering
-from kvpool.transport.base import READ, Access
 
 __all__ = ["Drainer", "DrainReport", "DEFAULT_BATCH"]
 
@@ -42,8 +39,6 @@ log = logging.getLogger("kvpool.master")
 
 #: Blocks moved per Drain call when the caller does not say.
 DEFAULT_BATCH = 256
-#: Seconds the read capability of one pull stays valid.
-_PULL_TTL_S = 60.0
 
 
 @dataclass
@@ -122,39 +117,24 @@ class Drainer:
             return
         for e in batch:
             index.pin(e)
-        # A read capability names one tenant (kvpool-cap/v2 signs it): one pull per tenant.
-        groups: dict[str, list[int]] = {}
-        for i, e in enumerate(batch):
-            groups.setdefault(e.tenant, []).append(i)
-        for tenant, positions in groups.items():
-            await self._pull(source, target, tier, tenant, [batch[i] for i in positions],
-                             [slots[i] for i in positions], report)
+        await self._pull(source, target, tier, batch, slots, report)
         report.failed += len(todo) - len(batch)
 
-    async def _pull(self, source: NodeHandle, target: NodeHandle, tier: str, tenant: str, batch: list[Entry],
-                    slots: list, report: DrainReport) -> None:
-        """Copy ``batch`` (pinned, all of ``tenant``) from ``source`` into ``slots`` of ``target``,
-        then relocate what may move; unpins every block of the batch."""
+    async def _pull(self, source: NodeHandle, target: NodeHandle, tier: str, batch: list[Entry], slots: list,
+                    report: DrainReport) -> None:
+        """Copy ``batch`` (pinned) from ``source`` into ``slots`` of ``target``, then relocate
+        what may move; unpins every block of the batch."""
         index = self.index
-        records = b"".join(e.record for e in batch)
-        grant_id = f"drain-{secrets.token_hex(8)}"
-        expires = expiry_ms(_PULL_TTL_S)
-        access = Access(READ, grant_id, source.node_id, expires,
-                        sign(source.data_key, READ, grant_id, source.node_id, expires, records, tenant), records,
-                        tenant)
-        try:
-            corrupt = set(await target.pull(source.endpoint(), access, tier, slots))
-        except Exception as exc:  # the copy failed as a whole: nothing moved, nothing lost
-            for e, slot in zip(batch, slots):
+        result = await copy_blocks(source, target, tier, batch, slots, "drain")
+        if result.error and not report.first_error:
+            report.first_error = result.error
+        for i, (e, slot) in enumerate(zip(batch, slots)):
+            if i not in result.copied and i not in result.corrupt:  # its group's copy failed: nothing lost
                 index.unpin(e)
                 target.free(tier, slot)
-            report.failed += len(batch)
-            if not report.first_error:
-                report.first_error = f"pull from {source.name} into {target.name} failed: {exc}"
-            log.warning("drain of %s: pull into %s failed: %s", source.name, target.name, exc)
-            return
-        for i, (e, slot) in enumerate(zip(batch, slots)):
-            movable = e.pins == 1 and not e.doomed and i not in corrupt and index.entry(e.key) is e
+                report.failed += 1
+                continue
+            movable = e.pins == 1 and not e.doomed and i in result.copied and index.entry(e.key) is e
             if movable:
                 index.relocate(e, target.node_id, tier, slot)
                 report.moved += 1
@@ -162,7 +142,7 @@ class Drainer:
             else:
                 target.free(tier, slot)
             index.unpin(e)
-            if i in corrupt and not e.doomed:
+            if i in result.corrupt and not e.doomed:
                 log.error("block %s failed its checksum while moving off %s: dropped, not served",
                           e.key.hex(), source.name)
                 index.remove([e.key])

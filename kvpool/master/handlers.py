@@ -2,7 +2,9 @@
 
 It turns :mod:`kvpool.errors` exceptions into gRPC statuses with their messages (the server
 keeps serving), reports a bug as INTERNAL naming the exception, and records the call's
-latency and status code in ``kvpool_rpc_duration_seconds``. The client-facing services
+latency and status code in ``kvpool_rpc_duration_seconds``, counted from the call's arrival at
+the server's first interceptor (:func:`kvpool.guard.arrival_time`; waiting for a busy event
+loop included) to the handler's answer. The client-facing services
 (:mod:`kvpool.master.servicer`) and the node registry (:mod:`kvpool.master.remote`) share it,
 so neither depends on the other.
 """
@@ -17,7 +19,7 @@ import time
 import grpc
 
 from kvpool.errors import InternalError, KvpoolError
-from kvpool.guard import LogLimiter
+from kvpool.guard import LogLimiter, arrival_time
 
 __all__ = ["rpc"]
 
@@ -33,7 +35,7 @@ def rpc(method):
 
     @functools.wraps(method)
     async def handler(self, request, context):
-        start = time.perf_counter()
+        start = arrival_time() or time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             result = method(self, request, context)

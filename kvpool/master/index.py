@@ -8,8 +8,12 @@ Life of a block entry::
                                                           (invisible) ── last unpin ─► freed
 
 A committed entry has a memory copy (``entry.mem``, in DRAM or HBM), an NVMe copy
-(``entry.nvme``), or both. Clients read only memory copies; an NVMe-only block is promoted
-into DRAM before it is served
+(``entry.nvme``), or both, on its node; and it may have replicas: DRAM copies on nodes of
+other hosts (``entry.replicas``, kvpool.master.replication). Each copy is its node's own: it
+sits in that node's tier policy, and that node's evictions and watermarks take it without
+touching the other copies. A block leaves the index only when its last copy goes; when the
+copies on the entry's node go first, a replica becomes the entry's copy. Clients read only
+memory copies; an NVMe-only block is promoted into DRAM before it is served
 (:mod:`kvpool.master.tiering` drives demotion, promotion and write-through; this module
 keeps the books synchronously).
 
@@ -17,9 +21,10 @@ Invariants (each one is tested):
 
 * Only COMMITTED entries live in ``_blocks``; Lookup and Get read nothing else, so a block
   that was not committed is never readable.
-* An entry with ``pins > 0`` is never evicted, moved or freed. Read leases pin; so does the
-  tier mover for the duration of a copy. Removing a pinned entry makes it invisible at once
-  and frees its storage at the last unpin.
+* An entry with ``pins > 0`` is never evicted, moved or freed, nor is any of its replicas
+  (a lease may be served from one). Read leases pin; so does the tier mover for the
+  duration of a copy. Removing a pinned entry makes it invisible at once and frees its
+  storage at the last unpin.
 * Every slot is released exactly once: memory slots through ``NodeHandle.free``, NVMe copies
   through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
@@ -70,6 +75,15 @@ class IndexConfig:
     write_through: bool = False
     #: Byte quotas: tenant -> memory tier ("dram", "hbm") -> bytes (kvpool.config.parse_quotas).
     quotas: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Copies of each committed block for namespaces without a setting of their own
+    #: (``kvpool master --replicas``; kvpool.master.replication makes them).
+    replicas: int = 1
+    #: Extra copies a block may gain on hosts that read it often (kvpool.master.replication).
+    read_replicas: int = 0
+
+
+#: The most copies a namespace may ask for.
+MAX_REPLICAS = 8
 
 
 class Entry:
@@ -96,8 +110,8 @@ class Entry:
         self.created = now
         self.last_access = now
         self.hits = 0
-        #: Copies of the memory copy on other nodes (kvpool.master.replication): they live as
-        #: long as the memory copy does, and a pin on the entry pins them too.
+        #: DRAM copies on other nodes (kvpool.master.replication), each in its node's tier
+        #: policy; a pin on the entry pins them too.
         self.replicas: list[Replica] = []
         self.record = self.loc = b""
         self.update_record()
@@ -133,7 +147,8 @@ class Entry:
 
 @dataclass
 class Replica:
-    """A copy of an entry's memory copy on another node (always a host tier: DRAM)."""
+    """A copy of an entry's bytes on another node (a host tier: DRAM), evicted by that node's
+    policy on its own."""
 
     node_id: int
     tier: str
@@ -178,6 +193,8 @@ class Counters:
 class NamespaceInfo:
     namespace: Namespace
     block_bytes: int
+    #: The namespace's own ``replicas`` setting; 0: the pool default (IndexConfig.replicas).
+    replicas: int = 0
 
     @property
     def tenant(self) -> str:
@@ -234,19 +251,67 @@ class BlockIndex:
         #: (tenant, tier) -> [bytes, blocks] of committed copies, and bytes granted, not committed.
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._granted: dict[tuple[str, str], int] = {}
+        #: Called with a namespace id when its replicas setting goes up, so that the blocks
+        #: it has already get their new copies (the Replicator listens).
+        self.replicas_raised: list[Callable[[str], None]] = []
+        #: Whether some namespace asks for more than one copy (kept by set_replicas, so that
+        #: Lookup's check costs nothing however many namespaces there are).
+        self._ns_replicated = False
 
     # ------------------------------------------------------------------ namespaces
 
-    def register_namespace(self, ns: Namespace) -> NamespaceInfo:
+    def register_namespace(self, ns: Namespace, replicas: int = 0) -> NamespaceInfo:
+        """Declare ``ns``; ``replicas`` > 0 sets its replicas (see :meth:`set_replicas`), 0
+        keeps its setting (the pool default for a new one)."""
         if len(ns.tenant.encode()) > MAX_TENANT_BYTES:
             raise InvalidArgument(f"RegisterNamespace: tenant names are at most {MAX_TENANT_BYTES} bytes; "
                                   f"got {len(ns.tenant.encode())}")
+        self._check_replicas(replicas, "RegisterNamespace")
         known = self._namespaces.get(ns.id)
-        if known is not None:
-            return known
-        info = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
-        for observer in self.observers:
-            observer.namespace(ns)
+        if known is None:
+            known = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
+            for observer in self.observers:
+                observer.namespace(ns)
+        if replicas and replicas != known.replicas:
+            known = self.set_replicas(ns.id, replicas)
+        return known
+
+    @staticmethod
+    def _check_replicas(replicas: int, what: str) -> None:
+        if not 0 <= replicas <= MAX_REPLICAS:
+            raise InvalidArgument(f"{what}: replicas must be between 1 and {MAX_REPLICAS} (0 keeps the setting); "
+                                  f"got {replicas}")
+
+    def replicas_of(self, ns_id: str) -> int:
+        """Copies each committed block of ``ns_id`` should have (its setting or the pool default)."""
+        info = self._namespaces.get(ns_id)
+        return (info.replicas if info is not None and info.replicas else 0) or self.config.replicas
+
+    @property
+    def replicated(self) -> bool:
+        """Whether any block may have replicas (Lookup then looks for the nearest copy)."""
+        return self.config.replicas > 1 or self.config.read_replicas > 0 or self._ns_replicated
+
+    def set_replicas(self, ns_id: str, replicas: int) -> NamespaceInfo:
+        """Change how many copies the blocks of ``ns_id`` get. Raising it tells
+        ``replicas_raised`` (the blocks there get copies at the next replication cycles);
+        lowering it frees the extra copies of unleased blocks now (a leased block keeps its
+        copies until it leaves memory: a leased copy is never freed)."""
+        self._check_replicas(replicas, "SetReplicas")
+        if replicas == 0:
+            raise InvalidArgument("SetReplicas: replicas must be at least 1 (a block's one copy)")
+        info = self.namespace(ns_id)
+        before = self.replicas_of(ns_id)
+        info = self._namespaces[ns_id] = NamespaceInfo(info.namespace, info.block_bytes, replicas)
+        self._ns_replicated = any(i.replicas > 1 for i in self._namespaces.values())
+        if replicas > before:
+            for call in self.replicas_raised:
+                call(ns_id)
+        elif replicas < before:
+            for entry in self.entries(ns_id):
+                if entry.pins == 0 and 1 + len(entry.replicas) > replicas:
+                    for r in entry.replicas[replicas - 1:]:
+                        self._discard_replica(entry, r)
         return info
 
     def namespace(self, ns_id: str) -> NamespaceInfo:
@@ -611,6 +676,8 @@ class BlockIndex:
             self._leave(entry, entry.mem_tier)
         if entry.nvme is not None:
             self._leave(entry, NVME)
+        for r in entry.replicas:  # out of their policies now; their slots go with the rest
+            self._leave_replica(entry, r)
         entry.doomed = True
         if entry.pins:
             return False
@@ -618,18 +685,53 @@ class BlockIndex:
         return True
 
     def _free_replicas(self, entry: Entry) -> None:
+        """Free the slots of a dropped entry's replicas (``_drop`` took them out of their policies)."""
         for r in entry.replicas:
             node = self.nodes.get(r.node_id)
             if node is not None:
                 node.free(r.tier, r.slot)
         entry.replicas = []
 
+    def _enter_replica(self, entry: Entry, r: Replica) -> None:
+        # Not counted in the tenant's use of the tier: quotas count a block once.
+        tk = (r.node_id, r.tier)
+        self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
+        self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
+
+    def _leave_replica(self, entry: Entry, r: Replica) -> None:
+        tk = (r.node_id, r.tier)
+        policy = self._policies.get(tk)
+        if policy is not None:  # None: the node was forgotten, and its policies with it
+            self._tier_blocks[tk] -= 1
+            policy.remove(entry.key)
+
+    def _discard_replica(self, entry: Entry, r: Replica) -> None:
+        """Let one replica of a live entry go: out of its policy, its slot freed."""
+        entry.replicas.remove(r)
+        self._leave_replica(entry, r)
+        node = self.nodes.get(r.node_id)
+        if node is not None:
+            node.free(r.tier, r.slot)
+
+    def _promote_replica(self, entry: Entry) -> None:
+        """The entry's node has no copy left (the caller left and freed them): its first
+        replica becomes the entry's copy."""
+        r = entry.replicas.pop(0)
+        self._leave_replica(entry, r)
+        entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
+        entry.update_record()
+        self._enter(entry, r.tier)
+
     def add_replica(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> bool:
         """Record a copy the node made (kvpool.master.replication); False if the entry's memory
-        copy went meanwhile (the caller frees the slot)."""
+        copy went meanwhile, or the node holds a copy already (the caller frees the slot)."""
         if entry.doomed or entry.mem is None or self._blocks.get(entry.key) is not entry:
             return False
-        entry.replicas.append(Replica(node_id, tier, slot))
+        if node_id == entry.node_id or any(r.node_id == node_id for r in entry.replicas):
+            return False
+        r = Replica(node_id, tier, slot)
+        entry.replicas.append(r)
+        self._enter_replica(entry, r)
         return True
 
     def _release_storage(self, entry: Entry) -> None:
@@ -672,10 +774,12 @@ class BlockIndex:
         return entry is not None and entry.pins == 0
 
     def _holds(self, key: bytes, node_id: int, tier: str) -> bool:
-        """Whether ``key`` is a committed block with a copy in this node's ``tier``."""
+        """Whether ``key`` is a committed block with a copy (or a replica) in this node's ``tier``."""
         entry = self._blocks.get(key)
-        if entry is None or entry.node_id != node_id:
+        if entry is None:
             return False
+        if entry.node_id != node_id:
+            return any(r.node_id == node_id and r.tier == tier for r in entry.replicas)
         return entry.nvme is not None if tier == NVME else (entry.mem is not None and entry.mem_tier == tier)
 
     def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0,
@@ -723,28 +827,40 @@ class BlockIndex:
                     break
         return chosen
 
-    def drop_copy(self, entry: Entry, tier: str) -> None:
-        """Evict one copy. An entry that loses its last copy leaves the index."""
+    def drop_copy(self, entry: Entry, tier: str, node_id: int | None = None) -> None:
+        """Evict one copy: the one in ``tier`` of ``node_id`` (default: the entry's node), a
+        replica if it is another node. An entry that loses its last copy leaves the index;
+        one that loses the last copy on its node is served from its first replica."""
+        if node_id is not None and node_id != entry.node_id:
+            for r in entry.replicas:
+                if r.node_id == node_id and r.tier == tier:
+                    self._discard_replica(entry, r)
+                    return
+            return
         other = entry.mem if tier == NVME else entry.nvme
-        if other is None:
+        if other is None and not entry.replicas:
             self._drop(entry)
             return
         self._leave(entry, tier)
         if tier != NVME:
-            self._free_replicas(entry)
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
-            entry.update_record()
         else:
             self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
             entry.nvme = None
+        if other is None:
+            self._promote_replica(entry)
+            for observer in self.observers:  # the block is elsewhere now (Redis, events)
+                observer.stored((entry,))
+        else:
+            entry.update_record()
 
     def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
         victims = self.victims(node_id, tier, want_bytes, block_bytes)
         freed = sum(e.size for e in victims)
         for entry in victims:
-            self.drop_copy(entry, tier)
+            self.drop_copy(entry, tier, node_id)
         if victims:
             tk = (node_id, tier)
             self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
@@ -788,7 +904,7 @@ class BlockIndex:
         victims = self.victims(node_id, tier, want, tenant=tenant)
         freed = sum(e.size for e in victims)
         for entry in victims:
-            self.drop_copy(entry, tier)
+            self.drop_copy(entry, tier, node_id)
         if victims:
             tk = (node_id, tier)
             self.counters.evictions[tk] = self.counters.evictions.get(tk, 0) + len(victims)
@@ -833,15 +949,19 @@ class BlockIndex:
     def enforce_watermarks(self) -> int:
         """Evict tiers above the high watermark down to the low one. Returns blocks evicted.
 
-        The host-memory tier of a node with a durable tier is left to the tiering task, which
-        demotes it instead.
+        Tiers that have a next tier on their node are left to the tiering task, which demotes
+        them instead: the host-memory tier of a node with a durable tier (to NVMe), and a
+        device tier (HBM) of a node with a host-memory tier (to DRAM).
         """
         evicted = 0
         for node in self.nodes:
             caps = node.tier_caps()
             demotes = has_durable_tier(node)
+            hosts = any(TierCaps.HOST_SHARED in c for c in caps.values())
             for tier, tier_caps in caps.items():
                 if demotes and TierCaps.HOST_SHARED in tier_caps:
+                    continue
+                if hosts and TierCaps.DEVICE in tier_caps:
                     continue
                 excess = self.over_watermark(node, tier)
                 if excess:
@@ -860,11 +980,30 @@ class BlockIndex:
             self._enter(entry, NVME)
         self.counters.demoted_blocks += 1
         if entry.pins == 1 and entry.mem is not None:  # only the mover's own pin
-            self._leave(entry, entry.mem_tier)
-            self._free_replicas(entry)
+            self._leave(entry, entry.mem_tier)  # its replicas stay: each is its node's own
             self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
             entry.mem = None
             entry.update_record()
+
+    def moved_tier(self, entry: Entry, tier: str, slot: Slot) -> bool:
+        """The node copied ``entry``'s memory copy into ``slot`` of its memory tier ``tier``
+        (HBM demoted to DRAM), checksum verified: serve it from there and free the old slot.
+
+        Only when the mover's pin is the only one (a reader may be reading the old slot) and
+        the entry still has its memory copy where it was; otherwise returns False and the
+        caller frees ``slot``. Replicas stay: they mirror the bytes, not the slot.
+        """
+        if entry.doomed or entry.pins != 1 or entry.mem is None or self._blocks.get(entry.key) is not entry:
+            return False
+        node = self.nodes.get(entry.node_id)
+        self._leave(entry, entry.mem_tier)
+        node.free(entry.mem_tier, entry.mem)
+        entry.mem, entry.mem_tier = slot, tier
+        entry.update_record()
+        self._enter(entry, tier)
+        node.note_resident([entry])
+        self.counters.demoted_blocks += 1
+        return True
 
     def written_through(self, entry: Entry, nvme_slot: Slot) -> None:
         if entry.doomed:
@@ -907,7 +1046,7 @@ class BlockIndex:
         """
         gone, moved = [], []
         for entry in self._blocks.values():
-            if entry.replicas:
+            if entry.replicas:  # the dead node's policies go below, with its replicas' entries
                 entry.replicas = [r for r in entry.replicas if r.node_id != node_id]
             if entry.node_id != node_id:
                 continue
@@ -916,10 +1055,11 @@ class BlockIndex:
             else:
                 gone.append(entry)
         for entry in moved:  # a replica on a live node becomes the copy clients read
-            r = entry.replicas.pop(0)
-            entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
-            entry.update_record()
-            self._enter(entry, r.tier)
+            if entry.mem is not None:
+                self._count(entry, entry.mem_tier, -1)
+            if entry.nvme is not None:
+                self._count(entry, NVME, -1)
+            self._promote_replica(entry)
         for observer in self.observers if moved else ():
             observer.stored(moved)
         for observer in self.observers if gone else ():
@@ -1031,10 +1171,15 @@ class BlockIndex:
                 continue
             reachable += 1
             caps = node.tier_caps()
+            host = [t for t, c in caps.items() if TierCaps.HOST_SHARED in c]
             if local and prefer in caps and TierCaps.PERSISTENT not in caps[prefer]:
                 tier = prefer  # the writer's own host reaches any memory tier (HBM by CUDA IPC)
+                if (host and prefer != host[0] and node.free_slots_for(prefer, size) < count
+                        and node.free_slots_for(host[0], size) >= count):
+                    # A full HBM would evict to make room; host memory takes the batch instead
+                    # (a GPU writer reaches it by DMA), and HBM's demotion frees slots meanwhile.
+                    tier = host[0]
             else:  # host memory: what shared memory and every network data plane serve
-                host = [t for t, c in caps.items() if TierCaps.HOST_SHARED in c]
                 tier = host[0] if host else memory_tiers(node)[0]
             room = node.free_slots_for(tier, size)
             rank = (room >= count, local, room)
@@ -1063,6 +1208,8 @@ class BlockIndex:
         """
         if entry.pins != 1 or entry.doomed or self._blocks.get(entry.key) is not entry:
             raise FailedPrecondition(f"block {entry.key.hex()} cannot move: it is leased or gone")
+        for r in [r for r in entry.replicas if r.node_id == node_id]:  # one copy per node
+            self._discard_replica(entry, r)
         old = self.nodes.get(entry.node_id)
         if entry.mem is not None:
             self._leave(entry, entry.mem_tier)

@@ -24,7 +24,8 @@ class NodeHandle(Protocol):
 
     node_id: int
     name: str
-    #: Whether the node can copy blocks from other nodes' data servers (replicas).
+    #: Whether the node can copy blocks from other nodes' data servers (``pull``), so that it
+    #: may hold replicas.
     pulls_replicas: bool
     #: The node process's start ("" for the node inside the master's own process).
     incarnation: str
@@ -80,12 +81,17 @@ class NodeHandle(Protocol):
     async def drop_nvme(self, items) -> None:
         """Remove (key, nvme slot) copies from the node's NVMe tier and catalog."""
 
-    # Moving blocks between nodes (kvpool.master.drain drives it):
+    async def move_tier(self, items, source_tier: str, target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        """Copy (key, source slot, checksum, namespace, target slot) blocks between the node's
+        memory tiers (HBM -> DRAM), checksums verified; returns (moved keys, corrupt keys)."""
 
-    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+    # Copying blocks between nodes (kvpool.master.copier, for replicas and drains):
+
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots, keys=(), namespace_ids=()) -> list[int]:
         """Copy the blocks of ``access.records`` (a read capability on ``source``) from the
         source's data server into ``slots`` of ``tier`` here; returns the positions of blocks
-        that failed their checksum."""
+        that failed their checksum. With ``keys`` and ``namespace_ids`` (one per record), the
+        node records the good copies as its resident blocks (kvpool.master.copier)."""
 
 
     async def disconnect(self) -> None:

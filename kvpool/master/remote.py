@@ -230,27 +230,21 @@ class RemoteNode:
                                    namespace_id=r.namespace_id) for r in records])
         return set((await self._call("VerifyBlocks", req)).held)
 
-    async def replicate(self, source, copy_id: str, expires_ms: int, mac: bytes, records: bytes, entries,
-                        slots) -> set[bytes]:
-        """Have this node pull ``entries`` from ``source`` into ``slots`` (kvpool.master.replication)."""
-        req = node_pb2.ReplicateRequest(
-            epoch=self.epoch, lease_id=copy_id, records=records, tier="dram",
-            target_offsets=[s.offset for s in slots], keys=[e.key for e in entries],
-            namespace_ids=[e.ns for e in entries])
-        source.endpoint().fill(req.source)
-        req.capability.node_id, req.capability.expires_unix_ms, req.capability.mac = source.node_id, expires_ms, mac
-        resp = await self._call("Replicate", req)
-        if resp.error:
-            log.warning("node %s replicating from %s: %s", self.name, source.name, resp.error)
-        return set(resp.copied)
-
-    async def pull(self, source: NodeEndpoint, access, tier: str, slots) -> list[int]:
+    async def pull(self, source: NodeEndpoint, access, tier: str, slots, keys=(), namespace_ids=()) -> list[int]:
         req = node_pb2.PullRequest(tier=tier, records=access.records, grant_id=access.grant_id,
                                    expires_unix_ms=access.expires_unix_ms, mac=access.mac,
-                                   target_offsets=[s.offset for s in slots], tenant=access.tenant)
+                                   target_offsets=[s.offset for s in slots], tenant=access.tenant,
+                                   epoch=self.epoch, keys=keys, namespace_ids=namespace_ids)
         source.fill(req.source)
         resp = await self._call("Pull", req)
         return list(resp.corrupt)
+
+    async def move_tier(self, items, source_tier: str, target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        req = node_pb2.MoveTierRequest(epoch=self.epoch, source_tier=source_tier, target_tier=target_tier, items=[
+            node_pb2.MoveItem(key=k, offset=src.offset, size=src.size, checksum=c, namespace_id=ns,
+                              target_offset=dst.offset) for k, src, c, ns, dst in items])
+        resp = await self._call("MoveTier", req)
+        return list(resp.moved), list(resp.corrupt)
 
     async def disconnect(self) -> None:
         if self._channel is not None:

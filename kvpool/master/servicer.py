@@ -10,6 +10,8 @@ from __future__ import annotations
 import operator
 import logging
 
+import grpc
+
 from kvpool.auth import current_caller
 from kvpool.errors import InvalidArgument, NotFound, PermissionDenied
 from kvpool.identity import KEY_BYTES, Namespace
@@ -59,13 +61,14 @@ class _Base:
         self.admit_commit = None
         #: Fills the metadata-store fields of a StatsResponse (set by the server).
         self.describe_store = None
-        #: Blocks may have replicas (kvpool.master.replication): reads get the nearest copy.
-        self.replicated = False
+        #: Told of each read served from another host than the reader's (read-driven
+        #: replicas, kvpool.master.replication); None when they are off.
+        self.read_by = None
 
     def _nearest(self, entries, client_host: str):
         """For each entry, a copy on the reader's host when a replica is there (the entry pins
         its replicas too, so the lease covers the copy chosen)."""
-        if not self.replicated or not client_host:
+        if not client_host or not self.index.replicated:
             return entries
         nodes = self.index.nodes
         out = []
@@ -78,6 +81,13 @@ class _Base:
                         break
             out.append(e)
         return out
+
+    def _served(self, entries, client_host: str):
+        """The copies a read is sent to (:meth:`_nearest`); reads from afar are counted."""
+        served = self._nearest(entries, client_host)
+        if self.read_by is not None and client_host:
+            self.read_by(served, client_host)
+        return served
 
     def _stats(self, tenant: str | None = None) -> common_pb2.StatsResponse:
         resp = stats_response(self.index, tenant)
@@ -161,8 +171,9 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         if tenant is not None and ns.tenant != tenant:
             raise PermissionDenied(f"RegisterNamespace: this token acts for tenant {tenant!r}, not {ns.tenant!r}; "
                                    f"set Namespace(tenant={tenant!r})")
-        info = self.index.register_namespace(ns)
-        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes)
+        info = self.index.register_namespace(ns, request.replicas)
+        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes,
+                                                  replicas=self.index.replicas_of(info.namespace.id))
 
     @rpc
     def PutStart(self, request, context):
@@ -205,7 +216,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, hits)
         resp = pool_pb2.LookupResponse(hit_blocks=hits)
         if lease is not None:
-            self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
+            self._locations(self._served(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
                             self.index.config.lease_ttl_s, self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
@@ -229,7 +240,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
                 lease = self.index.shrink_lease(lease, keep)
         resp = pool_pb2.GetResponse(found=bytes(found))
         if lease is not None:
-            self._locations(self._nearest(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
+            self._locations(self._served(lease.entries, request.client_host), resp.locations, READ, lease.lease_id,
                             self.index.config.lease_ttl_s, self.index.namespace(request.namespace_id).tenant)
             resp.lease_id = lease.lease_id
             resp.lease_expires_in_ms = int(self.index.config.lease_ttl_s * 1000)
@@ -316,6 +327,9 @@ def _transport_summary(ep) -> dict[str, str]:
 
 
 class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
+    #: The master's KV events (kvpool.master.events.EventPublisher), set by the server.
+    events = None
+
     @rpc
     def ListBlocks(self, request, context):
         if request.namespace_id:
@@ -401,3 +415,38 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
             node_id=node.node_id, node_name=node.name, moved=report.moved, moved_bytes=report.moved_bytes,
             dropped=report.dropped, remaining=report.remaining, leased=report.leased,
             draining=node.node_id in self.index.draining, failed=report.failed, first_error=report.first_error)
+
+    async def SubscribeEvents(self, request, context):
+        """Streams KV event batches, narrowed to the caller's tenant for a client token
+        (kvpool.master.events); ends when the master stops or the caller goes away."""
+        if self.events is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "SubscribeEvents: this master publishes no events")
+        sub = self.events.subscribe(self._tenant())
+        try:
+            # Headers now, so a subscriber knows when it is subscribed (before any event).
+            await context.send_initial_metadata(())
+            while (batch := await sub.queue.get()) is not None:
+                seq, payload = batch
+                yield admin_pb2.EventBatch(seq=seq, payload=payload)
+        finally:
+            self.events.unsubscribe(sub)
+    @rpc
+    def Namespaces(self, request, context):
+        index = self.index
+        if request.HasField("set_replicas"):
+            if not request.namespace_id:
+                raise InvalidArgument("Namespaces: set_replicas needs namespace_id (see kvpool admin namespaces)")
+            index.set_replicas(request.namespace_id, request.set_replicas)
+        elif request.namespace_id:
+            index.namespace(request.namespace_id)  # NOT_FOUND, naming RegisterNamespace
+        blocks: dict[str, int] = {}
+        for entry in index.entries(request.namespace_id):
+            blocks[entry.ns] = blocks.get(entry.ns, 0) + 1
+        resp = admin_pb2.NamespacesResponse(default_replicas=index.config.replicas)
+        for ns_id, info in index.namespaces.items():
+            if request.namespace_id and ns_id != request.namespace_id:
+                continue
+            resp.namespaces.add(namespace_id=ns_id, model=info.namespace.model, tenant=info.tenant,
+                                block_bytes=info.block_bytes, replicas=index.replicas_of(ns_id),
+                                replicas_default=not info.replicas, blocks=blocks.get(ns_id, 0))
+        return resp

@@ -3,10 +3,14 @@
 The master decides *what* moves (the index and its policies); the node's mover does the
 I/O. This module is the asynchronous glue between them:
 
-* **Demotion.** When a node's DRAM passes its high watermark, the DRAM policy's victims
-  are copied to NVMe in batches; a victim that already has an NVMe copy just loses its
-  DRAM copy. A full NVMe tier evicts by the NVMe policy and retries once; what still does
-  not fit is evicted outright.
+* **Demotion.** Each tier passes its blocks down the node's chain, HBM -> DRAM -> NVMe.
+  When a node's HBM passes its high watermark, the HBM policy's victims are copied into
+  DRAM slots on the same node (checksums verified there) and served from DRAM; DRAM makes
+  room by its own policy first, and only a block that still finds no DRAM slot is evicted.
+  When a node's DRAM passes its high watermark, the DRAM policy's victims are copied to
+  NVMe in batches; a victim that already has an NVMe copy just loses its DRAM copy. A full
+  NVMe tier evicts by the NVMe policy and retries once; what still does not fit is evicted
+  outright.
 * **Promotion on hit.** A Lookup or Get that leases an NVMe-only block waits for it to be
   read back into DRAM (checksum verified) before answering. A block that fails its
   checksum is dropped and reported, and the read treats it as a miss: it is never served.
@@ -25,6 +29,7 @@ import logging
 
 from kvpool.master.index import DRAM, NVME, BlockIndex, Entry
 from kvpool.master.nodes import NodeHandle, has_durable_tier
+from kvpool.tiers.base import TierCaps
 
 __all__ = ["Tiering"]
 
@@ -57,6 +62,12 @@ class Tiering:
         if self.write_through:
             await self.write_through_committed()
         for node in self.index.nodes:
+            caps = node.tier_caps()
+            host = [t for t, c in caps.items() if TierCaps.HOST_SHARED in c]
+            for tier in (t for t, c in caps.items() if TierCaps.DEVICE in c) if host else ():
+                excess = self.index.over_watermark(node, tier)
+                if excess:
+                    await self.demote_memory(node, tier, host[0], excess)
             if not self.has_nvme(node):
                 continue
             excess = self.index.over_watermark(node, DRAM)
@@ -81,6 +92,15 @@ class Tiering:
         index = self.index
         victims = index.victims(node.node_id, DRAM, want_bytes)
         freed = sum(v.size for v in victims)
+        # Replicas of blocks whose own node is another are evicted: the block keeps its
+        # other copies (a replica is not written to this node's NVMe).
+        replicas = [v for v in victims if v.node_id != node.node_id]
+        for v in replicas:
+            index.drop_copy(v, DRAM, node.node_id)
+        if replicas:
+            tk = (node.node_id, DRAM)
+            index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + len(replicas)
+        victims = [v for v in victims if v.node_id == node.node_id]
         for v in victims:
             if v.nvme is not None:  # already durable: no I/O, just let the DRAM copy go
                 index.drop_copy(v, DRAM)
@@ -94,7 +114,64 @@ class Tiering:
         finally:
             for v in moving:
                 index.unpin(v)
-        return len(victims), freed
+        return len(victims) + len(replicas), freed
+
+    async def demote_memory(self, node: NodeHandle, tier: str, target: str, want_bytes: int | None) -> tuple[int, int]:
+        """Move victims of ``node``'s memory ``tier`` (HBM) into its host tier ``target``
+        (DRAM) until ``want_bytes`` are free (None: all). Returns (blocks moved, blocks evicted).
+
+        Blocks leased meanwhile stay where they are (a leased copy is never moved). On a node
+        without NVMe, a block that finds no ``target`` slot even after ``target`` evicted by
+        its own policy is evicted, as it would have been without a next tier.
+        """
+        index = self.index
+        victims = index.victims(node.node_id, tier, want_bytes)
+        if not victims:
+            return 0, 0
+        for v in victims:
+            index.pin(v)
+        moved = evicted = 0
+        try:
+            # With NVMe below, DRAM makes room by demoting (later in this cycle), so a block
+            # without a DRAM slot now waits in HBM for the next cycle; without NVMe, DRAM
+            # evicts by its own policy, and what still finds no slot is evicted from HBM.
+            durable = self.has_nvme(node)
+            slots = []
+            for v in victims:
+                slot = node.allocate(target, v.size)
+                if slot is None and not durable:
+                    index.make_room(node, target, v.size, len(victims) - len(slots))
+                    slot = node.allocate(target, v.size)
+                slots.append(slot)
+            items = [(v.key, v.mem, v.checksum, v.ns, s) for v, s in zip(victims, slots)
+                     if s is not None and v.mem is not None and v.mem_tier == tier]
+            try:
+                done, corrupt = await node.move_tier(items, tier, target) if items else ([], [])
+            except Exception as exc:  # the node went away or refused: nothing moved, nothing lost
+                log.warning("moving %d block(s) from %s to %s on %s failed: %s", len(items), tier, target, node.name,
+                            exc)
+                done, corrupt = [], []
+            done, corrupt = set(done), set(corrupt)
+            for v, slot in zip(victims, slots):
+                if slot is not None and v.key in done and index.moved_tier(v, target, slot):
+                    moved += 1
+                    continue
+                if slot is not None:
+                    node.free(target, slot)
+                if v.key in corrupt and not v.doomed:
+                    log.error("block %s failed its checksum moving from %s to %s on %s: dropped, not served",
+                              v.key.hex(), tier, target, node.name)
+                    index.remove([v.key])  # pinned by this move: freed at the unpin below
+                    index.counters.corrupt_blocks += 1
+                elif slot is None and not durable and v.pins == 1 and v.mem is not None and v.mem_tier == tier:
+                    index.drop_copy(v, tier)  # no room below even after eviction: evict, as before
+                    tk = (node.node_id, tier)
+                    index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + 1
+                    evicted += 1
+        finally:
+            for v in victims:
+                index.unpin(v)
+        return moved, evicted
 
     async def _demote_batch(self, node: NodeHandle, batch: list[Entry], retry: bool = True) -> None:
         index = self.index

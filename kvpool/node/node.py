@@ -28,11 +28,12 @@ import os
 from typing import Sequence
 
 import numpy as np
+import xxhash
 
 from kvpool.capability import new_data_key
 from kvpool.node.catalog import NvmeCatalog
 from kvpool.node.mover import DemoteItem, DemoteResult, PromoteItem, PromoteResult, TierMover
-from kvpool.node.resident import ResidentMap
+from kvpool.node.resident import ResidentBlock, ResidentMap
 from kvpool.tiers.base import Arena, Slot, TierCaps, TierUsage
 from kvpool.tiers.dram import DramArena
 from kvpool.tiers.nvme import NvmeArena
@@ -66,6 +67,8 @@ class Node:
         self.data_key = new_data_key()
         self.data_server = None
         self.ucx = None
+        #: Client-side TLS context for the data ports of other nodes this node pulls from.
+        self.peer_tls = None
         self._endpoint: NodeEndpoint | None = None
         #: Committed blocks in the memory tiers, as the master reported them (kvpool.node.resident).
         self.resident = ResidentMap()
@@ -169,9 +172,11 @@ class Node:
                 if TierCaps.ADDRESSABLE in arena.caps and TierCaps.DEVICE not in arena.caps}
 
     def serve_data(self, host: str, port: int = 0, *, advertise_host: str | None = None,
-                   ucx: bool = False, tls=None) -> None:
+                   ucx: bool = False, tls=None, peer_tls=None) -> None:
         """Start the TCP data server (and, with ``ucx``, register the arenas with UCX).
-        ``tls`` (an ``ssl.SSLContext`` for the server side) makes the data port TLS only.
+        ``tls`` (an ``ssl.SSLContext`` for the server side) makes the data port TLS only;
+        ``peer_tls`` (client side, :func:`kvpool.tls.peer_context`) is how this node dials the
+        data ports of the nodes it copies from (:meth:`peer_options`).
 
         Capabilities are checked against ``node_id`` and ``data_key``; call
         :meth:`set_identity` when the master assigns new ones.
@@ -179,6 +184,7 @@ class Node:
         from kvpool.node.data_server import DataServer
 
         self._endpoint = None
+        self.peer_tls = peer_tls
         if port >= 0:
             self.data_server = DataServer(self.host_arenas(), host, port, advertise_host=advertise_host, tls=tls)
             self.data_server.set_identity(self.node_id, self.data_key)
@@ -192,6 +198,13 @@ class Node:
             else:
                 self.ucx = UcxArenaServer(self.host_arenas())
                 self.ucx.start()
+
+    def peer_options(self) -> TransportOptions:
+        """Options for the transports this node opens to copy from another node's data server
+        (a drain's pull, a replica). Nodes of one pool share their TLS files, so a peer whose
+        data port is TLS-only is dialled with this node's own CA and certificate; without
+        them the transport refuses a TLS peer (it never falls back to plaintext)."""
+        return TransportOptions(tls=self.peer_tls)
 
     def set_identity(self, node_id: int, data_key: bytes) -> None:
         """The id and capability key the master knows this node incarnation by."""
@@ -225,27 +238,35 @@ class Node:
         """Read (key, nvme_slot, checksum, dram_slot) blocks into DRAM, verifying checksums."""
         return await self.mover.promote([PromoteItem(*item) for item in items], keep_nvme=True)
 
-    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot]) -> list[int]:
+    async def pull(self, source: NodeEndpoint, access: Access, tier: str, slots: Sequence[Slot],
+                   keys: Sequence[bytes] = (), namespace_ids: Sequence[str] = ()) -> list[int]:
         """Copy the blocks of ``access.records`` from ``source``'s data server into ``slots`` of
-        this node's ``tier`` (a drain moving blocks here). Returns the positions of blocks that
-        failed their checksum on the way: their slots hold nothing to serve.
+        this node's ``tier`` (a replica, or a drain moving blocks here). Returns the positions
+        of blocks that failed their checksum on the way: their slots hold nothing to serve.
 
         The master allocated ``slots`` and signed ``access`` with the source's key; the bytes go
-        straight from the source's arena into this one, never through the master.
+        straight from the source's arena into this one, never through the master. With
+        ``keys`` and ``namespace_ids`` (one per record), the good copies become resident
+        blocks of this node (reported again after a master restart).
         """
         arena = self.host_arenas().get(tier)
         if arena is None:
             raise ValueError(f"node {self.name} has no host-memory tier {tier!r} to pull into")
-        if not source.tcp_address:
-            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
         records = unpack_records(access.records)
         if len(records) != len(slots):
             raise ValueError(f"pull of {len(records)} blocks into {len(slots)} slots")
+        if (keys or namespace_ids) and not len(keys) == len(namespace_ids) == len(records):
+            raise ValueError(f"pull of {len(records)} blocks with {len(keys)} keys and {len(namespace_ids)} "
+                             f"namespaces: give one of each per record, or none")
+        if any(s.offset + s.size > len(arena) for s in slots):
+            raise ValueError(f"a target slot lies outside this node's {tier} tier ({len(arena)} bytes)")
+        if not source.tcp_address:
+            raise ValueError(f"node {source.name!r} has no data server to pull from (started with --data-port -1)")
         outs = [arena[s.offset:s.offset + s.size] for s in slots]
         share = Share(records, np.arange(len(records), dtype=np.uint32), access)
 
         def copy() -> list[int]:
-            transport = TcpTransport.open(source, tier, TransportOptions())
+            transport = TcpTransport.open(source, tier, self.peer_options())
             try:
                 transport.read(share, outs)
             except BlockIntegrityError as exc:
@@ -253,6 +274,45 @@ class Node:
             finally:
                 transport.close()
             return []
+
+        corrupt = await asyncio.to_thread(copy)
+        bad = set(corrupt)
+        for i, key in enumerate(keys):
+            if i not in bad:
+                r = records[i]
+                self.resident.add(ResidentBlock(tier, slots[i].offset, slots[i].size, key, int(r["checksum"]),
+                                                namespace_ids[i]))
+        return corrupt
+
+    async def move_tier(self, items: Sequence[tuple], source_tier: str,
+                        target_tier: str) -> tuple[list[bytes], list[bytes]]:
+        """Copy (key, source slot, checksum, namespace, target slot) blocks from one memory
+        tier to another of this node (HBM over its watermark -> DRAM). Returns (moved keys,
+        corrupt keys): a moved block's target slot holds its bytes, checksum verified, and is
+        now a resident block of this node; a corrupt one's target holds nothing to serve.
+        The source slots are left alone: the master frees them once it serves the new copies.
+        """
+        source, target = self.tiers.get(source_tier), self.host_arenas().get(target_tier)
+        if source is None or TierCaps.PERSISTENT in source.caps:
+            raise ValueError(f"node {self.name} has no memory tier {source_tier!r} to move blocks from")
+        if target is None:
+            raise ValueError(f"node {self.name} has no host-memory tier {target_tier!r} to move blocks into")
+        for key, src, _, _, dst in items:
+            if src.size != dst.size or src.offset + src.size > source.capacity or dst.offset + dst.size > len(target):
+                raise ValueError(f"block {bytes(key).hex()}: slot {src} of {source_tier} or {dst} of {target_tier} "
+                                 f"lies outside its tier or sizes differ")
+
+        def copy() -> tuple[list[bytes], list[bytes]]:
+            moved, corrupt = [], []
+            for key, src, checksum, ns, dst in items:
+                out = target[dst.offset : dst.offset + dst.size]
+                source.read_into(src, out)
+                if xxhash.xxh3_64_intdigest(out) != checksum:
+                    corrupt.append(key)
+                    continue
+                self.resident.add(ResidentBlock(target_tier, dst.offset, dst.size, key, checksum, ns))
+                moved.append(key)
+            return moved, corrupt
 
         return await asyncio.to_thread(copy)
 

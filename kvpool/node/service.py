@@ -16,7 +16,6 @@ import logging
 import secrets
 
 import grpc
-import numpy as np
 
 from kvpool.auth import NODE, AuthInterceptor, Caller, TokenTable, bearer_metadata, resolve_token
 from kvpool.capability import new_data_key
@@ -25,14 +24,13 @@ from kvpool.masters import MasterList
 from kvpool.metrics import Metrics
 from kvpool.node.catalog import KEY_BYTES, MAX_KEY_BYTES
 from kvpool.guard import LogLimiter, RequestGuard
-from kvpool.tls import TlsFiles, open_aio_channel, server_context, server_credentials
+from kvpool.tls import TlsFiles, open_aio_channel, peer_context, server_context, server_credentials
 from kvpool.node.node import Node
 from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.tiers.base import Slot
-from kvpool.transport.base import READ, Access, BlockIntegrityError, Share, TransportOptions
+from kvpool.transport.base import READ, Access
 from kvpool.transport.endpoint import NodeEndpoint
-from kvpool.transport.tcp import TcpTransport
 from kvpool.wire import unpack_records
 
 __all__ = ["NodeControlServicer", "NodeAgent", "NodeServer"]
@@ -139,22 +137,47 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
 
     @_control
     async def Pull(self, request, context):
-        try:
-            sizes = unpack_records(request.records)["size"]
-        except ValueError as exc:
-            raise InvalidArgument(f"{exc}") from None
-        if len(sizes) != len(request.target_offsets):
-            raise InvalidArgument(f"{len(sizes)} records but {len(request.target_offsets)} target slots")
+        """The one node-to-node copy (replicas and drains): see node.proto and kvpool.master.copier."""
+        await self._fence(request, context)
+        if request.keys or request.namespace_ids:
+            for key in request.keys:
+                if not KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+                    raise InvalidArgument(f"a block key is {KEY_BYTES} bytes (and a tenant); got {len(key)}")
         # The capability names the tenant whose blocks these are (kvpool-cap/v2): the source's
         # data server checks it against the blocks' keys.
         access = Access(READ, request.grant_id, request.source.node_id, request.expires_unix_ms, request.mac,
                         request.records, request.tenant)
-        slots = [Slot(int(o), int(n)) for o, n in zip(request.target_offsets, sizes)]
-        try:
-            corrupt = await self.node.pull(NodeEndpoint.from_proto(request.source), access, request.tier, slots)
-        except ValueError as exc:
-            raise InvalidArgument(f"{exc}") from None
+        corrupt = await self._pull(request.source, access, request.tier, request.target_offsets, request.keys,
+                                   request.namespace_ids)
         return node_pb2.PullResponse(corrupt=corrupt)
+
+    async def _pull(self, source, access: Access, tier: str, offsets, keys, namespace_ids) -> list[int]:
+        try:
+            sizes = unpack_records(access.records)["size"]
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if len(sizes) != len(offsets):
+            raise InvalidArgument(f"{len(sizes)} records but {len(offsets)} target slots; give one per record")
+        slots = [Slot(int(o), int(n)) for o, n in zip(offsets, sizes)]
+        try:
+            return await self.node.pull(NodeEndpoint.from_proto(source), access, tier, slots, list(keys),
+                                        list(namespace_ids))
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    @_control
+    async def MoveTier(self, request, context):
+        await self._fence(request, context)
+        for i in request.items:
+            self._check("MoveTier", i.key, request.source_tier, i.offset, i.size)
+            self._check("MoveTier target", i.key, request.target_tier, i.target_offset, i.size)
+        items = [(i.key, Slot(i.offset, i.size), i.checksum, i.namespace_id, Slot(i.target_offset, i.size))
+                 for i in request.items]
+        try:
+            moved, corrupt = await self.node.move_tier(items, request.source_tier, request.target_tier)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return node_pb2.MoveTierResponse(moved=moved, corrupt=corrupt)
 
     @_control
     async def DropNvme(self, request, context):
@@ -186,51 +209,21 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
 
     @_control
     async def Replicate(self, request, context):
-        """Pull blocks from another node's data server into our slots (a replica)."""
+        """Deprecated (node.proto): the same copy as Pull, for a master of the previous release."""
         await self._fence(request, context)
-        arenas = self.node.host_arenas()
-        if request.tier not in arenas:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Replicate: this node has no host tier {request.tier!r}")
-        try:
-            records = unpack_records(request.records)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Replicate: {exc}")
-        n = len(records)
-        if not (len(request.target_offsets) == len(request.keys) == len(request.namespace_ids) == n):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "Replicate: give one target offset, key and namespace per record")
-        arena = arenas[request.tier]
-        sizes = records["size"].tolist()
-        if any(o + z > len(arena) for o, z in zip(request.target_offsets, sizes)):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Replicate: a target slot lies outside the tier")
-        outs = [arena[o : o + z] for o, z in zip(request.target_offsets, sizes)]
         cap = request.capability
-        share = Share(records, np.arange(n), Access(READ, request.lease_id, cap.node_id, cap.expires_unix_ms,
-                                                   bytes(cap.mac), request.records))
-        bad: set[int] = set()
-        error = ""
+        access = Access(READ, request.lease_id, cap.node_id, cap.expires_unix_ms, bytes(cap.mac), request.records)
+        if not len(request.keys) == len(request.namespace_ids) == len(request.target_offsets):
+            raise InvalidArgument("Replicate: give one target offset, key and namespace per record")
         try:
-            await asyncio.to_thread(self._pull, NodeEndpoint.from_proto(request.source), share, outs)
-        except BlockIntegrityError as exc:
-            bad, error = set(exc.positions), str(exc)
+            bad = set(await self._pull(request.source, access, request.tier, request.target_offsets, request.keys,
+                                       request.namespace_ids))
         except KvpoolError as exc:
+            if isinstance(exc, InvalidArgument):
+                raise
             return node_pb2.ReplicateResponse(error=str(exc))
-        copied = []
-        for i in range(n):
-            if i in bad:
-                continue
-            r = records[i]
-            self.node.resident.add(ResidentBlock(request.tier, int(request.target_offsets[i]), int(r["size"]),
-                                                 request.keys[i], int(r["checksum"]), request.namespace_ids[i]))
-            copied.append(request.keys[i])
-        return node_pb2.ReplicateResponse(copied=copied, error=error)
-
-    def _pull(self, source: NodeEndpoint, share: Share, outs) -> None:
-        transport = TcpTransport.open(source, "dram", TransportOptions())
-        try:
-            transport.read(share, outs)
-        finally:
-            transport.close()
+        copied = [k for i, k in enumerate(request.keys) if i not in bad]
+        return node_pb2.ReplicateResponse(copied=copied, error=f"{len(bad)} blocks failed their checksum" if bad else "")
 
 
 class NodeAgent:
@@ -380,13 +373,14 @@ class NodeServer:
         self._server = server
         control = f"{s.host}:{self.port}"
         self.node.serve_data(s.host, s.data_port, advertise_host=s.advertise_host or None, ucx=s.ucx,
-                             tls=server_context(tls) if tls is not None else None)
+                             tls=server_context(tls) if tls is not None else None, peer_tls=peer_context(tls))
         self.agent = NodeAgent(self.node, s.master, control, token, tls)
         self._agent_task = asyncio.create_task(self.agent.run())
         metrics = "off"
         if s.metrics_port >= 0:
             self.metrics = Metrics.for_node(self.node)
-            metrics = f"http://{s.host}:{self.metrics.serve(s.host, s.metrics_port)}/metrics"
+            where = s.metrics_host or s.host
+            metrics = f"http://{where}:{self.metrics.serve(where, s.metrics_port)}/metrics"
         ep = self.node.endpoint()
         shm = ep.segment("dram", "shm").handle
         tiers = " ".join(f"{name}={arena.capacity}" for name, arena in self.node.tiers.items())

@@ -86,7 +86,7 @@ class TcpTransport(Transport):
             if self._options.tls is None:
                 sock.close()
                 raise FailedPrecondition(f"node {self._label} serves its data port over TLS only; give the client "
-                                         f"the CA that signed it (tls_ca, or KVPOOL_TLS_CA)")
+                                         f"the CA that signed it (tls_ca, or KVPOOL_TLS_CA; a node copying from it: --tls-ca)")
             try:
                 sock = self._options.tls.wrap_socket(sock, server_hostname=self._addr[0])
             except (OSError, ValueError) as exc:

@@ -10,10 +10,9 @@ class Kernels:
     references). ``"auto"`` is Triton on CUDA tensors and the references on the CPU."""
 
     def __init__(self, choice: str, device) -> None:
-        # From the submodules: once ``kvpool.kernels.prefix_attention`` (the module) is
-        # imported, the package attribute of that name is the module, not the function.
+        # From the submodules, so that nothing triton-related loads before it is used.
         from kvpool.kernels.paged_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
-        from kvpool.kernels.prefix_attention import prefix_attention, prefix_attention_ref
+        from kvpool.kernels.attention import prefix_attention, prefix_attention_ref
 
         if choice == "auto":
             choice = "triton" if device.type == "cuda" else "torch"

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 
+from kvpool.lifeline import child_env
+
 __all__ = ["Child", "spawn_child", "stop_process", "start_child", "start_serve", "start_worker", "serve_argv", "worker_argv",
            "SERVE_READY", "WORKER_READY"]
 
@@ -54,9 +56,11 @@ def spawn_child(argv: list[str], ready: str, env: dict | None = None, popen=subp
 
     ``cwd``: run there. ``python -m`` puts its directory first on ``sys.path``, so from a
     source checkout with kvpool installed as a wheel, run children elsewhere (the checkout's
-    ``kvpool/`` lacks ``kvpool.kernels`` and ``kvpool.tiers``, which the install maps)."""
+    ``kvpool/`` lacks ``kvpool.kernels`` and ``kvpool.tiers``, which the install maps).
+
+    The child ends with this process, even when it is killed (:mod:`kvpool.lifeline`)."""
     proc = popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                 env={**os.environ, **(env or {})}, cwd=cwd)
+                 env={**os.environ, **child_env(), **(env or {})}, cwd=cwd)
     lines: list[str] = []
     found: dict = {}
     done = threading.Event()

@@ -7,6 +7,7 @@ another vLLM process: it shares nothing with the first but the pool.
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -26,8 +27,8 @@ def pool_namespace(salt: str = "") -> Namespace:
     return Namespace("tiny-llama", KVLayout(LAYERS, HEADS, DIM, "float32", BLOCK, "kv"), salt=salt)
 
 
-def engine(pool, tiny_llama, role="kv_both", **extra) -> Engine:
-    return Engine(make_config(tiny_llama, kv_transfer_config(pool.address, role, **extra)))
+def engine(pool, tiny_llama, role="kv_both", step_tokens=512, **extra) -> Engine:
+    return Engine(make_config(tiny_llama, kv_transfer_config(pool.address, role, **extra), step_tokens))
 
 
 def assert_blocks_hold(worker, req_id, tokens, n_blocks):
@@ -156,3 +157,66 @@ def test_producer_only_publishes_and_consumer_only_loads(pool, tiny_llama):
     assert consumer.step().scheduled_new_reqs[0].num_computed_tokens == 4 * BLOCK
     consumer.close()
     producer.close()
+
+
+def test_finish_save_runs_off_the_step_and_keeps_the_blocks_until_get_finished(pool, tiny_llama):
+    """The pool stops answering (SIGSTOP) right after the Lookup: the request still finishes and
+    the engine keeps stepping, while vLLM holds the request's blocks for the publish in flight."""
+    prompt = [p + 60 for p in PROMPT]
+    a = engine(pool, tiny_llama)
+    a.scheduler.add_request(make_request("h", prompt, max_tokens=1))
+    so = a.scheduler.schedule()  # the Lookup (a miss) needs the pool
+    assert so.scheduled_new_reqs[0].num_computed_tokens == 0
+    block_ids = list(so.scheduled_new_reqs[0].block_ids[0])
+    free_before = a.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    pool.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.scheduler.update_from_output(so, a.worker.run(so, a.scheduler.requests))
+        request = a.scheduler.requests["h"]  # finished (max_tokens=1) but held for the publish
+        assert request.is_finished() and a.scheduler.connector.has_pending_push_work()
+        started = time.monotonic()
+        for _ in range(5):  # empty steps hand the finish save over and return at once
+            a.step()
+        assert time.monotonic() - started < 5  # a put against a stopped pool would block 30 s
+        assert "h" in a.scheduler.requests and a.scheduler.has_requests()
+        assert a.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_before
+        assert all(a.scheduler.kv_cache_manager.block_pool.blocks[b].ref_cnt > 0 for b in block_ids)
+        assert a.worker.stats.get("blocks_saved", 0) == 0
+    finally:
+        pool.proc.send_signal(signal.SIGCONT)
+    a.run_until_idle()  # the publish completes; get_finished names "h"; vLLM frees its blocks
+    assert "h" not in a.scheduler.requests and not a.scheduler.connector.has_pending_push_work()
+    assert a.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() > free_before
+    assert a.worker.stats["blocks_saved"] == 4
+    keys = pool_namespace().keys(prompt)
+    assert [k for e in a.events if isinstance(e, BlockStored) for k in e.block_hashes] == keys[:4]
+    b = engine(pool, tiny_llama)  # and what was published is the request's KV
+    b.scheduler.add_request(make_request("h2", prompt))
+    assert b.step().scheduled_new_reqs[0].num_computed_tokens == 4 * BLOCK
+    assert_blocks_hold(b.worker, "h2", prompt, 4)
+    a.close()
+    b.close()
+
+
+def test_prefill_chunks_save_at_once_and_the_last_at_finish(pool, tiny_llama):
+    """A prompt longer than one step's token budget (128): each chunk that does not end the
+    prompt has its blocks copied out in its step (the request certainly goes on); the last
+    chunk's blocks go by the finish save."""
+    prompt = [(11 * i + 5) % 500 + 3 for i in range(300)]
+    a = engine(pool, tiny_llama, step_tokens=128)
+    a.scheduler.add_request(make_request("long", prompt, max_tokens=1))
+    so = a.step()
+    assert so.num_scheduled_tokens["long"] == 128
+    assert [(s.start, s.end) for s in so.kv_connector_metadata.saves] == [(0, 8)]
+    so = a.step()
+    assert [(s.start, s.end) for s in so.kv_connector_metadata.saves] == [(8, 16)]
+    so = a.step()  # the last chunk (44 tokens) ends the prompt: nothing at once
+    assert so.num_scheduled_tokens["long"] == 44 and not so.kv_connector_metadata.saves
+    a.run_until_idle()
+    assert a.worker.stats["blocks_saved"] == 300 // BLOCK
+    b = engine(pool, tiny_llama)
+    b.scheduler.add_request(make_request("long2", prompt))
+    assert b.step().scheduled_new_reqs[0].num_computed_tokens == (299 // BLOCK) * BLOCK
+    assert_blocks_hold(b.worker, "long2", prompt, 299 // BLOCK)
+    a.close()
+    b.close()

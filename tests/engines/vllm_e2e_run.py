@@ -16,6 +16,7 @@ import argparse
 import json
 import mmap
 import os
+import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine core runs here
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on the CPU backend
@@ -31,6 +32,22 @@ def make_llm(model: str, kv_transfer_config: str):
                max_model_len=512, block_size=32, enforce_eager=True, gpu_memory_utilization=0.1,
                max_num_seqs=4, max_num_batched_tokens=512,
                kv_transfer_config=KVTransferConfig(**json.loads(kv_transfer_config)))
+
+
+def settle(llm, timeout_s: float = 60.0) -> None:
+    """Reset vLLM's prefix cache once the connector's finish saves are done.
+
+    The connector publishes a finished request's blocks in the background and vLLM holds them
+    until then, so the reset cannot succeed before. ``LLM.generate`` stops stepping the engine
+    once it has its outputs; a server's engine loop keeps stepping by itself
+    (``has_pending_push_work``), and so does this loop.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not llm.reset_prefix_cache():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vLLM's prefix cache still in use after {timeout_s} s")
+        llm.llm_engine.step()
+        time.sleep(0.005)
 
 
 def corrupt(shm_path: str) -> None:
@@ -63,9 +80,10 @@ def main() -> None:
         return list(llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs[0].token_ids)
 
     out = {"cold": generate()}
-    assert llm.reset_prefix_cache()
+    settle(llm)
     out["from_pool"] = generate()
     if args.corrupt:
+        settle(llm)
         corrupt(args.corrupt)
         assert llm.reset_prefix_cache()
         out["corrupted"] = generate()

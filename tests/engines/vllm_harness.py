@@ -11,6 +11,7 @@ connector metadata and the KVConnectorOutput the scheduler consumes.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -58,9 +59,11 @@ def kv_transfer_config(address: str, role: str = "kv_both", **extra) -> KVTransf
                                                        "lookup_wait_ms": 5000, **extra})
 
 
-def make_config(model_dir: str, kvt: KVTransferConfig) -> VllmConfig:
+def make_config(model_dir: str, kvt: KVTransferConfig, step_tokens: int = 512) -> VllmConfig:
+    """``step_tokens``: the scheduler's token budget per step (a longer prompt is chunked)."""
     mc = ModelConfig(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=512)
-    sc = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8, max_model_len=512, is_encoder_decoder=False)
+    sc = SchedulerConfig(max_num_batched_tokens=step_tokens, max_num_seqs=8, max_model_len=512,
+                         is_encoder_decoder=False)
     return VllmConfig(model_config=mc, cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
                       scheduler_config=sc, kv_transfer_config=kvt, device_config=DeviceConfig("cpu"))
 
@@ -180,12 +183,19 @@ class Engine:
         self.scheduler.update_from_output(so, out)
         return so
 
-    def run_until_idle(self, max_steps: int = 50) -> int:
-        for steps in range(1, max_steps + 1):
-            self.step()
+    def run_until_idle(self, timeout_s: float = 30.0) -> int:
+        """Step as vLLM's engine loop does while the scheduler has work, including the empty
+        steps that wait for the connector's background publishes (``has_pending_push_work``)."""
+        deadline = time.monotonic() + timeout_s
+        steps = 0
+        while time.monotonic() < deadline:
+            so = self.step()
+            steps += 1
             if not self.scheduler.has_requests():
                 return steps
-        raise AssertionError(f"engine still busy after {max_steps} steps")
+            if not so.total_num_scheduled_tokens:
+                time.sleep(0.002)  # an empty step: the publisher is at work
+        raise AssertionError(f"engine still busy after {timeout_s} s ({steps} steps)")
 
     def close(self) -> None:
         self.scheduler.connector.shutdown()

@@ -60,7 +60,7 @@ ATOL = {"bfloat16": 3e-2, "float16": 4e-3, "float32": 1e-4}
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_prefix_attention_real_sizes(dtype, group):
-    from kvpool.kernels.prefix_attention import prefix_attention, prefix_attention_ref
+    from kvpool.kernels.attention import prefix_attention, prefix_attention_ref
 
     prefix_lens, new_lens = [0, 1000, 517, 2048], [512, 300, 1, 1000]
     kv_heads = HEADS

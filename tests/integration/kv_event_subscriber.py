@@ -1,8 +1,11 @@
 """A KV-event subscriber as a router runs it, in its own process (ZMQ SUB + msgpack).
 
     python tests/integration/kv_event_subscriber.py tcp://HOST:PORT SECONDS [UNTIL_KIND]
+    KVPOOL_TOKEN=... python tests/integration/kv_event_subscriber.py grpc://HOST:PORT SECONDS [UNTIL_KIND]
 
-Prints ``subscribed`` once connected, then, after SECONDS or once an event of kind UNTIL_KIND
+``tcp://`` reads the master's ZMQ PUB socket (every tenant's events, for trusted routers);
+``grpc://`` streams ``Admin/SubscribeEvents`` with the bearer token in ``$KVPOOL_TOKEN``
+(a client token receives its own tenant's events only). Prints ``subscribed`` once connected, then, after SECONDS or once an event of kind UNTIL_KIND
 arrived, one JSON line: the batches received, each ``{"seq", "ts", "events"}``, with
 block hashes as hex.
 """
@@ -17,9 +20,22 @@ import msgpack
 import zmq
 
 
+def _decode(events) -> tuple[list, list[str]]:
+    out, kinds = [], []
+    for ev in events:
+        kind = ev[0]
+        if kind in ("BlockStored", "BlockRemoved"):
+            ev = [kind, [h.hex() for h in ev[1]], *ev[2:]]
+        out.append(ev)
+        kinds.append(kind)
+    return out, kinds
+
+
 def main() -> None:
     endpoint, seconds = sys.argv[1], float(sys.argv[2])
     until = sys.argv[3] if len(sys.argv) > 3 else None
+    if endpoint.startswith("grpc://"):
+        return over_grpc(endpoint.removeprefix("grpc://"), seconds, until)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -34,17 +50,42 @@ def main() -> None:
             continue
         topic, seq, payload = sub.recv_multipart()
         ts, events = msgpack.unpackb(payload, raw=False)
-        out = []
-        for ev in events:
-            kind = ev[0]
-            if kind in ("BlockStored", "BlockRemoved"):
-                ev = [kind, [h.hex() for h in ev[1]], *ev[2:]]
-            out.append(ev)
-            done = done or kind == until
+        out, kinds = _decode(events)
+        done = until in kinds
         batches.append({"topic": topic.decode(), "seq": int.from_bytes(seq, "big"), "ts": ts, "events": out})
     print(json.dumps(batches), flush=True)
     sub.close(0)
     ctx.term()
+
+
+def over_grpc(address: str, seconds: float, until: str | None) -> None:
+    import os
+
+    import grpc
+
+    from kvpool.auth import bearer_metadata
+    from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc
+
+    batches = []
+    with grpc.insecure_channel(address) as channel:
+        call = admin_pb2_grpc.AdminStub(channel).SubscribeEvents(
+            admin_pb2.SubscribeEventsRequest(), metadata=bearer_metadata(os.environ.get("KVPOOL_TOKEN")),
+            timeout=seconds)
+        call.initial_metadata()  # the master sends its headers once the subscription is in place
+        print("subscribed", flush=True)
+        try:
+            for batch in call:
+                ts, events = msgpack.unpackb(batch.payload, raw=False)
+                out, kinds = _decode(events)
+                batches.append({"seq": batch.seq, "ts": ts, "events": out})
+                if until in kinds:
+                    break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                print(f"SubscribeEvents failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                sys.exit(1)
+        call.cancel()
+    print(json.dumps(batches), flush=True)
 
 
 if __name__ == "__main__":

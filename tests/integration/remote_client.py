@@ -5,6 +5,9 @@
     python tests/integration/remote_client.py stream  MASTER SEED BLOCKS SECONDS [--transport T]
     python tests/integration/remote_client.py stats   MASTER
 
+``--model M`` names another namespace (the same layout); ``--replicas N`` registers it with
+that replicas setting.
+
 Every command prints one JSON line. Blocks and tokens come from SEED, so a writer on one host
 and a reader on another agree on both without sharing anything but the master's address.
 ``fetch`` and ``stream`` compare every block they get with what the writer published: a
@@ -34,7 +37,9 @@ def _tokens(seed: int, blocks: int) -> list[int]:
 
 
 def _client(args) -> Client:
-    return Client(args.master, NAMESPACE, transport=args.transport, connect_timeout=2.0, io_timeout=3.0)
+    ns = Namespace(model=args.model, layout=SMALL)
+    return Client(args.master, ns, transport=args.transport, connect_timeout=2.0, io_timeout=3.0,
+                  replicas=args.replicas)
 
 
 def publish(args) -> dict:
@@ -97,6 +102,8 @@ def main() -> None:
     p.add_argument("blocks", type=int, nargs="?", default=4)
     p.add_argument("seconds", type=float, nargs="?", default=5.0)
     p.add_argument("--transport", default=None)
+    p.add_argument("--model", default=NAMESPACE.model)
+    p.add_argument("--replicas", type=int, default=None)
     args = p.parse_args()
     try:
         out = globals()[args.command](args)

@@ -152,6 +152,11 @@ def test_pull_with_bad_input_gets_a_status_and_the_node_keeps_serving(cluster):
              grpc.StatusCode.INVALID_ARGUMENT, "2 records but 1 target slots"),
             (node_pb2.PullRequest(tier="hbm", records=b"\0" * 32, target_offsets=[0]),
              grpc.StatusCode.INVALID_ARGUMENT, "no host-memory tier 'hbm'"),
+            (node_pb2.PullRequest(tier="dram", records=b"\0" * 32, target_offsets=[0], keys=[b"k" * 16]),
+             grpc.StatusCode.INVALID_ARGUMENT, "give one of each per record"),
+            (node_pb2.PullRequest(tier="dram", records=b"\0" * 32, target_offsets=[0], keys=[b"k"],
+                                  namespace_ids=["n"]),
+             grpc.StatusCode.INVALID_ARGUMENT, "a block key is 16 bytes"),
         ]:
             try:
                 stub.Pull(req, timeout=10)
@@ -170,6 +175,30 @@ def test_pull_with_bad_input_gets_a_status_and_the_node_keeps_serving(cluster):
             raise AssertionError("Pull from nowhere succeeded")
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and "nowhere" in exc.details(), exc.details()
+        # MoveTier (HBM -> DRAM demotion) checks its tiers and slots before copying anything.
+        item = node_pb2.MoveItem(key=b"k" * 16, offset=0, size=4096, target_offset=0)
+        for req, words in [
+            (node_pb2.MoveTierRequest(source_tier="hbm", target_tier="dram", items=[item]),
+             "names the hbm tier, which this node does not have"),
+            (node_pb2.MoveTierRequest(source_tier="dram", target_tier="dram", items=[
+                node_pb2.MoveItem(key=b"k" * 16, offset=0, size=4096, target_offset=2**40)]), "lies outside"),
+        ]:
+            try:
+                stub.MoveTier(req, timeout=10)
+                raise AssertionError("MoveTier accepted bad input")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and words in exc.details(), exc.details()
+        # The deprecated Replicate (a master of the previous release) runs the same copy.
+        old = node_pb2.ReplicateRequest(records=b"\0" * 32, target_offsets=[0], keys=[b"k" * 16],
+                                        namespace_ids=["n"], tier="dram", lease_id="g", source=src.source)
+        old.capability.expires_unix_ms = 2**62
+        assert "nowhere" in stub.Replicate(old, timeout=30).error
+        del old.keys[:]
+        try:
+            stub.Replicate(old, timeout=10)
+            raise AssertionError("Replicate accepted records without keys")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "one target offset, key" in exc.details()
     ns = fresh_namespace()
     with Client(address, ns) as c:  # still serving
         assert c.put_blocks([os.urandom(16)], random_blocks(1)).written == 1

@@ -204,3 +204,37 @@ def test_master_and_node_with_node_tokens(tmp_path, token_file):
         for p in procs:
             p.terminate()
             p.wait(timeout=20)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP port of this machine listens on (/proc/net/tcp and tcp6)."""
+    import ipaddress as ip
+
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, p = local.split(":")
+                if int(p, 16) == port and state == "0A":  # LISTEN
+                    raw = bytes.fromhex(addr)
+                    # The kernel prints each 32-bit word in host (little-endian) order.
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    out.add(str(ip.ip_address(raw)))
+    return out
+
+
+def test_the_metrics_port_can_stay_on_loopback_while_grpc_listens_beyond(tmp_path, token_file):
+    """The exporter authenticates nobody: --metrics-host keeps it on loopback for a local
+    scraper while gRPC (with tokens) listens on every address."""
+    proc, m, _ = start_kvpool(["serve", "--host", "0.0.0.0", "--port", "0", "--auth-tokens", str(token_file),
+                               "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--data-dir", str(tmp_path / "d")],
+                              r"ready grpc=\S+:(\d+) metrics=http://([^:]+):(\d+)/metrics")
+    try:
+        grpc_port, metrics_host, metrics_port = int(m.group(1)), m.group(2), int(m.group(3))
+        assert metrics_host == "127.0.0.1"
+        assert _listening_addresses(metrics_port) == {"127.0.0.1"}
+        assert _listening_addresses(grpc_port) & {"0.0.0.0", "::"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

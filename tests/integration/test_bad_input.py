@@ -14,6 +14,7 @@ import pytest
 from kvpool import Client
 from kvpool.rpc.v1 import admin_pb2, common_pb2, pool_pb2
 from tests.integration.helpers import SMALL, fresh_namespace, random_blocks
+from kvpool.client.async_client import namespace_to_proto
 from tests.integration.rpc_helpers import register, status_of, stubs
 
 NS = fresh_namespace()
@@ -142,3 +143,20 @@ def test_admin_bad_input(rpc):
 def test_release_of_unknown_lease_is_harmless(rpc):
     pool, _, _ = rpc
     assert pool.Release(pool_pb2.ReleaseRequest(lease_ids=["nope"])).released == 0
+
+
+def test_bad_replicas_settings(rpc):
+    pool, admin, ns = rpc
+    proto = pool_pb2.RegisterNamespaceRequest(namespace=namespace_to_proto(NS), replicas=9)
+    code, msg = status_of(pool.RegisterNamespace, proto)
+    assert code == Code.INVALID_ARGUMENT and "between 1 and 8" in msg
+    for req, want, words in [
+        (admin_pb2.NamespacesRequest(set_replicas=2), Code.INVALID_ARGUMENT, "needs namespace_id"),
+        (admin_pb2.NamespacesRequest(namespace_id=ns, set_replicas=0), Code.INVALID_ARGUMENT, "at least 1"),
+        (admin_pb2.NamespacesRequest(namespace_id=ns, set_replicas=99), Code.INVALID_ARGUMENT, "between 1 and 8"),
+        (admin_pb2.NamespacesRequest(namespace_id="feedface", set_replicas=2), Code.NOT_FOUND, "RegisterNamespace"),
+    ]:
+        code, msg = status_of(admin.Namespaces, req)
+        assert (code, words in msg) == (want, True), msg
+    listed = admin.Namespaces(admin_pb2.NamespacesRequest(namespace_id=ns), timeout=10)
+    assert [(n.replicas, n.replicas_default) for n in listed.namespaces] == [(1, True)]  # nothing changed

@@ -81,6 +81,8 @@ def test_readme_operating_commands_run_as_written(cluster, tmp_path):
         "kvpool admin drain": ["moved 8 blocks", "0 left"],
         "kvpool admin evict": ["evicted 8 blocks"],
         "kvpool admin flush": ["removed 0 blocks"],
+        "kvpool admin namespaces": [ns.id[:16], ns.model, "pool default: 1 copy"],
+        "kvpool admin namespaces --namespace": ["now keeps 2 copies", ns.id[:16]],
         "kvpool completion": [],
     }
     commands = readme_commands()

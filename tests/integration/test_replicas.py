@@ -9,11 +9,55 @@ host b is sent to the copy on its own host.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 
 from tests.hosts import hosts  # noqa: F401  (the fixture)
 from tests.integration.test_multihost import HEARTBEAT, run_client
+
+
+BLOCK = 16384  # tests.integration.helpers.SMALL
+
+
+def start_pool(hosts, *master_args: str):
+    """Node A on host a, node B on host b, the master on host c; returns (hosts, master, nodes)."""
+    h = hosts(["a", "b", "c"])
+    a, b, c = h["a"], h["b"], h["c"]
+    _, m, _ = c.start_kvpool(["master", "--host", c.address, "--insecure", "--port", "0", "--metrics-port", "-1",
+                              "--heartbeat-interval", HEARTBEAT, *master_args], r"ready grpc=(\S+)")
+    master = m.group(1)
+    nodes = {}
+    for host, name in ((a, "node-a"), (b, "node-b")):
+        nodes[name], _, _ = host.start_kvpool(
+            ["node", "--master", master, "--host", host.address, "--insecure", "--port", "0", "--node-name", name,
+             "--prefault", "false", "--data-dir", f"/tmp/kvpool-test-{os.getpid()}-{name}"],
+            r"ready control=\S+ data=(\S+)")
+    deadline = time.monotonic() + 20
+    while run_client(a, "stats", master)["nodes"] != 2:
+        assert time.monotonic() < deadline, "nodes did not register"
+        time.sleep(0.2)
+    return (a, b, c), master, nodes
+
+
+def wait_used(host, master, want: dict, timeout: float = 15) -> None:
+    """Wait until the DRAM used on each node is ``want`` (node name -> blocks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        used = {t["node"]: t["used"] // BLOCK for t in run_client(host, "stats", master)["tiers"]}
+        if used == want:
+            return
+        assert time.monotonic() < deadline, f"blocks per node {used}, expected {want}"
+        time.sleep(0.3)
+
+
+def admin(host, master, *args: str) -> dict:
+    """``kvpool admin ... --json`` as an operator types it, on ``host``."""
+    r = host.run([sys.executable, "-m", "kvpool", "admin", *args, "--address", master, "--json"],
+                 capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
 def test_replicas_2_every_block_survives_kill_9_of_a_node(hosts):
@@ -53,3 +97,59 @@ def test_replicas_2_every_block_survives_kill_9_of_a_node(hosts):
     got = run_client(c, "fetch", master, 1, 6)
     assert got["hit"] == 6 and got["ok"], got                      # every block, right bytes, from B
     assert set(got["kinds"].values()) == {"tcp"}
+
+
+def test_a_namespace_setting_overrides_the_pool_default(hosts):
+    """Pool default 2: a namespace with replicas=1 is never copied (and its blocks go with
+    their node); pool default 1: a namespace with replicas=2 is, and `kvpool admin namespaces
+    --set-replicas` changes a namespace's copies both ways."""
+    (a, b, c), master, nodes = start_pool(hosts, "--replicas", "2")
+    assert run_client(a, "publish", master, 1, 3)["written"] == 3                           # the default: 2
+    assert run_client(a, "publish", master, 2, 4, "--model", "single", "--replicas", "1")["written"] == 4
+    wait_used(c, master, {"node-a": 7, "node-b": 3})
+    time.sleep(1.5)                                      # three more replication sweeps: still no copy
+    wait_used(c, master, {"node-a": 7, "node-b": 3}, timeout=0)
+    listed = {n["model"]: n for n in admin(c, master, "namespaces")["namespaces"]}
+    assert (listed["single"]["replicas"], listed["single"]["replicas_default"]) == (1, False)
+    assert (listed["multi-host-test"]["replicas"], listed["multi-host-test"]["replicas_default"]) == (2, True)
+    nodes["node-a"].kill()
+    nodes["node-a"].wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while run_client(c, "stats", master)["nodes"] != 1:
+        assert time.monotonic() < deadline, "node A was not forgotten"
+        time.sleep(0.3)
+    assert run_client(c, "fetch", master, 2, 4, "--model", "single")["hit"] == 0          # one copy: gone
+    got = run_client(c, "fetch", master, 1, 3)
+    assert got["hit"] == 3 and got["ok"], got
+
+
+def test_replicas_set_per_namespace_on_a_pool_without_them(hosts):
+    (a, b, c), master, _ = start_pool(hosts)                                                # default: 1
+    assert run_client(a, "publish", master, 1, 3, "--model", "copied", "--replicas", "2")["written"] == 3
+    assert run_client(a, "publish", master, 2, 4, "--model", "plain")["written"] == 4
+    wait_used(c, master, {"node-a": 7, "node-b": 3})
+    time.sleep(1.5)
+    wait_used(c, master, {"node-a": 7, "node-b": 3}, timeout=0)
+    ids = {n["model"]: n["namespace_id"] for n in admin(c, master, "namespaces")["namespaces"]}
+    # An operator turns copies off for one namespace and on for the other.
+    out = admin(c, master, "namespaces", "--namespace", ids["copied"], "--set-replicas", "1")
+    assert [(n["replicas"], int(n["blocks"])) for n in out["namespaces"]] == [(1, 3)]
+    wait_used(c, master, {"node-a": 7, "node-b": 0})
+    admin(c, master, "namespaces", "--namespace", ids["plain"], "--set-replicas", "2")
+    wait_used(c, master, {"node-a": 7, "node-b": 4})
+    got = run_client(b, "fetch", master, 2, 4, "--model", "plain")                         # its own host's copy
+    assert got["hit"] == 4 and got["ok"] and set(got["kinds"].values()) == {"shm"}, got
+
+
+def test_a_block_read_often_from_another_host_gains_a_copy_there(hosts):
+    (a, b, c), master, _ = start_pool(hosts, "--read-replicas", "1")                      # replicas: 1
+    assert run_client(a, "publish", master, 1, 4)["written"] == 4
+    time.sleep(1.0)
+    wait_used(c, master, {"node-a": 4, "node-b": 0}, timeout=0)          # nobody read them yet: no copy
+    got = run_client(b, "fetch", master, 1, 4)
+    assert got["hit"] == 4 and got["ok"] and set(got["kinds"].values()) == {"tcp"}, got
+    for _ in range(2):                                                    # READ_COPY_AFTER reads from host b
+        assert run_client(b, "fetch", master, 1, 4)["ok"]
+    wait_used(c, master, {"node-a": 4, "node-b": 4})
+    got = run_client(b, "fetch", master, 1, 4)                            # now read on its own host
+    assert got["hit"] == 4 and got["ok"] and set(got["kinds"].values()) == {"shm"}, got

@@ -7,6 +7,7 @@ The CA, the server's certificate (for 127.0.0.1) and a client certificate are ma
 from __future__ import annotations
 
 import datetime
+import json
 import ipaddress
 import os
 import socket
@@ -181,3 +182,75 @@ def test_a_certificate_that_does_not_match_its_key_fails_the_start(tmp_path, pki
                         "--tls-cert", pki["server"][0], "--tls-key", pki["client"][1]],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "do not load as a pair" in r.stderr
+
+
+def test_drain_copies_node_to_node_over_tls_data_ports(tmp_path, pki):
+    """Two nodes whose data ports speak mutual TLS: the drained node's blocks are pulled by the
+    other over TLS, with that node's own --tls-* files (kvpool.tls.peer_context), and read back
+    bit-exact. Without them the pull could only fail: a TLS data port never answers plaintext."""
+    cert, key = pki["server"]
+    tls = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", pki["ca"]]
+    ccert, ckey = pki["client"]
+    kw = dict(tls_ca=pki["ca"], tls_cert=ccert, tls_key=ckey)
+    env = {**os.environ, "KVPOOL_TLS_CA": pki["ca"], "KVPOOL_TLS_CERT": ccert, "KVPOOL_TLS_KEY": ckey}
+    procs = []
+
+    def start(args, pattern):
+        proc, m, _ = start_kvpool(args, pattern)
+        procs.append(proc)
+        return m
+
+    def admin(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kvpool", "admin", "--address", address, *args],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    def node(name: str) -> None:
+        start(["node", "--master", address, "--port", "0", "--node-name", name, "--data-dir", str(tmp_path / name),
+               *tls], r"ready control=\S+")
+
+    try:
+        address = start(["master", "--port", "0", "--metrics-port", "-1", "--heartbeat-interval", "0.5", *tls],
+                        r"ready grpc=(\S+)").group(1)
+        node("node-a")
+        ns = fresh_namespace()
+        keys, data = [os.urandom(16) for _ in range(8)], random_blocks(8, seed=12)
+        with Client(address, ns, **kw) as c:
+            assert wait_for(lambda: c.stats().nodes == 1, 15)
+            assert c.put_blocks(keys, data).written == 8
+            node("node-b")
+            assert wait_for(lambda: c.stats().nodes == 2, 15)
+        r = admin("drain", "node-a", "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["moved"] == 8 and report["failed"] == 0 and report["remaining"] == 0, report
+        listing = json.loads(admin("ls", "--limit", "100", "--json").stdout)["blocks"]
+        assert report["node_id"] not in {b["node_id"] for b in listing} and len(listing) == 8
+        with Client(address, ns, **kw) as c:
+            out = c.get_blocks(keys)
+            assert all(np.array_equal(np.frombuffer(o, np.uint8), d) for o, d in zip(out, data))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=20)
+
+
+def test_mutual_tls_alone_does_not_open_a_non_loopback_port(tmp_path, pki):
+    """A certificate names no tenant or role: beyond loopback, tokens are required with mTLS too
+    (else every certificate the CA signs would act as an admin of every tenant)."""
+    import secrets
+
+    cert, key = pki["server"]
+    tls = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", pki["ca"]]
+    for cmd in (["master", "--metrics-port", "-1"], ["node", "--master", "127.0.0.1:1", "--data-dir", str(tmp_path / "n")]):
+        r = subprocess.run([sys.executable, "-m", "kvpool", *cmd, "--host", "0.0.0.0", "--port", "0", *tls],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "refusing to listen on 0.0.0.0 without authentication" in r.stderr and "mutual TLS" in r.stderr
+    (tmp_path / "tokens").write_text(f"{secrets.token_hex(16)} admin\n")
+    proc, _, lines = start_kvpool(["master", "--host", "0.0.0.0", "--port", "0", "--metrics-port", "-1",
+                                   "--auth-tokens", str(tmp_path / "tokens"), *tls], r"ready grpc=(\S+)")
+    try:
+        assert any("bearer tokens required" in line for line in lines)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -180,3 +180,49 @@ class DrainResponse(_message.Message):
     failed: int
     first_error: str
     def __init__(self, node_id: _Optional[int] = ..., node_name: _Optional[str] = ..., moved: _Optional[int] = ..., moved_bytes: _Optional[int] = ..., dropped: _Optional[int] = ..., remaining: _Optional[int] = ..., leased: _Optional[int] = ..., draining: _Optional[bool] = ..., failed: _Optional[int] = ..., first_error: _Optional[str] = ...) -> None: ...
+
+class SubscribeEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("seq", "payload")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    payload: bytes
+    def __init__(self, seq: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class NamespacesRequest(_message.Message):
+    __slots__ = ("namespace_id", "set_replicas")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: str
+    set_replicas: int
+    def __init__(self, namespace_id: _Optional[str] = ..., set_replicas: _Optional[int] = ...) -> None: ...
+
+class NamespaceDetail(_message.Message):
+    __slots__ = ("namespace_id", "model", "tenant", "block_bytes", "replicas", "replicas_default", "blocks")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: str
+    model: str
+    tenant: str
+    block_bytes: int
+    replicas: int
+    replicas_default: bool
+    blocks: int
+    def __init__(self, namespace_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., block_bytes: _Optional[int] = ..., replicas: _Optional[int] = ..., replicas_default: _Optional[bool] = ..., blocks: _Optional[int] = ...) -> None: ...
+
+class NamespacesResponse(_message.Message):
+    __slots__ = ("namespaces", "default_replicas")
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceDetail]
+    default_replicas: int
+    def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceDetail, _Mapping]]] = ..., default_replicas: _Optional[int] = ...) -> None: ...

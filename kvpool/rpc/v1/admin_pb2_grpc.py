@@ -71,6 +71,16 @@ class AdminStub:
                 request_serializer=kvpool_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_admin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/kvpool.v1.Admin/SubscribeEvents',
+                request_serializer=kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_admin__pb2.EventBatch.FromString,
+                _registered_method=True)
+        self.Namespaces = channel.unary_unary(
+                '/kvpool.v1.Admin/Namespaces',
+                request_serializer=kvpool_dot_v1_dot_admin__pb2.NamespacesRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_admin__pb2.NamespacesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -123,6 +133,21 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeEvents(self, request, context):
+        """KV events for routers (kvpool/master/events.py), filtered by the caller: a client token
+        receives its own tenant's events only, an admin token every tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Namespaces(self, request, context):
+        """The registered namespaces with their settings; with `set_replicas`, changes a setting first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +185,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=kvpool_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_admin__pb2.EventBatch.SerializeToString,
+            ),
+            'Namespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.Namespaces,
+                    request_deserializer=kvpool_dot_v1_dot_admin__pb2.NamespacesRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_admin__pb2.NamespacesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +386,60 @@ class Admin:
             '/kvpool.v1.Admin/Drain',
             kvpool_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             kvpool_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvpool.v1.Admin/SubscribeEvents',
+            kvpool_dot_v1_dot_admin__pb2.SubscribeEventsRequest.SerializeToString,
+            kvpool_dot_v1_dot_admin__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Namespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.Admin/Namespaces',
+            kvpool_dot_v1_dot_admin__pb2.NamespacesRequest.SerializeToString,
+            kvpool_dot_v1_dot_admin__pb2.NamespacesResponse.FromString,
             options,
             channel_credentials,
             insecure,

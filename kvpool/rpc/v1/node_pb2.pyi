@@ -233,7 +233,7 @@ class ReplicateResponse(_message.Message):
     def __init__(self, copied: _Optional[_Iterable[bytes]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("source", "tier", "records", "grant_id", "expires_unix_ms", "mac", "target_offsets", "tenant")
+    __slots__ = ("source", "tier", "records", "grant_id", "expires_unix_ms", "mac", "target_offsets", "tenant", "epoch", "keys", "namespace_ids")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,9 @@ class PullRequest(_message.Message):
     MAC_FIELD_NUMBER: _ClassVar[int]
     TARGET_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_IDS_FIELD_NUMBER: _ClassVar[int]
     source: _common_pb2.NodeEndpoint
     tier: str
     records: bytes
@@ -250,10 +253,33 @@ class PullRequest(_message.Message):
     mac: bytes
     target_offsets: _containers.RepeatedScalarFieldContainer[int]
     tenant: str
-    def __init__(self, source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tier: _Optional[str] = ..., records: _Optional[bytes] = ..., grant_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    epoch: int
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    namespace_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source: _Optional[_Union[_common_pb2.NodeEndpoint, _Mapping]] = ..., tier: _Optional[str] = ..., records: _Optional[bytes] = ..., grant_id: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ..., target_offsets: _Optional[_Iterable[int]] = ..., tenant: _Optional[str] = ..., epoch: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ..., namespace_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("corrupt",)
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
     corrupt: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, corrupt: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MoveTierRequest(_message.Message):
+    __slots__ = ("epoch", "source_tier", "target_tier", "items")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    source_tier: str
+    target_tier: str
+    items: _containers.RepeatedCompositeFieldContainer[MoveItem]
+    def __init__(self, epoch: _Optional[int] = ..., source_tier: _Optional[str] = ..., target_tier: _Optional[str] = ..., items: _Optional[_Iterable[_Union[MoveItem, _Mapping]]] = ...) -> None: ...
+
+class MoveTierResponse(_message.Message):
+    __slots__ = ("moved", "corrupt")
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    moved: _containers.RepeatedScalarFieldContainer[bytes]
+    corrupt: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, moved: _Optional[_Iterable[bytes]] = ..., corrupt: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -184,6 +184,11 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.MoveTier = channel.unary_unary(
+                '/kvpool.v1.NodeControl/MoveTier',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.MoveTierRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.MoveTierResponse.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -217,16 +222,30 @@ class NodeControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Replicate(self, request, context):
-        """Copy blocks from another node into this node's memory slots, over the data plane (the
-        bytes never pass through the master): a replica.
+        """Deprecated: Pull does the same copy (with `epoch`, `keys` and `namespace_ids` set); the
+        master no longer calls it. Nodes still answer it, through the same code as Pull, so a
+        master of the previous release keeps working during a rolling upgrade.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pull(self, request, context):
-        """Copies blocks from another node's data server into slots of this node (drain): the
-        master allocated the target slots and signed a read capability for the source records.
+        """The one node-to-node copy: blocks from another node's data server into slots of this
+        node, over the data plane (the bytes never pass through the master). The master
+        allocated the target slots and signed a read capability for the source records; this
+        node checks each block's checksum. Used for replicas (kvpool.master.replication) and
+        drains (kvpool.master.drain), both through kvpool.master.copier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveTier(self, request, context):
+        """Moves blocks between this node's memory tiers (HBM over its watermark -> DRAM): each
+        block's bytes are copied from `source_tier` at `offset` to `target_tier` at
+        `target_offset` (slots the master allocated) and checked against its checksum there.
+        The source slots are left as they are: the master frees them once it serves the new copy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,6 +283,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.PullRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.PullResponse.SerializeToString,
+            ),
+            'MoveTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveTier,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.MoveTierRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.MoveTierResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +453,33 @@ class NodeControl:
             '/kvpool.v1.NodeControl/Pull',
             kvpool_dot_v1_dot_node__pb2.PullRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/MoveTier',
+            kvpool_dot_v1_dot_node__pb2.MoveTierRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.MoveTierResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,47 +26,47 @@ _sym_db = _symbol_database.Default()
 from kvpool.rpc.v1 import common_pb2 as kvpool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpool/v1/pool.proto\x12\tkvpool.v1\x1a\x16kvpool/v1/common.proto\"C\n\x18RegisterNamespaceRequest\x12\'\n\tnamespace\x18\x01 \x01(\x0b\x32\x14.kvpool.v1.Namespace\"F\n\x19RegisterNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\"\xae\x01\n\x0fPutStartRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\x12\x1b\n\x0e\x66irst_position\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x13\n\x0b\x63lient_host\x18\x06 \x01(\t\x12\x15\n\rexclude_nodes\x18\x07 \x03(\rB\x11\n\x0f_first_position\"\x85\x01\n\x10PutStartResponse\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x03(\x0e\x32\x14.kvpool.v1.PutStatus\x12$\n\x06grants\x18\x03 \x01(\x0b\x32\x14.kvpool.v1.Locations\x12\x15\n\rexpires_in_ms\x18\x04 \x01(\x04\"C\n\x10PutCommitRequest\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x11\n\tchecksums\x18\x03 \x03(\x06\"8\n\x11PutCommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\x12\x10\n\x08released\x18\x02 \x01(\r\"!\n\x0fPutAbortRequest\x12\x0e\n\x06put_id\x18\x01 \x01(\t\"$\n\x10PutAbortResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"w\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x12\n\ncount_only\x18\x03 \x01(\x08\x12\x19\n\x11release_lease_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x63lient_host\x18( \x01(\t\"|\n\x0eLookupResponse\x12\x12\n\nhit_blocks\x18\x01 \x01(\r\x12\'\n\tlocations\x18\x02 \x01(\x0b\x32\x14.kvpool.v1.Locations\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1b\n\x13lease_expires_in_ms\x18\x04 \x01(\x04\"`\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x19\n\x11release_lease_ids\x18\x03 \x03(\t\x12\x13\n\x0b\x63lient_host\x18( \x01(\t\"t\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x0c\x12\'\n\tlocations\x18\x02 \x01(\x0b\x32\x14.kvpool.v1.Locations\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1b\n\x13lease_expires_in_ms\x18\x04 \x01(\x04\"9\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x63orrupt_keys\x18\x02 \x01(\x0c\"<\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x17\n\x0f\x64ropped_corrupt\x18\x02 \x01(\r\"3\n\rRemoveRequest\x12\x0c\n\x04keys\x18\x01 \x01(\x0c\x12\x14\n\x0cnamespace_id\x18< \x01(\t\"3\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x02 \x01(\r*\\\n\tPutStatus\x12\x1a\n\x16PUT_STATUS_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPUT_GRANTED\x10\x01\x12\x0f\n\x0bPUT_PRESENT\x10\x02\x12\x11\n\rPUT_IN_FLIGHT\x10\x03\x32\xec\x04\n\x06KVPool\x12^\n\x11RegisterNamespace\x12#.kvpool.v1.RegisterNamespaceRequest\x1a$.kvpool.v1.RegisterNamespaceResponse\x12\x43\n\x08PutStart\x12\x1a.kvpool.v1.PutStartRequest\x1a\x1b.kvpool.v1.PutStartResponse\x12\x46\n\tPutCommit\x12\x1b.kvpool.v1.PutCommitRequest\x1a\x1c.kvpool.v1.PutCommitResponse\x12\x43\n\x08PutAbort\x12\x1a.kvpool.v1.PutAbortRequest\x1a\x1b.kvpool.v1.PutAbortResponse\x12=\n\x06Lookup\x12\x18.kvpool.v1.LookupRequest\x1a\x19.kvpool.v1.LookupResponse\x12\x34\n\x03Get\x12\x15.kvpool.v1.GetRequest\x1a\x16.kvpool.v1.GetResponse\x12@\n\x07Release\x12\x19.kvpool.v1.ReleaseRequest\x1a\x1a.kvpool.v1.ReleaseResponse\x12=\n\x06Remove\x12\x18.kvpool.v1.RemoveRequest\x1a\x19.kvpool.v1.RemoveResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvpool/v1/pool.proto\x12\tkvpool.v1\x1a\x16kvpool/v1/common.proto\"U\n\x18RegisterNamespaceRequest\x12\'\n\tnamespace\x18\x01 \x01(\x0b\x32\x14.kvpool.v1.Namespace\x12\x10\n\x08replicas\x18\x32 \x01(\r\"X\n\x19RegisterNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x32 \x01(\r\"\xae\x01\n\x0fPutStartRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\x12\x1b\n\x0e\x66irst_position\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x13\n\x0b\x63lient_host\x18\x06 \x01(\t\x12\x15\n\rexclude_nodes\x18\x07 \x03(\rB\x11\n\x0f_first_position\"\x85\x01\n\x10PutStartResponse\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x03(\x0e\x32\x14.kvpool.v1.PutStatus\x12$\n\x06grants\x18\x03 \x01(\x0b\x32\x14.kvpool.v1.Locations\x12\x15\n\rexpires_in_ms\x18\x04 \x01(\x04\"C\n\x10PutCommitRequest\x12\x0e\n\x06put_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x11\n\tchecksums\x18\x03 \x03(\x06\"8\n\x11PutCommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\x12\x10\n\x08released\x18\x02 \x01(\r\"!\n\x0fPutAbortRequest\x12\x0e\n\x06put_id\x18\x01 \x01(\t\"$\n\x10PutAbortResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"w\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x12\n\ncount_only\x18\x03 \x01(\x08\x12\x19\n\x11release_lease_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x63lient_host\x18( \x01(\t\"|\n\x0eLookupResponse\x12\x12\n\nhit_blocks\x18\x01 \x01(\r\x12\'\n\tlocations\x18\x02 \x01(\x0b\x32\x14.kvpool.v1.Locations\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1b\n\x13lease_expires_in_ms\x18\x04 \x01(\x04\"`\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x19\n\x11release_lease_ids\x18\x03 \x03(\t\x12\x13\n\x0b\x63lient_host\x18( \x01(\t\"t\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x0c\x12\'\n\tlocations\x18\x02 \x01(\x0b\x32\x14.kvpool.v1.Locations\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1b\n\x13lease_expires_in_ms\x18\x04 \x01(\x04\"9\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x63orrupt_keys\x18\x02 \x01(\x0c\"<\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\x12\x17\n\x0f\x64ropped_corrupt\x18\x02 \x01(\r\"3\n\rRemoveRequest\x12\x0c\n\x04keys\x18\x01 \x01(\x0c\x12\x14\n\x0cnamespace_id\x18< \x01(\t\"3\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x02 \x01(\r*\\\n\tPutStatus\x12\x1a\n\x16PUT_STATUS_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPUT_GRANTED\x10\x01\x12\x0f\n\x0bPUT_PRESENT\x10\x02\x12\x11\n\rPUT_IN_FLIGHT\x10\x03\x32\xec\x04\n\x06KVPool\x12^\n\x11RegisterNamespace\x12#.kvpool.v1.RegisterNamespaceRequest\x1a$.kvpool.v1.RegisterNamespaceResponse\x12\x43\n\x08PutStart\x12\x1a.kvpool.v1.PutStartRequest\x1a\x1b.kvpool.v1.PutStartResponse\x12\x46\n\tPutCommit\x12\x1b.kvpool.v1.PutCommitRequest\x1a\x1c.kvpool.v1.PutCommitResponse\x12\x43\n\x08PutAbort\x12\x1a.kvpool.v1.PutAbortRequest\x1a\x1b.kvpool.v1.PutAbortResponse\x12=\n\x06Lookup\x12\x18.kvpool.v1.LookupRequest\x1a\x19.kvpool.v1.LookupResponse\x12\x34\n\x03Get\x12\x15.kvpool.v1.GetRequest\x1a\x16.kvpool.v1.GetResponse\x12@\n\x07Release\x12\x19.kvpool.v1.ReleaseRequest\x1a\x1a.kvpool.v1.ReleaseResponse\x12=\n\x06Remove\x12\x18.kvpool.v1.RemoveRequest\x1a\x19.kvpool.v1.RemoveResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvpool.v1.pool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUTSTATUS']._serialized_start=1403
-  _globals['_PUTSTATUS']._serialized_end=1495
+  _globals['_PUTSTATUS']._serialized_start=1439
+  _globals['_PUTSTATUS']._serialized_end=1531
   _globals['_REGISTERNAMESPACEREQUEST']._serialized_start=59
-  _globals['_REGISTERNAMESPACEREQUEST']._serialized_end=126
-  _globals['_REGISTERNAMESPACERESPONSE']._serialized_start=128
-  _globals['_REGISTERNAMESPACERESPONSE']._serialized_end=198
-  _globals['_PUTSTARTREQUEST']._serialized_start=201
-  _globals['_PUTSTARTREQUEST']._serialized_end=375
-  _globals['_PUTSTARTRESPONSE']._serialized_start=378
-  _globals['_PUTSTARTRESPONSE']._serialized_end=511
-  _globals['_PUTCOMMITREQUEST']._serialized_start=513
-  _globals['_PUTCOMMITREQUEST']._serialized_end=580
-  _globals['_PUTCOMMITRESPONSE']._serialized_start=582
-  _globals['_PUTCOMMITRESPONSE']._serialized_end=638
-  _globals['_PUTABORTREQUEST']._serialized_start=640
-  _globals['_PUTABORTREQUEST']._serialized_end=673
-  _globals['_PUTABORTRESPONSE']._serialized_start=675
-  _globals['_PUTABORTRESPONSE']._serialized_end=711
-  _globals['_LOOKUPREQUEST']._serialized_start=713
-  _globals['_LOOKUPREQUEST']._serialized_end=832
-  _globals['_LOOKUPRESPONSE']._serialized_start=834
-  _globals['_LOOKUPRESPONSE']._serialized_end=958
-  _globals['_GETREQUEST']._serialized_start=960
-  _globals['_GETREQUEST']._serialized_end=1056
-  _globals['_GETRESPONSE']._serialized_start=1058
-  _globals['_GETRESPONSE']._serialized_end=1174
-  _globals['_RELEASEREQUEST']._serialized_start=1176
-  _globals['_RELEASEREQUEST']._serialized_end=1233
-  _globals['_RELEASERESPONSE']._serialized_start=1235
-  _globals['_RELEASERESPONSE']._serialized_end=1295
-  _globals['_REMOVEREQUEST']._serialized_start=1297
-  _globals['_REMOVEREQUEST']._serialized_end=1348
-  _globals['_REMOVERESPONSE']._serialized_start=1350
-  _globals['_REMOVERESPONSE']._serialized_end=1401
-  _globals['_KVPOOL']._serialized_start=1498
-  _globals['_KVPOOL']._serialized_end=2118
+  _globals['_REGISTERNAMESPACEREQUEST']._serialized_end=144
+  _globals['_REGISTERNAMESPACERESPONSE']._serialized_start=146
+  _globals['_REGISTERNAMESPACERESPONSE']._serialized_end=234
+  _globals['_PUTSTARTREQUEST']._serialized_start=237
+  _globals['_PUTSTARTREQUEST']._serialized_end=411
+  _globals['_PUTSTARTRESPONSE']._serialized_start=414
+  _globals['_PUTSTARTRESPONSE']._serialized_end=547
+  _globals['_PUTCOMMITREQUEST']._serialized_start=549
+  _globals['_PUTCOMMITREQUEST']._serialized_end=616
+  _globals['_PUTCOMMITRESPONSE']._serialized_start=618
+  _globals['_PUTCOMMITRESPONSE']._serialized_end=674
+  _globals['_PUTABORTREQUEST']._serialized_start=676
+  _globals['_PUTABORTREQUEST']._serialized_end=709
+  _globals['_PUTABORTRESPONSE']._serialized_start=711
+  _globals['_PUTABORTRESPONSE']._serialized_end=747
+  _globals['_LOOKUPREQUEST']._serialized_start=749
+  _globals['_LOOKUPREQUEST']._serialized_end=868
+  _globals['_LOOKUPRESPONSE']._serialized_start=870
+  _globals['_LOOKUPRESPONSE']._serialized_end=994
+  _globals['_GETREQUEST']._serialized_start=996
+  _globals['_GETREQUEST']._serialized_end=1092
+  _globals['_GETRESPONSE']._serialized_start=1094
+  _globals['_GETRESPONSE']._serialized_end=1210
+  _globals['_RELEASEREQUEST']._serialized_start=1212
+  _globals['_RELEASEREQUEST']._serialized_end=1269
+  _globals['_RELEASERESPONSE']._serialized_start=1271
+  _globals['_RELEASERESPONSE']._serialized_end=1331
+  _globals['_REMOVEREQUEST']._serialized_start=1333
+  _globals['_REMOVEREQUEST']._serialized_end=1384
+  _globals['_REMOVERESPONSE']._serialized_start=1386
+  _globals['_REMOVERESPONSE']._serialized_end=1437
+  _globals['_KVPOOL']._serialized_start=1534
+  _globals['_KVPOOL']._serialized_end=2154
 # @@protoc_insertion_point(module_scope)

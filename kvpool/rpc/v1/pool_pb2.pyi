@@ -21,18 +21,22 @@ PUT_PRESENT: PutStatus
 PUT_IN_FLIGHT: PutStatus
 
 class RegisterNamespaceRequest(_message.Message):
-    __slots__ = ("namespace",)
+    __slots__ = ("namespace", "replicas")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     namespace: _common_pb2.Namespace
-    def __init__(self, namespace: _Optional[_Union[_common_pb2.Namespace, _Mapping]] = ...) -> None: ...
+    replicas: int
+    def __init__(self, namespace: _Optional[_Union[_common_pb2.Namespace, _Mapping]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class RegisterNamespaceResponse(_message.Message):
-    __slots__ = ("namespace_id", "block_bytes")
+    __slots__ = ("namespace_id", "block_bytes", "replicas")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     block_bytes: int
-    def __init__(self, namespace_id: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, namespace_id: _Optional[str] = ..., block_bytes: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class PutStartRequest(_message.Message):
     __slots__ = ("namespace_id", "keys", "sizes", "first_position", "tier", "client_host", "exclude_nodes")

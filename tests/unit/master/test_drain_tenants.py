@@ -33,7 +33,7 @@ class RecordingTarget:
     def __getattr__(self, name):
         return getattr(self._node, name)
 
-    async def pull(self, source, access, tier, slots):
+    async def pull(self, source, access, tier, slots, keys=(), namespace_ids=()):
         self.pulls.append((source, access, list(slots)))
         return []
 

@@ -65,3 +65,108 @@ def test_the_journal_is_resent_until_applied():
     assert len(changes) == 1 and seq == 3 and a.unapplied_changes == 1
     a.applied(3)
     assert a.changes()[0] == [] and a.unapplied_changes == 0
+
+
+def test_the_namespace_setting_decides_which_blocks_are_queued_for_copies():
+    from kvpool.master.replication import Replicator
+
+    index, a, b, ns = setup()
+    index.config.replicas = 2                          # the pool default (kvpool master --replicas 2)
+    single = Namespace("single", LAYOUT)
+    index.register_namespace(single, replicas=1)
+    replicator = Replicator(index)
+    commit(index, ns, n=2)
+    commit(index, single.id, n=3)
+    assert replicator.backlog == 2 and {e.ns for e in replicator._queue.values()} == {ns}
+    index.config.replicas = 1
+    index.set_replicas(single.id, 2)                   # raised: the blocks it has are queued too
+    assert replicator.backlog == 5
+    assert (index.replicas_of(ns), index.replicas_of(single.id)) == (1, 2)
+    assert index.register_namespace(single).replicas == 2   # registering again keeps the setting
+
+
+def test_lowering_replicas_frees_copies_but_never_a_leased_one():
+    index, a, b, ns = setup()
+    index.set_replicas(ns, 2)
+    free, leased = commit(index, ns)
+    for e in (free, leased):
+        assert index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    _, lease = index.get(ns, [leased.key])             # a reader may be reading the copy on b
+    index.set_replicas(ns, 1)
+    assert free.replicas == [] and len(leased.replicas) == 1
+    assert b.usage()[0].used_slots == 1
+    index.evict(None)                                  # the leased block, and so its copy, stays
+    assert b.usage()[0].used_slots == 1 and index.entry(leased.key) is leased
+    index.release([lease.lease_id])
+    index.evict(None)
+    assert b.usage()[0].used_slots == 0 and index.block_count == 0
+
+
+def replicated(index, ns, b, n=2):
+    entries = commit(index, ns, n=n)
+    for e in entries:
+        assert index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    return entries
+
+
+def test_each_copy_is_evicted_by_its_own_nodes_policy():
+    index, a, b, ns = setup()
+    entries = replicated(index, ns, b)
+    assert index.evict_from(b.node_id, "dram", None) == (2, 2 * BLOCK)   # node B's copies only
+    assert b.usage()[0].used_slots == 0 and a.usage()[0].used_slots == 2
+    assert all(index.entry(e.key).node_id == a.node_id and e.replicas == [] for e in entries)
+    assert index.lookup(ns, [e.key for e in entries], lease=False)[0] == 2
+
+
+def test_a_block_whose_node_evicts_it_lives_on_in_its_replica():
+    index, a, b, ns = setup()
+    entries = replicated(index, ns, b)
+    index.evict_from(a.node_id, "dram", None)
+    assert a.usage()[0].used_slots == 0 and b.usage()[0].used_slots == 2
+    for e in entries:                                  # served from node B now, bytes where they were
+        assert index.entry(e.key).node_id == b.node_id and e.mem_tier == "dram" and e.replicas == []
+    assert index.tier_blocks(b.node_id, "dram") == 2 and index.tier_blocks(a.node_id, "dram") == 0
+    index.evict_from(b.node_id, "dram", None)          # the last copy: the block is gone
+    assert index.block_count == 0 and b.usage()[0].used_slots == 0
+
+
+def test_demoting_the_entrys_copy_keeps_its_replicas():
+    from kvpool.tiers.base import Slot
+
+    index, a, b, ns = setup()
+    (e,) = replicated(index, ns, b, n=1)
+    index.pin(e)                                       # the mover's pin
+    index.demoted(e, Slot(0, BLOCK))                   # node A's DRAM copy went to its NVMe
+    index.unpin(e)
+    assert e.mem is None and e.nvme is not None and len(e.replicas) == 1
+    assert a.usage()[0].used_slots == 0 and b.usage()[0].used_slots == 1
+
+
+def test_a_leased_replica_is_not_evicted():
+    index, a, b, ns = setup()
+    entries = replicated(index, ns, b)
+    _, lease = index.lookup(ns, [entries[0].key])
+    assert index.evict_from(b.node_id, "dram", None)[0] == 1       # only the unleased one's copy
+    assert len(entries[0].replicas) == 1 and entries[1].replicas == []
+    index.release([lease.lease_id])
+
+
+def test_read_driven_copies_are_bounded_and_go_to_the_readers_host():
+    from kvpool.master.replication import READ_COPY_AFTER, Replicator
+
+    index, a, b, ns = setup()
+    index.config.read_replicas = 1
+    replicator = Replicator(index)
+    entries = commit(index, ns)                        # on node A (host-a)
+    for _ in range(READ_COPY_AFTER - 1):
+        replicator.read(entries, "host-b")
+        replicator.read(entries, "host-a")             # local reads are not counted
+    assert replicator.backlog == 0
+    replicator.read(entries, "host-b")
+    assert replicator.backlog == 2 and {h for _, h in replicator._to_host.values()} == {"host-b"}
+    replicator._to_host.clear()
+    for e in entries:                                  # one extra copy already: the bound is reached
+        index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))
+    for _ in range(READ_COPY_AFTER):
+        replicator.read(entries, "host-c")
+    assert replicator.backlog == 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvpool.kernels.paged_layout import PagedCacheLayout
-from kvpool.kernels.prefix_attention import prefix_attention, prefix_attention_ref
+from kvpool.kernels.attention import prefix_attention, prefix_attention_ref
 
 pytestmark = pytest.mark.usefixtures("need_triton")
 
@@ -140,7 +140,7 @@ def test_rejects_short_block_table_and_bad_heads():
 COMPILE_SCRIPT = r"""
 import inspect, triton
 from triton.backends.compiler import GPUTarget
-from kvpool.kernels.prefix_attention import _prefix_attention_kernel as K
+from kvpool.kernels.attention import _prefix_attention_kernel as K
 names = list(inspect.signature(K.fn).parameters)
 # The launcher's default tiles for bf16 at head_dim 128 and fp16 at a padded head_dim.
 # (fp32 compiles slowly, ~10 s per config on 2 cores; tests/gpu covers it on a GPU.)
@@ -178,3 +178,13 @@ def test_attention_kernel_compiles_for_sm90():
         pytest.skip(f"triton's CUDA backend cannot compile here: {r.stderr.strip()[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("ok") == 2
+
+
+def test_package_name_is_the_function_even_after_its_module_is_imported():
+    # The kernel once lived in a module of its own name: importing that module replaced the
+    # package attribute (the function) with the module.
+    import kvpool.kernels
+    import kvpool.kernels.attention  # noqa: F401
+
+    assert kvpool.kernels.prefix_attention is kvpool.kernels.attention.prefix_attention
+    assert callable(kvpool.kernels.prefix_attention)
