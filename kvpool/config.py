@@ -98,6 +98,13 @@ class MasterSettings:
     #: Seconds a leader's lease lives unless renewed: a standby takes over this long after
     #: the leader stops.
     leader_ttl: float = 3.0
+    #: When a commit is answered with Redis: "wait" (after the flush that carries it: no
+    #: answered commit is lost at a failover) or "background" (at once; a writer task
+    #: coalesces the changes of all commits; a kill -9 can lose the last ones). See
+    #: kvpool.master.metastore.
+    redis_commit: str = "wait"
+    #: Changes not yet written to Redis past which commits wait for the writer (backpressure).
+    redis_backlog: int = 65536
     #: Address that standbys hand clients and nodes to reach this master when it leads, when
     #: it binds a wildcard address. Empty: the bind address.
     advertise_host: str = ""
@@ -132,6 +139,10 @@ class MasterSettings:
             raise ValueError(f"read_replicas {self.read_replicas}: between 0 (off) and 7 extra copies of a block")
         if self.leader_ttl <= 0:
             raise ValueError("leader_ttl must be positive seconds")
+        if self.redis_commit not in ("background", "wait"):
+            raise ValueError(f"redis_commit {self.redis_commit!r}: choose background or wait")
+        if self.redis_backlog < 1:
+            raise ValueError(f"redis_backlog {self.redis_backlog}: allow at least one unwritten change")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is out of range (0-65535; 0 picks a free port)")
         validate_tls(self)

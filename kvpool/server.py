@@ -153,7 +153,8 @@ class PoolServer:
             from kvpool.master.leader import LeaderLease
             from kvpool.master.metastore import MetaCollector, RedisMeta
 
-            self.meta = RedisMeta(s.redis, s.redis_prefix, self.index)
+            self.meta = RedisMeta(s.redis, s.redis_prefix, self.index, max_backlog=s.redis_backlog,
+                                  wait_for_redis=s.redis_commit == "wait")
             if self.events.port >= 0:
                 self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
@@ -168,7 +169,7 @@ class PoolServer:
             servicers[0].read_by = self.replicator.read
         if self.meta is not None:
             for servicer in servicers:
-                servicer.durable = self.meta.durable
+                servicer.admit_commit = self.meta.admit
                 servicer.describe_store = self._describe_store
         pool_pb2_grpc.add_KVPoolServicer_to_server(servicers[0], _GenericHandlersOnly(server))
         admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], _GenericHandlersOnly(server))
@@ -251,6 +252,8 @@ class PoolServer:
             last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)
             self.registry.first_node_id(100 + (last - (1 << 20)) % (1 << 31))
             namespaces, records, known_nodes = await meta.load()
+            self.index.config.quotas = await meta.take_tenant_settings(
+                self.index.config.quotas if self.settings.quotas else None)
         except Exception as exc:  # Redis went away between the lease and the load
             log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
             namespaces, records, known_nodes = [], [], []

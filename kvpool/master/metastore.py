@@ -6,22 +6,44 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
                         size, checksum, node name, node incarnation, namespace id;
 * ``PREFIX:namespaces`` hash: namespace id -> the Namespace proto;
 * ``PREFIX:nodes``      hash: node name -> control address and incarnation;
+* ``PREFIX:tenants``    hash: tenant (``""``: the default tenant) -> its settings as JSON,
+                        ``{"quotas": {"dram": bytes, "hbm": bytes}}`` (:meth:`take_tenant_settings`);
 * ``PREFIX:epoch`` and ``PREFIX:leader``: the fencing epoch and the leader's lease
   (:mod:`kvpool.master.leader`).
 
 Protocol of writes:
 
 * The index tells this store of blocks stored and removed (``BlockIndex.observers``); that
-  only marks the key dirty in a dict, so the put path never waits on Redis per block.
-* One writer task flushes the dirty keys in batches: one Lua call per 4,096 changes, all
-  calls of a flush in one pipeline, so a flush is one round trip. The script first checks
-  that ``PREFIX:epoch`` still holds this master's epoch: a deposed master cannot write.
-* ``PutCommit`` answers after the flush that carries its blocks (group commit: concurrent
-  commits share one round trip), or after ``flush_timeout`` at most. So a block whose
-  commit a client saw is in Redis unless Redis was down.
+  only marks the key dirty in a dict (a later change of a key replaces an earlier one), so
+  the put path never waits on Redis per block.
+* One writer task flushes the dirty keys: one Lua call per 4,096 changes, all calls of a
+  flush in one pipeline, so a flush is one round trip. While a flush is in flight, the
+  changes of every commit that arrives meanwhile gather for the next one (coalesced across
+  commits). The script first checks that ``PREFIX:epoch`` still holds this master's epoch:
+  a deposed master cannot write.
+* With ``--redis-commit background``, ``PutCommit`` is answered at once: Redis is off the
+  client's critical path. **Backpressure**: while Redis answers and more than
+  ``max_backlog`` changes (``--redis-backlog``) wait to be written, a commit is answered
+  only after a flush has taken the backlog; a Redis that stops answering is declared down
+  after the socket timeout (2 s), which ends the wait.
+* With ``--redis-commit wait`` (the default), ``PutCommit`` is answered after the flush that
+  carries its blocks (group commit: concurrent commits share one round trip), or after
+  ``flush_timeout`` at most. When no flush is running, the committer flushes itself (no hop
+  to the writer task).
 * When Redis is down, the pool keeps serving from memory: commits are answered without
   waiting, health and metrics say the store is down, and the writer retries. Once Redis
   answers again, the writer rewrites the whole index (a Redis that restarted lost it).
+
+**What a failover can lose.** A master taking over serves the blocks Redis lists (once
+their node confirms them) and the blocks its nodes report (the changes they applied, see
+:mod:`kvpool.master.remote`). With background commits, a block whose commit was answered
+but that was in neither place when the leader died is forgotten: its change was still in the
+backlog (the writer flushes as soon as a commit lands: about one Redis round trip) *and* its
+node had not yet applied it (the next heartbeat answer). Forgotten means a miss, never wrong
+bytes. A writer that waited even 2 ms before flushing made tools/bench_failover.py lose the
+put acknowledged just before its kill, every run; without a linger, 1 run in 10 still lost it
+(a flush still in flight held the next one back). Hence ``wait`` is the default: with it,
+nothing whose commit was answered is forgotten while Redis is up.
 
 On start, a master loads the namespaces and the block records (:meth:`load`); a block is
 served again only when its node registers with the same incarnation and the node confirms
@@ -63,7 +85,7 @@ end
 return n
 """
 
-_BLOCKS, _NAMESPACES, _NODES = 2, 3, 4
+_BLOCKS, _NAMESPACES, _NODES, _TENANTS = 2, 3, 4, 5
 
 
 class Fenced(Exception):
@@ -96,7 +118,7 @@ def decode_block(key: bytes, value: bytes) -> BlockRecord:
 
 class RedisMeta:
     def __init__(self, url: str, prefix: str, index, *, flush_timeout: float = 1.0,
-                 retry_interval: float = 0.5) -> None:
+                 retry_interval: float = 0.5, max_backlog: int = 65536, wait_for_redis: bool = False) -> None:
         import redis.asyncio as aioredis
 
         self.url = url
@@ -104,6 +126,10 @@ class RedisMeta:
         self.index = index
         self.flush_timeout = flush_timeout
         self.retry_interval = retry_interval
+        self.max_backlog = max_backlog
+        self.wait_for_redis = wait_for_redis
+        #: Commits that waited for the writer (backpressure).
+        self.backpressured = 0
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -113,7 +139,8 @@ class RedisMeta:
         self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
                                              retry=Retry(NoBackoff(), 1))
         self._script = self.redis.register_script(_WRITE)
-        self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes"]
+        self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes",
+                     f"{prefix}:tenants"]
         self.epoch = 0
         #: Dirty keys: block key -> index entry (write it) or None (delete it).
         self._dirty: dict[bytes, object] = {}
@@ -164,16 +191,31 @@ class RedisMeta:
             self._dirty.setdefault(key, None)
         self._wake.set()
 
-    # ------------------------------------------------------------------ durability
+    # ------------------------------------------------------------------ commits
+
+    @property
+    def backlog(self) -> int:
+        """Changes not yet written to Redis."""
+        return len(self._dirty) + len(self._other)
+
+    async def admit(self) -> None:
+        """What a commit awaits before it is answered (see the module docstring): nothing
+        (background), backpressure once the backlog passes ``max_backlog``, or the flush that
+        carries it (``wait_for_redis``)."""
+        if self.wait_for_redis:
+            await self.durable()
+            return
+        if self.up and self.backlog > self.max_backlog:
+            self.backpressured += 1
+        while self.up and self.backlog > self.max_backlog:
+            if self._flushed is None:
+                self._flushed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._flushed)  # a flush, or Redis declared down, resolves it
 
     async def durable(self) -> None:
         """Wait for the flush that carries every change made so far (group commit), at most
-        ``flush_timeout``; at once when Redis is down (the pool serves from memory then).
-
-        When no flush is running, the caller flushes itself (no hop to the writer task);
-        commits that arrive meanwhile wait for the writer's next flush, which takes them all.
-        """
-        if not self.up or (not self._dirty and not self._other):
+        ``flush_timeout``; at once when Redis is down (the pool serves from memory then)."""
+        if not self.up or not self.backlog:
             return
         if self._task is not None and not self._lock.locked():
             try:
@@ -197,12 +239,18 @@ class RedisMeta:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Write what is left (a master stopped on purpose loses nothing), then close."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            if self.up and self.backlog:
+                try:
+                    await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
+                except asyncio.TimeoutError:
+                    log.warning("stopping with %d changes not written to Redis", self.backlog)
         await self.redis.aclose()
 
     async def _run(self) -> None:
@@ -318,6 +366,7 @@ class RedisMeta:
         snapshot = list(self.index.entries())
         ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info.namespace))
                   for ns_id, info in self.index.namespaces.items()]
+        ns_ops += [(_TENANTS, tenant, tenant_to_json(quotas)) for tenant, quotas in self.index.config.quotas.items()]
         for entry in snapshot:
             self._dirty.setdefault(entry.key, entry)
         self._other[:0] = ns_ops
@@ -342,11 +391,38 @@ class RedisMeta:
         nodes = [name.decode() for name in await self.redis.hkeys(self.keys[_NODES - 1])]
         return namespaces, blocks, nodes
 
+    async def take_tenant_settings(self, configured: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]]:
+        """The pool's quotas for a master that takes over (tenant -> tier -> bytes).
+
+        A master started with ``--quotas`` (``configured``) makes them the pool's: they replace
+        what Redis holds, written with its first flush. A master started without takes those
+        Redis holds, so a standby enforces what the leader before it did.
+        """
+        raw = await self.redis.hgetall(self.keys[_TENANTS - 1])
+        stored: dict[str, dict[str, int]] = {}
+        for tenant, value in raw.items():
+            name = tenant.decode()
+            try:
+                stored[name] = tenant_from_json(value)
+            except (ValueError, TypeError, AttributeError) as exc:
+                log.warning("ignoring unreadable settings of tenant %r in Redis: %s", name, exc)
+        if configured is None:
+            return stored
+        for tenant in stored.keys() - configured.keys():
+            self._other.append((_TENANTS, tenant, b""))
+        for tenant, quotas in configured.items():
+            if stored.get(tenant) != quotas:
+                self._other.append((_TENANTS, tenant, tenant_to_json(quotas)))
+        if stored and stored != configured:
+            log.info("--quotas replace the tenant settings in Redis")
+        self._wake.set()
+        return configured
+
     def health(self) -> str:
         if self.up:
             return f"redis up ({self.url})"
         since = time.strftime("%H:%M:%S", time.gmtime(self.down_since or time.time()))
-        return f"redis down since {since} UTC ({self.last_error}); serving from memory, {len(self._dirty)} changes to write"
+        return f"redis down since {since} UTC ({self.last_error}); serving from memory, {self.backlog} changes to write"
 
 
 def namespace_to_json(ns) -> bytes:
@@ -361,6 +437,18 @@ def namespace_from_json(data: bytes):
     return Namespace(layout=KVLayout(**d.pop("layout")), **d)
 
 
+def tenant_to_json(quotas: dict[str, int]) -> bytes:
+    return json.dumps({"quotas": quotas}, sort_keys=True).encode()
+
+
+def tenant_from_json(data: bytes) -> dict[str, int]:
+    """A tenant's quotas from its record; ValueError if they are not tier -> positive bytes."""
+    quotas = json.loads(data).get("quotas", {})
+    if not all(tier in ("dram", "hbm") and type(n) is int and n > 0 for tier, n in quotas.items()):
+        raise ValueError(f"quotas {quotas!r}: want dram/hbm -> positive bytes")
+    return dict(quotas)
+
+
 class MetaCollector:
     """Prometheus gauges of the metadata store and the lease (registered with Redis only)."""
 
@@ -372,8 +460,10 @@ class MetaCollector:
 
         yield GaugeMetricFamily("kvpool_metadata_store_up", "1 when Redis answers; 0: serving from memory, "
                                 "catching up later", value=1 if self.meta.up else 0)
-        yield GaugeMetricFamily("kvpool_metadata_backlog", "Block changes not yet written to Redis",
-                                value=len(self.meta._dirty))
+        yield GaugeMetricFamily("kvpool_metadata_backlog", "Changes not yet written to Redis",
+                                value=self.meta.backlog)
+        yield CounterMetricFamily("kvpool_metadata_backpressured", "Commits that waited for the Redis writer "
+                                  "(--redis-backlog)", value=self.meta.backpressured)
         yield CounterMetricFamily("kvpool_metadata_writes", "Block and namespace changes written to Redis",
                                   value=self.meta.writes)
         yield CounterMetricFamily("kvpool_metadata_resyncs", "Full rewrites of the index to Redis after an outage",

@@ -56,8 +56,9 @@ class _Base:
         self.metrics = metrics
         self.tiering = tiering
         self._endpoints: dict[int, common_pb2.NodeEndpoint] = {}
-        #: With Redis metadata: awaited before a commit is answered (kvpool.master.metastore).
-        self.durable = None
+        #: With Redis metadata: awaited before a commit is answered: backpressure, or the
+        #: flush that carries it with --redis-commit wait (kvpool.master.metastore).
+        self.admit_commit = None
         #: Fills the metadata-store fields of a StatsResponse (set by the server).
         self.describe_store = None
         #: Told of each read served from another host than the reader's (read-driven
@@ -192,8 +193,8 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     async def PutCommit(self, request, context):
         keys = self.index.split_packed(request.keys, "PutCommit") if request.keys else None
         committed, released = self.index.put_commit(request.put_id, keys, list(request.checksums), self._tenant())
-        if self.durable is not None:
-            await self.durable()
+        if self.admit_commit is not None:
+            await self.admit_commit()
         return pool_pb2.PutCommitResponse(committed=committed, released=released)
 
     @rpc

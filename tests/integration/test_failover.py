@@ -6,6 +6,8 @@ a real redis-server).
   saw is still served, and no read ever returns wrong bytes.
 * A leader stopped with SIGSTOP is deposed; woken later, it grants nothing: it refuses
   every call (naming the new leader) and the node refuses its old epoch.
+* Tenant quotas live in Redis: a standby started without ``--quotas`` that takes over
+  enforces the leader's; one started with ``--quotas`` makes its own the pool's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from kvpool.identity import pack_keys
 from kvpool.rpc.v1 import common_pb2, node_pb2, node_pb2_grpc, pool_pb2
 from tests.integration.helpers import SMALL, fresh_namespace, random_blocks, wait_for
 from tests.integration.pool_procs import pool_procs  # noqa: F401  (fixture)
-from tests.integration.redis_server import redis_server  # noqa: F401  (fixture)
+from tests.integration.redis_server import free_port, redis_server  # noqa: F401  (fixture)
 from tests.integration.rpc_helpers import stubs
 from tests.integration.test_admin_cli import admin
 
@@ -145,3 +147,48 @@ def test_redis_restarted_empty_the_leader_keeps_its_lease(pool_procs, redis_serv
         assert "took over" not in b.log()
         out = bytearray(3 * SMALL.block_bytes)
         assert c.fetch(toks, out) == 3 and bytes(out) == data.tobytes()
+
+
+def _quotas(address: str) -> dict[tuple[str, str], int]:
+    with stubs(address) as (_, admin_stub):
+        rows = admin_stub.Stats(common_pb2.StatsRequest(), timeout=5).tenants
+    return {(t.tenant, t.tier): t.quota_bytes for t in rows if t.HasField("quota_bytes")}
+
+
+def test_a_standby_that_takes_over_enforces_the_same_quotas(pool_procs, redis_server):
+    import json
+
+    from kvpool.errors import PoolFull
+
+    block = SMALL.block_bytes
+    master, node = pool_procs
+    a = master("--redis", redis_server.url, "--quotas", f"alice:dram={4 * block}", ready=r"ready grpc=(\S+)")
+    b = master("--redis", redis_server.url, ready=r"standby grpc=(\S+)")          # no --quotas of its own
+    later = free_port()                                                        # a third master, started later
+    node(f"{a.address},{b.address},127.0.0.1:{later}", "node-a")
+    assert wait_for(lambda: node_count(a.address) == 1, timeout=15)
+    r = redis_server.client()
+    assert wait_for(lambda: r.hget("kvpool:tenants", "alice") is not None, timeout=10)
+    assert json.loads(r.hget("kvpool:tenants", "alice")) == {"quotas": {"dram": 4 * block}}
+    a.kill()
+    assert b.wait_log(r"took over with fencing epoch 2", timeout=20)
+    assert wait_for(lambda: node_count(b.address) == 1, timeout=15)
+    assert _quotas(b.address) == {("alice", "dram"): 4 * block}
+    alice, bob = fresh_namespace(tenant="alice"), fresh_namespace(tenant="bob")
+    with Client(b.address, alice) as c:
+        with pytest.raises(PoolFull, match=rf"quota exceeded: 'alice' may hold {4 * block} bytes in dram"):
+            c.publish(list(range(16 * 5)), random_blocks(5, seed=1))          # more than her quota at once
+        c.publish(list(range(16 * 4)), random_blocks(4, seed=2))              # within it
+    with Client(b.address, bob) as c:                                          # bob has no quota
+        c.publish(list(range(16 * 5)), random_blocks(5, seed=3))
+    # A master given --quotas makes them the pool's when it takes over (here: raised for alice).
+    c3 = master("--redis", redis_server.url, "--quotas", f"alice:dram={8 * block}", port=later,
+                ready=r"standby grpc=(\S+)")
+    b.kill()
+    assert c3.wait_log(r"took over with fencing epoch 3", timeout=20)
+    assert wait_for(lambda: json.loads(r.hget("kvpool:tenants", "alice")) == {"quotas": {"dram": 8 * block}},
+                    timeout=10)
+    assert _quotas(c3.address) == {("alice", "dram"): 8 * block}
+    assert wait_for(lambda: node_count(c3.address) == 1, timeout=15)
+    with Client(c3.address, alice) as c:
+        c.publish(list(range(1000, 1000 + 16 * 5)), random_blocks(5, seed=4))  # 5 blocks fit now
