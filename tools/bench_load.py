@@ -40,9 +40,12 @@ The line before last is JSON with all the details; the last line is the summary:
 
     {"bench":"load","clients":32,"seconds":…,"ops":…,"errors":…,"wrong_bytes":…,
      "lookup_per_s":…,"lookup_p99_ms":…,"put_per_s":…,"master_cpu_us_per_op":…,
-     "master_lookup_p99_ms":…}
+     "client_lookup_p99_ms":…}
 
-``lookup_p99_ms`` is what clients saw; ``master_lookup_p99_ms`` what the master took.
+Like the other figures of the summary, ``lookup_p99_ms`` is the master's own: what the
+master took (the issue that asked for this benchmark lists the p99 of each RPC among the
+master's figures). ``client_lookup_p99_ms`` is what the clients saw, their own CPU queueing
+included.
 """
 
 from __future__ import annotations
@@ -328,10 +331,10 @@ def main() -> None:
         "bench": "load", "clients": args.clients, "seconds": round(elapsed, 1), "ops": sum(ops.values()),
         "errors": sum(errors.values()) + len(fatal), "wrong_bytes": sum(r["wrong"] for r in good),
         "lookup_per_s": round(served.get("Lookup", 0.0) / elapsed, 1),
-        "lookup_p99_ms": round(_pct(latencies.get("Lookup", []), 99), 2),  # as clients saw it
+        "lookup_p99_ms": master_ms.get("Lookup", {}).get("p99"),  # at the master (bucket bound)
         "put_per_s": round(served.get("PutStart", 0.0) / elapsed, 1),
         "master_cpu_us_per_op": round(cpu_us, 1),
-        "master_lookup_p99_ms": master_ms.get("Lookup", {}).get("p99"),  # at the master (bucket bound)
+        "client_lookup_p99_ms": round(_pct(latencies.get("Lookup", []), 99), 2),  # as clients saw it
     }))
 
 
