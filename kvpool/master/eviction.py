@@ -815,34 +815,7 @@ class HitDensityPolicy(EvictionPolicy):
             self._refresh()
 
     def remove(self, key: bytes) -> None:
-        s = self._slot.pop(key, None)
-        if s is None:
-            return
-        lpos, leaves, kids = self._leafpos, self._leaves, self._kids
-        self._keys[s] = None
-        i = lpos[s]
-        if i >= 0:
-            lpos[s] = -1
-            moved = leaves.pop()
-            if moved != s:
-                leaves[i] = moved
-                lpos[moved] = i
-                self._leaf_moves.append(i)
-        p = self._parent[s]
-        if p >= 0:
-            left = kids[p] = kids[p] - 1
-            if not left:
-                if self._dead[p]:
-                    self._dead[p] = False
-                    self._free.append(p)
-                else:
-                    i = lpos[p] = len(leaves)
-                    self._leaf_moves.append(i)
-                    leaves.append(p)
-        if kids[s]:
-            self._dead[s] = True  # its children still point here; recycled after the last one
-        else:
-            self._free.append(s)
+        self.remove_many((key,))
 
     def remove_many(self, keys) -> None:
         """Exactly ``remove`` of each key in order (tested), with the state in locals: an
