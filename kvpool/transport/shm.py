@@ -48,9 +48,12 @@ class ShmTransport(Transport):
 
     @classmethod
     def reachable(cls, endpoint: NodeEndpoint, tier: str) -> bool:
+        # The arena is created mode 0600: only processes of the node's OS user may map it,
+        # and the others use a data plane that checks each request (README: Running kvpool
+        # securely). Asking here keeps them off a path that would only fail.
         seg = endpoint.segment(tier, cls.kind)
         return (seg is not None and endpoint.host_id == host_id()
-                and os.path.exists(os.path.join(SHM_DIR, seg.handle)))
+                and os.access(os.path.join(SHM_DIR, seg.handle), os.R_OK | os.W_OK))
 
     @classmethod
     def open(cls, endpoint: NodeEndpoint, tier: str, options: TransportOptions) -> "ShmTransport":

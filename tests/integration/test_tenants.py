@@ -118,3 +118,42 @@ def test_admin_ls_shows_one_tenant_as_typed(server, two_tenants):
     assert r.returncode == 0 and "alice" in r.stdout
     r = run("inspect", keys[0].hex())  # the default tenant has no such block
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+
+
+OTHER_USER_CLIENT = """
+import os, sys
+import numpy as np
+from kvpool import Client
+from tests.integration.helpers import fresh_namespace, random_blocks, tokens
+
+address, shm = sys.argv[1], sys.argv[2]
+try:
+    open(shm, "rb").close()
+    print("mapped the arena", flush=True)
+except PermissionError:
+    print("arena refused", flush=True)
+ns = fresh_namespace(tenant="bob")
+toks = tokens(2 * ns.layout.block_tokens, seed=5)
+data = random_blocks(2, seed=5)
+with Client(address, ns) as c:
+    c.publish(toks, data)
+    out = c.get_blocks(ns.keys(toks))
+    assert [bytes(b) for b in out] == [d.tobytes() for d in data], "wrong bytes"
+    print("kinds", sorted(set(c._async.transports.open_kinds().values())), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"),
+                    reason="needs root and setpriv to run a client as another OS user")
+def test_a_client_of_another_os_user_cannot_map_the_arena_and_uses_tcp(server):
+    # Shared memory gives a client the node's whole arena, every tenant's bytes: only the
+    # node's own OS user may map it (mode 0600). A client running as another user is refused
+    # the mapping and works over the TCP data plane, whose every request is checked.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", OTHER_USER_CLIENT,
+         server.address, server.shm_path],
+        capture_output=True, text=True, timeout=120, cwd=repo,
+        env={**os.environ, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "arena refused" in r.stdout and "kinds ['tcp']" in r.stdout, r.stdout
