@@ -7,13 +7,16 @@ Life of a block entry::
                      └─abort / grant expiry─► freed      remove while pinned ─► DOOMED
                                                           (invisible) ── last unpin ─► freed
 
-A committed entry has a memory copy (``entry.mem``, in DRAM or HBM), an NVMe copy
-(``entry.nvme``), or both, on its node; and it may have replicas: DRAM copies on nodes of
-other hosts (``entry.replicas``, kvpool.master.replication). Each copy is its node's own: it
-sits in that node's tier policy, and that node's evictions and watermarks take it without
-touching the other copies. A block leaves the index only when its last copy goes; when the
-copies on the entry's node go first, a replica becomes the entry's copy. Clients read only
-memory copies; an NVMe-only block is promoted into DRAM before it is served
+A committed entry holds one or more copies of its block (``entry.copies``), at most one
+per node, each a :class:`Copy` with its own tier chain on its node: a memory slot (DRAM or
+HBM) and/or an NVMe slot. The copy the block was written to and the replicas on other hosts
+(kvpool.master.replication) are the same kind of record, and the same code here demotes,
+promotes, evicts and frees each of them: every copy sits in its node's tier policies, and
+that node's evictions and watermarks take it without touching the other copies. A block
+leaves the index only when its last copy goes. ``copies[0]`` is the copy reads go to by
+default, and it is in memory whenever any copy is; Lookup may send a reader to a nearer
+memory copy instead. Clients read only memory copies; a block with no copy in memory is
+promoted into DRAM (the copy on the reader's host first) before it is served
 (:mod:`kvpool.master.tiering` drives demotion, promotion and write-through; this module
 keeps the books synchronously).
 
@@ -21,13 +24,16 @@ Invariants (each one is tested):
 
 * Only COMMITTED entries live in ``_blocks``; Lookup and Get read nothing else, so a block
   that was not committed is never readable.
-* An entry with ``pins > 0`` is never evicted, moved or freed, nor is any of its replicas
-  (a lease may be served from one). Read leases pin; so does the tier mover for the
+* An entry with ``pins > 0`` is never evicted, moved or freed, nor is any of its copies
+  (a lease may be served from any of them). Read leases pin; so does the tier mover for the
   duration of a copy. Removing a pinned entry makes it invisible at once and frees its
   storage at the last unpin.
 * Every slot is released exactly once: memory slots through ``NodeHandle.free``, NVMe copies
   through the node's catalog-aware drop (queued in ``nvme_drops``).
 * A key is granted to at most one writer at a time; others get PUT_IN_FLIGHT.
+* A block has at most one copy per node, and every copy holds the same bytes (one checksum
+  per entry): a copy reported by a node is adopted only with the entry's checksum.
+* Tenant usage (quotas) counts a block once, in the tiers of its first copy.
 * Tenants share nothing. The index holds a block under its *scoped* key: the client's 16-byte
   key followed by its namespace's tenant (the bare key for the default tenant ""). So a
   tenant who knows another's keys finds, deduplicates against and removes nothing of theirs:
@@ -55,7 +61,7 @@ from kvpool.master.nodes import NodeHandle, NodeRegistry, has_durable_tier, memo
 from kvpool.tiers.base import Slot, TierCaps
 from kvpool.wire import pack_record, pack_slot
 
-__all__ = ["BlockIndex", "IndexConfig", "Entry", "Replica", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
+__all__ = ["BlockIndex", "IndexConfig", "Entry", "Copy", "CopyView", "Replica", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
 
 PUT_GRANTED, PUT_PRESENT, PUT_IN_FLIGHT = 1, 2, 3
 PENDING, COMMITTED = "pending", "committed"
@@ -86,22 +92,70 @@ class IndexConfig:
 MAX_REPLICAS = 8
 
 
-class Entry:
-    """One block in the index: a memory copy (DRAM or HBM) and/or an NVMe copy, on one node."""
+class Copy:
+    """One copy of a block on one node, with its own tier chain there: a memory slot
+    (``mem``, in ``mem_tier``: "hbm" or "dram") and/or an NVMe slot (``nvme``).
 
-    __slots__ = ("key", "ns", "node_id", "mem", "mem_tier", "nvme", "checksum", "state", "pins",
-                 "doomed", "position", "created", "last_access", "hits", "record", "loc", "replicas")
+    Every copy of a block is this record, the one clients read by default included, and the
+    same index code demotes, promotes, evicts and frees it whichever copy it is. A copy
+    with neither slot does not exist: it leaves its entry's ``copies``.
+    """
+
+    __slots__ = ("node_id", "mem", "mem_tier", "nvme")
+
+    def __init__(self, node_id: int, mem: Slot | None, nvme: Slot | None, mem_tier: str = "dram") -> None:
+        self.node_id = node_id
+        self.mem = mem
+        self.mem_tier = mem_tier
+        self.nvme = nvme
+
+    @property
+    def tier(self) -> str:
+        """Where a reader of this copy reads it: its memory tier, or "nvme" (promote first)."""
+        return self.mem_tier if self.mem is not None else NVME
+
+    @property
+    def slot(self) -> Slot:
+        return self.mem if self.mem is not None else self.nvme
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """The tiers of its node that this copy occupies (each one's policy holds it)."""
+        if self.mem is None:
+            return () if self.nvme is None else (NVME,)
+        return (self.mem_tier,) if self.nvme is None else (self.mem_tier, NVME)
+
+    def holds(self, tier: str) -> bool:
+        return self.nvme is not None if tier == NVME else (self.mem is not None and self.mem_tier == tier)
+
+    def __repr__(self) -> str:
+        return f"Copy(node={self.node_id}, {self.mem_tier}={self.mem}, nvme={self.nvme})"
+
+
+#: The name the first replicas had; every copy is a :class:`Copy` now.
+Replica = Copy
+
+
+class Entry:
+    """One block in the index: its copies, one per node, each with its own tier chain.
+
+    ``copies[0]`` is the copy a read goes to unless a nearer one is chosen (Lookup's
+    location records are cached for it: ``record``, ``loc``). It is kept in memory whenever
+    any copy is: a copy that loses its memory slot gives the front to one that has it. The
+    other copies are ``replicas``; a block with no copy left is not in the index.
+    ``node_id``, ``mem``, ``mem_tier``, ``nvme``, ``tier`` and ``slot`` read ``copies[0]``.
+    """
+
+    __slots__ = ("key", "ns", "copies", "checksum", "state", "pins",
+                 "doomed", "position", "created", "last_access", "hits", "record", "loc")
 
     def __init__(self, key: bytes, ns: str, node_id: int, mem: Slot | None, nvme: Slot | None,
                  position: int, now: float, mem_tier: str = "dram") -> None:
         self.key = key
         self.ns = ns
-        self.node_id = node_id
-        #: The copy clients read: a slot in a memory tier (``mem_tier``: "dram" or "hbm").
-        self.mem = mem
-        self.mem_tier = mem_tier
-        #: The durable copy on NVMe, if any.
-        self.nvme = nvme
+        #: Every copy of the block, at most one per node (see the class docstring). A pin on
+        #: the entry pins them all: a lease may be served from any of them.
+        self.copies: list[Copy] = [Copy(node_id, mem, nvme, mem_tier)]
         self.checksum = 0
         self.state = PENDING
         self.pins = 0
@@ -110,20 +164,45 @@ class Entry:
         self.created = now
         self.last_access = now
         self.hits = 0
-        #: DRAM copies on other nodes (kvpool.master.replication), each in its node's tier
-        #: policy; a pin on the entry pins them too.
-        self.replicas: list[Replica] = []
         self.record = self.loc = b""
         self.update_record()
 
     @property
+    def node_id(self) -> int:
+        return self.copies[0].node_id
+
+    @property
+    def mem(self) -> Slot | None:
+        """The first copy's memory slot; None when no copy of the block is in memory."""
+        return self.copies[0].mem
+
+    @property
+    def mem_tier(self) -> str:
+        return self.copies[0].mem_tier
+
+    @property
+    def nvme(self) -> Slot | None:
+        return self.copies[0].nvme
+
+    @property
+    def replicas(self) -> list[Copy]:
+        """The copies other than the first."""
+        return self.copies[1:]
+
+    def copy_on(self, node_id: int) -> Copy | None:
+        for c in self.copies:
+            if c.node_id == node_id:
+                return c
+        return None
+
+    @property
     def tier(self) -> str:
         """Where clients read it: its memory tier, or "nvme" for a block to promote first."""
-        return self.mem_tier if self.mem is not None else NVME
+        return self.copies[0].tier
 
     @property
     def slot(self) -> Slot:
-        return self.mem if self.mem is not None else self.nvme
+        return self.copies[0].slot
 
     @property
     def size(self) -> int:
@@ -139,20 +218,26 @@ class Entry:
         return self.key[:KEY_BYTES]
 
     def update_record(self) -> None:
-        slot = self.slot
+        first = self.copies[0]
+        slot = first.slot
         # Both wire forms are cached: a Lookup then only joins bytes (see kvpool.wire).
-        self.record = pack_record(self.node_id, self.tier, slot.offset, slot.size, self.checksum)
+        self.record = pack_record(first.node_id, first.tier, slot.offset, slot.size, self.checksum)
         self.loc = pack_slot(slot.offset, self.checksum)
 
 
-@dataclass
-class Replica:
-    """A copy of an entry's bytes on another node (a host tier: DRAM), evicted by that node's
-    policy on its own."""
+class CopyView:
+    """One copy dressed as its entry (key, checksum, namespace, node and slots): the location
+    records of a read served from it, and the resident-block note to its node."""
 
-    node_id: int
-    tier: str
-    slot: Slot
+    __slots__ = ("key", "ns", "checksum", "node_id", "mem", "mem_tier", "tier", "size", "record", "loc")
+
+    def __init__(self, entry: Entry, copy: Copy) -> None:
+        slot = copy.slot
+        self.key, self.ns, self.checksum = entry.key, entry.ns, entry.checksum
+        self.node_id, self.mem, self.mem_tier, self.tier, self.size = (copy.node_id, copy.mem, copy.mem_tier,
+                                                                       copy.tier, slot.size)
+        self.record = pack_record(copy.node_id, copy.tier, slot.offset, slot.size, entry.checksum)
+        self.loc = pack_slot(slot.offset, entry.checksum)
 
 
 @dataclass
@@ -260,6 +345,9 @@ class BlockIndex:
         #: Whether some namespace asks for more than one copy (kept by set_replicas, so that
         #: Lookup's check costs nothing however many namespaces there are).
         self._ns_replicated = False
+        #: Namespaces whose blocks kept copies reported before the namespace was registered
+        #: here (after a master restart): trimmed to its setting when it is (_joins_as_copy).
+        self._untrimmed: set[str] = set()
 
     # ------------------------------------------------------------------ namespaces
 
@@ -277,6 +365,9 @@ class BlockIndex:
                 observer.namespace(ns)
         if replicas and replicas != known.replicas:
             known = self.set_replicas(ns.id, replicas)
+        if ns.id in self._untrimmed:  # copies adopted before its setting was known
+            self._untrimmed.discard(ns.id)
+            self._trim_copies(ns.id)
         return known
 
     @staticmethod
@@ -312,9 +403,9 @@ class BlockIndex:
                 call(ns_id)
         elif replicas < before:
             for entry in self.entries(ns_id):
-                if entry.pins == 0 and 1 + len(entry.replicas) > replicas:
-                    for r in entry.replicas[replicas - 1:]:
-                        self._discard_replica(entry, r)
+                if entry.pins == 0 and len(entry.copies) > replicas:
+                    for c in entry.copies[replicas:]:
+                        self._discard_copy(entry, c)
         return info
 
     def namespace(self, ns_id: str) -> NamespaceInfo:
@@ -613,10 +704,11 @@ class BlockIndex:
                 continue
             entry.hits += 1
             entry.last_access = now
-            if entry.mem is not None:
-                touched.setdefault((entry.node_id, entry.mem_tier), []).append(entry.key)
-            if entry.nvme is not None:
-                touched.setdefault((entry.node_id, NVME), []).append(entry.key)
+            for c in entry.copies:  # a read is a use of the block on every node that holds it
+                if c.mem is not None:
+                    touched.setdefault((c.node_id, c.mem_tier), []).append(entry.key)
+                if c.nvme is not None:
+                    touched.setdefault((c.node_id, NVME), []).append(entry.key)
         # One batched call per policy: a 128K-token read is 8,192 accesses.
         for tk, keys in touched.items():
             self._policy(*tk).access_many(keys)
@@ -636,10 +728,11 @@ class BlockIndex:
     def _touch_many(self, entries: list[Entry]) -> None:
         touched: dict[tuple[int, str], list[bytes]] = {}
         for entry in entries:
-            if entry.mem is not None:
-                touched.setdefault((entry.node_id, entry.mem_tier), []).append(entry.key)
-            if entry.nvme is not None:
-                touched.setdefault((entry.node_id, NVME), []).append(entry.key)
+            for c in entry.copies:
+                if c.mem is not None:
+                    touched.setdefault((c.node_id, c.mem_tier), []).append(entry.key)
+                if c.nvme is not None:
+                    touched.setdefault((c.node_id, NVME), []).append(entry.key)
         for tk, keys in touched.items():
             self._policy(*tk).access_many(keys)
 
@@ -675,79 +768,103 @@ class BlockIndex:
         del self._blocks[entry.key]
         for observer in self.observers:
             observer.removed((entry,))
-        if entry.mem is not None:
-            self._leave(entry, entry.mem_tier)
-        if entry.nvme is not None:
-            self._leave(entry, NVME)
-        for r in entry.replicas:  # out of their policies now; their slots go with the rest
-            self._leave_replica(entry, r)
+        for c in entry.copies:  # out of their policies now; their slots go with the rest
+            for tier in c.tiers:
+                self._leave(entry, tier, c)
         entry.doomed = True
         if entry.pins:
             return False
         self._release_storage(entry)
         return True
 
-    def _free_replicas(self, entry: Entry) -> None:
-        """Free the slots of a dropped entry's replicas (``_drop`` took them out of their policies)."""
-        for r in entry.replicas:
-            node = self.nodes.get(r.node_id)
+    # ------------------------------------------------------------------ copies
+    #
+    # Every copy goes through these, the first one included. Usage (tenant quotas) counts a
+    # block once: in the tiers of its first copy; so whatever changes which copy is first
+    # moves the count with it (_set_first).
+
+    def _free_slot(self, entry: Entry, c: Copy, tier: str) -> None:
+        """Release ``c``'s slot in ``tier`` on its node (NVMe through the catalog-aware drop)."""
+        if tier == NVME:
+            self.nvme_drops.setdefault(c.node_id, []).append((entry.key, c.nvme))
+            c.nvme = None
+        else:
+            node = self.nodes.get(c.node_id)
             if node is not None:
-                node.free(r.tier, r.slot)
-        entry.replicas = []
+                node.free(c.mem_tier, c.mem)
+            c.mem = None
 
-    def _enter_replica(self, entry: Entry, r: Replica) -> None:
-        # Not counted in the tenant's use of the tier: quotas count a block once.
-        tk = (r.node_id, r.tier)
-        self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
-        self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
+    def _release_tier(self, entry: Entry, c: Copy, tier: str) -> None:
+        """``c`` leaves ``tier`` of its node: out of the policy, its slot freed."""
+        self._leave(entry, tier, c)
+        self._free_slot(entry, c, tier)
 
-    def _leave_replica(self, entry: Entry, r: Replica) -> None:
-        tk = (r.node_id, r.tier)
-        policy = self._policies.get(tk)
-        if policy is not None:  # None: the node was forgotten, and its policies with it
-            self._tier_blocks[tk] -= 1
-            policy.remove(entry.key)
-
-    def _discard_replica(self, entry: Entry, r: Replica) -> None:
-        """Let one replica of a live entry go: out of its policy, its slot freed."""
-        entry.replicas.remove(r)
-        self._leave_replica(entry, r)
-        node = self.nodes.get(r.node_id)
-        if node is not None:
-            node.free(r.tier, r.slot)
-
-    def _promote_replica(self, entry: Entry) -> None:
-        """The entry's node has no copy left (the caller left and freed them): its first
-        replica becomes the entry's copy."""
-        r = entry.replicas.pop(0)
-        self._leave_replica(entry, r)
-        entry.node_id, entry.mem, entry.mem_tier, entry.nvme = r.node_id, r.slot, r.tier, None
+    def _set_first(self, entry: Entry, c: Copy) -> None:
+        """Make ``c`` the copy reads go to (and the one usage counts)."""
+        old = entry.copies[0]
+        if old is c:
+            return
+        for tier in old.tiers:
+            self._count(entry, tier, -1)
+        entry.copies.remove(c)
+        entry.copies.insert(0, c)
+        for tier in c.tiers:
+            self._count(entry, tier, 1)
         entry.update_record()
-        self._enter(entry, r.tier)
+        for observer in self.observers:  # the block is read elsewhere now (Redis, events)
+            observer.stored((entry,))
+
+    def _settle(self, entry: Entry) -> None:
+        """After a copy changed: copies with no slot left leave the entry, and the first copy
+        is one in memory when any copy is (so an NVMe-only first copy means that no copy is
+        in memory, and a read promotes one). The caller never empties an entry this way: a
+        block losing its last copy is dropped (``_drop``)."""
+        first = entry.copies[0]
+        entry.copies[1:] = [c for c in entry.copies[1:] if c.mem is not None or c.nvme is not None]
+        if first.mem is None and first.nvme is None:
+            # The first copy is gone (its tiers were left, and uncounted, already).
+            entry.copies.pop(0)
+            best = next((c for c in entry.copies if c.mem is not None), entry.copies[0])
+            entry.copies.remove(best)
+            entry.copies.insert(0, best)
+            for tier in best.tiers:
+                self._count(entry, tier, 1)
+            entry.update_record()
+            for observer in self.observers:  # the block is read elsewhere now (Redis, events)
+                observer.stored((entry,))
+            return
+        if first.mem is None:
+            for c in entry.copies[1:]:
+                if c.mem is not None:
+                    self._set_first(entry, c)
+                    return
+        entry.update_record()
+
+    def _discard_copy(self, entry: Entry, c: Copy) -> None:
+        """Let one copy of a live entry go (it has others): out of its policies, slots freed."""
+        for tier in c.tiers:
+            self._release_tier(entry, c, tier)
+        self._settle(entry)
 
     def add_replica(self, entry: Entry, node_id: int, tier: str, slot: Slot) -> bool:
         """Record a copy the node made (kvpool.master.replication); False if the entry's memory
         copy went meanwhile, or the node holds a copy already (the caller frees the slot)."""
         if entry.doomed or entry.mem is None or self._blocks.get(entry.key) is not entry:
             return False
-        if node_id == entry.node_id or any(r.node_id == node_id for r in entry.replicas):
+        if entry.copy_on(node_id) is not None:
             return False
-        r = Replica(node_id, tier, slot)
-        entry.replicas.append(r)
-        self._enter_replica(entry, r)
+        c = Copy(node_id, slot, None, tier)
+        entry.copies.append(c)
+        self._enter(entry, tier, c)
         return True
 
     def _release_storage(self, entry: Entry) -> None:
         """Free whatever copies an unpinned entry still has (exactly once)."""
-        self._free_replicas(entry)
-        if entry.mem is not None:
-            node = self.nodes.get(entry.node_id)
-            if node is not None:
-                node.free(entry.mem_tier, entry.mem)
-            entry.mem = None
-        if entry.nvme is not None:
-            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
-            entry.nvme = None
+        for c in entry.copies:
+            if c.mem is not None:
+                self._free_slot(entry, c, c.mem_tier)
+            if c.nvme is not None:
+                self._free_slot(entry, c, NVME)
 
     def _ungrant(self, entry: Entry) -> None:
         """A granted entry was committed or released: it no longer counts as granted."""
@@ -759,21 +876,28 @@ class BlockIndex:
         use[0] += sign * entry.size
         use[1] += sign
 
-    def _enter(self, entry: Entry, tier: str) -> None:
-        """Count a new copy of ``entry`` in ``tier`` and hand it to that tier's policy."""
-        tk = (entry.node_id, tier)
-        self._count(entry, tier, 1)
+    def _enter(self, entry: Entry, tier: str, c: Copy | None = None) -> None:
+        """Count a new slot of copy ``c`` (default: the first) in ``tier`` and hand it to that
+        tier's policy on its node."""
+        if c is None or c is entry.copies[0]:
+            c = entry.copies[0]
+            self._count(entry, tier, 1)
+        tk = (c.node_id, tier)
         self._tier_blocks[tk] = self._tier_blocks.get(tk, 0) + 1
         self._policy(*tk).insert(entry.key, BlockInfo(entry.size, entry.position, entry.ns))
 
-    def _leave(self, entry: Entry, tier: str) -> None:
-        tk = (entry.node_id, tier)
-        self._count(entry, tier, -1)
+    def _leave(self, entry: Entry, tier: str, c: Copy | None = None) -> None:
+        if c is None or c is entry.copies[0]:
+            c = entry.copies[0]
+            self._count(entry, tier, -1)
+        tk = (c.node_id, tier)
+        if tk not in self._policies:  # the node was forgotten, and its policies with it
+            return
         self._tier_blocks[tk] -= 1
         if self._leaving is not None:
             self._leaving.setdefault(tk, []).append(entry.key)
         else:
-            self._policy(*tk).remove(entry.key)
+            self._policies[tk].remove(entry.key)
 
     def _drop_victims(self, victims: list[Entry], tier: str, node_id: int | None = None) -> None:
         """``drop_copy`` of each victim's copy in ``tier`` of ``node_id``, the policies told of
@@ -794,13 +918,14 @@ class BlockIndex:
         return entry is not None and entry.pins == 0
 
     def _holds(self, key: bytes, node_id: int, tier: str) -> bool:
-        """Whether ``key`` is a committed block with a copy (or a replica) in this node's ``tier``."""
+        """Whether ``key`` is a committed block with a copy in this node's ``tier``."""
         entry = self._blocks.get(key)
         if entry is None:
             return False
-        if entry.node_id != node_id:
-            return any(r.node_id == node_id and r.tier == tier for r in entry.replicas)
-        return entry.nvme is not None if tier == NVME else (entry.mem is not None and entry.mem_tier == tier)
+        for c in entry.copies:
+            if c.node_id == node_id:
+                return c.holds(tier)
+        return False
 
     def victims(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0,
                 tenant: str | None = None) -> list[Entry]:
@@ -848,32 +973,17 @@ class BlockIndex:
         return chosen
 
     def drop_copy(self, entry: Entry, tier: str, node_id: int | None = None) -> None:
-        """Evict one copy: the one in ``tier`` of ``node_id`` (default: the entry's node), a
-        replica if it is another node. An entry that loses its last copy leaves the index;
-        one that loses the last copy on its node is served from its first replica."""
-        if node_id is not None and node_id != entry.node_id:
-            for r in entry.replicas:
-                if r.node_id == node_id and r.tier == tier:
-                    self._discard_replica(entry, r)
-                    return
+        """Evict one slot of one copy: the one in ``tier`` of ``node_id`` (default: the first
+        copy's node). A block that loses its last slot of its last copy leaves the index; one
+        that loses its first copy is read from another."""
+        c = entry.copies[0] if node_id is None else entry.copy_on(node_id)
+        if c is None or not c.holds(tier):
             return
-        other = entry.mem if tier == NVME else entry.nvme
-        if other is None and not entry.replicas:
+        if len(entry.copies) == 1 and len(c.tiers) == 1:
             self._drop(entry)
             return
-        self._leave(entry, tier)
-        if tier != NVME:
-            self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
-            entry.mem = None
-        else:
-            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
-            entry.nvme = None
-        if other is None:
-            self._promote_replica(entry)
-            for observer in self.observers:  # the block is elsewhere now (Redis, events)
-                observer.stored((entry,))
-        else:
-            entry.update_record()
+        self._release_tier(entry, c, tier)
+        self._settle(entry)
 
     def _evict_from(self, node_id: int, tier: str, want_bytes: int | None, block_bytes: int = 0) -> tuple[int, int]:
         """Evict unpinned copies of one tier, policy order, until ``want_bytes`` are freed."""
@@ -988,71 +1098,93 @@ class BlockIndex:
 
     # ------------------------------------------------------------------ tier movement
 
-    def demoted(self, entry: Entry, nvme_slot: Slot) -> None:
-        """The mover copied ``entry`` to ``nvme_slot``; drop its DRAM copy if nobody reads it."""
-        if entry.doomed:  # removed while moving: the new copy goes when the entry is freed
-            entry.nvme = entry.nvme or nvme_slot
-            return
-        if entry.nvme is None:
-            entry.nvme = nvme_slot
-            self._enter(entry, NVME)
-        self.counters.demoted_blocks += 1
-        if entry.pins == 1 and entry.mem is not None:  # only the mover's own pin
-            self._leave(entry, entry.mem_tier)  # its replicas stay: each is its node's own
-            self.nodes.get(entry.node_id).free(entry.mem_tier, entry.mem)
-            entry.mem = None
-            entry.update_record()
+    def _moving(self, entry: Entry, node_id: int | None) -> Copy | None:
+        """The copy a tier move on ``node_id`` (default: the first copy's node) was about."""
+        return entry.copies[0] if node_id is None else entry.copy_on(node_id)
 
-    def moved_tier(self, entry: Entry, tier: str, slot: Slot) -> bool:
-        """The node copied ``entry``'s memory copy into ``slot`` of its memory tier ``tier``
-        (HBM demoted to DRAM), checksum verified: serve it from there and free the old slot.
+    def demoted(self, entry: Entry, nvme_slot: Slot, node_id: int | None = None) -> None:
+        """The mover copied the memory copy of ``entry`` on ``node_id`` (default: its first
+        copy's node) to ``nvme_slot`` there; drop the memory slot if nobody reads it."""
+        c = self._moving(entry, node_id)
+        if c is None:  # its node left meanwhile (forget_node): nothing there to keep
+            return
+        if entry.doomed:  # removed while moving: the new copy goes when the entry is freed
+            c.nvme = c.nvme or nvme_slot
+            return
+        if c.nvme is None:
+            c.nvme = nvme_slot
+            self._enter(entry, NVME, c)
+        self.counters.demoted_blocks += 1
+        if entry.pins == 1 and c.mem is not None:  # only the mover's own pin
+            self._release_tier(entry, c, c.mem_tier)  # the other copies stay: each is its node's own
+            self._settle(entry)
+
+    def moved_tier(self, entry: Entry, tier: str, slot: Slot, node_id: int | None = None) -> bool:
+        """The node copied the memory copy of ``entry`` on ``node_id`` (default: the first
+        copy's node) into ``slot`` of its memory tier ``tier`` (HBM demoted to DRAM),
+        checksum verified: serve it from there and free the old slot.
 
         Only when the mover's pin is the only one (a reader may be reading the old slot) and
-        the entry still has its memory copy where it was; otherwise returns False and the
-        caller frees ``slot``. Replicas stay: they mirror the bytes, not the slot.
+        the copy still has its memory slot where it was; otherwise returns False and the
+        caller frees ``slot``. The other copies stay: they mirror the bytes, not the slot.
         """
-        if entry.doomed or entry.pins != 1 or entry.mem is None or self._blocks.get(entry.key) is not entry:
+        c = self._moving(entry, node_id)
+        if (entry.doomed or entry.pins != 1 or c is None or c.mem is None
+                or self._blocks.get(entry.key) is not entry):
             return False
-        node = self.nodes.get(entry.node_id)
-        self._leave(entry, entry.mem_tier)
-        node.free(entry.mem_tier, entry.mem)
-        entry.mem, entry.mem_tier = slot, tier
-        entry.update_record()
-        self._enter(entry, tier)
-        node.note_resident([entry])
+        self._release_tier(entry, c, c.mem_tier)
+        c.mem, c.mem_tier = slot, tier
+        self._enter(entry, tier, c)
+        self._settle(entry)
+        self.nodes.get(c.node_id).note_resident([CopyView(entry, c)])
         self.counters.demoted_blocks += 1
         return True
 
     def written_through(self, entry: Entry, nvme_slot: Slot) -> None:
+        c = entry.copies[0]
         if entry.doomed:
-            entry.nvme = entry.nvme or nvme_slot
+            c.nvme = c.nvme or nvme_slot
             return
-        if entry.nvme is None:
-            entry.nvme = nvme_slot
-            self._enter(entry, NVME)
+        if c.nvme is None:
+            c.nvme = nvme_slot
+            self._enter(entry, NVME, c)
             self.counters.written_through_blocks += 1
 
-    def promoted(self, entry: Entry, dram_slot: Slot) -> None:
-        if entry.doomed:
-            self.nodes.get(entry.node_id).free(DRAM, dram_slot)
+    def promoted(self, entry: Entry, dram_slot: Slot, node_id: int | None = None) -> None:
+        """The node of ``node_id`` (default: the first copy's) read its NVMe copy of ``entry``
+        back into ``dram_slot``, checksum verified."""
+        c = self._moving(entry, node_id)
+        if entry.doomed or c is None or c.mem is not None:
+            node = self.nodes.get(node_id if node_id is not None else entry.node_id)
+            if node is not None:
+                node.free(DRAM, dram_slot)
             return
-        entry.mem = dram_slot
-        entry.mem_tier = DRAM
-        entry.update_record()
-        self._enter(entry, DRAM)
-        self.nodes.get(entry.node_id).note_resident([entry])
+        c.mem, c.mem_tier = dram_slot, DRAM
+        self._enter(entry, DRAM, c)
+        self._settle(entry)
+        self.nodes.get(c.node_id).note_resident([CopyView(entry, c)])
         self.counters.promoted_blocks += 1
 
-    def corrupt(self, entry: Entry, dram_slot: Slot | None) -> None:
-        """A copy failed its checksum: the node already dropped it from NVMe; forget the block."""
-        if dram_slot is not None:
-            self.nodes.get(entry.node_id).free(DRAM, dram_slot)
-        if entry.nvme is not None and not entry.doomed:
-            self._leave(entry, NVME)
-        entry.nvme = None  # the mover freed the slot and its catalog entry
-        if not entry.doomed:
-            self._drop(entry)
+    def corrupt(self, entry: Entry, dram_slot: Slot | None, node_id: int | None = None) -> None:
+        """The NVMe copy on ``node_id`` (default: the first copy's node) failed its checksum:
+        the node already dropped it from its NVMe. That copy is forgotten; the block lives on
+        in its other copies (each checked on its own), or leaves the index with its last."""
+        c = self._moving(entry, node_id)
+        node = self.nodes.get(c.node_id if c is not None else node_id if node_id is not None else entry.node_id)
+        if dram_slot is not None and node is not None:
+            node.free(DRAM, dram_slot)
         self.counters.corrupt_blocks += 1
+        if c is None or c.nvme is None:
+            return
+        if not entry.doomed:
+            self._leave(entry, NVME, c)
+        c.nvme = None  # the mover freed the slot and its catalog entry
+        if entry.doomed:
+            return
+        if c.mem is None and len(entry.copies) == 1:
+            self._drop(entry)
+        else:
+            self._settle(entry)
 
     def forget_node(self, node_id: int) -> int:
         """Forget every block and grant of a node process that is gone. Returns blocks forgotten.
@@ -1062,34 +1194,27 @@ class BlockIndex:
         is not there to ask, and a drop sent to its next incarnation could delete a block
         that survived.
         """
-        gone, moved = [], []
+        gone = []
         for entry in self._blocks.values():
-            if entry.replicas:  # the dead node's policies go below, with its replicas' entries
-                entry.replicas = [r for r in entry.replicas if r.node_id != node_id]
-            if entry.node_id != node_id:
+            c = entry.copy_on(node_id)
+            if c is None:
                 continue
-            if entry.replicas:
-                moved.append(entry)
-            else:
+            if len(entry.copies) == 1:
                 gone.append(entry)
-        for entry in moved:  # a replica on a live node becomes the copy clients read
-            if entry.mem is not None:
-                self._count(entry, entry.mem_tier, -1)
-            if entry.nvme is not None:
-                self._count(entry, NVME, -1)
-            self._promote_replica(entry)
-        for observer in self.observers if moved else ():
-            observer.stored(moved)
+                continue
+            if c is entry.copies[0]:
+                for tier in c.tiers:  # usage counts the first copy; the node's policies go below
+                    self._count(entry, tier, -1)
+            c.mem = c.nvme = None  # not freed: the node is not there to ask (see above)
+            self._settle(entry)  # a copy on a live node is read now (observers told)
         for observer in self.observers if gone else ():
             observer.node_lost(gone)
         for entry in gone:
-            if entry.mem is not None:
-                self._count(entry, entry.mem_tier, -1)
-            if entry.nvme is not None:
-                self._count(entry, NVME, -1)
+            for tier in entry.copies[0].tiers:
+                self._count(entry, tier, -1)
             del self._blocks[entry.key]
             entry.doomed = True
-            entry.mem = entry.nvme = None
+            entry.copies[0].mem = entry.copies[0].nvme = None
         node = self.nodes.get(node_id)
         name = node.name if node is not None else str(node_id)
         for grant in list(self._grants.values()):
@@ -1113,17 +1238,29 @@ class BlockIndex:
         return len(gone)
 
     def adopt(self, node_id: int, blocks) -> int:
-        """Index blocks a node found on NVMe at start (``key, slot, checksum, namespace``)."""
+        """Index blocks a node found on NVMe at start (``key, slot, checksum, namespace``).
+
+        A key the index has already becomes one more copy of that block when
+        :meth:`_joins_as_copy` allows it (a replica on another host, adopted back after a
+        master restart); another stale or surplus copy is dropped from the node's NVMe."""
         now = self.clock()
         adopted = 0
         fresh: list[Entry] = []
         for key, slot, checksum, ns in blocks:
             entry = self._blocks.get(key)
             if entry is not None:
-                if entry.node_id == node_id and entry.nvme is None and entry.checksum == checksum:
-                    entry.nvme = slot  # its memory copy came back too (adopt_memory)
-                    self._enter(entry, NVME)
+                c = entry.copy_on(node_id)
+                if c is not None and c.nvme is None and entry.checksum == checksum:
+                    c.nvme = slot  # its memory copy came back too (adopt_memory)
+                    self._enter(entry, NVME, c)
                     adopted += 1
+                elif c is None and self._joins_as_copy(entry, node_id, checksum):
+                    c = Copy(node_id, None, slot)
+                    entry.copies.append(c)
+                    self._enter(entry, NVME, c)
+                    adopted += 1
+                elif c is None or c.nvme != slot:
+                    self.nvme_drops.setdefault(node_id, []).append((key, slot))
                 continue
             fresh.append(self._adopted(Entry(key, ns, node_id, None, slot, -1, now), checksum, NVME))
             adopted += 1
@@ -1143,8 +1280,9 @@ class BlockIndex:
     def adopt_memory(self, node_id: int, blocks) -> int:
         """Index blocks a node still holds in memory (``key, slot, checksum, namespace, tier``),
         reported when it registers again with the same process: its master restarted. The
-        slots are claimed on the node's handle already; a key the index has elsewhere keeps
-        that copy, and this slot is freed."""
+        slots are claimed on the node's handle already. A key the index has already becomes
+        one more copy of that block when :meth:`_joins_as_copy` allows it; otherwise the
+        index keeps the copies it has, and this slot is freed."""
         now = self.clock()
         node = self.nodes.get(node_id)
         adopted = 0
@@ -1152,13 +1290,53 @@ class BlockIndex:
         for key, slot, checksum, ns, tier in blocks:
             entry = self._blocks.get(key)
             if entry is not None:
-                node.free(tier, slot)
+                if entry.copy_on(node_id) is None and self._joins_as_copy(entry, node_id, checksum):
+                    c = Copy(node_id, slot, None, tier)
+                    entry.copies.append(c)
+                    self._enter(entry, tier, c)
+                    self._settle(entry)  # served from memory if its first copy is on NVMe only
+                    adopted += 1
+                else:
+                    node.free(tier, slot)
                 continue
             fresh.append(self._adopted(Entry(key, ns, node_id, slot, None, -1, now, tier), checksum, tier))
             adopted += 1
         for observer in self.observers if fresh else ():
             observer.stored(fresh)
         return adopted
+
+    def _joins_as_copy(self, entry: Entry, node_id: int, checksum: int) -> bool:
+        """Whether a node's report of a block the index has (from another node) is kept as
+        one more copy of it: the same bytes (checksum), on a host where the block has no
+        copy yet, and fewer copies than the namespace may have (its replicas, plus the
+        read-driven ones). Before a namespace's setting is known again (a client registers
+        it after a master restart), copies are kept, and trimmed to the setting then."""
+        if entry.doomed or entry.checksum != checksum or entry.state != COMMITTED:
+            return False
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        host = node.endpoint().host_id
+        for c in entry.copies:
+            other = self.nodes.get(c.node_id)
+            if other is None or other.endpoint().host_id == host:
+                return False
+        if entry.ns not in self._namespaces:
+            self._untrimmed.add(entry.ns)
+            return len(entry.copies) < MAX_REPLICAS
+        return len(entry.copies) < self._copies_allowed(entry.ns)
+
+    def _copies_allowed(self, ns_id: str) -> int:
+        return self.replicas_of(ns_id) + self.config.read_replicas
+
+    def _trim_copies(self, ns_id: str) -> None:
+        """Free the copies beyond what ``ns_id`` allows of its unleased blocks (kept when
+        adopted before its setting was known)."""
+        allowed = self._copies_allowed(ns_id)
+        for entry in list(self.entries(ns_id)):
+            if entry.pins == 0 and len(entry.copies) > allowed:
+                for c in entry.copies[allowed:]:
+                    self._discard_copy(entry, c)
 
     # ------------------------------------------------------------------ placement
 
@@ -1226,20 +1404,15 @@ class BlockIndex:
         """
         if entry.pins != 1 or entry.doomed or self._blocks.get(entry.key) is not entry:
             raise FailedPrecondition(f"block {entry.key.hex()} cannot move: it is leased or gone")
-        for r in [r for r in entry.replicas if r.node_id == node_id]:  # one copy per node
-            self._discard_replica(entry, r)
-        old = self.nodes.get(entry.node_id)
-        if entry.mem is not None:
-            self._leave(entry, entry.mem_tier)
-            if old is not None:
-                old.free(entry.mem_tier, entry.mem)
-        if entry.nvme is not None:
-            self._leave(entry, NVME)
-            self.nvme_drops.setdefault(entry.node_id, []).append((entry.key, entry.nvme))
-            entry.nvme = None
-        entry.node_id, entry.mem, entry.mem_tier = node_id, slot, tier
+        first = entry.copies[0]
+        there = entry.copy_on(node_id)
+        if there is not None and there is not first:  # one copy per node: the moved one stays
+            self._discard_copy(entry, there)
+        for tier_ in first.tiers:
+            self._release_tier(entry, first, tier_)
+        first.node_id, first.mem, first.mem_tier = node_id, slot, tier
         entry.update_record()
-        self._enter(entry, tier)
+        self._enter(entry, tier, first)
 
     def _full_message(self, node: NodeHandle, tier: str, size: int, count: int) -> str:
         leased = sum(1 for e in self._blocks.values() if e.pins and e.node_id == node.node_id)

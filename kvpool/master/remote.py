@@ -287,8 +287,8 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         # A node that was only cut off (same process) comes back with the blocks it knows of;
         # those committed since its last applied change are checked against it then.
         self.candidates.setdefault(node.name, []).extend(
-            BlockRecord(e.key, e.mem_tier, e.mem.offset, e.mem.size, e.checksum, node.name, node.incarnation, e.ns)
-            for e in self.index.entries() if e.node_id == node.node_id and e.mem is not None)
+            BlockRecord(e.key, c.mem_tier, c.mem.offset, c.mem.size, e.checksum, node.name, node.incarnation, e.ns)
+            for e in self.index.entries() if e.node_id == node.node_id and (c := e.copies[0]).mem is not None)
         forgotten = self.index.forget_node(node.node_id)
         self.index.nodes.remove(node.node_id)
         self._joined.pop(node.node_id, None)

@@ -23,12 +23,16 @@ that host (one that can pull), so the next reads there are local. Bounded: a blo
 ``K`` copies beyond its namespace's replicas, and the read counts are forgotten when more than
 ``READ_COUNTS_MAX`` are kept. Such copies are replicas like the others.
 
-Each replica is its node's own copy: that node's DRAM policy evicts it (watermarks,
-``make_room``, admin eviction) without touching the other copies, and demoting or evicting
-the entry's own copy leaves the replicas alone. When the entry's node loses its last copy
-(evicted, or the node died: :meth:`BlockIndex.forget_node`), a replica on a live node becomes
-the copy clients read; removing the block frees every copy. Blocks that cannot be replicated now
-(no other host has room) are tried again at a later cycle, until they leave memory.
+A replica is a copy like the block's first one (:class:`kvpool.master.index.Copy`): its
+node's policies demote it (DRAM to that node's NVMe when it has one, else evicted: watermarks,
+``make_room``, admin eviction) and promote it on a read from its host, without touching the
+other copies. A copy on NVMe counts: it survives its node's restart. When the first copy goes
+(evicted, or the node died: :meth:`BlockIndex.forget_node`), another copy, in memory if one
+is, becomes the copy clients read; removing the block frees every copy. Blocks that cannot
+be replicated now (no other host has room) are tried again at a later cycle, until they
+leave memory. After a master restart, the copies the nodes report are adopted back as copies
+of one block (:meth:`BlockIndex.adopt_memory`, :meth:`BlockIndex.adopt`), so nothing is
+copied again.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Replicator:
     def _short(self, e: Entry) -> bool:
         """Whether ``e`` has a DRAM copy and fewer copies than its namespace wants."""
         return (not e.doomed and e.mem is not None and e.mem_tier == DRAM
-                and 1 + len(e.replicas) < self.index.replicas_of(e.ns))
+                and len(e.copies) < self.index.replicas_of(e.ns))
 
     def read(self, served, host: str) -> None:
         """Readers on ``host`` were sent to ``served`` (entries, or replicas dressed as them):
@@ -87,7 +91,7 @@ class Replicator:
             self._reads.pop(key, None)
             entry = self.index.entry(e.key)
             bound = self.index.replicas_of(entry.ns) + self.index.config.read_replicas if entry is not None else 0
-            if entry is not None and 1 + len(entry.replicas) < bound:
+            if entry is not None and len(entry.copies) < bound:
                 self._to_host[e.key] = (entry, host)
 
     # the index's observer -------------------------------------------------------------

@@ -18,14 +18,14 @@ from kvpool.identity import KEY_BYTES, Namespace
 from kvpool.layout import KVLayout
 from kvpool.master.handlers import rpc
 from kvpool.master.drain import DEFAULT_BATCH, Drainer, DrainReport
-from kvpool.master.index import BlockIndex, Entry, NamespaceInfo, unknown_namespace
+from kvpool.master.index import BlockIndex, CopyView, Entry, NamespaceInfo, unknown_namespace
 from kvpool.master.nodes import memory_tiers
 from kvpool.master.tiering import Tiering
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pool_pb2, pool_pb2_grpc
 from kvpool.capability import expiry_ms, sign
 from kvpool.transport.base import READ, WRITE
-from kvpool.wire import TIER_CODES, pack_record, pack_slot
+from kvpool.wire import TIER_CODES
 
 __all__ = ["PoolServicer", "AdminServicer", "stats_response"]
 
@@ -66,18 +66,18 @@ class _Base:
         self.read_by = None
 
     def _nearest(self, entries, client_host: str):
-        """For each entry, a copy on the reader's host when a replica is there (the entry pins
-        its replicas too, so the lease covers the copy chosen)."""
+        """For each entry, a memory copy on the reader's host when there is one (the entry
+        pins all its copies, so the lease covers the copy chosen)."""
         if not client_host or not self.index.replicated:
             return entries
         nodes = self.index.nodes
         out = []
         for e in entries:
-            if e.replicas and nodes.get(e.node_id).endpoint().host_id != client_host:
-                for r in e.replicas:
-                    node = nodes.get(r.node_id)
-                    if node is not None and node.endpoint().host_id == client_host:
-                        e = ReplicaView(e, r)
+            if len(e.copies) > 1 and nodes.get(e.node_id).endpoint().host_id != client_host:
+                for c in e.copies[1:]:
+                    node = nodes.get(c.node_id)
+                    if c.mem is not None and node is not None and node.endpoint().host_id == client_host:
+                        e = CopyView(e, c)
                         break
             out.append(e)
         return out
@@ -111,11 +111,12 @@ class _Base:
             raise unknown_namespace(ns_id)
         return info
 
-    async def _resident(self, lease) -> list[bool] | None:
-        """Promote the lease's NVMe-only blocks; None when all were in memory already."""
+    async def _resident(self, lease, client_host: str = "") -> list[bool] | None:
+        """Promote the lease's blocks that have no copy in memory (a copy on the reader's host
+        first); None when all were in memory already."""
         if self.tiering is None or not self.tiering.any_nvme() or None not in map(_mem_of, lease.entries):
             return None
-        return await self.tiering.make_resident(lease.entries)
+        return await self.tiering.make_resident(lease.entries, client_host)
 
     def _endpoint(self, node_id: int) -> common_pb2.NodeEndpoint:
         ep = self._endpoints.get(node_id)
@@ -209,7 +210,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
             self.index.release(request.release_lease_ids, tenant=self._tenant())
         hits, lease = self.index.lookup(request.namespace_id, keys, lease=not request.count_only)
         if lease is not None:
-            ok = await self._resident(lease)
+            ok = await self._resident(lease, request.client_host)
             if ok is not None and not all(ok):
                 # The hit ends at the first block that could not be made readable.
                 hits = ok.index(False)
@@ -230,7 +231,7 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
             self.index.release(request.release_lease_ids, tenant=self._tenant())
         found, lease = self.index.get(request.namespace_id, keys)
         if lease is not None:
-            ok = await self._resident(lease)
+            ok = await self._resident(lease, request.client_host)
             if ok is not None and not all(ok):
                 keep = [i for i, good in enumerate(ok) if good]
                 found_at = [i for i, f in enumerate(found) if f]
@@ -267,19 +268,6 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
     @rpc
     def Stats(self, request, context):
         return self._stats(self._tenant())
-
-
-class ReplicaView:
-    """A replica dressed as its entry, for the location records of one read."""
-
-    __slots__ = ("key", "node_id", "mem_tier", "tier", "size", "record", "loc")
-
-    def __init__(self, entry: Entry, replica) -> None:
-        slot = replica.slot
-        self.key, self.node_id, self.mem_tier, self.tier, self.size = (entry.key, replica.node_id, replica.tier,
-                                                                       replica.tier, slot.size)
-        self.record = pack_record(replica.node_id, replica.tier, slot.offset, slot.size, entry.checksum)
-        self.loc = pack_slot(slot.offset, entry.checksum)
 
 
 def stats_response(index: BlockIndex, tenant: str | None = None) -> common_pb2.StatsResponse:

@@ -4,6 +4,8 @@ The master decides *what* moves (the index and its policies); the node's mover d
 I/O. This module is the asynchronous glue between them:
 
 * **Demotion.** Each tier passes its blocks down the node's chain, HBM -> DRAM -> NVMe.
+  Every copy of a block is demoted on its own node, by that node's policies, whichever copy
+  it is (the first one or a replica: :class:`kvpool.master.index.Copy`).
   When a node's HBM passes its high watermark, the HBM policy's victims are copied into
   DRAM slots on the same node (checksums verified there) and served from DRAM; DRAM makes
   room by its own policy first, and only a block that still finds no DRAM slot is evicted.
@@ -11,8 +13,9 @@ I/O. This module is the asynchronous glue between them:
   NVMe in batches; a victim that already has an NVMe copy just loses its DRAM copy. A full
   NVMe tier evicts by the NVMe policy and retries once; what still does not fit is evicted
   outright.
-* **Promotion on hit.** A Lookup or Get that leases an NVMe-only block waits for it to be
-  read back into DRAM (checksum verified) before answering. A block that fails its
+* **Promotion on hit.** A Lookup or Get that leases a block with no copy in memory waits for
+  one of its NVMe copies to be read back into DRAM on that copy's node (checksum verified)
+  before answering: the copy on the reader's host when there is one, else the first copy. A block that fails its
   checksum is dropped and reported, and the read treats it as a miss: it is never served.
 * **Write-through** (``--write-through``): committed blocks are copied to NVMe in the
   background and keep their DRAM copy.
@@ -88,24 +91,19 @@ class Tiering:
     # ------------------------------------------------------------------ demotion
 
     async def demote(self, node: NodeHandle, want_bytes: int | None) -> tuple[int, int]:
-        """Move DRAM victims of ``node`` to NVMe until ``want_bytes`` are free (None: all)."""
+        """Move DRAM victims of ``node`` to NVMe until ``want_bytes`` are free (None: all).
+        The victims are this node's copies, whichever copy of their block each one is."""
         index = self.index
-        victims = index.victims(node.node_id, DRAM, want_bytes)
+        node_id = node.node_id
+        victims = index.victims(node_id, DRAM, want_bytes)
         freed = sum(v.size for v in victims)
-        # Replicas of blocks whose own node is another are evicted: the block keeps its
-        # other copies (a replica is not written to this node's NVMe).
-        replicas = [v for v in victims if v.node_id != node.node_id]
-        for v in replicas:
-            index.drop_copy(v, DRAM, node.node_id)
-        if replicas:
-            tk = (node.node_id, DRAM)
-            index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + len(replicas)
-        victims = [v for v in victims if v.node_id == node.node_id]
+        moving = []
         for v in victims:
-            if v.nvme is not None:  # already durable: no I/O, just let the DRAM copy go
-                index.drop_copy(v, DRAM)
+            if v.copy_on(node_id).nvme is not None:  # already durable: no I/O, just let DRAM go
+                index.drop_copy(v, DRAM, node_id)
                 index.counters.demoted_blocks += 1
-        moving = [v for v in victims if v.mem is not None]
+            else:
+                moving.append(v)
         for v in moving:
             index.pin(v)
         try:
@@ -114,7 +112,7 @@ class Tiering:
         finally:
             for v in moving:
                 index.unpin(v)
-        return len(victims) + len(replicas), freed
+        return len(victims), freed
 
     async def demote_memory(self, node: NodeHandle, tier: str, target: str, want_bytes: int | None) -> tuple[int, int]:
         """Move victims of ``node``'s memory ``tier`` (HBM) into its host tier ``target``
@@ -136,6 +134,8 @@ class Tiering:
             # without a DRAM slot now waits in HBM for the next cycle; without NVMe, DRAM
             # evicts by its own policy, and what still finds no slot is evicted from HBM.
             durable = self.has_nvme(node)
+            node_id = node.node_id
+            mine = {v.key: v.copy_on(node_id) for v in victims}
             slots = []
             for v in victims:
                 slot = node.allocate(target, v.size)
@@ -143,8 +143,8 @@ class Tiering:
                     index.make_room(node, target, v.size, len(victims) - len(slots))
                     slot = node.allocate(target, v.size)
                 slots.append(slot)
-            items = [(v.key, v.mem, v.checksum, v.ns, s) for v, s in zip(victims, slots)
-                     if s is not None and v.mem is not None and v.mem_tier == tier]
+            items = [(v.key, c.mem, v.checksum, v.ns, s) for v, s in zip(victims, slots)
+                     if s is not None and (c := mine[v.key]) is not None and c.holds(tier)]
             try:
                 done, corrupt = await node.move_tier(items, tier, target) if items else ([], [])
             except Exception as exc:  # the node went away or refused: nothing moved, nothing lost
@@ -153,7 +153,7 @@ class Tiering:
                 done, corrupt = [], []
             done, corrupt = set(done), set(corrupt)
             for v, slot in zip(victims, slots):
-                if slot is not None and v.key in done and index.moved_tier(v, target, slot):
+                if slot is not None and v.key in done and index.moved_tier(v, target, slot, node_id):
                     moved += 1
                     continue
                 if slot is not None:
@@ -163,8 +163,8 @@ class Tiering:
                               v.key.hex(), tier, target, node.name)
                     index.remove([v.key])  # pinned by this move: freed at the unpin below
                     index.counters.corrupt_blocks += 1
-                elif slot is None and not durable and v.pins == 1 and v.mem is not None and v.mem_tier == tier:
-                    index.drop_copy(v, tier)  # no room below even after eviction: evict, as before
+                elif slot is None and not durable and v.pins == 1 and mine[v.key] is not None and mine[v.key].holds(tier):
+                    index.drop_copy(v, tier, node_id)  # no room below even after eviction: evict, as before
                     tk = (node.node_id, tier)
                     index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + 1
                     evicted += 1
@@ -175,11 +175,14 @@ class Tiering:
 
     async def _demote_batch(self, node: NodeHandle, batch: list[Entry], retry: bool = True) -> None:
         index = self.index
-        result = await node.demote([(e.key, e.mem, e.checksum, e.ns) for e in batch], keep_dram=False)
+        node_id = node.node_id
+        copies = [(e, c) for e in batch if (c := e.copy_on(node_id)) is not None and c.mem is not None]
+        batch = [e for e, _ in copies]
+        result = await node.demote([(e.key, c.mem, e.checksum, e.ns) for e, c in copies], keep_dram=False)
         moved = dict(result.moved)
         for e in batch:
             if e.key in moved:
-                index.demoted(e, moved[e.key])
+                index.demoted(e, moved[e.key], node_id)
         failed_keys = {k for k, _ in result.failed}
         failed = [e for e in batch if e.key in failed_keys and not e.doomed]
         if result.failed:
@@ -188,16 +191,17 @@ class Tiering:
         no_space = [e for e in batch if e.key in no_space_keys and not e.doomed]
         if no_space and retry:
             # Make room on NVMe by its own policy, then try once more.
-            index.evict_from(node.node_id, NVME, sum(e.size for e in no_space))
+            index.evict_from(node_id, NVME, sum(e.size for e in no_space))
             await self.flush_drops()
             await self._demote_batch(node, no_space, retry=False)
             no_space = []
         for e in failed + no_space:
             # Nowhere to keep it: plain eviction, unless a reader leased it meanwhile (the
             # mover's own pin is the only one allowed): a leased block is never evicted.
-            if e.pins == 1 and e.mem is not None:
-                index.drop_copy(e, DRAM)
-                tk = (node.node_id, DRAM)
+            c = e.copy_on(node_id)
+            if e.pins == 1 and c is not None and c.mem is not None:
+                index.drop_copy(e, DRAM, node_id)
+                tk = (node_id, DRAM)
                 index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + 1
 
     # ------------------------------------------------------------------ write-through
@@ -226,25 +230,37 @@ class Tiering:
 
     # ------------------------------------------------------------------ promotion
 
-    async def make_resident(self, entries: list[Entry]) -> list[bool]:
-        """Promote the NVMe-only entries among ``entries`` (all pinned by the caller's lease).
+    async def make_resident(self, entries: list[Entry], client_host: str = "") -> list[bool]:
+        """Promote the entries among ``entries`` (all pinned by the caller's lease) that have
+        no copy in memory: each one's NVMe copy on ``client_host`` when it has one there,
+        else its first copy.
 
-        Returns, per entry, whether it now has a verified DRAM copy that may be served.
+        Returns, per entry, whether it now has a verified memory copy that may be served.
         """
         waits: list[asyncio.Future] = []
         by_node: dict[int, list[Entry]] = {}
+        nodes = self.index.nodes
         for e in entries:
             if e.mem is not None or e.doomed:
                 continue
             fut = self._promotions.get(e.key)
             if fut is not None:
                 waits.append(fut)
-            else:
-                self._promotions[e.key] = asyncio.get_running_loop().create_future()
-                by_node.setdefault(e.node_id, []).append(e)
+                continue
+            self._promotions[e.key] = asyncio.get_running_loop().create_future()
+            node_id = e.node_id
+            if client_host and len(e.copies) > 1:
+                for c in e.copies:
+                    node = nodes.get(c.node_id)
+                    if c.nvme is not None and node is not None and node.endpoint().host_id == client_host:
+                        node_id = c.node_id
+                        break
+            by_node.setdefault(node_id, []).append(e)
         for node_id, todo in by_node.items():
             try:
-                await self._promote(self.index.nodes.get(node_id), todo)
+                node = nodes.get(node_id)
+                if node is not None:
+                    await self._promote(node, todo)
             finally:
                 for e in todo:
                     fut = self._promotions.pop(e.key)
@@ -255,19 +271,25 @@ class Tiering:
         return [e.mem is not None and not e.doomed for e in entries]
 
     async def _promote(self, node: NodeHandle, todo: list[Entry]) -> None:
+        """Read ``todo``'s NVMe copies on ``node`` into DRAM slots there."""
         index = self.index
+        node_id = node.node_id
         items: list[tuple] = []
+        by_key: dict[bytes, Entry] = {}
         for e in todo:
+            c = e.copy_on(node_id)
+            if c is None or c.nvme is None or c.mem is not None:
+                continue
             slot = node.allocate(DRAM, e.size)
             if slot is None:
                 index.make_room(node, DRAM, e.size, 1)
                 slot = node.allocate(DRAM, e.size)
             if slot is None:
                 break  # DRAM is full of pinned blocks: the rest stay misses for now
-            items.append((e.key, e.nvme, e.checksum, slot))
+            items.append((e.key, c.nvme, e.checksum, slot))
+            by_key[e.key] = e
         if not items:
             return
-        by_key = {e.key: e for e in todo}
         try:
             result = await node.promote(items)
         except BaseException:
@@ -278,9 +300,10 @@ class Tiering:
         bad = dict(result.corrupt)
         for key, _, _, dram_slot in items:
             if key in good:
-                index.promoted(by_key[key], dram_slot)
+                index.promoted(by_key[key], dram_slot, node_id)
             elif key in bad:
-                log.error("block %s failed its checksum on NVMe (%s): dropped, not served", key.hex(), bad[key])
-                index.corrupt(by_key[key], dram_slot)
+                log.error("block %s failed its checksum on NVMe of %s (%s): that copy is dropped, not served",
+                          key.hex(), node.name, bad[key])
+                index.corrupt(by_key[key], dram_slot, node_id)
             else:  # neither promoted nor corrupt (the mover skipped it): not served
                 node.free(DRAM, dram_slot)

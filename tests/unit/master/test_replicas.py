@@ -138,7 +138,10 @@ def test_demoting_the_entrys_copy_keeps_its_replicas():
     index.pin(e)                                       # the mover's pin
     index.demoted(e, Slot(0, BLOCK))                   # node A's DRAM copy went to its NVMe
     index.unpin(e)
-    assert e.mem is None and e.nvme is not None and len(e.replicas) == 1
+    # Both copies stay; the one in memory (node B's) is the one a read now goes to.
+    on_a, on_b = e.copy_on(a.node_id), e.copy_on(b.node_id)
+    assert on_a.mem is None and on_a.nvme is not None and on_b.mem is not None
+    assert e.copies[0] is on_b and e.node_id == b.node_id and e.tier == "dram"
     assert a.usage()[0].used_slots == 0 and b.usage()[0].used_slots == 1
 
 
