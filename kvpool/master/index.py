@@ -272,6 +272,8 @@ class Counters:
     promoted_blocks: int = 0
     written_through_blocks: int = 0
     corrupt_blocks: int = 0
+    #: Copies made on other hosts (kvpool.master.replication), not those adopted back.
+    replicated_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -856,6 +858,7 @@ class BlockIndex:
         c = Copy(node_id, slot, None, tier)
         entry.copies.append(c)
         self._enter(entry, tier, c)
+        self.counters.replicated_blocks += 1
         return True
 
     def _release_storage(self, entry: Entry) -> None:

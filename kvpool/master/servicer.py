@@ -281,6 +281,7 @@ def stats_response(index: BlockIndex, tenant: str | None = None) -> common_pb2.S
         eviction_policy=index.config.eviction_policy, uptime_seconds=index.clock() - index.started,
         demoted_blocks=c.demoted_blocks, promoted_blocks=c.promoted_blocks,
         written_through_blocks=c.written_through_blocks, corrupt_blocks=c.corrupt_blocks, put_bytes=c.put_bytes,
+        replicated_blocks=c.replicated_blocks,
     )
     for node in index.nodes:
         for u in node.usage():

@@ -162,7 +162,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "metadata_store", "metadata_degraded", "fencing_epoch", "tenants", "put_bytes")
+    __slots__ = ("tiers", "blocks", "bytes", "hit_blocks", "miss_blocks", "put_blocks", "dedup_blocks", "evictions", "pending_grants", "active_leases", "namespaces", "nodes", "eviction_policy", "uptime_seconds", "demoted_blocks", "promoted_blocks", "written_through_blocks", "corrupt_blocks", "metadata_store", "metadata_degraded", "fencing_epoch", "tenants", "put_bytes", "replicated_blocks")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class StatsResponse(_message.Message):
     FENCING_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
     PUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICATED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     blocks: int
     bytes: int
@@ -209,7 +210,8 @@ class StatsResponse(_message.Message):
     fencing_epoch: int
     tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
     put_bytes: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., metadata_store: _Optional[str] = ..., metadata_degraded: _Optional[bool] = ..., fencing_epoch: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., put_bytes: _Optional[int] = ...) -> None: ...
+    replicated_blocks: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., miss_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., dedup_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., pending_grants: _Optional[int] = ..., active_leases: _Optional[int] = ..., namespaces: _Optional[int] = ..., nodes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., demoted_blocks: _Optional[int] = ..., promoted_blocks: _Optional[int] = ..., written_through_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., metadata_store: _Optional[str] = ..., metadata_degraded: _Optional[bool] = ..., fencing_epoch: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., put_bytes: _Optional[int] = ..., replicated_blocks: _Optional[int] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
     __slots__ = ("tenant", "tier", "used_bytes", "blocks", "quota_bytes")

@@ -173,3 +173,51 @@ def test_read_driven_copies_are_bounded_and_go_to_the_readers_host():
     for _ in range(READ_COPY_AFTER):
         replicator.read(entries, "host-c")
     assert replicator.backlog == 0
+
+
+def reported(node, keys, ns, checksum=7):
+    """What ``node`` reports holding in memory when it registers again (slots claimed)."""
+    return [(k, node.allocate("dram", BLOCK), checksum, ns, "dram") for k in keys]
+
+
+def test_copies_reported_after_a_master_restart_are_adopted_back_as_copies():
+    from kvpool.tiers.base import Slot
+
+    index, a, b, ns = setup()
+    index.set_replicas(ns, 2)
+    same_host_as_a, third_host = remote(3, "host-a", 8), remote(4, "host-c", 8)
+    index.nodes.add(same_host_as_a)
+    index.nodes.add(third_host)
+    keys = [os.urandom(16) for _ in range(3)]
+    assert index.adopt_memory(a.node_id, reported(a, keys, ns)) == 3
+    assert index.adopt_memory(b.node_id, reported(b, keys, ns)) == 3          # one more copy of each
+    assert index.adopt_memory(same_host_as_a.node_id, reported(same_host_as_a, keys[:1], ns)) == 0  # a host: one
+    assert index.adopt_memory(third_host.node_id, reported(third_host, keys[:1], ns)) == 0  # replicas=2 reached
+    assert same_host_as_a.usage()[0].used_slots == third_host.usage()[0].used_slots == 0      # extras freed
+    for k in keys:
+        assert [c.node_id for c in index.entry(k).copies] == [a.node_id, b.node_id]
+    assert index.tier_blocks(b.node_id, "dram") == 3 and index.counters.replicated_blocks == 0
+    # An NVMe copy a node found on its disk joins too; one with other bytes is dropped there.
+    other = os.urandom(16)
+    index.adopt_memory(a.node_id, reported(a, [other], ns))
+    assert index.adopt(b.node_id, [(other, Slot(0, BLOCK), 7, ns)]) == 1
+    assert index.adopt(third_host.node_id, [(keys[1], Slot(0, BLOCK), 8, ns)]) == 0
+    assert index.entry(other).copy_on(b.node_id).nvme == Slot(0, BLOCK)
+    assert index.nvme_drops == {third_host.node_id: [(keys[1], Slot(0, BLOCK))]}
+    index.forget_node(a.node_id)                       # the first node dies: the copies on B are read
+    assert index.lookup(ns, keys, lease=False)[0] == 3
+    assert all(index.entry(k).node_id == b.node_id for k in keys + [other])
+
+
+def test_copies_adopted_before_their_namespace_is_registered_are_trimmed_to_its_setting():
+    index, a, b, ns = setup()
+    c = remote(3, "host-c", 8)
+    index.nodes.add(c)
+    fresh = BlockIndex(index.nodes, IndexConfig(eviction_policy="lru"))   # a restarted master
+    keys = [os.urandom(16) for _ in range(2)]
+    for node in (a, b, c):                             # the setting is not known yet: all are kept
+        assert fresh.adopt_memory(node.node_id, reported(node, keys, ns)) == 2
+    assert all(len(fresh.entry(k).copies) == 3 for k in keys)
+    fresh.register_namespace(Namespace("m", LAYOUT), replicas=2)   # the client registers it again
+    assert all(len(fresh.entry(k).copies) == 2 for k in keys)
+    assert c.usage()[0].used_slots == 0 and a.usage()[0].used_slots == b.usage()[0].used_slots == 2
