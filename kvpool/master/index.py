@@ -344,6 +344,9 @@ class BlockIndex:
         #: Called with a namespace id when its replicas setting goes up, so that the blocks
         #: it has already get their new copies (the Replicator listens).
         self.replicas_raised: list[Callable[[str], None]] = []
+        #: Called with the entries that lost a copy with a node that left (forget_node), so
+        #: that they get it back elsewhere (the Replicator listens).
+        self.copies_lost: list[Callable[[list[Entry]], None]] = []
         #: Whether some namespace asks for more than one copy (kept by set_replicas, so that
         #: Lookup's check costs nothing however many namespaces there are).
         self._ns_replicated = False
@@ -1197,7 +1200,7 @@ class BlockIndex:
         is not there to ask, and a drop sent to its next incarnation could delete a block
         that survived.
         """
-        gone = []
+        gone, lost = [], []
         for entry in self._blocks.values():
             c = entry.copy_on(node_id)
             if c is None:
@@ -1205,11 +1208,14 @@ class BlockIndex:
             if len(entry.copies) == 1:
                 gone.append(entry)
                 continue
+            lost.append(entry)
             if c is entry.copies[0]:
                 for tier in c.tiers:  # usage counts the first copy; the node's policies go below
                     self._count(entry, tier, -1)
             c.mem = c.nvme = None  # not freed: the node is not there to ask (see above)
             self._settle(entry)  # a copy on a live node is read now (observers told)
+        for call in self.copies_lost if lost else ():
+            call(lost)
         for observer in self.observers if gone else ():
             observer.node_lost(gone)
         for entry in gone:

@@ -63,6 +63,7 @@ class Replicator:
         self.copied = 0
         index.observers.append(self)
         index.replicas_raised.append(self.raised)
+        index.copies_lost.append(self.stored)  # a node died: its copies are made again elsewhere
 
     def _short(self, e: Entry) -> bool:
         """Whether ``e`` has a DRAM copy and fewer copies than its namespace wants."""

@@ -221,3 +221,15 @@ def test_copies_adopted_before_their_namespace_is_registered_are_trimmed_to_its_
     fresh.register_namespace(Namespace("m", LAYOUT), replicas=2)   # the client registers it again
     assert all(len(fresh.entry(k).copies) == 2 for k in keys)
     assert c.usage()[0].used_slots == 0 and a.usage()[0].used_slots == b.usage()[0].used_slots == 2
+
+
+def test_blocks_that_lose_a_copy_with_a_dead_node_are_queued_for_a_new_one():
+    from kvpool.master.replication import Replicator
+
+    index, a, b, ns = setup()
+    index.set_replicas(ns, 2)
+    replicator = Replicator(index)
+    entries = replicated(index, ns, b, n=3)
+    replicator._queue.clear()                          # each has its two copies
+    index.forget_node(b.node_id)                       # the node of the replicas dies
+    assert replicator.backlog == 3 and all(len(e.copies) == 1 for e in entries)
