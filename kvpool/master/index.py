@@ -804,8 +804,9 @@ class BlockIndex:
         self._leave(entry, tier, c)
         self._free_slot(entry, c, tier)
 
-    def _set_first(self, entry: Entry, c: Copy) -> None:
-        """Make ``c`` the copy reads go to (and the one usage counts)."""
+    def _set_first(self, entry: Entry, c: Copy, moved: list[Entry] | None = None) -> None:
+        """Make ``c`` the copy reads go to (and the one usage counts). Observers are told
+        now, or, with ``moved``, the entry is added to it for the caller to tell them once."""
         old = entry.copies[0]
         if old is c:
             return
@@ -816,14 +817,21 @@ class BlockIndex:
         for tier in c.tiers:
             self._count(entry, tier, 1)
         entry.update_record()
-        for observer in self.observers:  # the block is read elsewhere now (Redis, events)
+        self._moved(entry, moved)
+
+    def _moved(self, entry: Entry, moved: list[Entry] | None) -> None:
+        """The block is read from another copy now: observers (Redis, events) hear of it."""
+        if moved is not None:
+            moved.append(entry)
+            return
+        for observer in self.observers:
             observer.stored((entry,))
 
-    def _settle(self, entry: Entry) -> None:
+    def _settle(self, entry: Entry, moved: list[Entry] | None = None) -> None:
         """After a copy changed: copies with no slot left leave the entry, and the first copy
         is one in memory when any copy is (so an NVMe-only first copy means that no copy is
         in memory, and a read promotes one). The caller never empties an entry this way: a
-        block losing its last copy is dropped (``_drop``)."""
+        block losing its last copy is dropped (``_drop``). ``moved``: see :meth:`_set_first`."""
         first = entry.copies[0]
         entry.copies[1:] = [c for c in entry.copies[1:] if c.mem is not None or c.nvme is not None]
         if first.mem is None and first.nvme is None:
@@ -835,13 +843,12 @@ class BlockIndex:
             for tier in best.tiers:
                 self._count(entry, tier, 1)
             entry.update_record()
-            for observer in self.observers:  # the block is read elsewhere now (Redis, events)
-                observer.stored((entry,))
+            self._moved(entry, moved)
             return
         if first.mem is None:
             for c in entry.copies[1:]:
                 if c.mem is not None:
-                    self._set_first(entry, c)
+                    self._set_first(entry, c, moved)
                     return
         entry.update_record()
 
@@ -1200,7 +1207,7 @@ class BlockIndex:
         is not there to ask, and a drop sent to its next incarnation could delete a block
         that survived.
         """
-        gone, lost = [], []
+        gone, lost, moved = [], [], []
         for entry in self._blocks.values():
             c = entry.copy_on(node_id)
             if c is None:
@@ -1213,7 +1220,9 @@ class BlockIndex:
                 for tier in c.tiers:  # usage counts the first copy; the node's policies go below
                     self._count(entry, tier, -1)
             c.mem = c.nvme = None  # not freed: the node is not there to ask (see above)
-            self._settle(entry)  # a copy on a live node is read now (observers told)
+            self._settle(entry, moved)  # a copy on a live node is read now
+        for observer in self.observers if moved else ():
+            observer.stored(moved)
         for call in self.copies_lost if lost else ():
             call(lost)
         for observer in self.observers if gone else ():
