@@ -162,6 +162,8 @@ def _run_at(args: argparse.Namespace):
                 ["tier", TIER_NAMES.get(b.tier, "?")], ["offset", b.offset], ["size", f"{b.size} ({format_size(b.size)})"],
                 ["checksum", f"{b.checksum:016x}"], ["leases", b.leases], ["hits", b.hits],
                 ["position", b.position], ["age", f"{b.age_seconds:.1f}s"], ["idle", f"{b.idle_seconds:.1f}s"],
+                ["copies", "; ".join(f"node {c.node_id}: {'+'.join(TIER_NAMES.get(t, '?') for t in c.tiers)}"
+                                     for c in b.copies)],
             ])
         elif cmd == "evict":
             try:

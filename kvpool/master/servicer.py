@@ -302,6 +302,7 @@ def block_detail(entry: Entry, now: float) -> admin_pb2.BlockDetail:
         tier=TIER_CODES[entry.tier], offset=entry.slot.offset, size=entry.slot.size,
         checksum=entry.checksum, leases=entry.pins, hits=entry.hits,
         age_seconds=now - entry.created, idle_seconds=now - entry.last_access, position=entry.position,
+        copies=[admin_pb2.BlockCopy(node_id=c.node_id, tiers=[TIER_CODES[t] for t in c.tiers]) for c in entry.copies],
     )
 
 

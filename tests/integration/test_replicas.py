@@ -9,8 +9,10 @@ host b is sent to the copy on its own host.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import sys
 import time
 
@@ -207,6 +209,12 @@ def test_replicas_are_adopted_back_after_kill_9_of_the_master(hosts, tmp_path):
     got = copies(c, master)
     assert got["replicated"] == 0, got                            # both copies adopted: no copy traffic
     assert got["held"][("node-a", "dram")] == got["held"][("node-b", "dram")] == 6
+    listed = admin(c, master, "ls", "--limit", "20")["blocks"]      # each block: one entry, two copies
+    assert len(listed) == 6 and all(len(b["copies"]) == 2 for b in listed), listed
+    key = base64.b64decode(listed[0]["key"]).hex()
+    shown = c.run([sys.executable, "-m", "kvpool", "admin", "inspect", key, "--address", master],
+                  capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and re.search(r"copies\s+node \d+: dram; node \d+: dram", shown.stdout), shown.stdout
     fetched = run_client(b, "fetch", master, 1, 6)                # a reader on host b: its host's copy
     assert fetched["hit"] == 6 and fetched["ok"] and set(fetched["kinds"].values()) == {"shm"}, fetched
     nodes["node-a"].kill()

@@ -48,7 +48,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class BlockDetail(_message.Message):
-    __slots__ = ("key", "namespace_id", "state", "node_id", "tier", "offset", "size", "checksum", "leases", "hits", "age_seconds", "idle_seconds", "position", "tenant")
+    __slots__ = ("key", "namespace_id", "state", "node_id", "tier", "offset", "size", "checksum", "leases", "hits", "age_seconds", "idle_seconds", "position", "tenant", "copies")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class BlockDetail(_message.Message):
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     namespace_id: str
     state: str
@@ -77,7 +78,8 @@ class BlockDetail(_message.Message):
     idle_seconds: float
     position: int
     tenant: str
-    def __init__(self, key: _Optional[bytes] = ..., namespace_id: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., leases: _Optional[int] = ..., hits: _Optional[int] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., position: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    copies: _containers.RepeatedCompositeFieldContainer[BlockCopy]
+    def __init__(self, key: _Optional[bytes] = ..., namespace_id: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., leases: _Optional[int] = ..., hits: _Optional[int] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., position: _Optional[int] = ..., tenant: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[BlockCopy, _Mapping]]] = ...) -> None: ...
 
 class ListBlocksRequest(_message.Message):
     __slots__ = ("limit", "offset", "namespace_id", "tenant")
@@ -226,3 +228,11 @@ class NamespacesResponse(_message.Message):
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceDetail]
     default_replicas: int
     def __init__(self, namespaces: _Optional[_Iterable[_Union[NamespaceDetail, _Mapping]]] = ..., default_replicas: _Optional[int] = ...) -> None: ...
+
+class BlockCopy(_message.Message):
+    __slots__ = ("node_id", "tiers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    tiers: _containers.RepeatedScalarFieldContainer[_common_pb2.Tier]
+    def __init__(self, node_id: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.Tier, str]]] = ...) -> None: ...
