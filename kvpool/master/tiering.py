@@ -15,8 +15,9 @@ I/O. This module is the asynchronous glue between them:
   outright.
 * **Promotion on hit.** A Lookup or Get that leases a block with no copy in memory waits for
   one of its NVMe copies to be read back into DRAM on that copy's node (checksum verified)
-  before answering: the copy on the reader's host when there is one, else the first copy. A block that fails its
-  checksum is dropped and reported, and the read treats it as a miss: it is never served.
+  before answering: the copy on the reader's host when there is one, else the first copy. A
+  copy that fails its checksum is dropped and reported (the block lives on in its other
+  copies, if any), and the read treats the block as a miss: it is never served.
 * **Write-through** (``--write-through``): committed blocks are copied to NVMe in the
   background and keep their DRAM copy.
 * **Drops.** NVMe copies the index let go of are removed from the node's catalog and freed.
@@ -163,9 +164,10 @@ class Tiering:
                               v.key.hex(), tier, target, node.name)
                     index.remove([v.key])  # pinned by this move: freed at the unpin below
                     index.counters.corrupt_blocks += 1
-                elif slot is None and not durable and v.pins == 1 and mine[v.key] is not None and mine[v.key].holds(tier):
+                elif (slot is None and not durable and v.pins == 1 and mine[v.key] is not None
+                      and mine[v.key].holds(tier)):
                     index.drop_copy(v, tier, node_id)  # no room below even after eviction: evict, as before
-                    tk = (node.node_id, tier)
+                    tk = (node_id, tier)
                     index.counters.evictions[tk] = index.counters.evictions.get(tk, 0) + 1
                     evicted += 1
         finally:

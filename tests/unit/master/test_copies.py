@@ -79,7 +79,7 @@ def test_every_copy_is_one_kind_of_record_counted_once_for_quotas(env):
         e = index.entry(key)
         assert [type(c) for c in e.copies] == [Copy, Copy] and e.replicas == e.copies[1:]
         assert [c.node_id for c in e.copies] == [a.node_id, b.node_id]
-        assert not index.add_replica(e, b.node_id, "dram", Copy(0, None, None).mem)   # one copy per node
+        assert not index.add_replica(e, b.node_id, "dram", b.allocate("dram", BLOCK))   # one copy per node
     assert index.tier_blocks(a.node_id, "dram") == index.tier_blocks(b.node_id, "dram") == 3
     (row,) = [r for r in index.tenant_usage() if r[1] == "dram"]
     assert row[2:4] == (3 * BLOCK, 3)                     # a block counts once, whatever its copies
