@@ -61,7 +61,7 @@ from kvpool.master.nodes import NodeHandle, NodeRegistry, has_durable_tier, memo
 from kvpool.tiers.base import Slot, TierCaps
 from kvpool.wire import pack_record, pack_slot
 
-__all__ = ["BlockIndex", "IndexConfig", "Entry", "Copy", "CopyView", "Replica", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
+__all__ = ["BlockIndex", "IndexConfig", "Entry", "Copy", "CopyView", "PutGrant", "ReadLease", "PUT_GRANTED", "PUT_PRESENT", "PUT_IN_FLIGHT"]
 
 PUT_GRANTED, PUT_PRESENT, PUT_IN_FLIGHT = 1, 2, 3
 PENDING, COMMITTED = "pending", "committed"
@@ -130,10 +130,6 @@ class Copy:
 
     def __repr__(self) -> str:
         return f"Copy(node={self.node_id}, {self.mem_tier}={self.mem}, nvme={self.nvme})"
-
-
-#: The name the first replicas had; every copy is a :class:`Copy` now.
-Replica = Copy
 
 
 class Entry:
