@@ -257,8 +257,8 @@ class PoolServer:
         except Exception as exc:  # Redis went away between the lease and the load
             log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
             namespaces, records, known_nodes = [], [], []
-        for ns in namespaces:
-            self.index.register_namespace(ns)
+        for ns, settings in namespaces:  # with the settings the leader before this one had
+            self.index.register_namespace(ns, replicas=settings.replicas)
         for record in records:
             self.registry.candidates.setdefault(record.node, []).append(record)
         self.index.observers.append(meta)

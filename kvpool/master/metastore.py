@@ -4,7 +4,11 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
 
 * ``PREFIX:blocks``     hash: block key (16 bytes) -> where it was committed: tier, slot,
                         size, checksum, node name, node incarnation, namespace id;
-* ``PREFIX:namespaces`` hash: namespace id -> the Namespace proto;
+* ``PREFIX:namespaces`` hash: namespace id -> the namespace and its settings as JSON: the
+                        Namespace's fields and ``"settings": {"replicas": N}`` (0: the pool
+                        default), rewritten whenever a setting changes
+                        (:func:`namespace_to_json`); a record without ``settings`` (written
+                        before they were kept) loads with none set;
 * ``PREFIX:nodes``      hash: node name -> control address and incarnation;
 * ``PREFIX:tenants``    hash: tenant (``""``: the default tenant) -> its settings as JSON,
                         ``{"quotas": {"dram": bytes, "hbm": bytes}}`` (:meth:`take_tenant_settings`);
@@ -62,7 +66,7 @@ from dataclasses import dataclass
 
 from kvpool.wire import TIER_CODES, TIER_NAMES
 
-__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector"]
+__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector", "NamespaceSettings"]
 
 log = logging.getLogger("kvpool.metastore")
 
@@ -177,8 +181,9 @@ class RedisMeta:
         # with it (kvpool.master.remote); a new incarnation makes them go then.
         pass
 
-    def namespace(self, ns) -> None:
-        self._other.append((_NAMESPACES, ns.id, namespace_to_json(ns)))
+    def namespace(self, info) -> None:
+        # Queued like a block change: it goes out with the next flush, beside the commits.
+        self._other.append((_NAMESPACES, info.namespace.id, namespace_to_json(info)))
         self._wake.set()
 
     def node_joined(self, name: str, address: str, incarnation: str) -> None:
@@ -364,8 +369,7 @@ class RedisMeta:
         """Write every committed block and namespace again (after Redis was down)."""
         self.resyncs += 1
         snapshot = list(self.index.entries())
-        ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info.namespace))
-                  for ns_id, info in self.index.namespaces.items()]
+        ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info)) for ns_id, info in self.index.namespaces.items()]
         ns_ops += [(_TENANTS, tenant, tenant_to_json(quotas)) for tenant, quotas in self.index.config.quotas.items()]
         for entry in snapshot:
             self._dirty.setdefault(entry.key, entry)
@@ -375,12 +379,13 @@ class RedisMeta:
     # ------------------------------------------------------------------ loading
 
     async def load(self) -> tuple[list, list[BlockRecord], list[str]]:
-        """Namespaces, block records and node names in Redis (a master taking over)."""
+        """Namespaces with their settings (``(Namespace, NamespaceSettings)`` pairs), block
+        records and node names in Redis (a master taking over)."""
         namespaces = []
         for value in (await self.redis.hgetall(self.keys[_NAMESPACES - 1])).values():
             try:
                 namespaces.append(namespace_from_json(value))
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 log.warning("ignoring an unreadable namespace record in Redis: %s", exc)
         blocks = []
         async for key, value in self.redis.hscan_iter(self.keys[_BLOCKS - 1], count=10000):
@@ -425,16 +430,34 @@ class RedisMeta:
         return f"redis down since {since} UTC ({self.last_error}); serving from memory, {self.backlog} changes to write"
 
 
-def namespace_to_json(ns) -> bytes:
-    return json.dumps(dataclasses.asdict(ns), sort_keys=True).encode()
+@dataclass(frozen=True)
+class NamespaceSettings:
+    """What a namespace's record keeps beside its identity: the settings an operator or a
+    client chose for it (kvpool.master.index.NamespaceInfo), 0 meaning "the pool default"."""
+
+    replicas: int = 0
+
+
+def namespace_to_json(info) -> bytes:
+    """The record of a namespace (a NamespaceInfo): its identity and its settings."""
+    d = dataclasses.asdict(info.namespace)
+    d["settings"] = dataclasses.asdict(NamespaceSettings(replicas=info.replicas))
+    return json.dumps(d, sort_keys=True).encode()
 
 
 def namespace_from_json(data: bytes):
+    """``(Namespace, NamespaceSettings)`` from a record; ValueError (or TypeError, KeyError)
+    if it cannot be read. Settings out of range raise too: a master must not guess a number
+    of copies."""
     from kvpool.identity import Namespace
     from kvpool.layout import KVLayout
+    from kvpool.master.index import MAX_REPLICAS
 
     d = json.loads(data)
-    return Namespace(layout=KVLayout(**d.pop("layout")), **d)
+    settings = NamespaceSettings(**d.pop("settings", {}))
+    if type(settings.replicas) is not int or not 0 <= settings.replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas {settings.replicas!r}: want 0 (the pool default) to {MAX_REPLICAS}")
+    return Namespace(layout=KVLayout(**d.pop("layout")), **d), settings
 
 
 def tenant_to_json(quotas: dict[str, int]) -> bytes:
