@@ -12,6 +12,9 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
 * ``PREFIX:nodes``      hash: node name -> control address and incarnation;
 * ``PREFIX:tenants``    hash: tenant (``""``: the default tenant) -> its settings as JSON,
                         ``{"quotas": {"dram": bytes, "hbm": bytes}}`` (:meth:`take_tenant_settings`);
+* ``PREFIX:removed``    hash: one field per tombstone of a removed block's copy that its node
+                        has not yet confirmed removing (:mod:`kvpool.master.tombstones`), value
+                        ``1``; written in the same batch as the deletion of the block's record;
 * ``PREFIX:epoch`` and ``PREFIX:leader``: the fencing epoch and the leader's lease
   (:mod:`kvpool.master.leader`).
 
@@ -89,7 +92,7 @@ end
 return n
 """
 
-_BLOCKS, _NAMESPACES, _NODES, _TENANTS = 2, 3, 4, 5
+_BLOCKS, _NAMESPACES, _NODES, _TENANTS, _REMOVED = 2, 3, 4, 5, 6
 
 
 class Fenced(Exception):
@@ -144,7 +147,7 @@ class RedisMeta:
                                              retry=Retry(NoBackoff(), 1))
         self._script = self.redis.register_script(_WRITE)
         self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes",
-                     f"{prefix}:tenants"]
+                     f"{prefix}:tenants", f"{prefix}:removed"]
         self.epoch = 0
         #: Dirty keys: block key -> index entry (write it) or None (delete it).
         self._dirty: dict[bytes, object] = {}
@@ -161,6 +164,9 @@ class RedisMeta:
         self._resync = False
         #: Set when Redis holds a newer epoch (the leader module decides what that means).
         self.on_fenced = None
+        #: The master's tombstones (kvpool.master.tombstones), rewritten with the rest after
+        #: an outage; None: no node outlives this master (``kvpool serve`` alone).
+        self.removals = None
 
     # ------------------------------------------------------------------ the index's observer
 
@@ -188,6 +194,14 @@ class RedisMeta:
 
     def node_joined(self, name: str, address: str, incarnation: str) -> None:
         self._other.append((_NODES, name, f"{address}\0{incarnation}".encode()))
+        self._wake.set()
+
+    def tombstones(self, put, drop) -> None:
+        """Tombstones made and ended (their fields); queued like the block changes they go
+        with, so a removal and its tombstones reach Redis in the same flush."""
+        other = self._other
+        other.extend((_REMOVED, f, b"") for f in drop)
+        other.extend((_REMOVED, f, b"1") for f in put)
         self._wake.set()
 
     def forget(self, keys) -> None:
@@ -371,6 +385,8 @@ class RedisMeta:
         snapshot = list(self.index.entries())
         ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info)) for ns_id, info in self.index.namespaces.items()]
         ns_ops += [(_TENANTS, tenant, tenant_to_json(quotas)) for tenant, quotas in self.index.config.quotas.items()]
+        if self.removals is not None:
+            ns_ops += [(_REMOVED, f, b"1") for f in self.removals.fields()]
         for entry in snapshot:
             self._dirty.setdefault(entry.key, entry)
         self._other[:0] = ns_ops
@@ -395,6 +411,10 @@ class RedisMeta:
                 log.warning("ignoring an unreadable block record %r in Redis", key[:16])
         nodes = [name.decode() for name in await self.redis.hkeys(self.keys[_NODES - 1])]
         return namespaces, blocks, nodes
+
+    async def load_tombstones(self) -> list[bytes]:
+        """The tombstones a master before this one wrote (kvpool.master.tombstones)."""
+        return list(await self.redis.hkeys(self.keys[_REMOVED - 1]))
 
     async def take_tenant_settings(self, configured: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]]:
         """The pool's quotas for a master that takes over (tenant -> tier -> bytes).
