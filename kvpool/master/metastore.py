@@ -52,9 +52,11 @@ put acknowledged just before its kill, every run; without a linger, 1 run in 10 
 (a flush still in flight held the next one back). Hence ``wait`` is the default: with it,
 nothing whose commit was answered is forgotten while Redis is up.
 
-On start, a master loads the namespaces and the block records (:meth:`load`); a block is
-served again only when its node registers with the same incarnation and the node confirms
-that the slot holds bytes with the recorded checksum (``NodeControl.VerifyBlocks``).
+On start, a master loads the namespaces with their settings and the block records
+(:meth:`load`), and the tombstones (:meth:`load_tombstones`); a block is served again only
+when its node registers with the same incarnation and the node confirms that the slot holds
+bytes with the recorded checksum (``NodeControl.VerifyBlocks``), and a block a node reports
+is not served when a tombstone names it (:mod:`kvpool.master.tombstones`).
 """
 
 from __future__ import annotations
