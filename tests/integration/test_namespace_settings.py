@@ -9,8 +9,12 @@ namespace has replicas 2, and copies the blocks published after the takeover to 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import time
 
+from tests.conftest import unavailable
 from tests.hosts import hosts  # noqa: F401  (the fixture)
 from tests.integration.test_multihost import HEARTBEAT, run_client
 from tests.integration.test_replicas import admin, wait_used
@@ -21,11 +25,14 @@ REDIS_PORT = 6379  # inside host c: its own network namespace, nothing else list
 def start_redis(host) -> str:
     """A real redis-server on ``host`` (no persistence; not protected mode, which refuses
     every address but loopback); returns its URL."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed")
     host.popen(["redis-server", "--bind", host.address, "--port", str(REDIS_PORT), "--save", "", "--appendonly",
-                "no", "--protected-mode", "no", "--dir", "/tmp"], stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+                "no", "--protected-mode", "no", "--dir", "/tmp"], stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while host.run(["redis-cli", "-h", host.address, "-p", str(REDIS_PORT), "ping"], capture_output=True,
-                   text=True, timeout=10).stdout.strip() != "PONG":
+    ping = f"import redis; print(redis.Redis(host={host.address!r}, port={REDIS_PORT}, socket_timeout=1).ping())"
+    while host.run([sys.executable, "-c", ping], capture_output=True, text=True, timeout=10).stdout.strip() != "True":
         assert time.monotonic() < deadline, "redis-server did not start"
         time.sleep(0.1)
     return f"redis://{host.address}:{REDIS_PORT}/0"
