@@ -430,7 +430,7 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
                     await asyncio.wait_for(node.drop_nvme(drops), timeout)
             except (Unavailable, asyncio.TimeoutError) as exc:
                 log.warning("node %s did not confirm a removal (%s); it applies it with its next heartbeat",
-                            node.name, exc or "timed out")
+                            node.name, str(exc) or "timed out")
                 if drops:  # the tiering task tries again
                     self.index.nvme_drops.setdefault(node.node_id, []).extend(drops)
 
