@@ -36,8 +36,8 @@ durable at the node then.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from kvpool.master.index import NVME
 from kvpool.tiers.base import Slot, TierCaps
@@ -72,7 +72,7 @@ class Tombstone:
         return f"{self.node}\0{self.incarnation}\0{self.tier}\0{self.offset}\0{flag}\0".encode() + self.key
 
     @classmethod
-    def from_field(cls, field: bytes) -> "Tombstone":
+    def from_field(cls, field: bytes) -> Tombstone:
         node, incarnation, tier, offset, flag, key = field.split(b"\0", 5)
         if flag not in (b"p", b"m") or not key:
             raise ValueError(f"unreadable tombstone {field[:40]!r}")

@@ -3,16 +3,22 @@ namespace records with their settings."""
 
 from __future__ import annotations
 
-import pytest
-
-from kvpool.config import parse_quotas
 import dataclasses
 import json
 
+import pytest
+
+from kvpool.config import parse_quotas
 from kvpool.identity import Namespace
 from kvpool.layout import KVLayout
 from kvpool.master.index import NamespaceInfo
-from kvpool.master.metastore import NamespaceSettings, namespace_from_json, namespace_to_json, tenant_from_json, tenant_to_json
+from kvpool.master.metastore import (
+    NamespaceSettings,
+    namespace_from_json,
+    namespace_to_json,
+    tenant_from_json,
+    tenant_to_json,
+)
 
 NS = Namespace(model="m", layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_tokens=16),
                tenant="alice", lora="l", salt="s")

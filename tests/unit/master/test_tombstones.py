@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from kvpool.tiers.base import Slot
 
 from kvpool.identity import Namespace
 from kvpool.master.index import BlockIndex, IndexConfig
 from kvpool.master.nodes import NodeRegistry
 from kvpool.master.tombstones import Tombstone, Tombstones
 from kvpool.rpc.v1 import node_pb2
-from kvpool.tiers.base import Slot
 from tests.unit.master.test_placement import BLOCK, LAYOUT, remote
 
 
@@ -91,7 +91,7 @@ def test_a_leased_removal_keeps_its_tombstone_until_its_slot_is_freed():
 
 
 def test_the_same_key_committed_again_into_the_same_slot_ends_its_tombstone():
-    index, tombs, a, _, ns = setup()
+    index, tombs, _, _, ns = setup()
     key = os.urandom(16)
     (e,) = commit(index, ns, [key])
     slot = e.mem
@@ -107,7 +107,7 @@ def test_a_registering_node_has_what_tombstones_name_freed_and_the_rest_adopted(
     tombs.load([stale.field])
     reported = report(gone + kept)
     index.remove([gone[0].key])
-    memory, nvme, dead_memory, dead_nvme = tombs.sift(a, reported, [])
+    memory, _, dead_memory, _ = tombs.sift(a, reported, [])
     assert [b.key for b in memory] == [kept[0].key] and [b.key for b in dead_memory] == [gone[0].key]
     assert [t.key for t in tombs.of("node-1")] == [gone[0].key]                  # the stale one ended
     restarted = remote(1, "host-a", 8)
@@ -116,7 +116,7 @@ def test_a_registering_node_has_what_tombstones_name_freed_and_the_rest_adopted(
 
 
 def test_an_nvme_tombstone_outlives_the_node_process_and_ends_with_the_drop():
-    index, tombs, a, _, ns = setup()
+    _, tombs, a, _, ns = setup()
     t = Tombstone("node-1", "old", "nvme", 3 * BLOCK, os.urandom(16), True)
     tombs.load([t.field])
     block = (t.key, Slot(t.offset, BLOCK), 7, ns)
