@@ -36,6 +36,7 @@ durable at the node then.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -91,6 +92,12 @@ class Tombstones:
     def __init__(self, joined: Callable[[int], object | None]) -> None:
         self._joined = joined
         self._by_node: dict[str, dict[tuple[str, int, bytes], Tombstone]] = {}
+        # Memory copies waiting for their free to be numbered (a heartbeat looks at each one
+        # once, or again while it is leased), and those numbered, in the order of their
+        # numbers, so that a heartbeat ends them from the front: per node name. An entry
+        # that ended since is skipped when met (``_live``).
+        self._unnumbered: dict[str, list[Tombstone]] = {}
+        self._numbered: dict[str, deque[Tombstone]] = {}
         #: key -> how many tombstones name it: the commit path's check is one dict lookup.
         self._keys: dict[bytes, int] = {}
         self.store = None
@@ -115,6 +122,8 @@ class Tombstones:
                 self._unkey(old.key)
             self._by_node[t.node][t.slot_key] = t
             self._keys[t.key] = self._keys.get(t.key, 0) + 1
+            if not t.persistent:
+                self._unnumbered.setdefault(t.node, []).append(t)
         if self.store is not None and tombs:
             self.store.tombstones(put=[t.field for t in tombs],
                                   drop=[t.field for t in dropped if t.field not in {n.field for n in tombs}])
@@ -127,9 +136,14 @@ class Tombstones:
             del node[t.slot_key]
             if not node:
                 del self._by_node[t.node]
+                self._unnumbered.pop(t.node, None)
+                self._numbered.pop(t.node, None)
             self._unkey(t.key)
         if self.store is not None and tombs:
             self.store.tombstones(put=(), drop=[t.field for t in tombs])
+
+    def _live(self, t: Tombstone) -> bool:
+        return self._by_node.get(t.node, {}).get(t.slot_key) is t
 
     def _unkey(self, key: bytes) -> None:
         n = self._keys.get(key, 0) - 1
@@ -203,18 +217,27 @@ class Tombstones:
     def confirm(self, node) -> None:
         """``node`` (a RemoteNode) heartbeated or applied changes: end the tombstones of its
         memory copies whose free it has applied; number those freed since."""
-        tombs = self._by_node.get(node.name)
-        if not tombs:
-            return
-        done = []
-        for t in tombs.values():
-            if t.persistent or t.incarnation != node.incarnation:
-                continue
-            if not t.seq:
+        name = node.name
+        waiting = self._unnumbered.get(name)
+        if waiting:
+            leased, seq = [], node.journal_seq
+            numbered = self._numbered.setdefault(name, deque())
+            for t in waiting:
+                if not self._live(t) or t.incarnation != node.incarnation:
+                    continue  # ended; or an earlier process's, which its next registration settles
                 if t.entry is not None and t.entry.pins:
-                    continue  # leased: its slot is freed at the last release
-                t.entry, t.seq = None, node.journal_seq
-            if t.seq <= node.applied_seq:
+                    leased.append(t)  # its slot is freed at the last release
+                    continue
+                t.entry, t.seq = None, seq
+                numbered.append(t)
+            self._unnumbered[name] = leased
+        numbered = self._numbered.get(name)
+        if not numbered:
+            return
+        done, applied = [], node.applied_seq
+        while numbered and numbered[0].seq <= applied:
+            t = numbered.popleft()
+            if self._live(t):
                 done.append(t)
         self._end(done)
 
@@ -257,8 +280,11 @@ class Tombstones:
             else:
                 nvme.append(block)
         self._end([t for t in tombs.values() if t.slot_key not in matched])
-        for t in tombs.values():  # what stays waits for the free this registration sends
+        # What stays waits for the free this registration sends (a new journal, numbered from 1).
+        for t in tombs.values():
             t.entry, t.seq = None, 0
+        self._unnumbered[node.name] = [t for t in tombs.values() if not t.persistent]
+        self._numbered.pop(node.name, None)
         if dead_memory or dead_nvme:
             log.info("node %s reported %d removed blocks (tombstones): not served, freed on the node", node.name,
                      len(dead_memory) + len(dead_nvme))
