@@ -170,6 +170,7 @@ class PoolServer:
         if self.meta is not None:
             for servicer in servicers:
                 servicer.admit_commit = self.meta.admit
+                servicer.settings_durable = self.meta.durable
                 servicer.describe_store = self._describe_store
         pool_pb2_grpc.add_KVPoolServicer_to_server(servicers[0], _GenericHandlersOnly(server))
         admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], _GenericHandlersOnly(server))

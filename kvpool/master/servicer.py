@@ -66,6 +66,9 @@ class _Base:
         #: Redis), so that a removed block does not come back after a master restart or a
         #: failover (kvpool.master.tombstones). None: every node lives in this process.
         self.removal_durable = None
+        #: Awaited before a change to a namespace (new, or a new setting) is answered: with
+        #: Redis, the flush that writes its record, so that the next leader has it.
+        self.settings_durable = None
         #: Told of each read served from another host than the reader's (read-driven
         #: replicas, kvpool.master.replication); None when they are off.
         self.read_by = None
@@ -188,9 +191,18 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         if tenant is not None and ns.tenant != tenant:
             raise PermissionDenied(f"RegisterNamespace: this token acts for tenant {tenant!r}, not {ns.tenant!r}; "
                                    f"set Namespace(tenant={tenant!r})")
+        before = self.index.namespaces.get(ns.id)
         info = self.index.register_namespace(ns, request.replicas)
-        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes,
+        resp = pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes,
                                                   replicas=self.index.replicas_of(info.namespace.id))
+        if info is before or self.settings_durable is None:  # nothing new: no wait (every connect registers)
+            return resp
+        return self._after(self.settings_durable(), resp)
+
+    @staticmethod
+    async def _after(durable, resp):
+        await durable
+        return resp
 
     @rpc
     def PutStart(self, request, context):
@@ -452,12 +464,14 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         finally:
             self.events.unsubscribe(sub)
     @rpc
-    def Namespaces(self, request, context):
+    async def Namespaces(self, request, context):
         index = self.index
         if request.HasField("set_replicas"):
             if not request.namespace_id:
                 raise InvalidArgument("Namespaces: set_replicas needs namespace_id (see kvpool admin namespaces)")
             index.set_replicas(request.namespace_id, request.set_replicas)
+            if self.settings_durable is not None:  # the next leader has the setting
+                await self.settings_durable()
         elif request.namespace_id:
             index.namespace(request.namespace_id)  # NOT_FOUND, naming RegisterNamespace
         blocks: dict[str, int] = {}

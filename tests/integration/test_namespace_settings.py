@@ -2,8 +2,9 @@
 
 Two masters with Redis on host c, node A on host a, node B on host b (network-namespace
 hosts, tests/hosts.py). An operator sets a namespace's replicas to 2 with the admin CLI, as
-the README shows; the leader is killed with ``kill -9``; the standby takes over, says the
-namespace has replicas 2, and copies the blocks published after the takeover to both hosts.
+the README shows; the leader is killed with ``kill -9`` as soon as that is answered; the
+standby takes over, says the namespace has replicas 2, copies the blocks there before, and
+copies the blocks published after the takeover to both hosts.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def test_replicas_set_with_the_cli_survive_kill_9_of_the_leader(hosts):
     ns_id = admin(c, masters, "namespaces")["namespaces"][0]["namespace_id"]
     out = admin(c, masters, "namespaces", "--namespace", ns_id, "--set-replicas", "2")
     assert [n["replicas"] for n in out["namespaces"]] == [2]
-    wait_used(c, masters, {"node-a": 3, "node-b": 3})
     leader = started["leader"][0]
-    leader.kill()                                                                      # SIGKILL
+    leader.kill()                         # SIGKILL as soon as the setting is answered: it is in Redis
     leader.wait(timeout=10)
     wait_taken_over(started["standby"][2])
     listed = admin(c, masters, "namespaces")["namespaces"]
     assert [(n["namespace_id"], n["replicas"], n["replicas_default"]) for n in listed] == [(ns_id, 2, False)]
+    wait_used(c, masters, {"node-a": 3, "node-b": 3})              # the blocks there before get their copies
     # The writer's client registers again stating no setting: the stored one stays.
     assert run_client(a, "publish", masters, 2, 4)["written"] == 4
     wait_used(c, masters, {"node-a": 7, "node-b": 7})                                 # new puts: 2 hosts
