@@ -170,12 +170,15 @@ class PoolServer:
         if self.meta is not None:
             for servicer in servicers:
                 servicer.admit_commit = self.meta.admit
+                servicer.settings_durable = self.meta.durable
                 servicer.describe_store = self._describe_store
         pool_pb2_grpc.add_KVPoolServicer_to_server(servicers[0], _GenericHandlersOnly(server))
         admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], _GenericHandlersOnly(server))
         self.registry = RegistryServicer(self.index, self.metrics, heartbeat_interval=s.heartbeat_interval,
                                          tls=TlsFiles.of(s))
         node_pb2_grpc.add_RegistryServicer_to_server(self.registry, server)
+        for servicer in servicers:
+            servicer.removal_durable = self._removal_durable
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = (
@@ -240,6 +243,16 @@ class PoolServer:
                  "on" if ep.ucx_worker_address else "off", size("dram"), size("hbm"), size("nvme"), shm,
                  s.eviction_policy, os.path.abspath(t.data_dir))
 
+    async def _removal_durable(self, holders: set[int]) -> None:
+        """Before a removal is answered: with Redis, the flush that writes its tombstones
+        (the next leader does not serve what they name); without, or while Redis is down,
+        the nodes that held the blocks apply it (a restarted master is not told of them)."""
+        if self.meta is not None and self.meta.up:
+            await self.meta.durable()
+            if self.meta.up:
+                return
+        await self.registry.push_removals(holders)
+
     async def _lead(self, metrics: str) -> None:
         """Wait for the lease, take over the metadata in Redis, serve; step down if deposed."""
         lease, meta = self.lease, self.meta
@@ -252,16 +265,19 @@ class PoolServer:
             last = await meta.redis.incrby(f"{self.settings.redis_prefix}:node_ids", 1 << 20)
             self.registry.first_node_id(100 + (last - (1 << 20)) % (1 << 31))
             namespaces, records, known_nodes = await meta.load()
+            # Before any node registers: what they name is not adopted again.
+            self.registry.tombstones.load(await meta.load_tombstones())
             self.index.config.quotas = await meta.take_tenant_settings(
                 self.index.config.quotas if self.settings.quotas else None)
         except Exception as exc:  # Redis went away between the lease and the load
             log.warning("cannot load metadata from Redis (%s); nodes' reports rebuild the index", exc)
             namespaces, records, known_nodes = [], [], []
-        for ns in namespaces:
-            self.index.register_namespace(ns)
+        for ns, settings in namespaces:  # with the settings the leader before this one had
+            self.index.register_namespace(ns, replicas=settings.replicas)
         for record in records:
             self.registry.candidates.setdefault(record.node, []).append(record)
         self.index.observers.append(meta)
+        self.registry.tombstones.store, meta.removals = meta, self.registry.tombstones
         meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
         lease.on_error, lease.on_reset = meta.mark_down, meta.mark_reset
         meta.start(lease.epoch)

@@ -14,7 +14,7 @@ import sys
 
 import grpc
 
-from kvpool.cli.output import admin_channel, call, rpc_failure, table, to_json
+from kvpool.cli.output import admin_channel, call, leader_error, on_leader, rpc_failure, table, to_json
 from kvpool.config import format_size
 from kvpool.rpc.v1 import admin_pb2
 
@@ -43,13 +43,9 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         req.set_replicas = args.set_replicas
-    channel, stub = admin_channel(args)
-    try:
-        resp = call(stub.Namespaces, req, args)
-    except grpc.RpcError as exc:
-        return rpc_failure(exc, args, "admin namespaces")
-    finally:
-        channel.close()
+    resp = on_leader(args, lambda at: _ask(at, req))
+    if isinstance(resp, int):
+        return resp
     if args.json:
         print(json.dumps(to_json(resp), sort_keys=True))
         return 0
@@ -62,3 +58,17 @@ def run(args: argparse.Namespace) -> int:
         for n in resp.namespaces]) + f"\n(pool default: {resp.default_replicas} "
           f"{'copy' if resp.default_replicas == 1 else 'copies'} of each block)")
     return 0
+
+
+def _ask(args: argparse.Namespace, req):
+    """The master's answer; an exit status if it failed (the error itself if another master
+    should be asked: see kvpool.cli.output.on_leader)."""
+    channel, stub = admin_channel(args)
+    try:
+        return call(stub.Namespaces, req, args)
+    except grpc.RpcError as exc:
+        if leader_error(exc, args):
+            return exc
+        return rpc_failure(exc, args, "admin namespaces")
+    finally:
+        channel.close()

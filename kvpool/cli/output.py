@@ -25,7 +25,7 @@ from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.rpc.v1 import admin_pb2_grpc
 from kvpool.tls import TlsFiles, open_channel
 
-__all__ = ["admin_channel", "call", "rpc_failure", "table", "pct", "to_json"]
+__all__ = ["admin_channel", "call", "rpc_failure", "on_leader", "table", "pct", "to_json"]
 
 _OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -98,6 +98,39 @@ def rpc_failure(exc: grpc.RpcError, args: argparse.Namespace, what: str) -> int:
         return 2
     print(f"kvpool {what}: {code.name}: {exc.details()}", file=sys.stderr)
     return 1
+
+
+def on_leader(args: argparse.Namespace, run_at):
+    """Run a command on the master at ``--address``; given several (``a:p,b:p``), on their
+    leader. ``run_at(args)`` makes the calls and returns its result (an exit status, an
+    answer), which this returns; or, when ``args.follow_leader`` is set, the RpcError of a
+    master that does not lead or answer (:func:`leader_error` says which): then the next
+    master is tried."""
+    import time
+
+    from kvpool.masters import FAILOVER_S, MasterList
+
+    masters = MasterList(args.address)
+    if not masters.several:
+        return run_at(args)
+    deadline = time.monotonic() + FAILOVER_S
+    while True:
+        one = argparse.Namespace(**vars(args))
+        # Each try is short: a dead master must not hold the command for the whole --timeout.
+        one.address, one.timeout = masters.current, min(args.timeout, 2.0)
+        one.follow_leader = time.monotonic() < deadline
+        result = run_at(one)
+        if not isinstance(result, grpc.RpcError):
+            return result
+        masters.failed(result)
+        time.sleep(0.1)
+
+
+def leader_error(exc: grpc.RpcError, args: argparse.Namespace) -> bool:
+    """Whether ``on_leader`` should try another master after ``exc``."""
+    from kvpool.masters import follows
+
+    return getattr(args, "follow_leader", False) and (follows(exc) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

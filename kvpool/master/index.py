@@ -330,7 +330,8 @@ class BlockIndex:
         self.draining: set[int] = set()
         self.counters = Counters()
         #: Told of blocks entering and leaving the index (Redis metadata, KV events): objects
-        #: with ``namespace(ns)``, ``stored(entries)``, ``removed(entries)`` and
+        #: with ``namespace(info)`` (a NamespaceInfo: registered, or its settings changed),
+        #: ``stored(entries)``, ``removed(entries)`` and
         #: ``node_lost(entries)`` (a node left: its blocks may come back if it was only
         #: cut off), called synchronously, so they only queue the work.
         self.observers: list = []
@@ -362,14 +363,18 @@ class BlockIndex:
         known = self._namespaces.get(ns.id)
         if known is None:
             known = self._namespaces[ns.id] = NamespaceInfo(ns, ns.layout.block_bytes)
-            for observer in self.observers:
-                observer.namespace(ns)
+            if not replicas:  # otherwise set_replicas tells them, with the setting
+                self._tell_namespace(known)
         if replicas and replicas != known.replicas:
             known = self.set_replicas(ns.id, replicas)
         if ns.id in self._untrimmed:  # copies adopted before its setting was known
             self._untrimmed.discard(ns.id)
             self._trim_copies(ns.id)
         return known
+
+    def _tell_namespace(self, info: NamespaceInfo) -> None:
+        for observer in self.observers:
+            observer.namespace(info)
 
     @staticmethod
     def _check_replicas(replicas: int, what: str) -> None:
@@ -397,8 +402,11 @@ class BlockIndex:
             raise InvalidArgument("SetReplicas: replicas must be at least 1 (a block's one copy)")
         info = self.namespace(ns_id)
         before = self.replicas_of(ns_id)
+        changed = replicas != info.replicas
         info = self._namespaces[ns_id] = NamespaceInfo(info.namespace, info.block_bytes, replicas)
         self._ns_replicated = any(i.replicas > 1 for i in self._namespaces.values())
+        if changed:
+            self._tell_namespace(info)
         if replicas > before:
             for call in self.replicas_raised:
                 call(ns_id)

@@ -4,10 +4,17 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
 
 * ``PREFIX:blocks``     hash: block key (16 bytes) -> where it was committed: tier, slot,
                         size, checksum, node name, node incarnation, namespace id;
-* ``PREFIX:namespaces`` hash: namespace id -> the Namespace proto;
+* ``PREFIX:namespaces`` hash: namespace id -> the namespace and its settings as JSON: the
+                        Namespace's fields and ``"settings": {"replicas": N}`` (0: the pool
+                        default), rewritten whenever a setting changes
+                        (:func:`namespace_to_json`); a record without ``settings`` (written
+                        before they were kept) loads with none set;
 * ``PREFIX:nodes``      hash: node name -> control address and incarnation;
 * ``PREFIX:tenants``    hash: tenant (``""``: the default tenant) -> its settings as JSON,
                         ``{"quotas": {"dram": bytes, "hbm": bytes}}`` (:meth:`take_tenant_settings`);
+* ``PREFIX:removed``    hash: one field per tombstone of a removed block's copy that its node
+                        has not yet confirmed removing (:mod:`kvpool.master.tombstones`), value
+                        ``1``; written in the same batch as the deletion of the block's record;
 * ``PREFIX:epoch`` and ``PREFIX:leader``: the fencing epoch and the leader's lease
   (:mod:`kvpool.master.leader`).
 
@@ -45,9 +52,11 @@ put acknowledged just before its kill, every run; without a linger, 1 run in 10 
 (a flush still in flight held the next one back). Hence ``wait`` is the default: with it,
 nothing whose commit was answered is forgotten while Redis is up.
 
-On start, a master loads the namespaces and the block records (:meth:`load`); a block is
-served again only when its node registers with the same incarnation and the node confirms
-that the slot holds bytes with the recorded checksum (``NodeControl.VerifyBlocks``).
+On start, a master loads the namespaces with their settings and the block records
+(:meth:`load`), and the tombstones (:meth:`load_tombstones`); a block is served again only
+when its node registers with the same incarnation and the node confirms that the slot holds
+bytes with the recorded checksum (``NodeControl.VerifyBlocks``), and a block a node reports
+is not served when a tombstone names it (:mod:`kvpool.master.tombstones`).
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ from dataclasses import dataclass
 
 from kvpool.wire import TIER_CODES, TIER_NAMES
 
-__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector"]
+__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector", "NamespaceSettings"]
 
 log = logging.getLogger("kvpool.metastore")
 
@@ -85,7 +94,7 @@ end
 return n
 """
 
-_BLOCKS, _NAMESPACES, _NODES, _TENANTS = 2, 3, 4, 5
+_BLOCKS, _NAMESPACES, _NODES, _TENANTS, _REMOVED = 2, 3, 4, 5, 6
 
 
 class Fenced(Exception):
@@ -140,7 +149,7 @@ class RedisMeta:
                                              retry=Retry(NoBackoff(), 1))
         self._script = self.redis.register_script(_WRITE)
         self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes",
-                     f"{prefix}:tenants"]
+                     f"{prefix}:tenants", f"{prefix}:removed"]
         self.epoch = 0
         #: Dirty keys: block key -> index entry (write it) or None (delete it).
         self._dirty: dict[bytes, object] = {}
@@ -157,6 +166,9 @@ class RedisMeta:
         self._resync = False
         #: Set when Redis holds a newer epoch (the leader module decides what that means).
         self.on_fenced = None
+        #: The master's tombstones (kvpool.master.tombstones), rewritten with the rest after
+        #: an outage; None: no node outlives this master (``kvpool serve`` alone).
+        self.removals = None
 
     # ------------------------------------------------------------------ the index's observer
 
@@ -177,12 +189,21 @@ class RedisMeta:
         # with it (kvpool.master.remote); a new incarnation makes them go then.
         pass
 
-    def namespace(self, ns) -> None:
-        self._other.append((_NAMESPACES, ns.id, namespace_to_json(ns)))
+    def namespace(self, info) -> None:
+        # Queued like a block change: it goes out with the next flush, beside the commits.
+        self._other.append((_NAMESPACES, info.namespace.id, namespace_to_json(info)))
         self._wake.set()
 
     def node_joined(self, name: str, address: str, incarnation: str) -> None:
         self._other.append((_NODES, name, f"{address}\0{incarnation}".encode()))
+        self._wake.set()
+
+    def tombstones(self, put, drop) -> None:
+        """Tombstones made and ended (their fields); queued like the block changes they go
+        with, so a removal and its tombstones reach Redis in the same flush."""
+        other = self._other
+        other.extend((_REMOVED, f, b"") for f in drop)
+        other.extend((_REMOVED, f, b"1") for f in put)
         self._wake.set()
 
     def forget(self, keys) -> None:
@@ -364,9 +385,10 @@ class RedisMeta:
         """Write every committed block and namespace again (after Redis was down)."""
         self.resyncs += 1
         snapshot = list(self.index.entries())
-        ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info.namespace))
-                  for ns_id, info in self.index.namespaces.items()]
+        ns_ops = [(_NAMESPACES, ns_id, namespace_to_json(info)) for ns_id, info in self.index.namespaces.items()]
         ns_ops += [(_TENANTS, tenant, tenant_to_json(quotas)) for tenant, quotas in self.index.config.quotas.items()]
+        if self.removals is not None:
+            ns_ops += [(_REMOVED, f, b"1") for f in self.removals.fields()]
         for entry in snapshot:
             self._dirty.setdefault(entry.key, entry)
         self._other[:0] = ns_ops
@@ -375,12 +397,13 @@ class RedisMeta:
     # ------------------------------------------------------------------ loading
 
     async def load(self) -> tuple[list, list[BlockRecord], list[str]]:
-        """Namespaces, block records and node names in Redis (a master taking over)."""
+        """Namespaces with their settings (``(Namespace, NamespaceSettings)`` pairs), block
+        records and node names in Redis (a master taking over)."""
         namespaces = []
         for value in (await self.redis.hgetall(self.keys[_NAMESPACES - 1])).values():
             try:
                 namespaces.append(namespace_from_json(value))
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 log.warning("ignoring an unreadable namespace record in Redis: %s", exc)
         blocks = []
         async for key, value in self.redis.hscan_iter(self.keys[_BLOCKS - 1], count=10000):
@@ -390,6 +413,10 @@ class RedisMeta:
                 log.warning("ignoring an unreadable block record %r in Redis", key[:16])
         nodes = [name.decode() for name in await self.redis.hkeys(self.keys[_NODES - 1])]
         return namespaces, blocks, nodes
+
+    async def load_tombstones(self) -> list[bytes]:
+        """The tombstones a master before this one wrote (kvpool.master.tombstones)."""
+        return list(await self.redis.hkeys(self.keys[_REMOVED - 1]))
 
     async def take_tenant_settings(self, configured: dict[str, dict[str, int]] | None) -> dict[str, dict[str, int]]:
         """The pool's quotas for a master that takes over (tenant -> tier -> bytes).
@@ -425,16 +452,34 @@ class RedisMeta:
         return f"redis down since {since} UTC ({self.last_error}); serving from memory, {self.backlog} changes to write"
 
 
-def namespace_to_json(ns) -> bytes:
-    return json.dumps(dataclasses.asdict(ns), sort_keys=True).encode()
+@dataclass(frozen=True)
+class NamespaceSettings:
+    """What a namespace's record keeps beside its identity: the settings an operator or a
+    client chose for it (kvpool.master.index.NamespaceInfo), 0 meaning "the pool default"."""
+
+    replicas: int = 0
+
+
+def namespace_to_json(info) -> bytes:
+    """The record of a namespace (a NamespaceInfo): its identity and its settings."""
+    d = dataclasses.asdict(info.namespace)
+    d["settings"] = dataclasses.asdict(NamespaceSettings(replicas=info.replicas))
+    return json.dumps(d, sort_keys=True).encode()
 
 
 def namespace_from_json(data: bytes):
+    """``(Namespace, NamespaceSettings)`` from a record; ValueError (or TypeError, KeyError)
+    if it cannot be read. Settings out of range raise too: a master must not guess a number
+    of copies."""
     from kvpool.identity import Namespace
     from kvpool.layout import KVLayout
+    from kvpool.master.index import MAX_REPLICAS
 
     d = json.loads(data)
-    return Namespace(layout=KVLayout(**d.pop("layout")), **d)
+    settings = NamespaceSettings(**d.pop("settings", {}))
+    if type(settings.replicas) is not int or not 0 <= settings.replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas {settings.replicas!r}: want 0 (the pool default) to {MAX_REPLICAS}")
+    return Namespace(layout=KVLayout(**d.pop("layout")), **d), settings
 
 
 def tenant_to_json(quotas: dict[str, int]) -> bytes:

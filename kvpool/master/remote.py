@@ -19,6 +19,7 @@ master restarted registers with the memory blocks it still holds, and they are s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -31,6 +32,7 @@ from kvpool.errors import FailedPrecondition, InvalidArgument, Unavailable
 from kvpool.identity import KEY_BYTES, MAX_TENANT_BYTES
 from kvpool.master.index import BlockIndex
 from kvpool.master.metastore import BlockRecord
+from kvpool.master.tombstones import Tombstones
 from kvpool.metrics import Metrics
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
 from kvpool.master.handlers import rpc
@@ -80,6 +82,8 @@ class RemoteNode:
         self._journal_base = 0
         #: The master calls the node back with the token the node registered with (if any).
         self.token = ""
+        #: The registry's tombstones (kvpool.master.tombstones), told of confirmed NVMe drops.
+        self.tombstones = None
         # Opened at the first tier movement, on the event loop that needs it.
         self._channel: grpc.aio.Channel | None = None
         self._stub: node_pb2_grpc.NodeControlStub | None = None
@@ -134,6 +138,11 @@ class RemoteNode:
     @property
     def unapplied_changes(self) -> int:
         return len(self._journal)
+
+    @property
+    def applied_seq(self) -> int:
+        """The sequence number of the newest change the node has applied."""
+        return self._journal_base
 
     def applied(self, seq: int) -> None:
         """The node applied every change up to ``seq``: stop resending them."""
@@ -222,6 +231,21 @@ class RemoteNode:
                                                for k, s in items])
         resp = await self._call("DropNvme", req)
         self._update_nvme(resp.nvme)
+        if self.tombstones is not None:
+            self.tombstones.nvme_dropped(self, items)
+
+    async def push_changes(self) -> None:
+        """Have the node apply every change journaled so far now (``ApplyChanges``), instead
+        of with the answer to its next heartbeat."""
+        while self._journal:
+            changes, seq, _ = self.changes()
+            resp = await self._call("ApplyChanges", node_pb2.ApplyChangesRequest(
+                epoch=self.epoch, changes=changes, changes_seq=seq))
+            self.applied(resp.applied_seq)
+            if resp.applied_seq < seq:  # cannot happen with a node of this release; do not spin
+                break
+        if self.tombstones is not None:
+            self.tombstones.confirm(self)
 
     async def verify(self, records) -> set[bytes]:
         """Which of these memory blocks (Redis records) the node holds, bytes checked."""
@@ -275,6 +299,9 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         self.meta = None
         #: Blocks Redis lists, by node name, not yet reconciled with that node's report.
         self.candidates: dict[str, list] = {}
+        #: Copies of removed blocks that their nodes may still report (kvpool.master.tombstones).
+        self.tombstones = Tombstones(self._joined.get)
+        index.observers.append(self.tombstones)
 
     def first_node_id(self, first: int) -> None:
         """Number the nodes that register from here on from ``first``."""
@@ -333,13 +360,17 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         node = RemoteNode(node_id, request, self.index.clock, epoch=self.epoch, tls=self.tls)
         caller = current_caller()
         node.token = caller.token if caller is not None else ""
+        node.tombstones = self.tombstones
         self.index.nodes.add(node)
         self._joined[node_id] = node
-        in_memory = self.index.adopt_memory(node_id, node.recover_memory(request.memory_blocks))
-        adopted = self.index.adopt(node_id, node.recover())
+        # Blocks removed while the node had not applied it yet are not adopted again.
+        memory, nvme, dead_memory, dead_nvme = self.tombstones.sift(node, request.memory_blocks, node.recover())
+        in_memory = self.index.adopt_memory(node_id, node.recover_memory(memory))
+        adopted = self.index.adopt(node_id, nvme)
         if self.meta is not None:
             self.meta.node_joined(node.name, node.control_address, node.incarnation)
         in_memory += await self._reconcile(node)
+        self.tombstones.free_on(node, dead_memory, dead_nvme, self.index.nvme_drops)
         log.info("node %s joined as id %d at %s; %d blocks in its memory, %d on its NVMe", node.name, node_id,
                  request.control_address, in_memory, adopted)
         return node_pb2.RegisterNodeResponse(node_id=node_id, heartbeat_interval_s=self.heartbeat_interval,
@@ -380,8 +411,32 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
             return node_pb2.HeartbeatResponse(register_again=True)
         node.heartbeat(request.tiers)
         node.applied(request.applied_seq)
+        self.tombstones.confirm(node)
         changes, seq, more = node.changes()
         return node_pb2.HeartbeatResponse(changes=changes, changes_seq=seq, more=more, epoch=self.epoch)
+
+    async def push_removals(self, node_ids, timeout: float = 5.0) -> None:
+        """Make removals durable at the nodes that held the blocks before a client hears that
+        they are done: the changes that free their memory slots are applied now
+        (``ApplyChanges``), their NVMe copies dropped now. Without Redis this is what keeps a
+        removed block from coming back after a master restart (the node would report it).
+        A node that does not answer within ``timeout`` learns of it with its next heartbeat.
+        A leased block's storage is freed at its last release, so this cannot cover it."""
+        async def one(node: RemoteNode) -> None:
+            drops = self.index.nvme_drops.pop(node.node_id, [])
+            try:
+                await asyncio.wait_for(node.push_changes(), timeout)
+                if drops:
+                    await asyncio.wait_for(node.drop_nvme(drops), timeout)
+            except (Unavailable, asyncio.TimeoutError) as exc:
+                log.warning("node %s did not confirm a removal (%s); it applies it with its next heartbeat",
+                            node.name, str(exc) or "timed out")
+                if drops:  # the tiering task tries again
+                    self.index.nvme_drops.setdefault(node.node_id, []).extend(drops)
+
+        nodes = [n for n in (self._joined.get(i) for i in set(node_ids)) if n is not None]
+        if nodes:
+            await asyncio.gather(*(one(n) for n in nodes))
 
     async def sweep(self) -> None:
         """Forget nodes that stopped sending heartbeats; close channels of forgotten ones."""

@@ -61,9 +61,29 @@ class _Base:
         self.admit_commit = None
         #: Fills the metadata-store fields of a StatsResponse (set by the server).
         self.describe_store = None
+        #: Awaited, with the ids of the nodes that held them, before removals are answered:
+        #: the flush that carries their tombstones (Redis), or the nodes applying them (no
+        #: Redis), so that a removed block does not come back after a master restart or a
+        #: failover (kvpool.master.tombstones). None: every node lives in this process.
+        self.removal_durable = None
+        #: Awaited before a change to a namespace (new, or a new setting) is answered: with
+        #: Redis, the flush that writes its record, so that the next leader has it.
+        self.settings_durable = None
         #: Told of each read served from another host than the reader's (read-driven
         #: replicas, kvpool.master.replication); None when they are off.
         self.read_by = None
+
+    def _holders(self, entries) -> set[int]:
+        """The nodes holding a copy of any of these entries."""
+        out: set[int] = set()
+        for e in entries:
+            out.add(e.node_id)
+            out.update(r.node_id for r in e.replicas)
+        return out
+
+    async def _durable_removal(self, holders: set[int], removed: int) -> None:
+        if removed and self.removal_durable is not None:
+            await self.removal_durable(holders)
 
     def _nearest(self, entries, client_host: str):
         """For each entry, a memory copy on the reader's host when there is one (the entry
@@ -172,9 +192,18 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         if tenant is not None and ns.tenant != tenant:
             raise PermissionDenied(f"RegisterNamespace: this token acts for tenant {tenant!r}, not {ns.tenant!r}; "
                                    f"set Namespace(tenant={tenant!r})")
+        before = self.index.namespaces.get(ns.id)
         info = self.index.register_namespace(ns, request.replicas)
-        return pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes,
+        resp = pool_pb2.RegisterNamespaceResponse(namespace_id=info.namespace.id, block_bytes=info.block_bytes,
                                                   replicas=self.index.replicas_of(info.namespace.id))
+        if info is before or self.settings_durable is None:  # nothing new: no wait (every connect registers)
+            return resp
+        return self._after(self.settings_durable(), resp)
+
+    @staticmethod
+    async def _after(durable, resp):
+        await durable
+        return resp
 
     @rpc
     def PutStart(self, request, context):
@@ -256,13 +285,15 @@ class PoolServicer(_Base, pool_pb2_grpc.KVPoolServicer):
         return pool_pb2.ReleaseResponse(released=released, dropped_corrupt=dropped)
 
     @rpc
-    def Remove(self, request, context):
+    async def Remove(self, request, context):
         keys = self.index.split_packed(request.keys, "Remove")
         if request.namespace_id:
             tenant = self._ns(request.namespace_id).tenant
         else:
             tenant = self._tenant() or ""
+        holders = self._holders(e for k in keys if (e := self.index.entry(k, tenant)) is not None)
         removed, deferred = self.index.remove(keys, tenant)
+        await self._durable_removal(holders, removed)
         return pool_pb2.RemoveResponse(removed=removed, deferred=deferred)
 
     @rpc
@@ -366,8 +397,10 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         return admin_pb2.EvictResponse(blocks=blocks, bytes=freed, skipped_leased=leased)
 
     @rpc
-    def Flush(self, request, context):
+    async def Flush(self, request, context):
+        holders = {n.node_id for n in self.index.nodes}
         removed, deferred = self.index.flush(request.namespace_id)
+        await self._durable_removal(holders, removed)
         return admin_pb2.FlushResponse(removed=removed, deferred=deferred)
 
     @rpc
@@ -421,12 +454,14 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         finally:
             self.events.unsubscribe(sub)
     @rpc
-    def Namespaces(self, request, context):
+    async def Namespaces(self, request, context):
         index = self.index
         if request.HasField("set_replicas"):
             if not request.namespace_id:
                 raise InvalidArgument("Namespaces: set_replicas needs namespace_id (see kvpool admin namespaces)")
             index.set_replicas(request.namespace_id, request.set_replicas)
+            if self.settings_durable is not None:  # the next leader has the setting
+                await self.settings_durable()
         elif request.namespace_id:
             index.namespace(request.namespace_id)  # NOT_FOUND, naming RegisterNamespace
         blocks: dict[str, int] = {}

@@ -41,9 +41,13 @@ class ResidentMap:
         self.applied_seq = 0
 
     def apply(self, changes, seq: int) -> None:
-        """Apply the master's changes (protos or :class:`ResidentBlock`), in order."""
+        """Apply the master's changes (protos or :class:`ResidentBlock`), in order: consecutive
+        ones, the last numbered ``seq``. Those at or below :attr:`applied_seq` were applied
+        already and are skipped: a heartbeat answer that arrives after a newer
+        ``ApplyChanges`` must not bring back a slot that a later change freed."""
         slots = self._slots
-        for c in changes:
+        done = max(0, self.applied_seq - (seq - len(changes)))
+        for c in changes[done:] if done else changes:
             if c.key:
                 slots[(c.tier, c.offset)] = ResidentBlock(c.tier, c.offset, c.size, c.key, c.checksum,
                                                           c.namespace_id)

@@ -28,7 +28,7 @@ from kvpool.tls import TlsFiles, open_aio_channel, peer_context, server_context,
 from kvpool.node.node import Node
 from kvpool.node.resident import ResidentBlock
 from kvpool.rpc.v1 import node_pb2, node_pb2_grpc
-from kvpool.tiers.base import Slot
+from kvpool.tiers.base import Slot, TierCaps
 from kvpool.transport.base import READ, Access
 from kvpool.transport.endpoint import NodeEndpoint
 from kvpool.wire import unpack_records
@@ -178,6 +178,20 @@ class NodeControlServicer(node_pb2_grpc.NodeControlServicer):
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         return node_pb2.MoveTierResponse(moved=moved, corrupt=corrupt)
+
+    @_control
+    async def ApplyChanges(self, request, context):
+        await self._fence(request, context)
+        if len(request.changes) > request.changes_seq:
+            raise InvalidArgument(f"{len(request.changes)} changes cannot end at sequence number "
+                                  f"{request.changes_seq}: numbers start at 1")
+        for c in request.changes:
+            self._check("ApplyChanges", c.key or bytes(KEY_BYTES), c.tier, c.offset, c.size)
+            if TierCaps.PERSISTENT in self.node.tiers[c.tier].caps:
+                raise InvalidArgument(f"ApplyChanges names the {c.tier} tier, which keeps its own catalog; "
+                                      f"changes are for memory tiers")
+        self.node.resident.apply(request.changes, request.changes_seq)
+        return node_pb2.ApplyChangesResponse(applied_seq=self.node.resident.applied_seq)
 
     @_control
     async def DropNvme(self, request, context):

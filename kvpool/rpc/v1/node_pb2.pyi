@@ -283,3 +283,19 @@ class MoveTierResponse(_message.Message):
     moved: _containers.RepeatedScalarFieldContainer[bytes]
     corrupt: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, moved: _Optional[_Iterable[bytes]] = ..., corrupt: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ApplyChangesRequest(_message.Message):
+    __slots__ = ("epoch", "changes", "changes_seq")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_SEQ_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    changes: _containers.RepeatedCompositeFieldContainer[ResidentBlock]
+    changes_seq: int
+    def __init__(self, epoch: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[ResidentBlock, _Mapping]]] = ..., changes_seq: _Optional[int] = ...) -> None: ...
+
+class ApplyChangesResponse(_message.Message):
+    __slots__ = ("applied_seq",)
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    applied_seq: int
+    def __init__(self, applied_seq: _Optional[int] = ...) -> None: ...

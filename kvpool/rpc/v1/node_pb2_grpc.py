@@ -189,6 +189,11 @@ class NodeControlStub:
                 request_serializer=kvpool_dot_v1_dot_node__pb2.MoveTierRequest.SerializeToString,
                 response_deserializer=kvpool_dot_v1_dot_node__pb2.MoveTierResponse.FromString,
                 _registered_method=True)
+        self.ApplyChanges = channel.unary_unary(
+                '/kvpool.v1.NodeControl/ApplyChanges',
+                request_serializer=kvpool_dot_v1_dot_node__pb2.ApplyChangesRequest.SerializeToString,
+                response_deserializer=kvpool_dot_v1_dot_node__pb2.ApplyChangesResponse.FromString,
+                _registered_method=True)
 
 
 class NodeControlServicer:
@@ -251,6 +256,17 @@ class NodeControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyChanges(self, request, context):
+        """Applies changes to this node's memory tiers now, exactly as the answer to a heartbeat
+        would (HeartbeatResponse.changes): a master without Redis tells the nodes of a client's
+        Remove before it answers, so that a restarted master is not told of the blocks again.
+        Changes at or below the node's applied sequence number are skipped, so an older
+        heartbeat answer arriving later cannot undo newer ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +304,11 @@ def add_NodeControlServicer_to_server(servicer, server):
                     servicer.MoveTier,
                     request_deserializer=kvpool_dot_v1_dot_node__pb2.MoveTierRequest.FromString,
                     response_serializer=kvpool_dot_v1_dot_node__pb2.MoveTierResponse.SerializeToString,
+            ),
+            'ApplyChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyChanges,
+                    request_deserializer=kvpool_dot_v1_dot_node__pb2.ApplyChangesRequest.FromString,
+                    response_serializer=kvpool_dot_v1_dot_node__pb2.ApplyChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +501,33 @@ class NodeControl:
             '/kvpool.v1.NodeControl/MoveTier',
             kvpool_dot_v1_dot_node__pb2.MoveTierRequest.SerializeToString,
             kvpool_dot_v1_dot_node__pb2.MoveTierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.NodeControl/ApplyChanges',
+            kvpool_dot_v1_dot_node__pb2.ApplyChangesRequest.SerializeToString,
+            kvpool_dot_v1_dot_node__pb2.ApplyChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,
