@@ -1,13 +1,14 @@
 """A KV-event subscriber as a router runs it, in its own process (ZMQ SUB + msgpack).
 
-    python tests/integration/kv_event_subscriber.py tcp://HOST:PORT SECONDS [UNTIL_KIND]
-    KVPOOL_TOKEN=... python tests/integration/kv_event_subscriber.py grpc://HOST:PORT SECONDS [UNTIL_KIND]
+    python tests/integration/kv_event_subscriber.py tcp://HOST:PORT SECONDS [UNTIL]
+    KVPOOL_TOKEN=... python tests/integration/kv_event_subscriber.py grpc://HOST:PORT SECONDS [UNTIL]
 
 ``tcp://`` reads the master's ZMQ PUB socket (every tenant's events, for trusted routers);
 ``grpc://`` streams ``Admin/SubscribeEvents`` with the bearer token in ``$KVPOOL_TOKEN``
-(a client token receives its own tenant's events only). Prints ``subscribed`` once connected, then, after SECONDS or once an event of kind UNTIL_KIND
-arrived, one JSON line: the batches received, each ``{"seq", "ts", "events"}``, with
-block hashes as hex.
+(a client token receives its own tenant's events only). Prints ``subscribed`` once connected,
+then, after SECONDS or once the event UNTIL arrived, one JSON line: the batches received, each ``{"seq", "ts", "events"}``, with
+block hashes as hex. UNTIL is an event kind (``BlockRemoved``), or a kind and a block hash
+in hex (``BlockRemoved:0a1b...``): the first event of that kind that names that block.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import zmq
 
 
 def _decode(events) -> tuple[list, list[str]]:
-    out, kinds = [], []
+    """The events with hashes in hex, and the marks UNTIL can match: each event's kind, and
+    ``kind:hash`` for each block it names."""
+    out, marks = [], []
     for ev in events:
         kind = ev[0]
+        marks.append(kind)
         if kind in ("BlockStored", "BlockRemoved"):
             ev = [kind, [h.hex() for h in ev[1]], *ev[2:]]
+            marks += [f"{kind}:{h}" for h in ev[1]]
         out.append(ev)
-        kinds.append(kind)
-    return out, kinds
+    return out, marks
 
 
 def main() -> None:

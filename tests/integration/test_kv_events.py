@@ -103,9 +103,12 @@ def test_a_tenants_subscriber_never_receives_another_tenants_blocks(tenants_serv
     bob then alice publish, alice removes one block. Each tenant receives exactly its own
     hashes; the admin receives both (so the filter is the tenant, not a lost stream)."""
     address = tenants_server.address
-    subs = {who: _subscriber(address, who, "BlockRemoved") for who in ("alice", "bob", "admin")}
+    alice_ns, bob_ns, carol_ns = (fresh_namespace(tenant=t) for t in ("alice", "bob", "carol"))
+    # The admin sees every tenant's removals: its subscriber ends at carol's, the last one.
+    carol_removed = "BlockRemoved:" + carol_ns.keys(list(range(16)))[0].hex()
+    subs = {who: _subscriber(address, who, until)
+            for who, until in (("alice", "BlockRemoved"), ("bob", "BlockRemoved"), ("admin", carol_removed))}
     try:
-        alice_ns, bob_ns = fresh_namespace(tenant="alice"), fresh_namespace(tenant="bob")
         toks = list(range(16 * 3))
         with Client(address, bob_ns, token=TOKENS["bob"]) as bob:
             bob.publish(toks, random_blocks(3, seed=2))
@@ -115,8 +118,7 @@ def test_a_tenants_subscriber_never_receives_another_tenants_blocks(tenants_serv
             alice.publish(toks, random_blocks(3, seed=1))
             alice_keys = [k.hex() for k in alice_ns.keys(toks)]
             assert alice.remove(alice_ns.keys(toks)[2:]) == 1
-        carol_ns = fresh_namespace(tenant="carol")
-        with Client(address, carol_ns, token=TOKENS["admin"]) as admin:  # ends the admin's subscriber
+        with Client(address, carol_ns, token=TOKENS["admin"]) as admin:  # its removal ends the admin's subscriber
             admin.publish(list(range(16)), random_blocks(1, seed=3))
             assert admin.remove(carol_ns.keys(list(range(16)))) == 1
         seen = {who: _hashes(sub) for who, sub in subs.items()}
@@ -129,7 +131,7 @@ def test_a_tenants_subscriber_never_receives_another_tenants_blocks(tenants_serv
     assert hashes == set(alice_keys)
     assert ["BlockStored", alice_keys, None, [], 16, None, "CPU"] in events
     assert seen["bob"][0] == set(bob_keys)
-    assert set(alice_keys) | set(bob_keys) <= seen["admin"][0]
+    assert set(alice_keys) | set(bob_keys) | {carol_removed.split(":")[1]} <= seen["admin"][0]
 
 
 def test_subscribe_events_needs_a_client_or_admin_token(tenants_server):
