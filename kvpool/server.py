@@ -325,24 +325,42 @@ class PoolServer:
         resp.fencing_epoch = self.lease.epoch
 
     async def _sweep(self) -> None:
-        """Twice a second: expire grants and leases, keep tiers under their high watermark
-        (evicting, or demoting where there is NVMe), and forget nodes that went silent."""
+        """Twice a second: expire grants and leases, keep tiers under their high watermark,
+        and forget nodes that went silent. None of this waits on a node, so a node that hangs
+        (SIGSTOP, a stuck disk) delays no expiry and no node-loss decision: the work that calls
+        nodes (demotion, promotion, NVMe drops, replica copies, each RPC up to its 60 s
+        timeout) runs in its own loop, :meth:`_move`."""
+        mover = asyncio.create_task(self._move())
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                try:
+                    grants, leases = self.index.expire()
+                    if grants or leases:
+                        log.info("expired %d put grants and %d read leases", grants, leases)
+                    self.index.enforce_watermarks()
+                    await self.registry.sweep()
+                    if self.meta is not None:
+                        await self._health.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING
+                                               if self.meta.up else health_pb2.HealthCheckResponse.NOT_SERVING)
+                except Exception:  # never let the sweeper die silently
+                    log.exception("sweeper failed")
+        finally:
+            mover.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await mover
+
+    async def _move(self) -> None:
+        """Twice a second at most: the background work that calls nodes: tier movement
+        (demotion where there is NVMe, NVMe drops, write-through) and replica copies."""
         while True:
             await asyncio.sleep(0.5)
             try:
-                grants, leases = self.index.expire()
-                if grants or leases:
-                    log.info("expired %d put grants and %d read leases", grants, leases)
-                self.index.enforce_watermarks()
                 await self.tiering.cycle()
-                await self.registry.sweep()
                 if self.replicator is not None:
                     await self.replicator.cycle()
-                if self.meta is not None:
-                    await self._health.set(METADATA_HEALTH, health_pb2.HealthCheckResponse.SERVING if self.meta.up
-                                           else health_pb2.HealthCheckResponse.NOT_SERVING)
-            except Exception:  # never let the sweeper die silently
-                log.exception("sweeper failed")
+            except Exception:  # never let the mover die silently
+                log.exception("tier mover failed")
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._leading is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kvpool.errors import Unavailable
 from kvpool.master.index import DRAM, NVME, BlockIndex, Entry
 from kvpool.master.nodes import NodeHandle, has_durable_tier
 from kvpool.tiers.base import TierCaps
@@ -83,11 +84,19 @@ class Tiering:
         await self.flush_drops()
 
     async def flush_drops(self) -> None:
+        """Have each node drop the NVMe copies the index let go. A node that does not answer
+        gets them again on a later cycle (while it is registered: a node that registers again
+        reports its NVMe blocks, and the master settles them then)."""
         drops, self.index.nvme_drops = self.index.nvme_drops, {}
         for node_id, items in drops.items():
             node = self.index.nodes.get(node_id)
-            if node is not None and items:
+            if node is None or not items:
+                continue
+            try:
                 await node.drop_nvme(items)
+            except Unavailable as exc:
+                log.warning("NVMe drops of %d blocks on node %d wait for a later cycle: %s", len(items), node_id, exc)
+                self.index.nvme_drops.setdefault(node_id, []).extend(items)
 
     # ------------------------------------------------------------------ demotion
 

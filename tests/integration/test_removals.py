@@ -193,3 +193,21 @@ def test_tombstones_survive_a_redis_restart_and_a_node_declared_dead_and_back(po
     assert registered_with(n, 1) == (8, 4)
     assert wait_for(lambda: r.hlen("kvpool:removed") == 0, timeout=20, interval=0.2), r.hkeys("kvpool:removed")
     check_served(a.address, ns, data, removed)
+
+
+def test_a_hung_node_with_nvme_drops_pending_does_not_stall_the_masters_sweep(pool_procs):
+    """A node stopped (SIGSTOP) while NVMe drops for it are pending: each DropNvme to it waits
+    for its RPC timeout (60 s). That wait is the tier mover's own; the sweep that forgets
+    silent nodes (and expires leases and grants) goes on: the node is declared dead after
+    its missed heartbeats, not after the timeout."""
+    master, node = pool_procs
+    m = master("--heartbeat-interval", "2", ready=r"ready grpc=(\S+)")   # dead after 5 x 2 s
+    n = node(m.address, "node-a", "--nvme", "16MiB")
+    assert wait_for(lambda: node_count(m.address) == 1, timeout=15)
+    ns = fresh_namespace()
+    publish(m.address, ns)                       # prompts 0 and 1 on NVMe
+    n.kill(signal.SIGSTOP)
+    assert remove(m.address, ns, {0}) == 2       # its NVMe drop is not confirmed (5 s), then queued
+    assert m.wait_log(r"node node-a did not confirm a removal", timeout=5) is not None
+    assert m.wait_log(r"node node-a \(id \d+\) missed 5 heartbeats", timeout=25) is not None, m.log()[-3000:]
+    n.kill(signal.SIGCONT)
