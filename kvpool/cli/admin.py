@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import grpc
 
 from kvpool.cli import drain, namespaces, top
-from kvpool.cli.output import admin_channel, call, pct, rpc_failure, table, to_json
+from kvpool.cli.output import admin_channel, call, leader_error, on_leader, pct, rpc_failure, table, to_json
 from kvpool.cli.progress import busy
 from kvpool.config import format_size, parse_size
-from kvpool.masters import FAILOVER_S, MasterList, follows
 from kvpool.rpc.v1 import admin_pb2, common_pb2
 from kvpool.wire import TIER_NAMES
 
@@ -109,20 +107,7 @@ _BLOCK_HEADERS = ["key", "tenant", "namespace", "state", "tier", "size", "leases
 
 def run(args: argparse.Namespace) -> int:
     """Run the command on the master at --address; given several (``a:p,b:p``), on their leader."""
-    masters = MasterList(args.address)
-    if not masters.several:
-        return _run_at(args)
-    deadline = time.monotonic() + FAILOVER_S
-    while True:
-        one = argparse.Namespace(**vars(args))
-        # Each try is short: a dead master must not hold the command for the whole --timeout.
-        one.address, one.timeout = masters.current, min(args.timeout, 2.0)
-        one.follow_leader = time.monotonic() < deadline
-        result = _run_at(one)
-        if isinstance(result, int):
-            return result
-        masters.failed(result)
-        time.sleep(0.1)
+    return on_leader(args, _run_at)
 
 
 def _run_at(args: argparse.Namespace):
@@ -182,7 +167,7 @@ def _run_at(args: argparse.Namespace):
         else:  # argparse prevents this
             return 2
     except grpc.RpcError as exc:
-        if getattr(args, "follow_leader", False) and (follows(exc) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+        if leader_error(exc, args):
             return exc
         return rpc_failure(exc, args, f"admin {args.admin_command}")
     finally:

@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from kvpool.cli.output import admin_channel, call, rpc_failure
+from kvpool.cli.output import admin_channel, at_leader, call, rpc_failure
 from kvpool.cli.progress import bar
 from kvpool.config import format_size
 from kvpool.rpc.v1 import admin_pb2
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.batch < 2**32:
         print(f"kvpool admin drain: --batch must be a positive number of blocks; got {args.batch}", file=sys.stderr)
         return 2
+    args = at_leader(args)
     channel, stub = admin_channel(args)
     totals = {"moved": 0, "moved_bytes": 0, "dropped": 0, "failed": 0}
     try:

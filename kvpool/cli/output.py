@@ -25,7 +25,7 @@ from kvpool.auth import bearer_metadata, resolve_token
 from kvpool.rpc.v1 import admin_pb2_grpc
 from kvpool.tls import TlsFiles, open_channel
 
-__all__ = ["admin_channel", "call", "rpc_failure", "on_leader", "table", "pct", "to_json"]
+__all__ = ["admin_channel", "call", "rpc_failure", "on_leader", "at_leader", "table", "pct", "to_json"]
 
 _OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -124,6 +124,31 @@ def on_leader(args: argparse.Namespace, run_at):
             return result
         masters.failed(result)
         time.sleep(0.1)
+
+
+def at_leader(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` aimed at the leader of ``--address``'s masters, for commands that make many
+    calls (a drain, ``top``): they find the leader once, the way :func:`on_leader` does,
+    then talk to it. With one address, ``args`` as they are; when no master answers, the
+    last one tried (its error is the command's to report)."""
+    from kvpool.masters import MasterList
+    from kvpool.rpc.v1 import common_pb2
+
+    if not MasterList(args.address).several:
+        return args
+
+    def probe(at: argparse.Namespace):
+        channel, stub = admin_channel(at)
+        try:
+            call(stub.Stats, common_pb2.StatsRequest(), at)
+            return at
+        except grpc.RpcError as exc:
+            return exc if leader_error(exc, at) else at
+        finally:
+            channel.close()
+
+    found = on_leader(args, probe)
+    return argparse.Namespace(**{**vars(args), "address": found.address})
 
 
 def leader_error(exc: grpc.RpcError, args: argparse.Namespace) -> bool:

@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from kvpool.cli.output import admin_channel, call, pct, rpc_failure, table
+from kvpool.cli.output import admin_channel, at_leader, call, pct, rpc_failure, table
 from kvpool.config import format_size
 from kvpool.rpc.v1 import common_pb2
 
@@ -65,6 +65,7 @@ def frame(address: str, cur: common_pb2.StatsResponse, r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    args = at_leader(args)
     channel, stub = admin_channel(args)
     tty = sys.stdout.isatty() and not args.json
     shown = 0

@@ -13,6 +13,7 @@ a real redis-server).
 from __future__ import annotations
 
 import signal
+import json
 import time
 
 import grpc
@@ -192,3 +193,22 @@ def test_a_standby_that_takes_over_enforces_the_same_quotas(pool_procs, redis_se
     assert wait_for(lambda: node_count(c3.address) == 1, timeout=15)
     with Client(c3.address, alice) as c:
         c.publish(list(range(1000, 1000 + 16 * 5)), random_blocks(5, seed=4))  # 5 blocks fit now
+
+
+def test_admin_drain_and_top_follow_the_leader_of_a_master_list(pool_procs, redis_server):
+    """`kvpool admin --address STANDBY,LEADER drain|top` talk to the leader, as every other
+    admin command does: a standby would refuse them."""
+    master, node = pool_procs
+    a, b = two_masters(master, redis_server.url)
+    node(f"{a.address},{b.address}", "node-a")
+    assert wait_for(lambda: node_count(a.address) == 1, timeout=15)
+    both = f"{b.address},{a.address}"                    # the standby first
+    top = admin(both, "--json", "top", "--count", "1", "--interval", "0.2")
+    assert top.returncode == 0, top.stderr
+    assert [t["node"] for t in json.loads(top.stdout.splitlines()[-1])["tiers"]] == ["node-a"]
+    drain = admin(both, "--json", "drain", "node-a")
+    assert drain.returncode == 0, drain.stderr
+    assert json.loads(drain.stdout)["draining"] is True
+    resume = admin(both, "--json", "drain", "node-a", "--resume")
+    assert resume.returncode == 0, resume.stderr
+    assert json.loads(resume.stdout)["node"] == "node-a" and json.loads(resume.stdout)["draining"] is False
