@@ -154,7 +154,7 @@ class PoolServer:
             from kvpool.master.metastore import MetaCollector, RedisMeta
 
             self.meta = RedisMeta(s.redis, s.redis_prefix, self.index, max_backlog=s.redis_backlog,
-                                  wait_for_redis=s.redis_commit == "wait")
+                                  commit=s.redis_commit)
             if self.events.port >= 0:
                 self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
@@ -263,6 +263,7 @@ class PoolServer:
             self.registry.candidates.setdefault(record.node, []).append(record)
         self.index.observers.append(meta)
         meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
+        meta.lease_fresh = lease.fresh
         lease.on_error, lease.on_reset = meta.mark_down, meta.mark_reset
         meta.start(lease.epoch)
         # Nodes that were in the pool register again (they follow the lease within a heartbeat

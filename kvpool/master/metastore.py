@@ -54,20 +54,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
+import re
 import struct
 import time
 from dataclasses import dataclass
 
+from kvpool.master.redis_pipeline import RedisPipeline, ReplyError
 from kvpool.wire import TIER_CODES, TIER_NAMES
 
-__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector"]
+__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector", "COMMIT_MODES"]
 
 log = logging.getLogger("kvpool.metastore")
 
 _HEAD = struct.Struct("<BQQQ")  # tier code, offset, size, checksum
 _OPS_PER_CALL = 4096
+#: What a commit waits for before it is answered (``--redis-commit``), the default first.
+COMMIT_MODES = ("sent", "wait", "background")
 
 # KEYS: epoch, then the hashes. ARGV: epoch, then (hash number, field, value) triples;
 # an empty value deletes the field.
@@ -106,8 +111,39 @@ class BlockRecord:
 
 def encode_block(entry, node) -> bytes:
     slot = entry.slot
-    tail = f"{node.name}\0{node.incarnation}\0{entry.ns}".encode()
-    return _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + tail
+    return _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + _node_tail(node, entry.ns)
+
+
+def _node_tail(node, ns: str) -> bytes:
+    """The end of a block record (:func:`encode_block`): node name, incarnation, namespace."""
+    return f"{node.name}\0{node.incarnation}\0{ns}".encode()
+
+
+def _pack_bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+_HASH_NO = {h: _pack_bulk(str(h).encode()) for h in (_BLOCKS, _NAMESPACES, _NODES, _TENANTS)}
+_BLOCKS_NO = _HASH_NO[_BLOCKS]
+_WAITING = object()  # a call's reply before it came
+
+
+class _Call:
+    """One Lua call sent to Redis: its changes (to send again if it fails) and its reply."""
+
+    __slots__ = ("changes", "other", "n", "reply", "waiter", "early")
+
+    def __init__(self, changes: list, other: list, n: int) -> None:
+        self.changes, self.other, self.n = changes, other, n
+        self.reply = _WAITING
+        #: A future for commits that wait for the reply (created only when one does).
+        self.waiter: asyncio.Future | None = None
+        #: Whether a commit was answered before the reply (``sent``).
+        self.early = False
+
+    def answered(self, meta: "RedisMeta"):
+        return functools.partial(meta._answered, self)
 
 
 def decode_block(key: bytes, value: bytes) -> BlockRecord:
@@ -118,16 +154,20 @@ def decode_block(key: bytes, value: bytes) -> BlockRecord:
 
 class RedisMeta:
     def __init__(self, url: str, prefix: str, index, *, flush_timeout: float = 1.0,
-                 retry_interval: float = 0.5, max_backlog: int = 65536, wait_for_redis: bool = False) -> None:
+                 retry_interval: float = 0.5, max_backlog: int = 65536, commit: str = "sent",
+                 socket_timeout: float = 2.0) -> None:
         import redis.asyncio as aioredis
 
+        if commit not in COMMIT_MODES:
+            raise ValueError(f"commit {commit!r}: choose one of {', '.join(COMMIT_MODES)}")
         self.url = url
         self.prefix = prefix
         self.index = index
         self.flush_timeout = flush_timeout
         self.retry_interval = retry_interval
         self.max_backlog = max_backlog
-        self.wait_for_redis = wait_for_redis
+        self.commit = commit
+        self.socket_timeout = socket_timeout
         #: Commits that waited for the writer (backpressure).
         self.backpressured = 0
         from redis.asyncio.retry import Retry
@@ -136,27 +176,42 @@ class RedisMeta:
         # One immediate retry (a pooled connection that a Redis restart closed), no backoff:
         # redis-py's default (10 retries, exponential backoff) would stall commits and the
         # lease for many seconds while Redis is away; the writer and the lease retry themselves.
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=1.0,
                                              retry=Retry(NoBackoff(), 1))
-        self._script = self.redis.register_script(_WRITE)
         self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes",
                      f"{prefix}:tenants"]
         self.epoch = 0
         #: Dirty keys: block key -> index entry (write it) or None (delete it).
         self._dirty: dict[bytes, object] = {}
         self._other: list[tuple[int, bytes | str, bytes]] = []  # namespaces, nodes
+        # Changes of calls that failed after they were sent, to send again (under newer ones).
+        self._failed: dict[bytes, object] = {}
+        self._failed_other: list[tuple[int, bytes | str, bytes]] = []
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._flushed: asyncio.Future | None = None
+        self._link: RedisPipeline | None = None
+        self._sha = b""
+        self._call_head: bytes = b""
+        self._last_call: _Call | None = None
+        #: Changes sent whose reply has not come yet.
+        self._inflight = 0
+        self._progress: asyncio.Future | None = None  # resolved by every reply (backpressure)
         self._task: asyncio.Task | None = None
         self.up = True
         self.down_since: float | None = None
         self.last_error = ""
         self.resyncs = 0
         self.writes = 0
+        #: The newer epoch Redis holds once it refused a write as fenced: commits fail from then.
+        self.deposed = 0
+        #: Commits answered early (``sent``) whose write Redis then refused as fenced.
+        self.fenced_after_answer = 0
         self._resync = False
         #: Set when Redis holds a newer epoch (the leader module decides what that means).
         self.on_fenced = None
+        #: ``sent`` answers early only while this says the lease is comfortably held (set by
+        #: the server to ``LeaderLease.fresh``); otherwise a commit waits for Redis's reply.
+        self.lease_fresh = lambda: True
+        self._tails: dict[tuple[int, str], bytes] = {}
 
     # ------------------------------------------------------------------ the index's observer
 
@@ -195,42 +250,60 @@ class RedisMeta:
 
     @property
     def backlog(self) -> int:
-        """Changes not yet written to Redis."""
-        return len(self._dirty) + len(self._other)
+        """Changes not yet in Redis: waiting to be sent, or sent and not yet answered."""
+        return len(self._dirty) + len(self._other) + len(self._failed) + len(self._failed_other) + self._inflight
 
     async def admit(self) -> None:
-        """What a commit awaits before it is answered (see the module docstring): nothing
-        (background), backpressure once the backlog passes ``max_backlog``, or the flush that
-        carries it (``wait_for_redis``)."""
-        if self.wait_for_redis:
-            await self.durable()
+        """What a commit awaits before it is answered (see the module docstring): ``sent``, its
+        write handed to the kernel; ``wait``, Redis's reply to it; ``background``, nothing but
+        backpressure. Every mode answers at once while Redis is down (serving from memory), and
+        ``wait`` raises :class:`~kvpool.errors.Unavailable` when Redis refused the write as
+        fenced (this master was deposed)."""
+        if self.commit == "background":
+            self._wake.set()
+            await self._backpressure()
             return
+        if self.deposed:
+            self._check(self._last_call)
+        link = self._link
+        if not self.up or link is None:
+            return
+        self._send()
+        call = self._last_call
+        if call is None or call.reply is not _WAITING:
+            return self._check(call)
+        if self.commit == "sent":
+            if not link.handed():
+                try:
+                    await asyncio.wait_for(link.drain(), self.flush_timeout)
+                except (ConnectionError, asyncio.TimeoutError):
+                    return  # declared down (or about to be): serving from memory
+            if self.lease_fresh():
+                call.early = True
+                return
+        # wait (or sent while the lease is not comfortably held): the reply, flush_timeout at most.
+        if call.waiter is None:
+            call.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(call.waiter), self.flush_timeout)
+        except asyncio.TimeoutError:
+            return
+        self._check(call)
+
+    def _check(self, call: "_Call | None") -> None:
+        if self.deposed or (call is not None and isinstance(call.reply, Fenced)):
+            from kvpool.errors import Unavailable
+
+            raise Unavailable(f"this master was deposed before Redis took the commit (Redis holds fencing epoch "
+                              f"{self.deposed}); retry the put: the new leader serves it")
+
+    async def _backpressure(self) -> None:
         if self.up and self.backlog > self.max_backlog:
             self.backpressured += 1
         while self.up and self.backlog > self.max_backlog:
-            if self._flushed is None:
-                self._flushed = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._flushed)  # a flush, or Redis declared down, resolves it
-
-    async def durable(self) -> None:
-        """Wait for the flush that carries every change made so far (group commit), at most
-        ``flush_timeout``; at once when Redis is down (the pool serves from memory then)."""
-        if not self.up or not self.backlog:
-            return
-        if self._task is not None and not self._lock.locked():
-            try:
-                await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
-            except asyncio.TimeoutError:
-                pass
-            return
-        if self._flushed is None:
-            self._flushed = asyncio.get_running_loop().create_future()
-        waiter = self._flushed
-        self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.flush_timeout)
-        except asyncio.TimeoutError:
-            pass
+            if self._progress is None:
+                self._progress = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._progress)  # a reply, or Redis declared down, resolves it
 
     # ------------------------------------------------------------------ the writer
 
@@ -246,45 +319,58 @@ class RedisMeta:
                 await self._task
             except asyncio.CancelledError:
                 pass
-            if self.up and self.backlog:
-                try:
-                    await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
-                except asyncio.TimeoutError:
+            if self.up and self._link is not None and self.backlog:
+                self._send()
+                call = self._last_call
+                if call is not None and call.reply is _WAITING:
+                    call.waiter = call.waiter or asyncio.get_running_loop().create_future()
+                    try:
+                        await asyncio.wait_for(asyncio.shield(call.waiter), self.flush_timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                if self.backlog:
                     log.warning("stopping with %d changes not written to Redis", self.backlog)
+        if self._link is not None:
+            self._link.close()
         await self.redis.aclose()
 
     async def _run(self) -> None:
+        """Connect (again), rewrite everything after an outage, and send what commits did not."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not await self._flush_locked():
-                await asyncio.sleep(self.retry_interval)
-                self._wake.set()
+            if self._link is None or self._link.closed:
+                try:
+                    await self._connect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # connection refused, timeouts, a Redis that restarted
+                    self._went_down(f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(self.retry_interval)
+                    self._wake.set()
+                    continue
+            if self._resync:
+                await self._rewrite_all()
+            self._send()
+            if not self._link.handed():
+                try:
+                    await self._link.drain()
+                except ConnectionError:
+                    self._wake.set()  # the link failed: its calls' changes are back; reconnect
 
-    async def _flush_locked(self) -> bool:
-        """One flush under the lock (the writer's, or a committer's); False if Redis failed."""
-        async with self._lock:
-            if not self._dirty and not self._other and not self._resync:
-                self._release_waiters()
-                return True
-            try:
-                if self._resync:
-                    await self._rewrite_all()
-                await self._flush()
-                if not self.up:
-                    log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
-                self.up, self.down_since, self.last_error = True, None, ""
-                return True
-            except Fenced as exc:
-                self._went_down(f"fenced: {exc}")
-                if self.on_fenced is not None:
-                    self.on_fenced()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection refused, timeouts, a Redis that restarted
-                self._went_down(f"{type(exc).__name__}: {exc}")
-            self._wake.set()  # the writer retries
-            return False
+    async def _connect(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        link = await RedisPipeline.open(self.url, timeout=self.socket_timeout, name=f"{self.prefix}-writer")
+        try:
+            self._sha = await link.call("SCRIPT", "LOAD", _WRITE)
+        except BaseException:
+            link.close()
+            raise
+        self._call_head = b"".join(_pack_bulk(a) for a in (b"EVALSHA", self._sha, str(len(self.keys)).encode(),
+                                                           *(k.encode() for k in self.keys)))
+        self._link = link
 
     def mark_down(self, why: str) -> None:
         """Redis did not answer someone else (the lease): retry, and rewrite it all once back."""
@@ -303,62 +389,102 @@ class RedisMeta:
         self.up = False
         self.last_error = why
         self._resync = True  # a Redis that restarted lost everything: write it all again
-        self._release_waiters()
+        self._release_progress()
 
-    def _release_waiters(self) -> None:
-        waiter, self._flushed = self._flushed, None
+    def _release_progress(self) -> None:
+        waiter, self._progress = self._progress, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _flush(self) -> None:
+    def _send(self) -> None:
+        """Send every pending change now: Lua calls of at most ``_OPS_PER_CALL`` changes,
+        written to the link in order (no waiting; their replies come to :meth:`_answered`)."""
+        link = self._link
+        if link is None or link.closed:
+            return
+        if self._failed or self._failed_other:  # what failed goes again, under newer changes
+            failed, self._failed = self._failed, {}
+            failed.update(self._dirty)
+            self._dirty = failed
+            self._other[:0] = self._failed_other
+            self._failed_other = []
+        if not self._dirty and not self._other:
+            return
         dirty, self._dirty = self._dirty, {}
         other, self._other = self._other, []
-        waiter, self._flushed = self._flushed, None
-        try:
-            ops: list[tuple[int, bytes | str, bytes]] = list(other)
-            nodes = self.index.nodes
-            for key, entry in dirty.items():
-                if entry is None or entry.doomed:
-                    ops.append((_BLOCKS, key, b""))
-                else:
+        changes = list(dirty.items())
+        nodes, tails = self.index.nodes, self._tails
+        epoch = _pack_bulk(str(self.epoch).encode())
+        # The blocks' records are packed straight into RESP (no list of arguments to build and
+        # encode again): field and value of each, after its hash number.
+        for start in range(0, len(other) + len(changes), _OPS_PER_CALL):
+            stop = start + _OPS_PER_CALL
+            part_other = other[start:stop]
+            part = changes[max(0, start - len(other)):max(0, stop - len(other))]
+            body = [epoch]
+            for h, field, value in part_other:
+                body.append(_HASH_NO.get(h) or _pack_bulk(b"%d" % h))
+                body.append(_pack_bulk(field.encode() if isinstance(field, str) else field))
+                body.append(_pack_bulk(value.encode() if isinstance(value, str) else value))
+            for key, entry in part:
+                record = b""
+                if entry is not None and not entry.doomed:
                     node = nodes.get(entry.node_id)
-                    ops.append((_BLOCKS, key, encode_block(entry, node) if node is not None else b""))
-            await self._write(ops)
-        except BaseException:
-            # Nothing is lost: put the changes back under any newer ones.
-            for key, entry in dirty.items():
-                self._dirty.setdefault(key, entry)
-            self._other[:0] = other
-            if waiter is not None:
-                self._flushed = self._flushed or waiter
-            raise
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+                    if node is not None:
+                        tail = tails.get((entry.node_id, entry.ns))
+                        if tail is None:
+                            if len(tails) > 4096:  # node ids of past registrations
+                                tails.clear()
+                            tail = tails[(entry.node_id, entry.ns)] = _node_tail(node, entry.ns)
+                        slot = entry.slot
+                        record = _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + tail
+                body.append(_BLOCKS_NO)
+                body.append(b"$%d\r\n%b\r\n" % (len(key), key))
+                body.append(b"$%d\r\n%b\r\n" % (len(record), record))
+            n = len(part_other) + len(part)
+            call = _Call(part, part_other, n)
+            packed = b"*%d\r\n%b%b" % (4 + len(self.keys) + 3 * n, self._call_head, b"".join(body))
+            self._inflight += n
+            self._last_call = call
+            link.send(packed, call.answered(self))
 
-    async def _write(self, ops) -> None:
-        import redis
-
-        if not ops:
-            return
-        calls = []
-        for start in range(0, len(ops), _OPS_PER_CALL):
-            args: list = [self.epoch]
-            for h, field, value in ops[start : start + _OPS_PER_CALL]:
-                args.extend((h, field, value))
-            calls.append(args)
-        try:
-            if len(calls) == 1:  # the common case (a commit or a few): no pipeline object to build
-                await self._script(keys=self.keys, args=calls[0])
+    def _answered(self, call: "_Call", reply) -> None:
+        self._inflight -= call.n
+        if not isinstance(reply, BaseException):
+            self.writes += call.n
+            if not self.up:
+                log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
+                self.up, self.down_since, self.last_error = True, None, ""
+            call.reply = reply
+        else:
+            # Nothing is lost: the changes go again with the next send (newer ones win).
+            for key, entry in call.changes:
+                self._failed[key] = entry
+            self._failed_other.extend(call.other)
+            text = str(reply)
+            if isinstance(reply, ReplyError) and text.startswith("FENCED"):
+                call.reply = Fenced(text)
+                # A newer epoch: another master leads. No epoch at all is a Redis that restarted
+                # empty, which the lease takes back (then everything is written again).
+                newer = re.search(r"epoch is (\d+)", text)
+                if newer and int(newer.group(1)) > self.epoch:
+                    self.deposed = int(newer.group(1))
+                if call.early:
+                    self.fenced_after_answer += len(call.changes)
+                    log.error("Redis refused a write as fenced after its commits were answered: %d blocks are "
+                              "known to no master now (misses, never wrong bytes)", len(call.changes))
+                self._went_down(f"fenced: {text}")
+                if self.on_fenced is not None:
+                    self.on_fenced()
             else:
-                pipe = self.redis.pipeline(transaction=False)
-                for args in calls:
-                    await self._script(keys=self.keys, args=args, client=pipe)
-                await pipe.execute()
-        except redis.ResponseError as exc:
-            if "FENCED" in str(exc):
-                raise Fenced(str(exc)) from None
-            raise
-        self.writes += len(ops)
+                call.reply = reply
+                self._went_down(f"{type(reply).__name__}: {text}")
+                if self._link is not None:
+                    self._link.close()  # a command failed: start over on a new connection
+            self._wake.set()  # the writer retries
+        if call.waiter is not None and not call.waiter.done():
+            call.waiter.set_result(None)
+        self._release_progress()
 
     async def _rewrite_all(self) -> None:
         """Write every committed block and namespace again (after Redis was down)."""

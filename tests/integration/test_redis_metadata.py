@@ -1,12 +1,13 @@
 """A master with Redis metadata (``kvpool master --redis``), against a real redis-server.
 
-* ``--redis-commit wait`` (the default): a commit is answered after Redis has it, so a master killed right
+* ``--redis-commit wait``: a commit is answered after Redis has it, so a master killed right
   after a commit (before its node heard of the block) loses nothing: the next master
   reconciles Redis with the node, which confirms the bytes.
-* ``--redis-commit background``: a commit is answered while Redis is stopped;
-  a block that was only in the writer's backlog, and not yet applied by its node, when the
-  master died is a miss afterwards (the window the README states), never wrong bytes; a
-  backlog past ``--redis-backlog`` holds commits back until the writer catches up.
+* ``--redis-commit sent`` (the default): a commit is answered once its write is in the
+  kernel's socket buffer; a master killed with its writes unanswered (Redis stopped) loses
+  nothing either. A write Redis refuses as fenced fails the commit under ``wait``.
+* ``--redis-commit background``: a backlog past ``--redis-backlog`` holds commits back until
+  the writer catches up.
 * Redis down or restarted: the pool keeps serving from memory, says so in Stats, health
   and metrics, and writes everything again once Redis is back.
 """
@@ -112,7 +113,7 @@ def test_bad_redis_url_and_a_node_from_a_newer_epoch_are_refused(pool_procs, red
 
     for flags, says in ((["--redis", "127.0.0.1:6379"], "give a URL such as redis://127.0.0.1:6379/0"),
                         (["--redis", redis_server.url, "--redis-backlog", "0"], "allow at least one unwritten change"),
-                        (["--redis", redis_server.url, "--redis-commit", "later"], "choose from 'background', 'wait'")):
+                        (["--redis", redis_server.url, "--redis-commit", "later"], "choose from 'sent', 'wait', 'background'")):
         res = subprocess.run([sys.executable, "-m", "kvpool", "master", "--port", "0", "--metrics-port", "-1", *flags],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and says in res.stderr, res.stderr
@@ -136,15 +137,16 @@ def _gauge(url: str, name: str) -> float:
     return float(re.search(rf"^{name}(?:_total)? (\S+)$", _scrape(url), re.M).group(1))
 
 
-def test_background_commits_what_a_kill_9_can_lose(pool_procs, redis_server):
-    """Commits are answered while Redis is stopped; a kill -9 then loses exactly the blocks
-    that were still in the writer's backlog and unknown to their node: a miss, not wrong bytes."""
+def test_commits_answered_while_redis_stalls_survive_a_kill_9(pool_procs, redis_server):
+    """The default (``--redis-commit sent``): a commit is answered once its write is in the
+    kernel's socket buffer, not after Redis's reply. With Redis and the node stopped, commits
+    are answered at once; the master is killed with their writes unanswered; the kernel still
+    delivers them, so the next master serves every block (Redis has them, the node confirms)."""
     import signal
     import time
 
     master, node = pool_procs
-    m = master("--redis", redis_server.url, "--redis-commit", "background", "--metrics-port", "0",
-               ready=r"ready grpc=(\S+) metrics=(\S+)")
+    m = master("--redis", redis_server.url, "--metrics-port", "0", ready=r"ready grpc=(\S+) metrics=(\S+)")
     metrics_url = m.wait_log(r"ready grpc=\S+ metrics=(\S+)").group(1)
     port = int(m.address.rsplit(":", 1)[1])
     n = node(m.address, "node-a")
@@ -160,22 +162,54 @@ def test_background_commits_what_a_kill_9_can_lose(pool_procs, redis_server):
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
-            c.publish(a, d_a)                  # its flush goes out and waits in the stopped Redis
-            c.publish(b, d_b)                  # gathers behind that flush, in the backlog
+            c.publish(a, d_a)                  # its write is in the kernel, unanswered
+            c.publish(b, d_b)                  # pipelined behind it
             assert time.monotonic() - started < 1.0, "commits waited for a stopped Redis"
-            assert _gauge(metrics_url, "kvpool_metadata_backlog") == 2
+            assert _gauge(metrics_url, "kvpool_metadata_backlog") == 4   # sent, no reply yet
             m.kill()
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
     n.kill(signal.SIGCONT)
+    assert wait_for(lambda: r.hlen("kvpool:blocks") == 6, timeout=10)  # the dead master's writes arrived
     m2 = master("--redis", redis_server.url, port=port)
     assert m2.wait_log(r"took over with fencing epoch 2")
     with Client(m2.address, ns) as c:
-        assert wait_for(lambda: c.match(a) == 2, timeout=15)    # in Redis, confirmed by the node
+        assert wait_for(lambda: c.match(b) == 2, timeout=15)    # in Redis, confirmed by the node
         out = bytearray(2 * SMALL.block_bytes)
-        assert c.fetch(old, out) == 2 and bytes(out) == d_old.tobytes()
-        assert c.fetch(a, out) == 2 and bytes(out) == d_a.tobytes()
-        assert c.match(b) == 0 and c.fetch(b, out) == 0         # the stated window: forgotten
+        for toks, data in ((old, d_old), (a, d_a), (b, d_b)):
+            assert c.fetch(toks, out) == 2 and bytes(out) == data.tobytes()
+
+
+def test_a_write_refused_as_fenced(pool_procs, redis_server):
+    """Redis holds a newer epoch than the leader's (another master took over): ``wait`` fails
+    the commit with UNAVAILABLE, since Redis never took it; ``sent`` answered it already, and
+    the master says how many blocks that left unknown to any master. Both step down."""
+    from kvpool.errors import Unavailable
+
+    master, node = pool_procs
+    r = redis_server.client()
+    for mode in ("wait", "sent"):
+        prefix = f"fenced-{mode}"
+        m = master("--redis", redis_server.url, "--redis-prefix", prefix, "--redis-commit", mode)
+        node(m.address, f"node-{mode}")
+        assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
+        ns = fresh_namespace()
+        with Client(m.address, ns) as c:
+            c.publish(list(range(16)), random_blocks(1, seed=20))
+            assert wait_for(lambda: r.hlen(f"{prefix}:blocks") == 1, timeout=10)
+            r.set(f"{prefix}:epoch", 99)                            # as a master that took over would
+            if mode == "wait":
+                try:  # the client retries the put; the master refuses it by then (deposed)
+                    c.publish(list(range(100, 116)), random_blocks(1, seed=21))
+                except Unavailable:
+                    pass
+                else:
+                    raise AssertionError("a commit Redis refused as fenced was answered under --redis-commit wait")
+            else:
+                c.publish(list(range(100, 116)), random_blocks(1, seed=21))
+                assert m.wait_log(r"refused a write as fenced after its commits were answered: 1 blocks")
+        assert m.wait_log(r"deposed \(epoch 1\)")
+        assert r.hlen(f"{prefix}:blocks") == 1                      # Redis took nothing from a deposed master
 
 
 def test_backlog_past_its_bound_holds_commits_until_redis_catches_up(pool_procs, redis_server):
