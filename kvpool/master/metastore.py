@@ -53,16 +53,17 @@ that the slot holds bytes with the recorded checksum (``NodeControl.VerifyBlocks
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-import functools
 import json
 import logging
 import re
+import secrets
 import struct
 import time
 from dataclasses import dataclass
 
-from kvpool.master.redis_pipeline import RedisPipeline, ReplyError
+from kvpool.master.redis_pipeline import RedisPipeline
 from kvpool.wire import TIER_CODES, TIER_NAMES
 
 __all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector", "COMMIT_MODES"]
@@ -74,19 +75,26 @@ _OPS_PER_CALL = 4096
 #: What a commit waits for before it is answered (``--redis-commit``), the default first.
 COMMIT_MODES = ("sent", "wait", "background")
 
-# KEYS: epoch, then the hashes. ARGV: epoch, then (hash number, field, value) triples;
-# an empty value deletes the field.
+# KEYS: epoch, then the hashes, then the writer's acknowledgement list. ARGV: epoch, the
+# call's sequence number, then (hash number, field, value) triples; an empty value deletes
+# the field. The writer's connection gets no replies: the script pushes the sequence number
+# (or "F" and the epoch Redis holds) to the list, which the writer's second connection pops.
 _WRITE = """
+local acks = KEYS[#KEYS]
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then
+  redis.call('RPUSH', acks, 'F' .. tostring(current))
+  redis.call('PEXPIRE', acks, 60000)
   return redis.error_reply('FENCED epoch is ' .. tostring(current))
 end
 local n = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local h = KEYS[tonumber(ARGV[i])]
   if ARGV[i + 2] == '' then redis.call('HDEL', h, ARGV[i + 1]) else redis.call('HSET', h, ARGV[i + 1], ARGV[i + 2]) end
   n = n + 1
 end
+redis.call('RPUSH', acks, ARGV[2])
+redis.call('PEXPIRE', acks, 60000)
 return n
 """
 
@@ -130,20 +138,22 @@ _WAITING = object()  # a call's reply before it came
 
 
 class _Call:
-    """One Lua call sent to Redis: its changes (to send again if it fails) and its reply."""
+    """One Lua call sent to Redis: its changes (to send again if it fails) and its outcome."""
 
-    __slots__ = ("changes", "other", "n", "reply", "waiter", "early")
+    __slots__ = ("changes", "other", "n", "seq", "sent_at", "reply", "waiter", "early")
 
-    def __init__(self, changes: list, other: list, n: int) -> None:
-        self.changes, self.other, self.n = changes, other, n
+    def __init__(self, changes: list, other: list, n: int, seq: int, sent_at: float) -> None:
+        self.changes, self.other, self.n, self.seq, self.sent_at = changes, other, n, seq, sent_at
+        #: _WAITING, then True (in Redis), Fenced, or the connection's failure.
         self.reply = _WAITING
-        #: A future for commits that wait for the reply (created only when one does).
+        #: A future for commits that wait for the acknowledgement (created only when one does).
         self.waiter: asyncio.Future | None = None
-        #: Whether a commit was answered before the reply (``sent``).
+        #: Whether a commit was answered before the acknowledgement (``sent``).
         self.early = False
 
-    def answered(self, meta: "RedisMeta"):
-        return functools.partial(meta._answered, self)
+    def done(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 def decode_block(key: bytes, value: bytes) -> BlockRecord:
@@ -188,9 +198,15 @@ class RedisMeta:
         self._failed: dict[bytes, object] = {}
         self._failed_other: list[tuple[int, bytes | str, bytes]] = []
         self._wake = asyncio.Event()
+        #: The write connection (no replies), the acknowledgement connection and its reader.
         self._link: RedisPipeline | None = None
+        self._acks: RedisPipeline | None = None
+        self._confirmer: asyncio.Task | None = None
+        self._acks_key = b""
         self._sha = b""
         self._call_head: bytes = b""
+        self._seq = 0
+        self._unconfirmed: collections.deque[_Call] = collections.deque()
         self._last_call: _Call | None = None
         #: Changes sent whose reply has not come yet.
         self._inflight = 0
@@ -250,21 +266,21 @@ class RedisMeta:
 
     @property
     def backlog(self) -> int:
-        """Changes not yet in Redis: waiting to be sent, or sent and not yet answered."""
+        """Changes not yet in Redis: waiting to be sent, or sent and not yet acknowledged."""
         return len(self._dirty) + len(self._other) + len(self._failed) + len(self._failed_other) + self._inflight
 
     async def admit(self) -> None:
         """What a commit awaits before it is answered (see the module docstring): ``sent``, its
-        write handed to the kernel; ``wait``, Redis's reply to it; ``background``, nothing but
-        backpressure. Every mode answers at once while Redis is down (serving from memory), and
-        ``wait`` raises :class:`~kvpool.errors.Unavailable` when Redis refused the write as
-        fenced (this master was deposed)."""
+        write handed to the kernel; ``wait``, Redis's acknowledgement of it; ``background``,
+        nothing but backpressure. Every mode answers at once while Redis is down (serving from
+        memory); ``wait``, and every mode once this master is known to be deposed, raise
+        :class:`~kvpool.errors.Unavailable` when Redis refused the write as fenced."""
+        if self.deposed:
+            self._check(None)
         if self.commit == "background":
             self._wake.set()
             await self._backpressure()
             return
-        if self.deposed:
-            self._check(self._last_call)
         link = self._link
         if not self.up or link is None:
             return
@@ -281,7 +297,8 @@ class RedisMeta:
             if self.lease_fresh():
                 call.early = True
                 return
-        # wait (or sent while the lease is not comfortably held): the reply, flush_timeout at most.
+        # wait (or sent while the lease is not comfortably held): the acknowledgement,
+        # flush_timeout at most.
         if call.waiter is None:
             call.waiter = asyncio.get_running_loop().create_future()
         try:
@@ -295,7 +312,7 @@ class RedisMeta:
             from kvpool.errors import Unavailable
 
             raise Unavailable(f"this master was deposed before Redis took the commit (Redis holds fencing epoch "
-                              f"{self.deposed}); retry the put: the new leader serves it")
+                              f"{self.deposed or '?'}); retry the put: the new leader serves it")
 
     async def _backpressure(self) -> None:
         if self.up and self.backlog > self.max_backlog:
@@ -303,7 +320,7 @@ class RedisMeta:
         while self.up and self.backlog > self.max_backlog:
             if self._progress is None:
                 self._progress = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._progress)  # a reply, or Redis declared down, resolves it
+            await asyncio.shield(self._progress)  # an acknowledgement, or Redis declared down, resolves it
 
     # ------------------------------------------------------------------ the writer
 
@@ -330,8 +347,7 @@ class RedisMeta:
                         pass
                 if self.backlog:
                     log.warning("stopping with %d changes not written to Redis", self.backlog)
-        if self._link is not None:
-            self._link.close()
+        self._close_links()
         await self.redis.aclose()
 
     async def _run(self) -> None:
@@ -339,7 +355,7 @@ class RedisMeta:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._link is None or self._link.closed:
+            if self._link is None:
                 try:
                     await self._connect()
                 except asyncio.CancelledError:
@@ -351,26 +367,112 @@ class RedisMeta:
                     continue
             if self._resync:
                 await self._rewrite_all()
+            link = self._link
             self._send()
-            if not self._link.handed():
+            if link is not None and not link.handed():
                 try:
-                    await self._link.drain()
+                    await link.drain()
                 except ConnectionError:
-                    self._wake.set()  # the link failed: its calls' changes are back; reconnect
+                    pass  # the confirmer saw it too: the changes are back, and it wakes us
 
     async def _connect(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
-        link = await RedisPipeline.open(self.url, timeout=self.socket_timeout, name=f"{self.prefix}-writer")
+        """Open the write connection (no replies) and the acknowledgement connection."""
+        self._close_links()
+        token = secrets.token_hex(6)
+        acks = await RedisPipeline.open(self.url, timeout=self.socket_timeout, name=f"{self.prefix}-acks")
         try:
-            self._sha = await link.call("SCRIPT", "LOAD", _WRITE)
+            self._sha = await acks.call("SCRIPT", "LOAD", _WRITE)
+            link = await RedisPipeline.open(self.url, timeout=self.socket_timeout, name=f"{self.prefix}-writer",
+                                            replies=False)
         except BaseException:
-            link.close()
+            acks.close()
             raise
-        self._call_head = b"".join(_pack_bulk(a) for a in (b"EVALSHA", self._sha, str(len(self.keys)).encode(),
-                                                           *(k.encode() for k in self.keys)))
-        self._link = link
+        self._acks_key = f"{self.prefix}:acks:{token}".encode()
+        keys = [k.encode() for k in self.keys] + [self._acks_key]
+        self._call_head = b"".join(_pack_bulk(a) for a in (b"EVALSHA", self._sha, b"%d" % len(keys), *keys))
+        self._link, self._acks = link, acks
+        self._confirmer = asyncio.create_task(self._confirm(link, acks))
+
+    async def _confirm(self, link: RedisPipeline, acks: RedisPipeline) -> None:
+        """Read the acknowledgements the write script pushes (one per call, in order): the
+        calls they name are in Redis. No acknowledgement for ``socket_timeout`` while calls
+        wait for one (Redis stopped, a script refused) fails the connections."""
+        key = self._acks_key
+        try:
+            while self._link is link:
+                reply = await acks.call("BLMPOP", "0.5", "1", key, "LEFT", "COUNT", "4096")
+                if reply:
+                    for item in reply[1]:
+                        self._acknowledged(item)
+                elif self._unconfirmed and time.monotonic() - self._unconfirmed[0].sent_at > self.socket_timeout:
+                    raise ConnectionError(f"Redis acknowledged no write in {self.socket_timeout:g} s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._link is link:
+                self._link_failed(f"{type(exc).__name__}: {exc}")
+
+    def _acknowledged(self, item: bytes) -> None:
+        unconfirmed = self._unconfirmed
+        if item.startswith(b"F"):  # the script found another epoch: nothing of that call was written
+            text = f"FENCED epoch is {item[1:].decode()}"
+            call = unconfirmed.popleft() if unconfirmed else None
+            # A newer epoch: another master leads. No epoch at all is a Redis that restarted
+            # empty, which the lease takes back (then everything is written again).
+            newer = re.search(r"epoch is (\d+)", text)
+            if newer and int(newer.group(1)) > self.epoch:
+                self.deposed = int(newer.group(1))
+            if call is not None:
+                self._inflight -= call.n
+                call.reply = Fenced(text)
+                self._put_back(call)
+                if call.early:
+                    self.fenced_after_answer += len(call.changes)
+                    log.error("Redis refused a write as fenced after its commits were answered: %d blocks are "
+                              "known to no master now (misses, never wrong bytes)", len(call.changes))
+                call.done()
+            self._link_failed(f"fenced: {text}")
+            if self.on_fenced is not None:
+                self.on_fenced()
+            return
+        seq = int(item)
+        while unconfirmed and unconfirmed[0].seq <= seq:
+            call = unconfirmed.popleft()
+            self._inflight -= call.n
+            self.writes += call.n
+            call.reply = True
+            call.done()
+        if not self.up:
+            log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
+            self.up, self.down_since, self.last_error = True, None, ""
+        self._release_progress()
+
+    def _link_failed(self, why: str) -> None:
+        """The connections failed (or Redis fenced a write): every call not acknowledged goes
+        again (its changes under newer ones), on new connections, after a full rewrite."""
+        self._close_links()
+        while self._unconfirmed:
+            call = self._unconfirmed.popleft()
+            self._inflight -= call.n
+            call.reply = ConnectionError(why)
+            self._put_back(call)
+            call.done()
+        self._went_down(why)
+        self._wake.set()  # the writer reconnects
+
+    def _put_back(self, call: "_Call") -> None:
+        for key, entry in call.changes:
+            self._failed[key] = entry
+        self._failed_other.extend(call.other)
+
+    def _close_links(self) -> None:
+        link, acks, confirmer = self._link, self._acks, self._confirmer
+        self._link = self._acks = self._confirmer = None
+        for conn in (link, acks):
+            if conn is not None:
+                conn.close()
+        if confirmer is not None and confirmer is not asyncio.current_task():
+            confirmer.cancel()
 
     def mark_down(self, why: str) -> None:
         """Redis did not answer someone else (the lease): retry, and rewrite it all once back."""
@@ -398,9 +500,10 @@ class RedisMeta:
 
     def _send(self) -> None:
         """Send every pending change now: Lua calls of at most ``_OPS_PER_CALL`` changes,
-        written to the link in order (no waiting; their replies come to :meth:`_answered`)."""
+        written to the write connection in order, without waiting (the confirmer hears of
+        them)."""
         link = self._link
-        if link is None or link.closed:
+        if link is None:
             return
         if self._failed or self._failed_other:  # what failed goes again, under newer changes
             failed, self._failed = self._failed, {}
@@ -414,14 +517,16 @@ class RedisMeta:
         other, self._other = self._other, []
         changes = list(dirty.items())
         nodes, tails = self.index.nodes, self._tails
-        epoch = _pack_bulk(str(self.epoch).encode())
-        # The blocks' records are packed straight into RESP (no list of arguments to build and
-        # encode again): field and value of each, after its hash number.
+        epoch = _pack_bulk(b"%d" % self.epoch)
+        now = time.monotonic()
+        # The records are packed straight into RESP (no list of arguments to build and encode
+        # again): hash number, field and value of each change.
         for start in range(0, len(other) + len(changes), _OPS_PER_CALL):
             stop = start + _OPS_PER_CALL
             part_other = other[start:stop]
             part = changes[max(0, start - len(other)):max(0, stop - len(other))]
-            body = [epoch]
+            self._seq += 1
+            body = [epoch, _pack_bulk(b"%d" % self._seq)]
             for h, field, value in part_other:
                 body.append(_HASH_NO.get(h) or _pack_bulk(b"%d" % h))
                 body.append(_pack_bulk(field.encode() if isinstance(field, str) else field))
@@ -442,49 +547,16 @@ class RedisMeta:
                 body.append(b"$%d\r\n%b\r\n" % (len(key), key))
                 body.append(b"$%d\r\n%b\r\n" % (len(record), record))
             n = len(part_other) + len(part)
-            call = _Call(part, part_other, n)
-            packed = b"*%d\r\n%b%b" % (4 + len(self.keys) + 3 * n, self._call_head, b"".join(body))
+            call = _Call(part, part_other, n, self._seq, now)
+            packed = b"*%d\r\n%b%b" % (6 + len(self.keys) + 3 * n, self._call_head, b"".join(body))
             self._inflight += n
             self._last_call = call
-            link.send(packed, call.answered(self))
-
-    def _answered(self, call: "_Call", reply) -> None:
-        self._inflight -= call.n
-        if not isinstance(reply, BaseException):
-            self.writes += call.n
-            if not self.up:
-                log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
-                self.up, self.down_since, self.last_error = True, None, ""
-            call.reply = reply
-        else:
-            # Nothing is lost: the changes go again with the next send (newer ones win).
-            for key, entry in call.changes:
-                self._failed[key] = entry
-            self._failed_other.extend(call.other)
-            text = str(reply)
-            if isinstance(reply, ReplyError) and text.startswith("FENCED"):
-                call.reply = Fenced(text)
-                # A newer epoch: another master leads. No epoch at all is a Redis that restarted
-                # empty, which the lease takes back (then everything is written again).
-                newer = re.search(r"epoch is (\d+)", text)
-                if newer and int(newer.group(1)) > self.epoch:
-                    self.deposed = int(newer.group(1))
-                if call.early:
-                    self.fenced_after_answer += len(call.changes)
-                    log.error("Redis refused a write as fenced after its commits were answered: %d blocks are "
-                              "known to no master now (misses, never wrong bytes)", len(call.changes))
-                self._went_down(f"fenced: {text}")
-                if self.on_fenced is not None:
-                    self.on_fenced()
-            else:
-                call.reply = reply
-                self._went_down(f"{type(reply).__name__}: {text}")
-                if self._link is not None:
-                    self._link.close()  # a command failed: start over on a new connection
-            self._wake.set()  # the writer retries
-        if call.waiter is not None and not call.waiter.done():
-            call.waiter.set_result(None)
-        self._release_progress()
+            self._unconfirmed.append(call)
+            try:
+                link.send(packed)
+            except ConnectionError as exc:
+                self._link_failed(f"{type(exc).__name__}: {exc}")
+                return
 
     async def _rewrite_all(self) -> None:
         """Write every committed block and namespace again (after Redis was down)."""
