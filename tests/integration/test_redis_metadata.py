@@ -140,8 +140,10 @@ def _gauge(url: str, name: str) -> float:
 def test_commits_answered_while_redis_stalls_survive_a_kill_9(pool_procs, redis_server):
     """The default (``--redis-commit sent``): a commit is answered once its write is in the
     kernel's socket buffer, not after Redis's reply. With Redis and the node stopped, commits
-    are answered at once; the master is killed with their writes unanswered; the kernel still
-    delivers them, so the next master serves every block (Redis has them, the node confirms)."""
+    are answered at once; the master is killed with 16 writes (about 70 KB) unanswered; the
+    kernel still delivers them and Redis runs them all (the write connection gets no replies,
+    so Redis has none to fail on and reads it to its end), so the next master serves every
+    block: Redis has them, the node confirms them."""
     import signal
     import time
 
@@ -149,11 +151,12 @@ def test_commits_answered_while_redis_stalls_survive_a_kill_9(pool_procs, redis_
     m = master("--redis", redis_server.url, "--metrics-port", "0", ready=r"ready grpc=(\S+) metrics=(\S+)")
     metrics_url = m.wait_log(r"ready grpc=\S+ metrics=(\S+)").group(1)
     port = int(m.address.rsplit(":", 1)[1])
-    n = node(m.address, "node-a")
+    n = node(m.address, "node-a", "--dram", "64MiB")
     assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
     ns = fresh_namespace()
-    old, a, b = list(range(16 * 2)), list(range(1000, 1000 + 16 * 2)), list(range(2000, 2000 + 16 * 2))
-    d_old, d_a, d_b = random_blocks(2, seed=7), random_blocks(2, seed=8), random_blocks(2, seed=9)
+    old, d_old = list(range(16 * 2)), random_blocks(2, seed=7)
+    batches = [(list(range(1000 + 1000 * i, 1000 + 1000 * i + 16 * 32)), random_blocks(32, seed=8 + i))
+               for i in range(16)]
     r = redis_server.client()
     with Client(m.address, ns) as c:
         c.publish(old, d_old)
@@ -162,22 +165,23 @@ def test_commits_answered_while_redis_stalls_survive_a_kill_9(pool_procs, redis_
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
-            c.publish(a, d_a)                  # its write is in the kernel, unanswered
-            c.publish(b, d_b)                  # pipelined behind it
-            assert time.monotonic() - started < 1.0, "commits waited for a stopped Redis"
-            assert _gauge(metrics_url, "kvpool_metadata_backlog") == 4   # sent, no reply yet
+            for toks, data in batches:         # each commit's write is in the kernel, unanswered
+                c.publish(toks, data)
+            assert time.monotonic() - started < 1.5, "commits waited for a stopped Redis"
+            assert _gauge(metrics_url, "kvpool_metadata_backlog") == 16 * 32   # sent, not acknowledged
             m.kill()
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
     n.kill(signal.SIGCONT)
-    assert wait_for(lambda: r.hlen("kvpool:blocks") == 6, timeout=10)  # the dead master's writes arrived
+    assert wait_for(lambda: r.hlen("kvpool:blocks") == 2 + 16 * 32, timeout=10), r.hlen("kvpool:blocks")
     m2 = master("--redis", redis_server.url, port=port)
     assert m2.wait_log(r"took over with fencing epoch 2")
     with Client(m2.address, ns) as c:
-        assert wait_for(lambda: c.match(b) == 2, timeout=15)    # in Redis, confirmed by the node
-        out = bytearray(2 * SMALL.block_bytes)
-        for toks, data in ((old, d_old), (a, d_a), (b, d_b)):
-            assert c.fetch(toks, out) == 2 and bytes(out) == data.tobytes()
+        assert wait_for(lambda: c.match(batches[-1][0]) == 32, timeout=15)    # in Redis, confirmed by the node
+        out = bytearray(32 * SMALL.block_bytes)
+        for toks, data in [(old, d_old)] + batches:
+            got = c.fetch(toks, out)
+            assert got == len(data) and bytes(out[:got * SMALL.block_bytes]) == data.tobytes()
 
 
 def test_a_write_refused_as_fenced(pool_procs, redis_server):
