@@ -11,39 +11,76 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
 * ``PREFIX:epoch`` and ``PREFIX:leader``: the fencing epoch and the leader's lease
   (:mod:`kvpool.master.leader`).
 
-Protocol of writes:
+Protocol of writes (Redis 7.0 or later: ``BLMPOP``):
 
 * The index tells this store of blocks stored and removed (``BlockIndex.observers``); that
   only marks the key dirty in a dict (a later change of a key replaces an earlier one), so
   the put path never waits on Redis per block.
-* One writer task flushes the dirty keys: one Lua call per 4,096 changes, all calls of a
-  flush in one pipeline, so a flush is one round trip. While a flush is in flight, the
-  changes of every commit that arrives meanwhile gather for the next one (coalesced across
-  commits). The script first checks that ``PREFIX:epoch`` still holds this master's epoch:
-  a deposed master cannot write.
-* With ``--redis-commit background``, ``PutCommit`` is answered at once: Redis is off the
-  client's critical path. **Backpressure**: while Redis answers and more than
-  ``max_backlog`` changes (``--redis-backlog``) wait to be written, a commit is answered
-  only after a flush has taken the backlog; a Redis that stops answering is declared down
-  after the socket timeout (2 s), which ends the wait.
-* With ``--redis-commit wait`` (the default), ``PutCommit`` is answered after the flush that
-  carries its blocks (group commit: concurrent commits share one round trip), or after
-  ``flush_timeout`` at most. When no flush is running, the committer flushes itself (no hop
-  to the writer task).
-* When Redis is down, the pool keeps serving from memory: commits are answered without
-  waiting, health and metrics say the store is down, and the writer retries. Once Redis
-  answers again, the writer rewrites the whole index (a Redis that restarted lost it).
+* The dirty changes go out as Lua calls of at most 4,096 changes, packed straight into RESP
+  (:meth:`RedisMeta._send`), on a **write connection that gets no replies** (``CLIENT REPLY
+  OFF``, :mod:`kvpool.master.redis_pipeline`): written in order, never waited on, pipelined.
+  A commit sends its own changes and those of every commit before it (no hop to a task);
+  the writer task sends the rest (removals, nodes, namespaces) and reconnects. The script
+  first checks that ``PREFIX:epoch`` still holds this master's epoch (a deposed master
+  cannot write), applies the changes, then pushes the call's sequence number to
+  ``PREFIX:acks:TOKEN`` (one list per connection, expiring a minute after its last push);
+  if fenced, it pushes ``F`` and the epoch it found instead, and writes nothing.
+* A second connection pops that list (``BLMPOP``): an acknowledgement confirms its call and
+  every call before it (Redis runs one connection's calls in order). None for 2 s while a
+  call waits for one (Redis stopped, a script refused for lack of memory, …) declares Redis
+  down; so does a failed connection. Then every unacknowledged call's changes go again,
+  under newer ones, on new connections, after a full rewrite (a Redis that restarted lost
+  everything).
+* Why no replies on the write connection: Redis drops a client at the first reply it fails
+  to write, and with it every command of that client it has not read yet. A master killed
+  with calls in flight leaves them in Redis's socket; with replies on, Redis ran 1,755 to
+  5,654 of 100,000 pipelined commands, with replies off all of them, and
+  tests/integration/test_redis_metadata.py (16 calls, about 70 KB, unanswered at the kill)
+  fails with replies on (322 of 514 records arrived). A connection that never receives
+  anything is also always closed in order by the kernel (a FIN after the data), never
+  reset: Linux resets a socket closed with unread data in it and drops what it had not sent.
+* When ``PutCommit`` is answered (``--redis-commit``):
 
-**What a failover can lose.** A master taking over serves the blocks Redis lists (once
-their node confirms them) and the blocks its nodes report (the changes they applied, see
-:mod:`kvpool.master.remote`). With background commits, a block whose commit was answered
-but that was in neither place when the leader died is forgotten: its change was still in the
-backlog (the writer flushes as soon as a commit lands: about one Redis round trip) *and* its
-node had not yet applied it (the next heartbeat answer). Forgotten means a miss, never wrong
-bytes. A writer that waited even 2 ms before flushing made tools/bench_failover.py lose the
-put acknowledged just before its kill, every run; without a linger, 1 run in 10 still lost it
-(a flush still in flight held the next one back). Hence ``wait`` is the default: with it,
-nothing whose commit was answered is forgotten while Redis is up.
+  - ``sent`` (the default): once the call that carries its blocks is in the kernel's socket
+    buffer (the transport keeps no bytes of its own), and only while the lease was renewed
+    within two thirds of its TTL (:meth:`LeaderLease.fresh`); otherwise as ``wait``.
+  - ``wait``: once that call is acknowledged, or after ``flush_timeout`` (1 s) at most.
+    A call Redis refused as fenced fails the commit (``UNAVAILABLE``): the client puts the
+    block again, at the new leader.
+  - ``background``: at once; the writer task sends it on its next turn. **Backpressure**:
+    while Redis answers and more than ``max_backlog`` changes (``--redis-backlog``) are not
+    yet acknowledged, a commit waits for acknowledgements (or for Redis declared down).
+
+* When Redis is down, the pool keeps serving from memory: commits are answered without
+  waiting (every mode), health and metrics say the store is down, and the writer retries.
+  Once Redis answers again, the writer rewrites the whole index. Once Redis refused a write
+  as fenced by a newer epoch, every commit fails (the lease deposes this master).
+
+**What each failure loses** (a block is lost from Redis; its node still serves it to the
+next master only if the node had applied the commit, which it hears of on its next
+heartbeat answer, :mod:`kvpool.master.remote`; a lost block is a miss, never wrong bytes):
+
+* ``kill -9`` of the master, its host alive: ``sent`` and ``wait``: nothing answered (the
+  kernel delivers what the dead process handed it, and Redis runs all of it, see above).
+  ``background``: the commits answered on the event loop's current turn, before the writer
+  task's next one (microseconds of commits), and those whose calls wait in the process for a
+  full socket buffer (Redis not reading; ``kvpool_metadata_backlog`` shows the lag).
+* The master's host crashes, or loses its network for good, at the kill: ``sent``: what was
+  in its kernel and not yet received by Redis, about one network round trip of commits.
+  ``wait``: nothing answered.
+* Redis crashes or restarts empty (no persistence): nothing while the leader lives (it
+  rewrites everything). If the leader dies too before that rewrite is acknowledged, the
+  next one has what nodes report.
+* A fenced call whose commits ``sent`` had answered: another master took the lease between
+  the answer and Redis running the call, which needs Redis to sit on a call already in its
+  socket for a third of a TTL (1 s) just as the lease lapses. Those blocks are known to no
+  master: the node never applied them (it hears of commits only from its leader's heartbeat
+  answers, and it follows the new leader, which refuses the old epoch), so the new leader
+  does not adopt them from the node's report either. The master logs an error with their
+  number (``fenced_after_answer``).
+* Under ``wait``, a call not acknowledged within ``flush_timeout`` while Redis is not yet
+  declared down: its commits are answered anyway, and a failover in the next second loses
+  them.
 
 On start, a master loads the namespaces and the block records (:meth:`load`); a block is
 served again only when its node registers with the same incarnation and the node confirms
