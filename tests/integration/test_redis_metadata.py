@@ -263,3 +263,30 @@ def test_backlog_past_its_bound_holds_commits_until_redis_catches_up(pool_procs,
             redis_server.proc.send_signal(signal.SIGCONT)
         assert wait_for(lambda: not stats(m.address).metadata_degraded, timeout=15)
         assert wait_for(lambda: r.hlen("kvpool:blocks") == 13, timeout=10)   # caught up
+
+
+def test_writes_cut_off_in_flight_go_again(pool_procs, redis_server):
+    """Redis holds the writer's calls (``CLIENT PAUSE … WRITE``), and its connections are
+    killed before it runs them: a commit and a removal that were sent, unacknowledged, are
+    lost in Redis. The master sees the connection fail, reconnects, and writes both again:
+    Redis ends up with the new block and without the removed one."""
+    master, node = pool_procs
+    m = master("--redis", redis_server.url)
+    node(m.address, "node-a")
+    assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
+    ns = fresh_namespace()
+    a, b = list(range(16 * 2)), list(range(1000, 1000 + 16 * 2))
+    r = redis_server.client()
+    with Client(m.address, ns) as c:
+        c.publish(a, random_blocks(2, seed=30))
+        assert wait_for(lambda: r.hlen("kvpool:blocks") == 2, timeout=10)
+        r.client_pause(1500, all=False)                 # writes wait in Redis, unread
+        c.publish(b, random_blocks(2, seed=31))         # answered: its call is in the kernel
+        assert c.remove(ns.keys(a)) == 2
+        writers = [cl["id"] for cl in r.client_list() if cl["name"] in ("kvpool-writer", "kvpool-acks")]
+        assert len(writers) == 2
+        for client_id in writers:
+            r.client_kill_filter(_id=client_id)         # the calls die with the connection
+        assert wait_for(lambda: set(r.hkeys("kvpool:blocks")) == set(ns.keys(b)), timeout=15), r.hkeys("kvpool:blocks")
+        assert wait_for(lambda: not stats(m.address).metadata_degraded, timeout=10)
+        assert m.wait_log(r"unavailable \(ConnectionError")
