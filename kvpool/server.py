@@ -292,6 +292,10 @@ class PoolServer:
     async def _admits(self, method: str) -> bool:
         """With Redis: serve only while leading; while nodes register again after a takeover,
         serve only them (clients are told to retry rather than find an empty pool)."""
+        if self.meta.deposed:  # Redis refused a write for a newer epoch: learn who leads, step down
+            if self.lease.leading:
+                await self.lease.renew()
+            return False
         if not await self.lease.confirm():
             return False
         return self._serving or (self._registering and method.startswith(_REGISTRY_METHODS))

@@ -245,8 +245,10 @@ class RedisMeta:
         self._seq = 0
         self._unconfirmed: collections.deque[_Call] = collections.deque()
         self._last_call: _Call | None = None
-        #: Changes sent whose reply has not come yet.
+        #: Changes sent whose acknowledgement has not come yet.
         self._inflight = 0
+        self._kicked = False
+        self._failed_at = 0.0
         self._progress: asyncio.Future | None = None  # resolved by every reply (backpressure)
         self._task: asyncio.Task | None = None
         self.up = True
@@ -272,13 +274,13 @@ class RedisMeta:
         dirty = self._dirty
         for entry in entries:
             dirty[entry.key] = entry
-        self._wake.set()
+        self._kick()
 
     def removed(self, entries) -> None:
         dirty = self._dirty
         for entry in entries:
             dirty[entry.key] = None
-        self._wake.set()
+        self._kick()
 
     def node_lost(self, entries) -> None:
         # The records stay: if the node comes back as the same process, they are reconciled
@@ -297,7 +299,24 @@ class RedisMeta:
         """Records that reconciliation found stale (their node restarted or lost them)."""
         for key in keys:
             self._dirty.setdefault(key, None)
-        self._wake.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Send the changes on the event loop's next turn, unless a commit sends them first.
+        (A callback, not the writer task: waking a task for every commit cost more.)"""
+        if not self._kicked:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._kicked_send)
+
+    def _kicked_send(self) -> None:
+        self._kicked = False
+        link = self._link
+        if link is None or self._resync:
+            self._wake.set()  # the writer connects, or rewrites everything first
+            return
+        self._send()
+        if not link.handed():
+            self._wake.set()  # the writer waits for the kernel to take it
 
     # ------------------------------------------------------------------ commits
 
@@ -315,7 +334,6 @@ class RedisMeta:
         if self.deposed:
             self._check(None)
         if self.commit == "background":
-            self._wake.set()
             await self._backpressure()
             return
         link = self._link
@@ -369,10 +387,9 @@ class RedisMeta:
         """Write what is left (a master stopped on purpose loses nothing), then close."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Not ``await self._task``: asyncio.wait_for of Python 3.11 can swallow a
+            # cancellation that lands as its inner future completes, and a stop must not hang.
+            await asyncio.wait([self._task], timeout=self.flush_timeout)
             if self.up and self._link is not None and self.backlog:
                 self._send()
                 call = self._last_call
@@ -392,7 +409,12 @@ class RedisMeta:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.deposed:
+                continue  # another master writes now; this one steps down
             if self._link is None:
+                pause = self._failed_at + self.retry_interval - time.monotonic()
+                if pause > 0:  # not at once after a failure: Redis may refuse every try
+                    await asyncio.sleep(pause)
                 try:
                     await self._connect()
                 except asyncio.CancelledError:
@@ -488,6 +510,7 @@ class RedisMeta:
         """The connections failed (or Redis fenced a write): every call not acknowledged goes
         again (its changes under newer ones), on new connections, after a full rewrite."""
         self._close_links()
+        self._failed_at = time.monotonic()
         while self._unconfirmed:
             call = self._unconfirmed.popleft()
             self._inflight -= call.n

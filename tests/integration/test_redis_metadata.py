@@ -194,7 +194,8 @@ def test_a_write_refused_as_fenced(pool_procs, redis_server):
     r = redis_server.client()
     for mode in ("wait", "sent"):
         prefix = f"fenced-{mode}"
-        m = master("--redis", redis_server.url, "--redis-prefix", prefix, "--redis-commit", mode)
+        # A long lease: its renewal (every third of it) does not notice the new epoch first.
+        m = master("--redis", redis_server.url, "--redis-prefix", prefix, "--redis-commit", mode, "--leader-ttl", "30")
         node(m.address, f"node-{mode}")
         assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
         ns = fresh_namespace()
