@@ -103,7 +103,7 @@ from dataclasses import dataclass
 from kvpool.master.redis_pipeline import RedisPipeline
 from kvpool.wire import TIER_CODES, TIER_NAMES
 
-__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector", "COMMIT_MODES"]
+__all__ = ["COMMIT_MODES", "BlockRecord", "Fenced", "MetaCollector", "RedisMeta"]
 
 log = logging.getLogger("kvpool.metastore")
 
@@ -177,7 +177,7 @@ _WAITING = object()  # a call's reply before it came
 class _Call:
     """One Lua call sent to Redis: its changes (to send again if it fails) and its outcome."""
 
-    __slots__ = ("changes", "other", "n", "seq", "sent_at", "reply", "waiter", "early")
+    __slots__ = ("changes", "early", "n", "other", "reply", "sent_at", "seq", "waiter")
 
     def __init__(self, changes: list, other: list, n: int, seq: int, sent_at: float) -> None:
         self.changes, self.other, self.n, self.seq, self.sent_at = changes, other, n, seq, sent_at

@@ -34,7 +34,7 @@ import asyncio
 import collections
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import hiredis
 
@@ -63,7 +63,7 @@ class RedisPipeline:
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = 2.0, connect_timeout: float = 1.0,
-                   name: str = "kvpool-writer", replies: bool = True) -> "RedisPipeline":
+                   name: str = "kvpool-writer", replies: bool = True) -> RedisPipeline:
         """Connect to ``url`` (``redis://``, ``rediss://`` or ``unix://``, as redis-py reads it),
         authenticate and select the database, and with ``replies=False`` turn replies off;
         raises ``OSError``/``ReplyError`` on failure."""
