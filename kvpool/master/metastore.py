@@ -79,8 +79,8 @@ heartbeat answer, :mod:`kvpool.master.remote`; a lost block is a miss, never wro
   does not adopt them from the node's report either. The master logs an error with their
   number (``fenced_after_answer``).
 * Under ``wait``, a call not acknowledged within ``flush_timeout`` while Redis is not yet
-  declared down: its commits are answered anyway, and a failover in the next second loses
-  them.
+  declared down (and under ``sent``, a call the kernel did not take within it: Redis stopped
+  reading): its commits are answered anyway, and a failover in the next second loses them.
 
 On start, a master loads the namespaces and the block records (:meth:`load`); a block is
 served again only when its node registers with the same incarnation and the node confirms
