@@ -98,11 +98,11 @@ class MasterSettings:
     #: Seconds a leader's lease lives unless renewed: a standby takes over this long after
     #: the leader stops.
     leader_ttl: float = 3.0
-    #: When a commit is answered with Redis: "wait" (after the flush that carries it: no
-    #: answered commit is lost at a failover) or "background" (at once; a writer task
-    #: coalesces the changes of all commits; a kill -9 can lose the last ones). See
+    #: When a commit is answered with Redis: "sent" (once the write that carries it is in the
+    #: kernel's socket buffer: a kill -9 of the master loses no answered commit), "wait" (after
+    #: Redis's reply) or "background" (at once; a kill -9 can lose the last ones). See
     #: kvpool.master.metastore.
-    redis_commit: str = "wait"
+    redis_commit: str = "sent"
     #: Changes not yet written to Redis past which commits wait for the writer (backpressure).
     redis_backlog: int = 65536
     #: Address that standbys hand clients and nodes to reach this master when it leads, when
@@ -139,8 +139,8 @@ class MasterSettings:
             raise ValueError(f"read_replicas {self.read_replicas}: between 0 (off) and 7 extra copies of a block")
         if self.leader_ttl <= 0:
             raise ValueError("leader_ttl must be positive seconds")
-        if self.redis_commit not in ("background", "wait"):
-            raise ValueError(f"redis_commit {self.redis_commit!r}: choose background or wait")
+        if self.redis_commit not in ("sent", "wait", "background"):
+            raise ValueError(f"redis_commit {self.redis_commit!r}: choose sent, wait or background")
         if self.redis_backlog < 1:
             raise ValueError(f"redis_backlog {self.redis_backlog}: allow at least one unwritten change")
         if not 0 <= self.port < 65536:

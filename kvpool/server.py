@@ -154,7 +154,7 @@ class PoolServer:
             from kvpool.master.metastore import MetaCollector, RedisMeta
 
             self.meta = RedisMeta(s.redis, s.redis_prefix, self.index, max_backlog=s.redis_backlog,
-                                  wait_for_redis=s.redis_commit == "wait")
+                                  commit=s.redis_commit)
             if self.events.port >= 0:
                 self.events.redis, self.events.stream = self.meta.redis, f"{s.redis_prefix}:events"
             self.lease = LeaderLease(self.meta.redis, s.redis_prefix, "", ttl=s.leader_ttl)
@@ -279,6 +279,7 @@ class PoolServer:
         self.index.observers.append(meta)
         self.registry.tombstones.store, meta.removals = meta, self.registry.tombstones
         meta.on_fenced = lambda: asyncio.ensure_future(lease.renew())
+        meta.lease_fresh = lease.fresh
         lease.on_error, lease.on_reset = meta.mark_down, meta.mark_reset
         meta.start(lease.epoch)
         # Nodes that were in the pool register again (they follow the lease within a heartbeat
@@ -307,6 +308,10 @@ class PoolServer:
     async def _admits(self, method: str) -> bool:
         """With Redis: serve only while leading; while nodes register again after a takeover,
         serve only them (clients are told to retry rather than find an empty pool)."""
+        if self.meta.deposed:  # Redis refused a write for a newer epoch: learn who leads, step down
+            if self.lease.leading:
+                await self.lease.renew()
+            return False
         if not await self.lease.confirm():
             return False
         return self._serving or (self._registering and method.startswith(_REGISTRY_METHODS))

@@ -222,8 +222,8 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=256, help="1 MiB blocks per put round (default 256)")
     p.add_argument("--batch", type=int, default=32, help="blocks per put (default 32)")
     p.add_argument("--rounds", type=int, default=40, help="passes of --blocks fresh blocks per pool (default 40)")
-    p.add_argument("--redis-commit", choices=("background", "wait"), default="wait",
-                   help="the Redis masters' --redis-commit (default wait, as kvpool master)")
+    p.add_argument("--redis-commit", choices=("sent", "wait", "background"), default="sent",
+                   help="the Redis masters' --redis-commit (default sent, as kvpool master)")
     p.add_argument("--control", action="store_true", help="A/A: measure two pools without Redis against each other")
     p.add_argument("--kill-after", type=int, default=30, help="puts in the stream before the kill (default 30)")
     p.add_argument("--after", type=int, default=30, help="puts after the takeover (default 30)")

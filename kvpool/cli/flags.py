@@ -178,9 +178,10 @@ def add_redis_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--leader-ttl", type=float, help="seconds before a standby takes over from a silent leader "
                    "(default 3)")
     g.add_argument("--advertise-host", help="address standbys hand out for this master (default: --host)")
-    g.add_argument("--redis-commit", choices=("background", "wait"), help="answer a commit only after Redis has "
-                   "it (wait, the default), or at once, writing it in the background (a kill -9 of the leader can "
-                   "then lose the last commits it answered)")
+    g.add_argument("--redis-commit", choices=("sent", "wait", "background"), help="when a commit is answered: "
+                   "once the Redis write that carries it is in the kernel's socket buffer (sent, the default: a "
+                   "kill -9 of the master loses nothing answered), after Redis's reply (wait), or at once, written "
+                   "in the background (a kill -9 of the leader can then lose the last commits it answered)")
     g.add_argument("--redis-backlog", type=int, metavar="N", help="changes not yet in Redis past which commits "
                    "wait for the writer (default 65536)")
 

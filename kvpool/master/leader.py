@@ -83,6 +83,8 @@ class LeaderLease:
         self.leading = False
         self.deposed = asyncio.Event()
         self._last_check = clock()
+        # When the last renewal that Redis accepted was sent (its TTL runs from about then).
+        self._renewed_at = clock()
         #: Told when a renewal cannot reach Redis (``on_error(why)``) and when Redis turns out
         #: to have restarted empty (``on_reset()``): the metadata store then writes it all again.
         self.on_error = None
@@ -108,6 +110,7 @@ class LeaderLease:
         while True:
             try:
                 force = emptied_at is not None and self.clock() - emptied_at >= self.ttl
+                attempt = self.clock()
                 won, value = await self._acquire(keys=self.keys, args=[self.address, int(self.ttl * 1000),
                                                                        self.seen_epoch, "1" if force else "0"])
                 if won == 2:
@@ -119,7 +122,7 @@ class LeaderLease:
                 if won:
                     self.epoch = self.seen_epoch
                     self.leading = True
-                    self._last_check = self.clock()
+                    self._last_check, self._renewed_at = self.clock(), attempt
                     log.info("leading with fencing epoch %d", self.epoch)
                     return
             except Exception as exc:  # Redis down: nobody can take the lease; keep trying
@@ -137,7 +140,14 @@ class LeaderLease:
             if not await self.renew():
                 return
 
+    def fresh(self) -> bool:
+        """Whether the lease was renewed in Redis within the last two thirds of its TTL (a
+        leader renews every third): no other master can have taken it for a third of a TTL
+        yet. ``--redis-commit sent`` answers a commit before Redis's reply only then."""
+        return self.leading and self.clock() - self._renewed_at < self.ttl * 2 / 3
+
     async def renew(self) -> bool:
+        started = self.clock()
         try:
             ok = await self._renew(keys=self.keys, args=[self._value(), int(self.ttl * 1000), self.epoch])
         except Exception as exc:
@@ -149,6 +159,7 @@ class LeaderLease:
             return True
         if ok in (1, 2):
             self._last_check = self.clock()
+            self._renewed_at = started
             if ok == 2 and self.on_reset is not None:
                 self.on_reset()
             return True

@@ -18,39 +18,76 @@ What is kept in Redis, under ``PREFIX`` (``--redis-prefix``, default ``kvpool``)
 * ``PREFIX:epoch`` and ``PREFIX:leader``: the fencing epoch and the leader's lease
   (:mod:`kvpool.master.leader`).
 
-Protocol of writes:
+Protocol of writes (Redis 7.0 or later: ``BLMPOP``):
 
 * The index tells this store of blocks stored and removed (``BlockIndex.observers``); that
   only marks the key dirty in a dict (a later change of a key replaces an earlier one), so
   the put path never waits on Redis per block.
-* One writer task flushes the dirty keys: one Lua call per 4,096 changes, all calls of a
-  flush in one pipeline, so a flush is one round trip. While a flush is in flight, the
-  changes of every commit that arrives meanwhile gather for the next one (coalesced across
-  commits). The script first checks that ``PREFIX:epoch`` still holds this master's epoch:
-  a deposed master cannot write.
-* With ``--redis-commit background``, ``PutCommit`` is answered at once: Redis is off the
-  client's critical path. **Backpressure**: while Redis answers and more than
-  ``max_backlog`` changes (``--redis-backlog``) wait to be written, a commit is answered
-  only after a flush has taken the backlog; a Redis that stops answering is declared down
-  after the socket timeout (2 s), which ends the wait.
-* With ``--redis-commit wait`` (the default), ``PutCommit`` is answered after the flush that
-  carries its blocks (group commit: concurrent commits share one round trip), or after
-  ``flush_timeout`` at most. When no flush is running, the committer flushes itself (no hop
-  to the writer task).
-* When Redis is down, the pool keeps serving from memory: commits are answered without
-  waiting, health and metrics say the store is down, and the writer retries. Once Redis
-  answers again, the writer rewrites the whole index (a Redis that restarted lost it).
+* The dirty changes go out as Lua calls of at most 4,096 changes, packed straight into RESP
+  (:meth:`RedisMeta._send`), on a **write connection that gets no replies** (``CLIENT REPLY
+  OFF``, :mod:`kvpool.master.redis_pipeline`): written in order, never waited on, pipelined.
+  A commit sends its own changes and those of every commit before it (no hop to a task);
+  the writer task sends the rest (removals, nodes, namespaces) and reconnects. The script
+  first checks that ``PREFIX:epoch`` still holds this master's epoch (a deposed master
+  cannot write), applies the changes, then pushes the call's sequence number to
+  ``PREFIX:acks:TOKEN`` (one list per connection, expiring a minute after its last push);
+  if fenced, it pushes ``F`` and the epoch it found instead, and writes nothing.
+* A second connection pops that list (``BLMPOP``): an acknowledgement confirms its call and
+  every call before it (Redis runs one connection's calls in order). None for 2 s while a
+  call waits for one (Redis stopped, a script refused for lack of memory, …) declares Redis
+  down; so does a failed connection. Then every unacknowledged call's changes go again,
+  under newer ones, on new connections, after a full rewrite (a Redis that restarted lost
+  everything).
+* Why no replies on the write connection: Redis drops a client at the first reply it fails
+  to write, and with it every command of that client it has not read yet. A master killed
+  with calls in flight leaves them in Redis's socket; with replies on, Redis ran 1,755 to
+  5,654 of 100,000 pipelined commands, with replies off all of them, and
+  tests/integration/test_redis_metadata.py (16 calls, about 70 KB, unanswered at the kill)
+  fails with replies on (322 of 514 records arrived). A connection that never receives
+  anything is also always closed in order by the kernel (a FIN after the data), never
+  reset: Linux resets a socket closed with unread data in it and drops what it had not sent.
+* When ``PutCommit`` is answered (``--redis-commit``):
 
-**What a failover can lose.** A master taking over serves the blocks Redis lists (once
-their node confirms them) and the blocks its nodes report (the changes they applied, see
-:mod:`kvpool.master.remote`). With background commits, a block whose commit was answered
-but that was in neither place when the leader died is forgotten: its change was still in the
-backlog (the writer flushes as soon as a commit lands: about one Redis round trip) *and* its
-node had not yet applied it (the next heartbeat answer). Forgotten means a miss, never wrong
-bytes. A writer that waited even 2 ms before flushing made tools/bench_failover.py lose the
-put acknowledged just before its kill, every run; without a linger, 1 run in 10 still lost it
-(a flush still in flight held the next one back). Hence ``wait`` is the default: with it,
-nothing whose commit was answered is forgotten while Redis is up.
+  - ``sent`` (the default): once the call that carries its blocks is in the kernel's socket
+    buffer (the transport keeps no bytes of its own), and only while the lease was renewed
+    within two thirds of its TTL (:meth:`LeaderLease.fresh`); otherwise as ``wait``.
+  - ``wait``: once that call is acknowledged, or after ``flush_timeout`` (1 s) at most.
+    A call Redis refused as fenced fails the commit (``UNAVAILABLE``): the client puts the
+    block again, at the new leader.
+  - ``background``: at once; the writer task sends it on its next turn. **Backpressure**:
+    while Redis answers and more than ``max_backlog`` changes (``--redis-backlog``) are not
+    yet acknowledged, a commit waits for acknowledgements (or for Redis declared down).
+
+* When Redis is down, the pool keeps serving from memory: commits are answered without
+  waiting (every mode), health and metrics say the store is down, and the writer retries.
+  Once Redis answers again, the writer rewrites the whole index. Once Redis refused a write
+  as fenced by a newer epoch, every commit fails (the lease deposes this master).
+
+**What each failure loses** (a block is lost from Redis; its node still serves it to the
+next master only if the node had applied the commit, which it hears of on its next
+heartbeat answer, :mod:`kvpool.master.remote`; a lost block is a miss, never wrong bytes):
+
+* ``kill -9`` of the master, its host alive: ``sent`` and ``wait``: nothing answered (the
+  kernel delivers what the dead process handed it, and Redis runs all of it, see above).
+  ``background``: the commits answered on the event loop's current turn, before the writer
+  task's next one (microseconds of commits), and those whose calls wait in the process for a
+  full socket buffer (Redis not reading; ``kvpool_metadata_backlog`` shows the lag).
+* The master's host crashes, or loses its network for good, at the kill: ``sent``: what was
+  in its kernel and not yet received by Redis, about one network round trip of commits.
+  ``wait``: nothing answered.
+* Redis crashes or restarts empty (no persistence): nothing while the leader lives (it
+  rewrites everything). If the leader dies too before that rewrite is acknowledged, the
+  next one has what nodes report.
+* A fenced call whose commits ``sent`` had answered: another master took the lease between
+  the answer and Redis running the call, which needs Redis to sit on a call already in its
+  socket for a third of a TTL (1 s) just as the lease lapses. Those blocks are known to no
+  master: the node never applied them (it hears of commits only from its leader's heartbeat
+  answers, and it follows the new leader, which refuses the old epoch), so the new leader
+  does not adopt them from the node's report either. The master logs an error with their
+  number (``fenced_after_answer``).
+* Under ``wait``, a call not acknowledged within ``flush_timeout`` while Redis is not yet
+  declared down (and under ``sent``, a call the kernel did not take within it: Redis stopped
+  reading): its commits are answered anyway, and a failover in the next second loses them.
 
 On start, a master loads the namespaces with their settings and the block records
 (:meth:`load`), and the tombstones (:meth:`load_tombstones`); a block is served again only
@@ -62,35 +99,49 @@ is not served when a tombstone names it (:mod:`kvpool.master.tombstones`).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import re
+import secrets
 import struct
 import time
 from dataclasses import dataclass
 
+from kvpool.master.redis_pipeline import RedisPipeline
 from kvpool.wire import TIER_CODES, TIER_NAMES
 
-__all__ = ["RedisMeta", "BlockRecord", "Fenced", "MetaCollector", "NamespaceSettings"]
+__all__ = ["COMMIT_MODES", "BlockRecord", "Fenced", "MetaCollector", "NamespaceSettings", "RedisMeta"]
 
 log = logging.getLogger("kvpool.metastore")
 
 _HEAD = struct.Struct("<BQQQ")  # tier code, offset, size, checksum
 _OPS_PER_CALL = 4096
+#: What a commit waits for before it is answered (``--redis-commit``), the default first.
+COMMIT_MODES = ("sent", "wait", "background")
 
-# KEYS: epoch, then the hashes. ARGV: epoch, then (hash number, field, value) triples;
-# an empty value deletes the field.
+# KEYS: epoch, then the hashes, then the writer's acknowledgement list. ARGV: epoch, the
+# call's sequence number, then (hash number, field, value) triples; an empty value deletes
+# the field. The writer's connection gets no replies: the script pushes the sequence number
+# (or "F" and the epoch Redis holds) to the list, which the writer's second connection pops.
 _WRITE = """
+local acks = KEYS[#KEYS]
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then
+  redis.call('RPUSH', acks, 'F' .. tostring(current))
+  redis.call('PEXPIRE', acks, 60000)
   return redis.error_reply('FENCED epoch is ' .. tostring(current))
 end
 local n = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local h = KEYS[tonumber(ARGV[i])]
   if ARGV[i + 2] == '' then redis.call('HDEL', h, ARGV[i + 1]) else redis.call('HSET', h, ARGV[i + 1], ARGV[i + 2]) end
   n = n + 1
 end
+redis.call('RPUSH', acks, ARGV[2])
+redis.call('PEXPIRE', acks, 60000)
 return n
 """
 
@@ -115,8 +166,41 @@ class BlockRecord:
 
 def encode_block(entry, node) -> bytes:
     slot = entry.slot
-    tail = f"{node.name}\0{node.incarnation}\0{entry.ns}".encode()
-    return _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + tail
+    return _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + _node_tail(node, entry.ns)
+
+
+def _node_tail(node, ns: str) -> bytes:
+    """The end of a block record (:func:`encode_block`): node name, incarnation, namespace."""
+    return f"{node.name}\0{node.incarnation}\0{ns}".encode()
+
+
+def _pack_bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+_HASH_NO = {h: _pack_bulk(str(h).encode()) for h in (_BLOCKS, _NAMESPACES, _NODES, _TENANTS, _REMOVED)}
+_BLOCKS_NO = _HASH_NO[_BLOCKS]
+_WAITING = object()  # a call's reply before it came
+
+
+class _Call:
+    """One Lua call sent to Redis: its changes (to send again if it fails) and its outcome."""
+
+    __slots__ = ("changes", "early", "n", "other", "reply", "sent_at", "seq", "waiter")
+
+    def __init__(self, changes: list, other: list, n: int, seq: int, sent_at: float) -> None:
+        self.changes, self.other, self.n, self.seq, self.sent_at = changes, other, n, seq, sent_at
+        #: _WAITING, then True (in Redis), Fenced, or the connection's failure.
+        self.reply = _WAITING
+        #: A future for commits that wait for the acknowledgement (created only when one does).
+        self.waiter: asyncio.Future | None = None
+        #: Whether a commit was answered before the acknowledgement (``sent``).
+        self.early = False
+
+    def done(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 def decode_block(key: bytes, value: bytes) -> BlockRecord:
@@ -127,16 +211,20 @@ def decode_block(key: bytes, value: bytes) -> BlockRecord:
 
 class RedisMeta:
     def __init__(self, url: str, prefix: str, index, *, flush_timeout: float = 1.0,
-                 retry_interval: float = 0.5, max_backlog: int = 65536, wait_for_redis: bool = False) -> None:
+                 retry_interval: float = 0.5, max_backlog: int = 65536, commit: str = "sent",
+                 socket_timeout: float = 2.0) -> None:
         import redis.asyncio as aioredis
 
+        if commit not in COMMIT_MODES:
+            raise ValueError(f"commit {commit!r}: choose one of {', '.join(COMMIT_MODES)}")
         self.url = url
         self.prefix = prefix
         self.index = index
         self.flush_timeout = flush_timeout
         self.retry_interval = retry_interval
         self.max_backlog = max_backlog
-        self.wait_for_redis = wait_for_redis
+        self.commit = commit
+        self.socket_timeout = socket_timeout
         #: Commits that waited for the writer (backpressure).
         self.backpressured = 0
         from redis.asyncio.retry import Retry
@@ -145,30 +233,53 @@ class RedisMeta:
         # One immediate retry (a pooled connection that a Redis restart closed), no backoff:
         # redis-py's default (10 retries, exponential backoff) would stall commits and the
         # lease for many seconds while Redis is away; the writer and the lease retry themselves.
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=1.0,
                                              retry=Retry(NoBackoff(), 1))
-        self._script = self.redis.register_script(_WRITE)
         self.keys = [f"{prefix}:epoch", f"{prefix}:blocks", f"{prefix}:namespaces", f"{prefix}:nodes",
                      f"{prefix}:tenants", f"{prefix}:removed"]
         self.epoch = 0
         #: Dirty keys: block key -> index entry (write it) or None (delete it).
         self._dirty: dict[bytes, object] = {}
         self._other: list[tuple[int, bytes | str, bytes]] = []  # namespaces, nodes
+        # Changes of calls that failed after they were sent, to send again (under newer ones).
+        self._failed: dict[bytes, object] = {}
+        self._failed_other: list[tuple[int, bytes | str, bytes]] = []
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._flushed: asyncio.Future | None = None
+        #: The write connection (no replies), the acknowledgement connection and its reader.
+        self._link: RedisPipeline | None = None
+        self._acks: RedisPipeline | None = None
+        self._confirmer: asyncio.Task | None = None
+        self._acks_key = b""
+        self._sha = b""
+        self._call_head: bytes = b""
+        self._seq = 0
+        self._unconfirmed: collections.deque[_Call] = collections.deque()
+        self._last_call: _Call | None = None
+        #: Changes sent whose acknowledgement has not come yet.
+        self._inflight = 0
+        self._kicked = False
+        self._failed_at = 0.0
+        self._progress: asyncio.Future | None = None  # resolved by every reply (backpressure)
         self._task: asyncio.Task | None = None
         self.up = True
         self.down_since: float | None = None
         self.last_error = ""
         self.resyncs = 0
         self.writes = 0
+        #: The newer epoch Redis holds once it refused a write as fenced: commits fail from then.
+        self.deposed = 0
+        #: Commits answered early (``sent``) whose write Redis then refused as fenced.
+        self.fenced_after_answer = 0
         self._resync = False
         #: Set when Redis holds a newer epoch (the leader module decides what that means).
         self.on_fenced = None
         #: The master's tombstones (kvpool.master.tombstones), rewritten with the rest after
         #: an outage; None: no node outlives this master (``kvpool serve`` alone).
         self.removals = None
+        #: ``sent`` answers early only while this says the lease is comfortably held (set by
+        #: the server to ``LeaderLease.fresh``); otherwise a commit waits for Redis's reply.
+        self.lease_fresh = lambda: True
+        self._tails: dict[tuple[int, str], bytes] = {}
 
     # ------------------------------------------------------------------ the index's observer
 
@@ -176,13 +287,13 @@ class RedisMeta:
         dirty = self._dirty
         for entry in entries:
             dirty[entry.key] = entry
-        self._wake.set()
+        self._kick()
 
     def removed(self, entries) -> None:
         dirty = self._dirty
         for entry in entries:
             dirty[entry.key] = None
-        self._wake.set()
+        self._kick()
 
     def node_lost(self, entries) -> None:
         # The records stay: if the node comes back as the same process, they are reconciled
@@ -210,48 +321,110 @@ class RedisMeta:
         """Records that reconciliation found stale (their node restarted or lost them)."""
         for key in keys:
             self._dirty.setdefault(key, None)
-        self._wake.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Send the changes on the event loop's next turn, unless a commit sends them first.
+        (A callback, not the writer task: waking a task for every commit cost more.)"""
+        if not self._kicked:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._kicked_send)
+
+    def _kicked_send(self) -> None:
+        self._kicked = False
+        link = self._link
+        if link is None or self._resync:
+            self._wake.set()  # the writer connects, or rewrites everything first
+            return
+        self._send()
+        if not link.handed():
+            self._wake.set()  # the writer waits for the kernel to take it
 
     # ------------------------------------------------------------------ commits
 
     @property
     def backlog(self) -> int:
-        """Changes not yet written to Redis."""
-        return len(self._dirty) + len(self._other)
+        """Changes not yet in Redis: waiting to be sent, or sent and not yet acknowledged."""
+        return len(self._dirty) + len(self._other) + len(self._failed) + len(self._failed_other) + self._inflight
 
     async def admit(self) -> None:
-        """What a commit awaits before it is answered (see the module docstring): nothing
-        (background), backpressure once the backlog passes ``max_backlog``, or the flush that
-        carries it (``wait_for_redis``)."""
-        if self.wait_for_redis:
-            await self.durable()
+        """What a commit awaits before it is answered (see the module docstring): ``sent``, its
+        write handed to the kernel; ``wait``, Redis's acknowledgement of it; ``background``,
+        nothing but backpressure. Every mode answers at once while Redis is down (serving from
+        memory); ``wait``, and every mode once this master is known to be deposed, raise
+        :class:`~kvpool.errors.Unavailable` when Redis refused the write as fenced."""
+        if self.deposed:
+            self._check(None)
+        if self.commit == "background":
+            await self._backpressure()
             return
+        link = self._link
+        if not self.up or link is None:
+            return
+        self._send()
+        call = self._last_call
+        if call is None or call.reply is not _WAITING:
+            return self._check(call)
+        if self.commit == "sent":
+            if not link.handed():
+                try:
+                    await asyncio.wait_for(link.drain(), self.flush_timeout)
+                except (ConnectionError, asyncio.TimeoutError):
+                    return  # declared down (or about to be): serving from memory
+            if self.lease_fresh():
+                call.early = True
+                return
+        # wait (or sent while the lease is not comfortably held): the acknowledgement,
+        # flush_timeout at most.
+        if call.waiter is None:
+            call.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(call.waiter), self.flush_timeout)
+        except asyncio.TimeoutError:
+            return
+        self._check(call)
+
+    async def durable(self) -> None:
+        """Wait until Redis acknowledged every change made so far, ``flush_timeout`` at most;
+        at once while Redis is down. What a removal (its tombstones) and a namespace's new
+        setting await before they are answered, in every ``--redis-commit`` mode: they are
+        rare, and the next leader must have them."""
+        deadline = time.monotonic() + self.flush_timeout
+        while self.up and (self._link is None or self._resync) and self.backlog:
+            # (Re)connecting or rewriting everything: the writer sends these changes then.
+            if self._progress is None:
+                self._progress = asyncio.get_running_loop().create_future()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._progress), left)
+        if not self.up or self._link is None or self.deposed:
+            return
+        self._send()
+        call = self._last_call
+        if call is None or call.reply is not _WAITING:
+            return
+        if call.waiter is None:
+            call.waiter = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(call.waiter), max(0.0, deadline - time.monotonic()))
+
+    def _check(self, call: "_Call | None") -> None:
+        if self.deposed or (call is not None and isinstance(call.reply, Fenced)):
+            from kvpool.errors import Unavailable
+
+            raise Unavailable(f"this master was deposed before Redis took the commit (Redis holds fencing epoch "
+                              f"{self.deposed or '?'}); retry the put: the new leader serves it")
+
+    async def _backpressure(self) -> None:
         if self.up and self.backlog > self.max_backlog:
             self.backpressured += 1
         while self.up and self.backlog > self.max_backlog:
-            if self._flushed is None:
-                self._flushed = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._flushed)  # a flush, or Redis declared down, resolves it
-
-    async def durable(self) -> None:
-        """Wait for the flush that carries every change made so far (group commit), at most
-        ``flush_timeout``; at once when Redis is down (the pool serves from memory then)."""
-        if not self.up or not self.backlog:
-            return
-        if self._task is not None and not self._lock.locked():
-            try:
-                await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
-            except asyncio.TimeoutError:
-                pass
-            return
-        if self._flushed is None:
-            self._flushed = asyncio.get_running_loop().create_future()
-        waiter = self._flushed
-        self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.flush_timeout)
-        except asyncio.TimeoutError:
-            pass
+            if self._progress is None:
+                self._progress = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._progress)  # an acknowledgement, or Redis declared down, resolves it
 
     # ------------------------------------------------------------------ the writer
 
@@ -263,49 +436,152 @@ class RedisMeta:
         """Write what is left (a master stopped on purpose loses nothing), then close."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            if self.up and self.backlog:
-                try:
-                    await asyncio.wait_for(self._flush_locked(), self.flush_timeout)
-                except asyncio.TimeoutError:
+            # Not ``await self._task``: asyncio.wait_for of Python 3.11 can swallow a
+            # cancellation that lands as its inner future completes, and a stop must not hang.
+            await asyncio.wait([self._task], timeout=self.flush_timeout)
+            if self.up and self._link is not None and self.backlog:
+                self._send()
+                call = self._last_call
+                if call is not None and call.reply is _WAITING:
+                    call.waiter = call.waiter or asyncio.get_running_loop().create_future()
+                    try:
+                        await asyncio.wait_for(asyncio.shield(call.waiter), self.flush_timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                if self.backlog:
                     log.warning("stopping with %d changes not written to Redis", self.backlog)
+        self._close_links()
         await self.redis.aclose()
 
     async def _run(self) -> None:
+        """Connect (again), rewrite everything after an outage, and send what commits did not."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not await self._flush_locked():
-                await asyncio.sleep(self.retry_interval)
-                self._wake.set()
+            if self.deposed:
+                continue  # another master writes now; this one steps down
+            if self._link is None:
+                pause = self._failed_at + self.retry_interval - time.monotonic()
+                if pause > 0:  # not at once after a failure: Redis may refuse every try
+                    await asyncio.sleep(pause)
+                try:
+                    await self._connect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # connection refused, timeouts, a Redis that restarted
+                    self._went_down(f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(self.retry_interval)
+                    self._wake.set()
+                    continue
+            if self._resync:
+                await self._rewrite_all()
+            link = self._link
+            self._send()
+            if link is not None and not link.handed():
+                try:
+                    await link.drain()
+                except ConnectionError:
+                    pass  # the confirmer saw it too: the changes are back, and it wakes us
 
-    async def _flush_locked(self) -> bool:
-        """One flush under the lock (the writer's, or a committer's); False if Redis failed."""
-        async with self._lock:
-            if not self._dirty and not self._other and not self._resync:
-                self._release_waiters()
-                return True
-            try:
-                if self._resync:
-                    await self._rewrite_all()
-                await self._flush()
-                if not self.up:
-                    log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
-                self.up, self.down_since, self.last_error = True, None, ""
-                return True
-            except Fenced as exc:
-                self._went_down(f"fenced: {exc}")
-                if self.on_fenced is not None:
-                    self.on_fenced()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection refused, timeouts, a Redis that restarted
-                self._went_down(f"{type(exc).__name__}: {exc}")
-            self._wake.set()  # the writer retries
-            return False
+    async def _connect(self) -> None:
+        """Open the write connection (no replies) and the acknowledgement connection."""
+        self._close_links()
+        token = secrets.token_hex(6)
+        acks = await RedisPipeline.open(self.url, timeout=self.socket_timeout, name=f"{self.prefix}-acks")
+        try:
+            self._sha = await acks.call("SCRIPT", "LOAD", _WRITE)
+            link = await RedisPipeline.open(self.url, timeout=self.socket_timeout, name=f"{self.prefix}-writer",
+                                            replies=False)
+        except BaseException:
+            acks.close()
+            raise
+        self._acks_key = f"{self.prefix}:acks:{token}".encode()
+        keys = [k.encode() for k in self.keys] + [self._acks_key]
+        self._call_head = b"".join(_pack_bulk(a) for a in (b"EVALSHA", self._sha, b"%d" % len(keys), *keys))
+        self._link, self._acks = link, acks
+        self._confirmer = asyncio.create_task(self._confirm(link, acks))
+
+    async def _confirm(self, link: RedisPipeline, acks: RedisPipeline) -> None:
+        """Read the acknowledgements the write script pushes (one per call, in order): the
+        calls they name are in Redis. No acknowledgement for ``socket_timeout`` while calls
+        wait for one (Redis stopped, a script refused) fails the connections."""
+        key = self._acks_key
+        try:
+            while self._link is link:
+                reply = await acks.call("BLMPOP", "0.5", "1", key, "LEFT", "COUNT", "4096")
+                if reply:
+                    for item in reply[1]:
+                        self._acknowledged(item)
+                elif self._unconfirmed and time.monotonic() - self._unconfirmed[0].sent_at > self.socket_timeout:
+                    raise ConnectionError(f"Redis acknowledged no write in {self.socket_timeout:g} s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._link is link:
+                self._link_failed(f"{type(exc).__name__}: {exc}")
+
+    def _acknowledged(self, item: bytes) -> None:
+        unconfirmed = self._unconfirmed
+        if item.startswith(b"F"):  # the script found another epoch: nothing of that call was written
+            text = f"FENCED epoch is {item[1:].decode()}"
+            call = unconfirmed.popleft() if unconfirmed else None
+            # A newer epoch: another master leads. No epoch at all is a Redis that restarted
+            # empty, which the lease takes back (then everything is written again).
+            newer = re.search(r"epoch is (\d+)", text)
+            if newer and int(newer.group(1)) > self.epoch:
+                self.deposed = int(newer.group(1))
+            if call is not None:
+                self._inflight -= call.n
+                call.reply = Fenced(text)
+                self._put_back(call)
+                if call.early:
+                    self.fenced_after_answer += len(call.changes)
+                    log.error("Redis refused a write as fenced after its commits were answered: %d blocks are "
+                              "known to no master now (misses, never wrong bytes)", len(call.changes))
+                call.done()
+            self._link_failed(f"fenced: {text}")
+            if self.on_fenced is not None:
+                self.on_fenced()
+            return
+        seq = int(item)
+        while unconfirmed and unconfirmed[0].seq <= seq:
+            call = unconfirmed.popleft()
+            self._inflight -= call.n
+            self.writes += call.n
+            call.reply = True
+            call.done()
+        if not self.up:
+            log.info("Redis %s answers again; metadata caught up (%d blocks)", self.url, self.index.block_count)
+            self.up, self.down_since, self.last_error = True, None, ""
+        self._release_progress()
+
+    def _link_failed(self, why: str) -> None:
+        """The connections failed (or Redis fenced a write): every call not acknowledged goes
+        again (its changes under newer ones), on new connections, after a full rewrite."""
+        self._close_links()
+        self._failed_at = time.monotonic()
+        while self._unconfirmed:
+            call = self._unconfirmed.popleft()
+            self._inflight -= call.n
+            call.reply = ConnectionError(why)
+            self._put_back(call)
+            call.done()
+        self._went_down(why)
+        self._wake.set()  # the writer reconnects
+
+    def _put_back(self, call: "_Call") -> None:
+        for key, entry in call.changes:
+            self._failed[key] = entry
+        self._failed_other.extend(call.other)
+
+    def _close_links(self) -> None:
+        link, acks, confirmer = self._link, self._acks, self._confirmer
+        self._link = self._acks = self._confirmer = None
+        for conn in (link, acks):
+            if conn is not None:
+                conn.close()
+        if confirmer is not None and confirmer is not asyncio.current_task():
+            confirmer.cancel()
 
     def mark_down(self, why: str) -> None:
         """Redis did not answer someone else (the lease): retry, and rewrite it all once back."""
@@ -324,62 +600,72 @@ class RedisMeta:
         self.up = False
         self.last_error = why
         self._resync = True  # a Redis that restarted lost everything: write it all again
-        self._release_waiters()
+        self._release_progress()
 
-    def _release_waiters(self) -> None:
-        waiter, self._flushed = self._flushed, None
+    def _release_progress(self) -> None:
+        waiter, self._progress = self._progress, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _flush(self) -> None:
+    def _send(self) -> None:
+        """Send every pending change now: Lua calls of at most ``_OPS_PER_CALL`` changes,
+        written to the write connection in order, without waiting (the confirmer hears of
+        them)."""
+        link = self._link
+        if link is None:
+            return
+        if self._failed or self._failed_other:  # what failed goes again, under newer changes
+            failed, self._failed = self._failed, {}
+            failed.update(self._dirty)
+            self._dirty = failed
+            self._other[:0] = self._failed_other
+            self._failed_other = []
+        if not self._dirty and not self._other:
+            return
         dirty, self._dirty = self._dirty, {}
         other, self._other = self._other, []
-        waiter, self._flushed = self._flushed, None
-        try:
-            ops: list[tuple[int, bytes | str, bytes]] = list(other)
-            nodes = self.index.nodes
-            for key, entry in dirty.items():
-                if entry is None or entry.doomed:
-                    ops.append((_BLOCKS, key, b""))
-                else:
+        changes = list(dirty.items())
+        nodes, tails = self.index.nodes, self._tails
+        epoch = _pack_bulk(b"%d" % self.epoch)
+        now = time.monotonic()
+        # The records are packed straight into RESP (no list of arguments to build and encode
+        # again): hash number, field and value of each change.
+        for start in range(0, len(other) + len(changes), _OPS_PER_CALL):
+            stop = start + _OPS_PER_CALL
+            part_other = other[start:stop]
+            part = changes[max(0, start - len(other)):max(0, stop - len(other))]
+            self._seq += 1
+            body = [epoch, _pack_bulk(b"%d" % self._seq)]
+            for h, field, value in part_other:
+                body.append(_HASH_NO.get(h) or _pack_bulk(b"%d" % h))
+                body.append(_pack_bulk(field.encode() if isinstance(field, str) else field))
+                body.append(_pack_bulk(value.encode() if isinstance(value, str) else value))
+            for key, entry in part:
+                record = b""
+                if entry is not None and not entry.doomed:
                     node = nodes.get(entry.node_id)
-                    ops.append((_BLOCKS, key, encode_block(entry, node) if node is not None else b""))
-            await self._write(ops)
-        except BaseException:
-            # Nothing is lost: put the changes back under any newer ones.
-            for key, entry in dirty.items():
-                self._dirty.setdefault(key, entry)
-            self._other[:0] = other
-            if waiter is not None:
-                self._flushed = self._flushed or waiter
-            raise
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _write(self, ops) -> None:
-        import redis
-
-        if not ops:
-            return
-        calls = []
-        for start in range(0, len(ops), _OPS_PER_CALL):
-            args: list = [self.epoch]
-            for h, field, value in ops[start : start + _OPS_PER_CALL]:
-                args.extend((h, field, value))
-            calls.append(args)
-        try:
-            if len(calls) == 1:  # the common case (a commit or a few): no pipeline object to build
-                await self._script(keys=self.keys, args=calls[0])
-            else:
-                pipe = self.redis.pipeline(transaction=False)
-                for args in calls:
-                    await self._script(keys=self.keys, args=args, client=pipe)
-                await pipe.execute()
-        except redis.ResponseError as exc:
-            if "FENCED" in str(exc):
-                raise Fenced(str(exc)) from None
-            raise
-        self.writes += len(ops)
+                    if node is not None:
+                        tail = tails.get((entry.node_id, entry.ns))
+                        if tail is None:
+                            if len(tails) > 4096:  # node ids of past registrations
+                                tails.clear()
+                            tail = tails[(entry.node_id, entry.ns)] = _node_tail(node, entry.ns)
+                        slot = entry.slot
+                        record = _HEAD.pack(TIER_CODES[entry.tier], slot.offset, slot.size, entry.checksum) + tail
+                body.append(_BLOCKS_NO)
+                body.append(b"$%d\r\n%b\r\n" % (len(key), key))
+                body.append(b"$%d\r\n%b\r\n" % (len(record), record))
+            n = len(part_other) + len(part)
+            call = _Call(part, part_other, n, self._seq, now)
+            packed = b"*%d\r\n%b%b" % (6 + len(self.keys) + 3 * n, self._call_head, b"".join(body))
+            self._inflight += n
+            self._last_call = call
+            self._unconfirmed.append(call)
+            try:
+                link.send(packed)
+            except ConnectionError as exc:
+                self._link_failed(f"{type(exc).__name__}: {exc}")
+                return
 
     async def _rewrite_all(self) -> None:
         """Write every committed block and namespace again (after Redis was down)."""

@@ -386,16 +386,21 @@ class RegistryServicer(node_pb2_grpc.RegistryServicer):
         if not records:
             return 0
         memory = {t for t, caps in node.tier_caps().items() if TierCaps.PERSISTENT not in caps}
+        # Their slots are claimed before the node is asked (an await): a put placed on this
+        # node meanwhile (the leader may serve by then) must not get a slot that holds one.
         ours = [r for r in records if r.incarnation == node.incarnation and r.tier in memory
-                and self.index.entry(r.key) is None]
+                and self.index.entry(r.key) is None and node.claim(r.tier, Slot(r.offset, r.size))]
         held: set[bytes] = set()
         if ours:
             try:
                 held = await node.verify(ours)
             except Unavailable as exc:
                 log.warning("cannot reconcile node %s with Redis: %s", node.name, exc)
+        for r in ours:
+            if r.key not in held:
+                node.free(r.tier, Slot(r.offset, r.size))  # not there after all: the slot is free
         blocks = [(r.key, Slot(r.offset, r.size), r.checksum, r.namespace_id, r.tier) for r in ours
-                  if r.key in held and node.claim(r.tier, Slot(r.offset, r.size))]
+                  if r.key in held]
         adopted = self.index.adopt_memory(node.node_id, blocks)
         served = {b[0] for b in blocks}
         if self.meta is not None:  # records of an earlier incarnation, and blocks the node no longer holds, go

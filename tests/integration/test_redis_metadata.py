@@ -1,12 +1,13 @@
 """A master with Redis metadata (``kvpool master --redis``), against a real redis-server.
 
-* ``--redis-commit wait`` (the default): a commit is answered after Redis has it, so a master killed right
+* ``--redis-commit wait``: a commit is answered after Redis has it, so a master killed right
   after a commit (before its node heard of the block) loses nothing: the next master
   reconciles Redis with the node, which confirms the bytes.
-* ``--redis-commit background``: a commit is answered while Redis is stopped;
-  a block that was only in the writer's backlog, and not yet applied by its node, when the
-  master died is a miss afterwards (the window the README states), never wrong bytes; a
-  backlog past ``--redis-backlog`` holds commits back until the writer catches up.
+* ``--redis-commit sent`` (the default): a commit is answered once its write is in the
+  kernel's socket buffer; a master killed with its writes unanswered (Redis stopped) loses
+  nothing either. A write Redis refuses as fenced fails the commit under ``wait``.
+* ``--redis-commit background``: a backlog past ``--redis-backlog`` holds commits back until
+  the writer catches up.
 * Redis down or restarted: the pool keeps serving from memory, says so in Stats, health
   and metrics, and writes everything again once Redis is back.
 """
@@ -112,7 +113,7 @@ def test_bad_redis_url_and_a_node_from_a_newer_epoch_are_refused(pool_procs, red
 
     for flags, says in ((["--redis", "127.0.0.1:6379"], "give a URL such as redis://127.0.0.1:6379/0"),
                         (["--redis", redis_server.url, "--redis-backlog", "0"], "allow at least one unwritten change"),
-                        (["--redis", redis_server.url, "--redis-commit", "later"], "choose from 'background', 'wait'")):
+                        (["--redis", redis_server.url, "--redis-commit", "later"], "choose from 'sent', 'wait', 'background'")):
         res = subprocess.run([sys.executable, "-m", "kvpool", "master", "--port", "0", "--metrics-port", "-1", *flags],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and says in res.stderr, res.stderr
@@ -136,22 +137,26 @@ def _gauge(url: str, name: str) -> float:
     return float(re.search(rf"^{name}(?:_total)? (\S+)$", _scrape(url), re.M).group(1))
 
 
-def test_background_commits_what_a_kill_9_can_lose(pool_procs, redis_server):
-    """Commits are answered while Redis is stopped; a kill -9 then loses exactly the blocks
-    that were still in the writer's backlog and unknown to their node: a miss, not wrong bytes."""
+def test_commits_answered_while_redis_stalls_survive_a_kill_9(pool_procs, redis_server):
+    """The default (``--redis-commit sent``): a commit is answered once its write is in the
+    kernel's socket buffer, not after Redis's reply. With Redis and the node stopped, commits
+    are answered at once; the master is killed with 16 writes (about 70 KB) unanswered; the
+    kernel still delivers them and Redis runs them all (the write connection gets no replies,
+    so Redis has none to fail on and reads it to its end), so the next master serves every
+    block: Redis has them, the node confirms them."""
     import signal
     import time
 
     master, node = pool_procs
-    m = master("--redis", redis_server.url, "--redis-commit", "background", "--metrics-port", "0",
-               ready=r"ready grpc=(\S+) metrics=(\S+)")
+    m = master("--redis", redis_server.url, "--metrics-port", "0", ready=r"ready grpc=(\S+) metrics=(\S+)")
     metrics_url = m.wait_log(r"ready grpc=\S+ metrics=(\S+)").group(1)
     port = int(m.address.rsplit(":", 1)[1])
-    n = node(m.address, "node-a")
+    n = node(m.address, "node-a", "--dram", "64MiB")
     assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
     ns = fresh_namespace()
-    old, a, b = list(range(16 * 2)), list(range(1000, 1000 + 16 * 2)), list(range(2000, 2000 + 16 * 2))
-    d_old, d_a, d_b = random_blocks(2, seed=7), random_blocks(2, seed=8), random_blocks(2, seed=9)
+    old, d_old = list(range(16 * 2)), random_blocks(2, seed=7)
+    batches = [(list(range(1000 + 1000 * i, 1000 + 1000 * i + 16 * 32)), random_blocks(32, seed=8 + i))
+               for i in range(16)]
     r = redis_server.client()
     with Client(m.address, ns) as c:
         c.publish(old, d_old)
@@ -160,22 +165,56 @@ def test_background_commits_what_a_kill_9_can_lose(pool_procs, redis_server):
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
-            c.publish(a, d_a)                  # its flush goes out and waits in the stopped Redis
-            c.publish(b, d_b)                  # gathers behind that flush, in the backlog
-            assert time.monotonic() - started < 1.0, "commits waited for a stopped Redis"
-            assert _gauge(metrics_url, "kvpool_metadata_backlog") == 2
+            for toks, data in batches:         # each commit's write is in the kernel, unanswered
+                c.publish(toks, data)
+            assert time.monotonic() - started < 1.5, "commits waited for a stopped Redis"
+            assert _gauge(metrics_url, "kvpool_metadata_backlog") == 16 * 32   # sent, not acknowledged
             m.kill()
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
     n.kill(signal.SIGCONT)
+    assert wait_for(lambda: r.hlen("kvpool:blocks") == 2 + 16 * 32, timeout=10), r.hlen("kvpool:blocks")
     m2 = master("--redis", redis_server.url, port=port)
     assert m2.wait_log(r"took over with fencing epoch 2")
     with Client(m2.address, ns) as c:
-        assert wait_for(lambda: c.match(a) == 2, timeout=15)    # in Redis, confirmed by the node
-        out = bytearray(2 * SMALL.block_bytes)
-        assert c.fetch(old, out) == 2 and bytes(out) == d_old.tobytes()
-        assert c.fetch(a, out) == 2 and bytes(out) == d_a.tobytes()
-        assert c.match(b) == 0 and c.fetch(b, out) == 0         # the stated window: forgotten
+        assert wait_for(lambda: c.match(batches[-1][0]) == 32, timeout=15)    # in Redis, confirmed by the node
+        out = bytearray(32 * SMALL.block_bytes)
+        for toks, data in [(old, d_old)] + batches:
+            got = c.fetch(toks, out)
+            assert got == len(data) and bytes(out[:got * SMALL.block_bytes]) == data.tobytes()
+
+
+def test_a_write_refused_as_fenced(pool_procs, redis_server):
+    """Redis holds a newer epoch than the leader's (another master took over): ``wait`` fails
+    the commit with UNAVAILABLE, since Redis never took it; ``sent`` answered it already, and
+    the master says how many blocks that left unknown to any master. Both step down."""
+    from kvpool.errors import Unavailable
+
+    master, node = pool_procs
+    r = redis_server.client()
+    for mode in ("wait", "sent"):
+        prefix = f"fenced-{mode}"
+        # A long lease: its renewal (every third of it) does not notice the new epoch first.
+        m = master("--redis", redis_server.url, "--redis-prefix", prefix, "--redis-commit", mode, "--leader-ttl", "30")
+        node(m.address, f"node-{mode}")
+        assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
+        ns = fresh_namespace()
+        with Client(m.address, ns) as c:
+            c.publish(list(range(16)), random_blocks(1, seed=20))
+            assert wait_for(lambda: r.hlen(f"{prefix}:blocks") == 1, timeout=10)
+            r.set(f"{prefix}:epoch", 99)                            # as a master that took over would
+            if mode == "wait":
+                try:  # the client retries the put; the master refuses it by then (deposed)
+                    c.publish(list(range(100, 116)), random_blocks(1, seed=21))
+                except Unavailable:
+                    pass
+                else:
+                    raise AssertionError("a commit Redis refused as fenced was answered under --redis-commit wait")
+            else:
+                c.publish(list(range(100, 116)), random_blocks(1, seed=21))
+                assert m.wait_log(r"refused a write as fenced after its commits were answered: 1 blocks")
+        assert m.wait_log(r"deposed \(epoch 1\)")
+        assert r.hlen(f"{prefix}:blocks") == 1                      # Redis took nothing from a deposed master
 
 
 def test_backlog_past_its_bound_holds_commits_until_redis_catches_up(pool_procs, redis_server):
@@ -225,3 +264,30 @@ def test_backlog_past_its_bound_holds_commits_until_redis_catches_up(pool_procs,
             redis_server.proc.send_signal(signal.SIGCONT)
         assert wait_for(lambda: not stats(m.address).metadata_degraded, timeout=15)
         assert wait_for(lambda: r.hlen("kvpool:blocks") == 13, timeout=10)   # caught up
+
+
+def test_writes_cut_off_in_flight_go_again(pool_procs, redis_server):
+    """Redis holds the writer's calls (``CLIENT PAUSE … WRITE``), and its connections are
+    killed before it runs them: a commit and a removal that were sent, unacknowledged, are
+    lost in Redis. The master sees the connection fail, reconnects, and writes both again:
+    Redis ends up with the new block and without the removed one."""
+    master, node = pool_procs
+    m = master("--redis", redis_server.url)
+    node(m.address, "node-a")
+    assert wait_for(lambda: stats(m.address).nodes == 1, timeout=15)
+    ns = fresh_namespace()
+    a, b = list(range(16 * 2)), list(range(1000, 1000 + 16 * 2))
+    r = redis_server.client()
+    with Client(m.address, ns) as c:
+        c.publish(a, random_blocks(2, seed=30))
+        assert wait_for(lambda: r.hlen("kvpool:blocks") == 2, timeout=10)
+        r.client_pause(1500, all=False)                 # writes wait in Redis, unread
+        c.publish(b, random_blocks(2, seed=31))         # answered: its call is in the kernel
+        assert c.remove(ns.keys(a)) == 2
+        writers = [cl["id"] for cl in r.client_list() if cl["name"] in ("kvpool-writer", "kvpool-acks")]
+        assert len(writers) == 2
+        for client_id in writers:
+            r.client_kill_filter(_id=client_id)         # the calls die with the connection
+        assert wait_for(lambda: set(r.hkeys("kvpool:blocks")) == set(ns.keys(b)), timeout=15), r.hkeys("kvpool:blocks")
+        assert wait_for(lambda: not stats(m.address).metadata_degraded, timeout=10)
+        assert m.wait_log(r"unavailable \(ConnectionError")
