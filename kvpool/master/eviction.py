@@ -539,21 +539,24 @@ class HitDensityPolicy(EvictionPolicy):
         self._ended = 0                       # intervals counted since the last halving
         self._pending = np.zeros(nc * nb, np.int64)  # reuses not yet folded in, by cell
         self._rank = np.zeros(nc * nb, np.int64)  # density rank of each (class, bin) cell
-        self._history: dict[bytes, int] = {}
         self._refresh_at = self.REFRESH_MIN
-        # Resident blocks, by slot: the key of each slot here, everything else in the
-        # kernels' arrays (see kvpool.master.hit_density_kernels for the layout).
-        self._slot: dict[bytes, int] = {}
-        self._keys: list[bytes | None] = []
+        # Every key the policy knows (resident or remembered) has an id; the rest of its
+        # state is in the kernels' arrays (see kvpool.master.hit_density_kernels).
+        self._ids: dict[bytes, int] = {}
+        self._keys: list[bytes | None] = []  # id -> key (None: free or dead)
         self._st = np.zeros((0, _kernels.FIELDS), np.int64)
-        self._leaves = np.zeros(0, np.int64)
+        self._leaves = np.zeros((0, 2), np.int64)  # leaf ids, each with its class << 40 | tick
         self._free = np.zeros(0, np.int64)
-        self._meta = np.zeros(5, np.int64)
+        self._meta = np.zeros(_kernels.META, np.int64)
         self._grow(1024)
         self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
+        self._no_draw = np.zeros(0, np.int64)
+        # Ids of the victims handed out since the last other call: the index removes them
+        # next, and their keys are found here instead of in the (large, cold) id dict.
+        self._chosen: dict[bytes, int] = {}
 
     def _grow(self, size: int) -> None:
         old = self._st.shape[0]
@@ -561,16 +564,27 @@ class HitDensityPolicy(EvictionPolicy):
         st[:old] = self._st
         st[old:, _kernels.KLEFT] = -1
         self._st = st
-        for name in ("_leaves", "_free"):
-            grown = np.zeros(size, np.int64)
-            grown[:old] = getattr(self, name)
-            setattr(self, name, grown)
+        leaves = np.zeros((size, 2), np.int64)
+        leaves[:old] = self._leaves
+        self._leaves = leaves
+        free = np.zeros(size, np.int64)
+        free[:old] = self._free
+        self._free = free
+        self._keys.extend(repeat(None, size - old))
 
     def _reserve(self, m: int) -> None:
-        """Room for ``m`` more slots (the kernels never grow an array)."""
+        """Room for ``m`` more ids (the kernels never grow an array)."""
         need = int(self._meta[_kernels.NSLOTS]) + m
         if need > self._st.shape[0]:
             self._grow(max(need, 2 * self._st.shape[0]))
+
+    def _forget(self, ids) -> None:
+        """Drop the keys of ids the kernels freed."""
+        keys = self._keys
+        id_of = self._ids
+        for s in ids:
+            del id_of[keys[s]]
+            keys[s] = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -581,20 +595,22 @@ class HitDensityPolicy(EvictionPolicy):
 
     @property
     def history_len(self) -> int:
-        return len(self._history)
+        return int(self._meta[_kernels.NHIST])
 
     @property
     def history_cap(self) -> int:
-        return min(self.HISTORY_MAX, max(self.HISTORY_MIN, self.HISTORY_PER_BLOCK * len(self._slot)))
+        return min(self.HISTORY_MAX, max(self.HISTORY_MIN, self.HISTORY_PER_BLOCK * len(self)))
 
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
-        s = self._slot[key]
+        s = self._ids[key]
+        if not self._st[s, _kernels.RES]:
+            raise KeyError(key)
         age = self._now - int(self._st[s, _kernels.TICK])
         return float(self._rank[int(self._st[s, _kernels.CLS]) + min(_age_bin(age), self.BINS - 1)])
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return int(self._meta[_kernels.NRES])
 
     # ------------------------------------------------------------------ references
 
@@ -602,28 +618,27 @@ class HitDensityPolicy(EvictionPolicy):
         self.insert_many((key,), (info,))
 
     def insert_many(self, keys, infos) -> None:
+        self._chosen.clear()
         keys = list(keys)
         infos = list(infos)
-        slot_of = self._slot
-        if len(set(keys)) != len(keys) or any(map(slot_of.__contains__, keys)):
-            for key, info in zip(keys, infos):  # not a plain batch of new keys: one at a time
-                self.remove(key)
-                self.insert_many([key], [info])
-            return
         m = len(keys)
         if not m:
+            return
+        if len(set(keys)) != m:
+            self._one_by_one(keys, infos)
             return
         cut = self._refresh_at - self._now
         if cut < m:  # refresh exactly where one-at-a-time inserts would
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
-        # Parents as slots: a put's chain (each block's parent the one before it, the usual
+        id_of = self._ids.get
+        # Parents as ids: a put's chain (each block's parent the one before it, the usual
         # case) needs only its head's; otherwise -2 - j names the j-th key of this batch.
         chain = m > 1 and list(map(_parent_of, islice(infos, 1, None))) == keys[:-1]
         if chain:
             head = infos[0].parent
-            parents = [-1 if head is None else slot_of.get(head, -1)]
+            parents = [-1 if head is None else id_of(head, -1)]
         else:
             at: dict[bytes, int] = {}
             parents = []
@@ -633,53 +648,45 @@ class HitDensityPolicy(EvictionPolicy):
                     parents.append(-1)
                 else:
                     i = at.get(parent)
-                    parents.append(slot_of.get(parent, -1) if i is None else -2 - i)
+                    parents.append(id_of(parent, -1) if i is None else -2 - i)
                 at[key] = j
         self._reserve(m)
-        history = self._history
-        olds = np.fromiter(map(history.pop, keys, repeat(0)), np.int64, m)
-        lasts = np.fromiter(map(_last_of, infos), np.int64, m)
-        slots = np.empty(m, np.int64)
-        values = np.empty(m, np.int64)
-        _kernels.insert(self._st, self._leaves, self._free, self._meta, self._pending, self._row,
-                        self._bin_lut, self.BINS, olds, lasts, np.array(parents, np.int64), chain,
-                        slots, values)
-        sl = slots.tolist()
-        kl = self._keys
-        if len(kl) < self._meta[_kernels.NSLOTS]:
-            kl.extend(repeat(None, int(self._meta[_kernels.NSLOTS]) - len(kl)))
-        any(map(kl.__setitem__, sl, keys))  # (any() only drains the Nones: the loop runs in C)
-        slot_of.update(zip(keys, sl))
-        history.update(zip(keys, values.tolist()))
+        ids = np.fromiter(map(id_of, keys, repeat(-1)), np.int64, m)
+        made = _kernels.insert(self._st, self._leaves, self._free, self._meta, self._pending, self._row,
+                               self._bin_lut, self.BINS, ids, np.fromiter(map(_last_of, infos), np.int64, m),
+                               np.array(parents, np.int64), chain)
+        if made < 0:  # a key is resident already
+            self._one_by_one(keys, infos)
+            return
+        if made:
+            il = ids.tolist()
+            self._ids.update(zip(keys, il))
+            any(map(self._keys.__setitem__, il, keys))
         if self._meta[_kernels.NOW] >= self._refresh_at:
             self._refresh()
+
+    def _one_by_one(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
+        """Not a plain batch of keys to make resident: each key removed, then inserted."""
+        for key, info in zip(keys, infos):
+            self.remove(key)
+            self.insert_many([key], [info])
 
     def access(self, key: bytes) -> None:
         self.access_many((key,))
 
     def access_many(self, keys) -> None:
-        get = self._slot.get
-        keys = list(dict.fromkeys(keys))  # one reference per key per batch
-        slots = list(map(get, keys))
-        if None in slots:  # not resident here: not this tier's reference
-            keys = [k for k, s in zip(keys, slots) if s is not None]
-            slots = [s for s in slots if s is not None]
+        self._chosen.clear()
+        keys = dict.fromkeys(keys)  # one reference per key per batch
         m = len(keys)
         if not m:
             return
-        cut = self._refresh_at - self._now
-        if cut < m:  # refresh exactly where one-at-a-time accesses would
-            self.access_many(keys[:cut])
-            self.access_many(keys[cut:])
-            return
-        history = self._history
-        olds = np.fromiter(map(history.pop, keys, repeat(0)), np.int64, m)
-        values = np.empty(m, np.int64)
-        _kernels.access(self._st, self._meta, self._pending, self._row, self._bin_lut, self.BINS,
-                        np.array(slots, np.int64), olds, values)
-        history.update(zip(keys, values.tolist()))
-        if self._meta[_kernels.NOW] >= self._refresh_at:
-            self._refresh()
+        ids = np.fromiter(map(self._ids.get, keys, repeat(-1)), np.int64, m)
+        i = 0
+        while i < m:  # a refresh exactly where one-at-a-time accesses would make it
+            i = _kernels.access(self._st, self._leaves, self._meta, self._pending, self._row, self._bin_lut, self.BINS,
+                                ids, i, self._refresh_at)
+            if self._meta[_kernels.NOW] >= self._refresh_at:
+                self._refresh()
 
     def remove(self, key: bytes) -> None:
         self.remove_many((key,))
@@ -687,12 +694,28 @@ class HitDensityPolicy(EvictionPolicy):
     def remove_many(self, keys) -> None:
         """Exactly ``remove`` of each key in order (tested): an eviction's victims are mostly
         a chain peeled from its tail, one parent after its child."""
-        slots = list(map(self._slot.pop, keys, repeat(-1)))
-        gone = [s for s in slots if s >= 0]
-        if not gone:
+        keys = list(keys)
+        m = len(keys)
+        chosen, self._chosen = self._chosen, {}
+        if not m:
             return
-        any(map(self._keys.__setitem__, gone, repeat(None)))
-        _kernels.remove(self._st, self._leaves, self._free, self._meta, np.array(gone, np.int64))
+        self._reserve(m)  # a dead block's key moves to a new id
+        moved = np.empty(2 * m, np.int64)
+        ids = list(map(chosen.get, keys))  # no call changed an id since they were chosen
+        if None in ids:  # not all of them victims (a Remove, a Flush): from the id dict
+            ids = map(self._ids.get, keys, repeat(-1))
+        n = _kernels.remove(self._st, self._leaves, self._free, self._meta, np.fromiter(ids, np.int64, m), moved)
+        if n:
+            kl, id_of = self._keys, self._ids
+            pairs = moved[: 2 * n].tolist()
+            for s, s2 in zip(pairs[::2], pairs[1::2]):
+                key = kl[s]
+                kl[s] = None
+                if s2 < 0:
+                    del id_of[key]
+                else:
+                    kl[s2] = key
+                    id_of[key] = s2
 
     # ------------------------------------------------------------------ learning
 
@@ -706,26 +729,32 @@ class HitDensityPolicy(EvictionPolicy):
             self._pending[:] = 0
             meta[_kernels.NPENDING] = 0
         now = self._now
-        history = self._history
+        hval = self._st[: int(meta[_kernels.NSLOTS]), _kernels.HVAL]
+        remembered = np.flatnonzero(hval)
+        values = hval[remembered]
         cap = self.history_cap
-        if len(history) > cap:
-            # Every reference re-inserts its key, so the dict is in order of last reference:
-            # the oldest keys are its first ones. Drop down to 7/8 of the cap.
-            drop = len(history) - cap + cap // 8
-            # (keys, then values popped by map: no tuple per key, no Python loop)
-            old = list(islice(history, drop))
-            gone = np.fromiter(map(history.pop, old), dtype=np.int64, count=len(old))
-            self._censored += self._cells(gone, now)
-            self._ended += len(gone)
-        values = np.fromiter(history.values(), dtype=np.int64, count=len(history))
-        if self._ended > len(self._history):
+        if len(values) > cap:
+            # The oldest entries leave, down to 7/8 of the cap: the smallest last-reference
+            # ticks (each is unique: one tick per reference).
+            drop = len(values) - cap + cap // 8
+            oldest = np.argpartition(values, drop - 1)[:drop]  # the tick is the high part
+            gone = remembered[oldest]
+            self._censored += self._cells(values[oldest], now)
+            self._ended += drop
+            forgotten = np.empty(drop, np.int64)
+            nf = _kernels.trim(self._st, self._free, meta, gone, forgotten)
+            self._forget(forgotten[:nf].tolist())
+            keep = np.ones(len(values), bool)
+            keep[oldest] = False
+            values = values[keep]
+        if self._ended > len(values):
             self._reused *= 0.5
             self._censored *= 0.5
             self._ended //= 2
         alive = self._cells(values, now)
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
         self._rank40 = self._rank << 40
-        self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
+        self._refresh_at = now + max(self.REFRESH_MIN, len(values) // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
         """Histogram of history values by (class, age bin)."""
@@ -775,15 +804,16 @@ class HitDensityPolicy(EvictionPolicy):
 
     # ------------------------------------------------------------------ victims
 
-    def _random(self, n: int, high: int) -> np.ndarray:
-        """``n`` uniform ints in [0, high), cut from a buffer drawn in bulk (numpy's per-call
-        overhead is larger than a draw of a thousand numbers)."""
+    def _random(self, n: int) -> np.ndarray:
+        """``n`` uniform non-negative ints, cut from a buffer drawn in bulk (numpy's per-call
+        overhead is larger than a draw of a thousand numbers); the kernel takes them modulo
+        the number of leaves."""
         if self._randpos + n > len(self._rand):
             self._rand = self._rng.integers(0, 1 << 62, max(1 << 16, n))
             self._randpos = 0
         r = self._rand[self._randpos:self._randpos + n]
         self._randpos += n
-        return r % high
+        return r
 
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         """Up to ``count`` victims, best first: the leaves with the lowest density rank (then
@@ -796,23 +826,25 @@ class HitDensityPolicy(EvictionPolicy):
         marked and the walk made again, until all it proposes are accepted. That is the
         walk that asks ``evictable`` of each key as it meets it, since a key's answer does
         not change within one call."""
-        if count <= 0 or not self._slot:
+        if count <= 0 or not len(self):
             return []
         nl = int(self._meta[_kernels.NLEAVES])
         sampled = nl > 2 * count + 16 and self.SAMPLES * count < nl
-        cand = self._leaves[self._random(self.SAMPLES * count, nl)] if sampled else self._leaves[:nl]
+        draw = self._random(self.SAMPLES * count) if sampled else self._no_draw
         st, keys = self._st, self._keys
         out = np.empty(count, np.int64)
         refused: list[int] = []
         try:
             while True:
                 n = _kernels.choose(st, self._leaves, self._meta, self._rank40, self._bin_lut, self.BINS,
-                                    cand, sampled, count, out)
-                victims = list(map(keys.__getitem__, out[:n].tolist()))
+                                    draw, count, out)
+                chosen = out[:n].tolist()
+                victims = list(map(keys.__getitem__, chosen))
                 verdicts = list(map(evictable, victims))
                 if all(verdicts):
+                    self._chosen.update(zip(victims, chosen))
                     return victims
-                for s, ok in zip(out[:n].tolist(), verdicts):
+                for s, ok in zip(chosen, verdicts):
                     if not ok:
                         st[s, _kernels.BLOCKED] = 1
                         refused.append(s)

@@ -1,31 +1,38 @@
 """Compiled per-batch kernels of the ``lhd`` eviction policy (:class:`kvpool.master.eviction.HitDensityPolicy`).
 
-The policy keeps its per-block state in numpy arrays indexed by *slot* (one per resident
-block, or per removed block that still has resident children) and hands each call of the
-index (one put's inserts, one lease's accesses, one eviction's removals, one selection) to
-one of these functions, compiled by numba: the per-block loop runs as machine code, and
-Python does only the work on ``bytes`` keys (dict lookups by ``map``, in C) around one call.
+The policy gives every key it knows (resident in the tier, or only remembered in its
+reference history) a dense integer *id*, once, through one dict, and keeps everything else
+in numpy arrays indexed by id. Each call of the index (one put's inserts, one lease's
+accesses, one eviction's removals, one selection) is one call of these functions, compiled
+by numba: the per-block loop runs as machine code, and Python does only the work on
+``bytes`` keys around it (dict lookups by ``map``, a C loop).
 
-State layout (``st``, int64, one row per slot, one column per field: a slot's fields share
-a cache line or two, which is what the per-block work reads):
+State layout (``st``, int64, one row per id, one column per field: an id's fields share a
+cache line or two, which is what the per-block work reads):
 
-* ``TICK``: tick of the block's last reference; ``CLS``: its class times ``BINS`` (the first
-  cell of its row in the rank table);
-* ``KIDS``: resident children; ``PAR``: parent slot or -1; ``DEAD``: 1 when the block was
-  removed while it still had children (the slot is freed by its last child's removal);
-* ``LPOS``: index in ``leaves`` or -1; ``RES``: 1 while a key is resident in the slot;
+* ``HVAL``: the key's history entry, ``tick << 9 | count << 1 | last`` (last reference tick,
+  references so far capped at 255, last-block flag), 0 when it is not in the history;
+* ``TICK``: tick of the block's last reference while resident (it outlives a trimmed
+  history entry); ``CLS``: its class times ``BINS`` (the first cell of its rank-table row);
+* ``KIDS``: resident children; ``PAR``: parent id or -1; ``DEAD``: 1 when the block was
+  removed while it still had children: the id stays, keyless, for their parent links, and
+  is freed by its last child's removal (the key, if it is remembered, moves to a new id);
+* ``LPOS``: index in ``leaves`` or -1; ``RES``: 1 while the key is resident;
 * ``BLOCKED``, ``TAKEN``, ``SEEN``, ``KLEFT``: scratch of one selection (a key the index
   refused, a key chosen already, a candidate met in this walk, children left of a parent
   this walk peels), back to 0 (``KLEFT``: -1) when the call returns.
 
-``meta`` holds the scalars: ``NOW`` (ticks so far), ``NLEAVES``, ``NFREE``, ``NSLOTS`` (slots
-ever used: the high-water mark) and ``NPENDING`` (reuses counted in ``pending`` since the
-last fold). ``leaves`` lists the leaf slots in no order (swap-remove); ``free`` is a stack of
-free slots. The caller grows the arrays before a call that may need more slots.
+An id is in use while its key is resident, remembered (``HVAL`` != 0) or dead; otherwise
+it is on the ``free`` stack and its key out of the dict (the functions report which ids
+lost their key). ``meta`` holds the scalars: ``NOW`` (ticks so far), ``NLEAVES``, ``NFREE``,
+``NSLOTS`` (ids ever used: the high-water mark), ``NPENDING`` (reuses counted in ``pending``
+since the last fold), ``NHIST`` (ids with a history entry) and ``NRES`` (resident ones).
+``leaves`` lists the leaf ids in no order (swap-remove). The caller grows the arrays before
+a call that may need more ids.
 
-Each function does exactly what the policy's docstring states, in the same order as the
-Python implementation it replaced (``tests/unit/master/lhd_reference.py`` is that one,
-kept as the test oracle): same slots, same leaf order, same victims.
+Each function does what the policy's docstring states, in the same order as the Python
+implementation it replaced (``tests/unit/master/lhd_reference.py``, kept as the test
+oracle): the same leaf order and the same victims.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["FIELDS", "TICK", "CLS", "KIDS", "PAR", "DEAD", "LPOS", "RES", "BLOCKED", "TAKEN", "SEEN",
-           "KLEFT", "NOW", "NLEAVES", "NFREE", "NSLOTS", "NPENDING", "insert", "access", "remove",
-           "choose", "warm_up"]
+__all__ = [
+    "BLOCKED", "CLS", "DEAD", "FIELDS", "HVAL", "KIDS", "KLEFT", "LPOS", "NFREE", "NHIST", "NLEAVES",
+    "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RES", "SEEN", "TAKEN", "TICK", "access", "age_bin",
+    "choose", "insert", "remove", "trim", "warm_up",
+]
 
-TICK, CLS, KIDS, PAR, DEAD, LPOS, RES, BLOCKED, TAKEN, SEEN, KLEFT = range(11)
-FIELDS = 11
-NOW, NLEAVES, NFREE, NSLOTS, NPENDING = range(5)
+TICK, CLS, KIDS, PAR, DEAD, LPOS, RES, BLOCKED, TAKEN, SEEN, KLEFT, HVAL = range(12)
+FIELDS = 12
+NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES = range(7)
+META = 7
 
 #: A sort key above every real one (rank << 40 plus a tick below 2**40).
 _NO_BOUND = np.int64((1 << 63) - 1)
@@ -70,9 +80,10 @@ def _unleaf(st, leaves, meta, p):
         return
     nl = meta[NLEAVES] - 1
     meta[NLEAVES] = nl
-    moved = leaves[nl]
+    moved = leaves[nl, 0]
     if moved != p:
-        leaves[i] = moved
+        leaves[i, 0] = moved
+        leaves[i, 1] = leaves[nl, 1]
         st[moved, LPOS] = i
     st[p, LPOS] = -1
 
@@ -81,122 +92,168 @@ def _unleaf(st, leaves, meta, p):
 def _leaf(st, leaves, meta, s):
     nl = meta[NLEAVES]
     st[s, LPOS] = nl
-    leaves[nl] = s
+    leaves[nl, 0] = s
+    leaves[nl, 1] = (st[s, CLS] << 40) | st[s, TICK]
     meta[NLEAVES] = nl + 1
 
 
 @njit(cache=True, nogil=True)
-def insert(st, leaves, free, meta, pending, row, lut, nb, olds, lasts, parents, chain, slots, values):
-    """References of ``m`` keys not resident (one insert batch), in order.
-
-    ``olds[i]``: the key's history value (``tick << 9 | count << 1 | last``) or 0 if it has
-    none; ``lasts[i]``: its ``BlockInfo.last``. ``parents[i]``: the parent's slot if it is
-    resident, -1 if none or unknown, ``-2 - j`` for the ``j``-th key of this batch; with
-    ``chain`` every key but the first has the one before it as parent (``parents[0]`` is
-    the head's). Writes each key's slot to ``slots`` and its new history value to ``values``;
-    counts the reuses that end (one per key with history) in ``pending``. A resident parent
-    that gains a child stops being a leaf; every new block without children is a leaf.
-    """
-    m = olds.shape[0]
-    now = meta[NOW]
+def _new_id(st, free, meta):
+    """A fresh id: the last freed one, or the next never used."""
     nf = meta[NFREE]
-    ns = meta[NSLOTS]
+    if nf > 0:
+        nf -= 1
+        meta[NFREE] = nf
+        s = free[nf]
+    else:
+        s = meta[NSLOTS]
+        meta[NSLOTS] = s + 1
+    st[s, KIDS] = 0
+    st[s, PAR] = -1
+    st[s, DEAD] = 0
+    st[s, LPOS] = -1
+    st[s, RES] = 0
+    st[s, HVAL] = 0
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _free_id(free, meta, s):
+    nf = meta[NFREE]
+    free[nf] = s
+    meta[NFREE] = nf + 1
+
+
+@njit(cache=True, nogil=True)
+def _reference(st, pending, row, lut, nb, s, now, last):
+    """One reference of id ``s`` at tick ``now``: a remembered key ends a reuse interval
+    (counted in ``pending`` by the class and age bin it ends in) and counts one more
+    reference; a key without history starts at count 1 with ``last``. Sets its history
+    entry, tick and class."""
+    old = st[s, HVAL]
+    if old != 0:
+        count = (old >> 1) & 0xFF
+        last = old & 1
+        pending[row[count] + last * nb + age_bin(now - (old >> 9), lut, nb)] += 1
+        if count < 255:
+            count += 1
+    else:
+        count = 1
+    st[s, HVAL] = (now << 9) | (count << 1) | last
+    st[s, TICK] = now
+    st[s, CLS] = row[count] + last * nb
+    return old != 0
+
+
+@njit(cache=True, nogil=True)
+def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, chain):
+    """References of ``m`` keys that become resident (one insert batch), in order.
+
+    ``ids[i]``: the key's id, or -1 for a key the policy does not know (it gets a new id,
+    written back into ``ids``); ``lasts[i]``: its ``BlockInfo.last``. ``parents[i]``: the
+    parent's id if the policy knows it (it counts only while resident), -1 if none or
+    unknown, ``-2 - j`` for the ``j``-th key of this batch; with ``chain`` every key but the
+    first has the one before it as parent (``parents[0]`` is the head's). A resident parent
+    that gains a child stops being a leaf; every new block without children is a leaf.
+
+    Returns how many new ids were given, or -1, having changed nothing, if a key is
+    resident already (the caller then inserts one key at a time, removing it first).
+    """
+    m = ids.shape[0]
+    for i in range(m):
+        if ids[i] >= 0 and st[ids[i], RES]:
+            return -1
+    now = meta[NOW]
     npend = meta[NPENDING]
+    nhist = meta[NHIST]
+    made = 0
     unleaf = np.empty(m, np.int64)
     nu = 0
     for i in range(m):
         now += 1
-        old = olds[i]
-        last = lasts[i]
-        if old != 0:
-            count = (old >> 1) & 0xFF
-            last = old & 1
-            pending[row[count] + last * nb + age_bin(now - (old >> 9), lut, nb)] += 1
+        s = ids[i]
+        if s < 0:
+            s = _new_id(st, free, meta)
+            ids[i] = s
+            made += 1
+        if _reference(st, pending, row, lut, nb, s, now, lasts[i]):
             npend += 1
-            if count < 255:
-                count += 1
         else:
-            count = 1
-        values[i] = (now << 9) | (count << 1) | last
-        if nf > 0:  # a free slot has no children and is not dead (see remove)
-            nf -= 1
-            s = free[nf]
-        else:
-            s = ns
-            ns += 1
-            st[s, KIDS] = 0
-            st[s, PAR] = -1
-            st[s, DEAD] = 0
-            st[s, LPOS] = -1
-        st[s, TICK] = now
-        st[s, CLS] = row[count] + last * nb
+            nhist += 1
         st[s, RES] = 1
-        slots[i] = s
         ps = parents[i] if (i == 0 or not chain) else -1 - i
         if ps == -1:
             p = -1
         elif ps <= -2:  # a block of this batch: new, so not a leaf yet
-            p = slots[-2 - ps]
+            p = ids[-2 - ps]
             st[p, KIDS] += 1
-        else:
+        elif st[ps, RES] and ps != s:  # (a block is not its own parent, whatever it is told)
             p = ps
             st[p, KIDS] += 1
             if st[p, LPOS] >= 0:
                 unleaf[nu] = p
                 nu += 1
+        else:  # known, but only in the history: not a parent here
+            p = -1
         st[s, PAR] = p
     for j in range(nu):
         _unleaf(st, leaves, meta, unleaf[j])
     for i in range(m):
-        s = slots[i]
+        s = ids[i]
         if st[s, KIDS] == 0:
             _leaf(st, leaves, meta, s)
     meta[NOW] = now
-    meta[NFREE] = nf
-    meta[NSLOTS] = ns
     meta[NPENDING] = npend
+    meta[NHIST] = nhist
+    meta[NRES] += m
+    return made
 
 
 @njit(cache=True, nogil=True)
-def access(st, meta, pending, row, lut, nb, slots, olds, values):
-    """References of resident keys (one access batch, each key once), in order: the slot's
-    tick and class move; a key with history ends a reuse interval (counted in ``pending``),
-    one without (trimmed) starts again at count 1, not last."""
+def access(st, leaves, meta, pending, row, lut, nb, ids, start, until):
+    """References of the resident keys among ``ids[start:]`` (one access batch, each key
+    once; -1 or a key that is not resident is no reference here), in order, until the clock
+    reaches ``until`` (a density refresh is due). Returns the index to go on from."""
     now = meta[NOW]
     npend = meta[NPENDING]
-    c1 = row[1]
-    for i in range(slots.shape[0]):
-        s = slots[i]
+    nhist = meta[NHIST]
+    n = ids.shape[0]
+    i = start
+    while i < n and now < until:
+        s = ids[i]
+        i += 1
+        if s < 0 or not st[s, RES]:
+            continue
         now += 1
-        old = olds[i]
-        if old != 0:
-            count = (old >> 1) & 0xFF
-            last = old & 1
-            pending[row[count] + last * nb + age_bin(now - (old >> 9), lut, nb)] += 1
+        if _reference(st, pending, row, lut, nb, s, now, 0):
             npend += 1
-            if count < 255:
-                count += 1
-            values[i] = (now << 9) | (count << 1) | last
-            st[s, CLS] = row[count] + last * nb
-        else:
-            values[i] = (now << 9) | 2
-            st[s, CLS] = c1
-        st[s, TICK] = now
+        else:  # trimmed from the history meanwhile: it starts again at count 1, not last
+            nhist += 1
+        if st[s, LPOS] >= 0:
+            leaves[st[s, LPOS], 1] = (st[s, CLS] << 40) | now
     meta[NOW] = now
     meta[NPENDING] = npend
+    meta[NHIST] = nhist
+    return i
 
 
 @njit(cache=True, nogil=True)
-def remove(st, leaves, free, meta, slots):
-    """Removals in order (-1: a key that was not resident). A leaf leaves the leaf list; a
+def remove(st, leaves, free, meta, ids, moved):
+    """Removals in order (-1, or a key not resident: nothing). A leaf leaves the leaf list; a
     parent left with no children becomes a leaf, or is freed if it was removed already
-    (dead); a block removed while it has children stays as a dead slot for them."""
-    nf = meta[NFREE]
-    for j in range(slots.shape[0]):
-        s = slots[j]
-        if s < 0:
+    (dead); a block removed while it has children stays as a dead, keyless id for them.
+
+    Writes ``(id, new id)`` pairs to ``moved`` for each id that lost its key: the new id
+    carries the key's history, or is -1 when the key is forgotten (no history). Returns
+    how many pairs."""
+    nm = 0
+    nres = meta[NRES]
+    for j in range(ids.shape[0]):
+        s = ids[j]
+        if s < 0 or not st[s, RES]:
             continue
         st[s, RES] = 0
+        nres -= 1
         _unleaf(st, leaves, meta, s)
         p = st[s, PAR]
         if p >= 0:
@@ -205,16 +262,43 @@ def remove(st, leaves, free, meta, slots):
             if left == 0:
                 if st[p, DEAD]:
                     st[p, DEAD] = 0
-                    free[nf] = p
-                    nf += 1
+                    _free_id(free, meta, p)
                 else:
                     _leaf(st, leaves, meta, p)
         if st[s, KIDS]:
             st[s, DEAD] = 1
-        else:
-            free[nf] = s
+            n2 = -1
+            if st[s, HVAL] != 0:  # the key's history moves to an id of its own
+                n2 = _new_id(st, free, meta)
+                st[n2, HVAL] = st[s, HVAL]
+                st[n2, TICK] = st[s, TICK]
+                st[s, HVAL] = 0
+            moved[2 * nm] = s
+            moved[2 * nm + 1] = n2
+            nm += 1
+        elif st[s, HVAL] == 0:  # neither resident nor remembered: forgotten
+            _free_id(free, meta, s)
+            moved[2 * nm] = s
+            moved[2 * nm + 1] = -1
+            nm += 1
+    meta[NRES] = nres
+    return nm
+
+
+@njit(cache=True, nogil=True)
+def trim(st, free, meta, drop, forgotten):
+    """Take the ids in ``drop`` out of the history; those neither resident nor dead are
+    freed and written to ``forgotten`` (their keys leave the dict). Returns how many."""
+    nf = 0
+    for j in range(drop.shape[0]):
+        s = drop[j]
+        st[s, HVAL] = 0
+        if not st[s, RES] and not st[s, DEAD]:
+            _free_id(free, meta, s)
+            forgotten[nf] = s
             nf += 1
-    meta[NFREE] = nf
+    meta[NHIST] -= drop.shape[0]
+    return nf
 
 
 @njit(cache=True, nogil=True)
@@ -222,6 +306,13 @@ def _sort_key(st, rank40, lut, nb, now, s):
     """Victims first: density rank, then older first (``rank << 40`` plus the last tick)."""
     t = st[s, TICK]
     return rank40[st[s, CLS] + age_bin(now - t, lut, nb)] + t
+
+
+@njit(cache=True, nogil=True)
+def _packed_key(rank40, lut, nb, now, packed):
+    """``_sort_key`` of a leaf from its copy in the leaf list (``cls << 40 | tick``)."""
+    t = packed & 0xFFFFFFFFFF
+    return rank40[(packed >> 40) + age_bin(now - t, lut, nb)] + t
 
 
 @njit(cache=True, nogil=True)
@@ -364,16 +455,13 @@ def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
 
 
 @njit(cache=True, nogil=True)
-def _pick(st, rank40, lut, nb, now, cand, count, leaves_only, out, nout):
-    """Up to ``count`` victims from ``cand``, best first, appended to ``out``: the walk looks
-    at the best ``2 * count + 16`` candidates, and four times further each time too many of
-    them were blocked or taken."""
+def _pick(st, rank40, lut, nb, now, cand, keys, count, leaves_only, out, nout):
+    """Up to ``count`` victims from ``cand`` (sort keys ``keys``), best first, appended to
+    ``out``: the walk looks at the best ``2 * count + 16`` candidates, and four times further
+    each time too many of them were blocked or taken."""
     n = cand.shape[0]
     if n == 0:
         return nout
-    keys = np.empty(n, np.int64)
-    for j in range(n):
-        keys[j] = _sort_key(st, rank40, lut, nb, now, cand[j])
     k = min(n, 2 * count + 16)
     while True:
         top = _smallest(keys, k)
@@ -384,19 +472,36 @@ def _pick(st, rank40, lut, nb, now, cand, count, leaves_only, out, nout):
 
 
 @njit(cache=True, nogil=True)
-def choose(st, leaves, meta, rank40, lut, nb, cand, sampled, count, out):
-    """One selection: up to ``count`` victim slots into ``out``, best first; returns how many.
+def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
+    """One selection: up to ``count`` victim ids into ``out``, best first; returns how many.
 
-    ``cand`` are the candidates (sampled leaves when ``sampled``, else every leaf). If the
-    sample runs short (blocked leaves), every leaf; if no leaf is left, interior blocks, as a
-    last resort. Keys the index refused are marked ``BLOCKED`` by the caller, which calls
+    The candidates are the leaves at positions ``draw % leaves`` (a sample), or every leaf
+    when ``draw`` is empty; they are scored from the leaf list's own copy of their class and
+    tick (a small array, where the ids' rows are spread over the whole state). If the
+    sample runs short (blocked leaves), every leaf; if no leaf is left, interior blocks, as
+    a last resort. Keys the index refused are marked ``BLOCKED`` by the caller, which calls
     again until every victim returned was accepted."""
     now = meta[NOW]
-    nout = _pick(st, rank40, lut, nb, now, cand, count, True, out, 0)
-    if nout < count and sampled:
+    nl = meta[NLEAVES]
+    nd = draw.shape[0]
+    if nd > 0:
+        cand = np.empty(nd, np.int64)
+        keys = np.empty(nd, np.int64)
+        for j in range(nd):
+            pos = draw[j] % nl
+            cand[j] = leaves[pos, 0]
+            keys[j] = _packed_key(rank40, lut, nb, now, leaves[pos, 1])
+        nout = _pick(st, rank40, lut, nb, now, cand, keys, count, True, out, 0)
+    else:
+        nout = 0
+    if nout < count and (nd > 0 or nout == 0):  # the sample ran short, or there was none: every leaf
         for j in range(nout):
             st[out[j], TAKEN] = 1
-        nout = _pick(st, rank40, lut, nb, now, leaves[:meta[NLEAVES]], count - nout, True, out, nout)
+        cand = leaves[:nl, 0].copy()
+        keys = np.empty(nl, np.int64)
+        for j in range(nl):
+            keys[j] = _packed_key(rank40, lut, nb, now, leaves[j, 1])
+        nout = _pick(st, rank40, lut, nb, now, cand, keys, count - nout, True, out, nout)
     if nout < count:
         for j in range(nout):
             st[out[j], TAKEN] = 1
@@ -407,7 +512,11 @@ def choose(st, leaves, meta, rank40, lut, nb, cand, sampled, count, out):
             if st[s, RES] and not st[s, TAKEN]:
                 rest[nr] = s
                 nr += 1
-        nout = _pick(st, rank40, lut, nb, now, rest[:nr], count - nout, False, out, nout)
+        rest = rest[:nr]
+        keys = np.empty(nr, np.int64)
+        for j in range(nr):
+            keys[j] = _sort_key(st, rank40, lut, nb, now, rest[j])
+        nout = _pick(st, rank40, lut, nb, now, rest, keys, count - nout, False, out, nout)
     for j in range(nout):
         st[out[j], TAKEN] = 0
     return nout
@@ -419,19 +528,18 @@ def warm_up() -> None:
     nb = 4
     st = np.zeros((8, FIELDS), np.int64)
     st[:, KLEFT] = -1
-    leaves = np.zeros(8, np.int64)
+    leaves = np.zeros((8, 2), np.int64)
     free = np.zeros(8, np.int64)
-    meta = np.zeros(5, np.int64)
+    meta = np.zeros(META, np.int64)
     pending = np.zeros(2 * nb, np.int64)
     row = np.zeros(256, np.int64)
     lut = np.zeros(4, np.int8)
     rank40 = np.zeros(2 * nb, np.int64)
-    one = np.zeros(1, np.int64)
-    slots = np.zeros(2, np.int64)
-    values = np.zeros(2, np.int64)
-    insert(st, leaves, free, meta, pending, row, lut, nb, np.zeros(2, np.int64), np.zeros(2, np.int64),
-           np.array([-1, -2], np.int64), True, slots, values)
-    access(st, meta, pending, row, lut, nb, slots[:1], one, values[:1])
+    ids = np.full(2, -1, np.int64)
+    insert(st, leaves, free, meta, pending, row, lut, nb, ids, np.zeros(2, np.int64), np.array([-1], np.int64), True)
+    access(st, leaves, meta, pending, row, lut, nb, ids, 0, 1 << 62)
     out = np.zeros(2, np.int64)
-    choose(st, leaves, meta, rank40, lut, nb, leaves[:meta[NLEAVES]], False, 2, out)
-    remove(st, leaves, free, meta, slots)
+    choose(st, leaves, meta, rank40, lut, nb, np.zeros(0, np.int64), 2, out)
+    choose(st, leaves, meta, rank40, lut, nb, np.zeros(2, np.int64), 2, out)
+    remove(st, leaves, free, meta, ids, np.zeros(4, np.int64))
+    trim(st, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))

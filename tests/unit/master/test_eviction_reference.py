@@ -46,6 +46,8 @@ def script(seed: int, steps: int):
             n = rnd.randint(1, 10)
             ks = list(dict.fromkeys(k(rnd.randrange(900)) for _ in range(n)))
             head = rnd.choice(resident) if resident and rnd.random() < 0.5 else None
+            if head in ks:  # a block is never its own ancestor
+                head = None
             if rnd.random() < 0.8:  # one chain
                 infos = [BlockInfo(1, i, "", ks[i - 1] if i else head, i == len(ks) - 1) for i in range(len(ks))]
             else:  # parents anywhere in the batch, resident, unknown, none (never the key itself)
