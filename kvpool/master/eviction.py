@@ -545,7 +545,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._ids: dict[bytes, int] = {}
         self._keys: list[bytes | None] = []  # id -> key (None: free or dead)
         self._st = np.zeros((0, _kernels.FIELDS), np.int64)
-        self._leaves = np.zeros((0, 2), np.int64)  # leaf ids, each with its class << 40 | tick
+        self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
         self._free = np.zeros(0, np.int64)
         self._meta = np.zeros(_kernels.META, np.int64)
         self._grow(1024)
@@ -564,19 +564,23 @@ class HitDensityPolicy(EvictionPolicy):
         st[:old] = self._st
         st[old:, _kernels.KLEFT] = -1
         self._st = st
-        leaves = np.zeros((size, 2), np.int64)
-        leaves[:old] = self._leaves
-        self._leaves = leaves
         free = np.zeros(size, np.int64)
         free[:old] = self._free
         self._free = free
         self._keys.extend(repeat(None, size - old))
 
-    def _reserve(self, m: int) -> None:
-        """Room for ``m`` more ids (the kernels never grow an array)."""
+    def _reserve(self, m: int, resident: bool = False) -> None:
+        """Room for ``m`` more ids, and with ``resident`` for ``m`` more leaves (there are
+        never more leaves than resident blocks); the kernels never grow an array."""
         need = int(self._meta[_kernels.NSLOTS]) + m
         if need > self._st.shape[0]:
             self._grow(max(need, 2 * self._st.shape[0]))
+        if resident:
+            need = len(self) + m
+            if need > len(self._leaves):
+                leaves = np.zeros((max(need, 2 * len(self._leaves)), 2), np.int64)
+                leaves[: len(self._leaves)] = self._leaves
+                self._leaves = leaves
 
     def _forget(self, ids) -> None:
         """Drop the keys of ids the kernels freed."""
@@ -604,7 +608,7 @@ class HitDensityPolicy(EvictionPolicy):
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
         s = self._ids[key]
-        if not self._st[s, _kernels.RES]:
+        if not self._st[s, _kernels.FLAGS] & _kernels.F_RES:
             raise KeyError(key)
         age = self._now - int(self._st[s, _kernels.TICK])
         return float(self._rank[int(self._st[s, _kernels.CLS]) + min(_age_bin(age), self.BINS - 1)])
@@ -650,7 +654,7 @@ class HitDensityPolicy(EvictionPolicy):
                     i = at.get(parent)
                     parents.append(id_of(parent, -1) if i is None else -2 - i)
                 at[key] = j
-        self._reserve(m)
+        self._reserve(m, resident=True)
         ids = np.fromiter(map(id_of, keys, repeat(-1)), np.int64, m)
         made = _kernels.insert(self._st, self._leaves, self._free, self._meta, self._pending, self._row,
                                self._bin_lut, self.BINS, ids, np.fromiter(map(_last_of, infos), np.int64, m),
@@ -846,11 +850,11 @@ class HitDensityPolicy(EvictionPolicy):
                     return victims
                 for s, ok in zip(chosen, verdicts):
                     if not ok:
-                        st[s, _kernels.BLOCKED] = 1
+                        st[s, _kernels.FLAGS] |= _kernels.F_BLOCKED
                         refused.append(s)
         finally:
             if refused:
-                st[refused, _kernels.BLOCKED] = 0
+                st[refused, _kernels.FLAGS] &= ~_kernels.F_BLOCKED
 
 
 class FIFOPolicy(LRUPolicy):

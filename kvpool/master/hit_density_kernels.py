@@ -14,13 +14,13 @@ cache line or two, which is what the per-block work reads):
   references so far capped at 255, last-block flag), 0 when it is not in the history;
 * ``TICK``: tick of the block's last reference while resident (it outlives a trimmed
   history entry); ``CLS``: its class times ``BINS`` (the first cell of its rank-table row);
-* ``KIDS``: resident children; ``PAR``: parent id or -1; ``DEAD``: 1 when the block was
-  removed while it still had children: the id stays, keyless, for their parent links, and
-  is freed by its last child's removal (the key, if it is remembered, moves to a new id);
-* ``LPOS``: index in ``leaves`` or -1; ``RES``: 1 while the key is resident;
-* ``BLOCKED``, ``TAKEN``, ``SEEN``, ``KLEFT``: scratch of one selection (a key the index
-  refused, a key chosen already, a candidate met in this walk, children left of a parent
-  this walk peels), back to 0 (``KLEFT``: -1) when the call returns.
+* ``KIDS``: resident children; ``PAR``: parent id or -1; ``LPOS``: index in ``leaves`` or -1;
+* ``FLAGS``: ``F_RES`` while the key is resident; ``F_DEAD`` when the block was removed
+  while it still had children: the id stays, keyless, for their parent links, and is freed
+  by its last child's removal (the key, if it is remembered, moves to a new id);
+  ``F_BLOCKED``, ``F_TAKEN``, ``F_SEEN``: scratch of one selection (a key the index refused,
+  a key chosen already, a candidate met in this walk), clear when the call returns;
+* ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside).
 
 An id is in use while its key is resident, remembered (``HVAL`` != 0) or dead; otherwise
 it is on the ``free`` stack and its key out of the dict (the functions report which ids
@@ -41,13 +41,15 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "BLOCKED", "CLS", "DEAD", "FIELDS", "HVAL", "KIDS", "KLEFT", "LPOS", "NFREE", "NHIST", "NLEAVES",
-    "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RES", "SEEN", "TAKEN", "TICK", "access", "age_bin",
-    "choose", "insert", "remove", "trim", "warm_up",
+    "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "KIDS", "KLEFT",
+    "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "TICK", "access",
+    "age_bin", "choose", "insert", "remove", "trim", "warm_up",
 ]
 
-TICK, CLS, KIDS, PAR, DEAD, LPOS, RES, BLOCKED, TAKEN, SEEN, KLEFT, HVAL = range(12)
-FIELDS = 12
+TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL = range(8)
+FIELDS = 8  # 64 bytes: one cache line per id
+#: Bits of ``FLAGS``.
+F_RES, F_DEAD, F_BLOCKED, F_TAKEN, F_SEEN = 1, 2, 4, 8, 16
 NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES = range(7)
 META = 7
 
@@ -110,9 +112,8 @@ def _new_id(st, free, meta):
         meta[NSLOTS] = s + 1
     st[s, KIDS] = 0
     st[s, PAR] = -1
-    st[s, DEAD] = 0
     st[s, LPOS] = -1
-    st[s, RES] = 0
+    st[s, FLAGS] = 0
     st[s, HVAL] = 0
     return s
 
@@ -161,7 +162,7 @@ def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, c
     """
     m = ids.shape[0]
     for i in range(m):
-        if ids[i] >= 0 and st[ids[i], RES]:
+        if ids[i] >= 0 and (st[ids[i], FLAGS] & F_RES):
             return -1
     now = meta[NOW]
     npend = meta[NPENDING]
@@ -180,14 +181,14 @@ def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, c
             npend += 1
         else:
             nhist += 1
-        st[s, RES] = 1
+        st[s, FLAGS] |= F_RES
         ps = parents[i] if (i == 0 or not chain) else -1 - i
         if ps == -1:
             p = -1
         elif ps <= -2:  # a block of this batch: new, so not a leaf yet
             p = ids[-2 - ps]
             st[p, KIDS] += 1
-        elif st[ps, RES] and ps != s:  # (a block is not its own parent, whatever it is told)
+        elif (st[ps, FLAGS] & F_RES) and ps != s:  # (a block is not its own parent, whatever it is told)
             p = ps
             st[p, KIDS] += 1
             if st[p, LPOS] >= 0:
@@ -222,7 +223,7 @@ def access(st, leaves, meta, pending, row, lut, nb, ids, start, until):
     while i < n and now < until:
         s = ids[i]
         i += 1
-        if s < 0 or not st[s, RES]:
+        if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
         now += 1
         if _reference(st, pending, row, lut, nb, s, now, 0):
@@ -250,9 +251,9 @@ def remove(st, leaves, free, meta, ids, moved):
     nres = meta[NRES]
     for j in range(ids.shape[0]):
         s = ids[j]
-        if s < 0 or not st[s, RES]:
+        if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
-        st[s, RES] = 0
+        st[s, FLAGS] &= ~F_RES
         nres -= 1
         _unleaf(st, leaves, meta, s)
         p = st[s, PAR]
@@ -260,13 +261,13 @@ def remove(st, leaves, free, meta, ids, moved):
             left = st[p, KIDS] - 1
             st[p, KIDS] = left
             if left == 0:
-                if st[p, DEAD]:
-                    st[p, DEAD] = 0
+                if st[p, FLAGS] & F_DEAD:
+                    st[p, FLAGS] &= ~F_DEAD
                     _free_id(free, meta, p)
                 else:
                     _leaf(st, leaves, meta, p)
         if st[s, KIDS]:
-            st[s, DEAD] = 1
+            st[s, FLAGS] |= F_DEAD
             n2 = -1
             if st[s, HVAL] != 0:  # the key's history moves to an id of its own
                 n2 = _new_id(st, free, meta)
@@ -293,7 +294,7 @@ def trim(st, free, meta, drop, forgotten):
     for j in range(drop.shape[0]):
         s = drop[j]
         st[s, HVAL] = 0
-        if not st[s, RES] and not st[s, DEAD]:
+        if not st[s, FLAGS] & (F_RES | F_DEAD):
             _free_id(free, meta, s)
             forgotten[nf] = s
             nf += 1
@@ -404,26 +405,26 @@ def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
             i += 1
         else:
             break
-        if st[s, SEEN]:
+        if st[s, FLAGS] & F_SEEN:
             continue
-        st[s, SEEN] = 1
+        st[s, FLAGS] |= F_SEEN
         touched[nt] = s
         nt += 1
-        if st[s, TAKEN] or st[s, BLOCKED]:
+        if st[s, FLAGS] & (F_TAKEN | F_BLOCKED):
             continue
         out[nout + got] = s
         got += 1
         # Walk up the chain while each parent becomes a leaf and is the best choice left
         # (a dead chain peeled from its tail); a parent that is not the best yet waits in
         # the heap. A parent met here was in no candidate list (it was not a leaf) and
-        # reaches zero children once: it needs no SEEN mark.
+        # reaches zero children once: it needs no ``F_SEEN`` mark.
         p = st[s, PAR]
         if not leaves_only or p < 0:
             continue
         bound = ckey[i] if i < n else _NO_BOUND
         if nh > 0 and hk[0] < bound:
             bound = hk[0]
-        while not st[p, DEAD]:
+        while not (st[p, FLAGS] & F_DEAD):
             kids = st[p, KIDS]
             if kids != 1:  # a parent with one child is met once: no count to keep
                 left = st[p, KLEFT]
@@ -437,7 +438,7 @@ def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
                     break
             pk = _sort_key(st, rank40, lut, nb, now, p)
             if pk <= bound and got < count:
-                if not st[p, TAKEN] and not st[p, BLOCKED]:
+                if not st[p, FLAGS] & (F_TAKEN | F_BLOCKED):
                     out[nout + got] = p
                     got += 1
                     p = st[p, PAR]
@@ -449,7 +450,7 @@ def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
             break
     for j in range(nt):
         s = touched[j]
-        st[s, SEEN] = 0
+        st[s, FLAGS] &= ~F_SEEN
         st[s, KLEFT] = -1
     return nout + got
 
@@ -479,7 +480,7 @@ def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
     when ``draw`` is empty; they are scored from the leaf list's own copy of their class and
     tick (a small array, where the ids' rows are spread over the whole state). If the
     sample runs short (blocked leaves), every leaf; if no leaf is left, interior blocks, as
-    a last resort. Keys the index refused are marked ``BLOCKED`` by the caller, which calls
+    a last resort. Keys the index refused are marked ``F_BLOCKED`` by the caller, which calls
     again until every victim returned was accepted."""
     now = meta[NOW]
     nl = meta[NLEAVES]
@@ -496,7 +497,7 @@ def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
         nout = 0
     if nout < count and (nd > 0 or nout == 0):  # the sample ran short, or there was none: every leaf
         for j in range(nout):
-            st[out[j], TAKEN] = 1
+            st[out[j], FLAGS] |= F_TAKEN
         cand = leaves[:nl, 0].copy()
         keys = np.empty(nl, np.int64)
         for j in range(nl):
@@ -504,12 +505,12 @@ def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
         nout = _pick(st, rank40, lut, nb, now, cand, keys, count - nout, True, out, nout)
     if nout < count:
         for j in range(nout):
-            st[out[j], TAKEN] = 1
+            st[out[j], FLAGS] |= F_TAKEN
         ns = meta[NSLOTS]
         rest = np.empty(ns, np.int64)
         nr = 0
         for s in range(ns):
-            if st[s, RES] and not st[s, TAKEN]:
+            if st[s, FLAGS] & (F_RES | F_TAKEN) == F_RES:
                 rest[nr] = s
                 nr += 1
         rest = rest[:nr]
@@ -518,7 +519,7 @@ def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
             keys[j] = _sort_key(st, rank40, lut, nb, now, rest[j])
         nout = _pick(st, rank40, lut, nb, now, rest, keys, count - nout, False, out, nout)
     for j in range(nout):
-        st[out[j], TAKEN] = 0
+        st[out[j], FLAGS] &= ~F_TAKEN
     return nout
 
 
