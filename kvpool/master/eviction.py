@@ -67,6 +67,11 @@ class BlockInfo:
 class EvictionPolicy(ABC):
     name: ClassVar[str]
 
+    @classmethod
+    def prepare(cls) -> None:
+        """Load what the policy needs once per process (compiled code), so that it is paid
+        when the index is built and not inside the first request that makes a policy."""
+
     @abstractmethod
     def insert(self, key: bytes, info: BlockInfo) -> None: ...
 
@@ -539,6 +544,10 @@ class HitDensityPolicy(EvictionPolicy):
     # A history value packs the key's last reference tick, its reference count (capped at
     # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
     _T_SHIFT = 9
+
+    @classmethod
+    def prepare(cls) -> None:
+        _load_kernels()
 
     def __init__(self, seed: int = 0) -> None:
         nb = self.BINS

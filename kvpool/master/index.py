@@ -226,6 +226,7 @@ class BlockIndex:
         self.policy_factory = policy_factory
         if self.config.eviction_policy not in POLICIES:
             make_policy(self.config.eviction_policy)  # raises, naming the known policies
+        POLICIES[self.config.eviction_policy].prepare()  # now, not in the first commit
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._blocks: dict[bytes, Entry] = {}        # committed, visible
         self._pending: dict[bytes, Entry] = {}       # granted, not yet committed
