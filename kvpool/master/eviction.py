@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -68,9 +69,10 @@ class EvictionPolicy(ABC):
     name: ClassVar[str]
 
     @classmethod
-    def prepare(cls) -> None:
-        """Load what the policy needs once per process (compiled code), so that it is paid
-        when the index is built and not inside the first request that makes a policy."""
+    def prepare(cls, wait: bool = False) -> None:
+        """Load what the policy needs once per process (compiled code): in the background,
+        so that neither the process's start nor its first requests wait for it, or, with
+        ``wait``, now (before a measurement)."""
 
     @abstractmethod
     def insert(self, key: bytes, info: BlockInfo) -> None: ...
@@ -411,18 +413,30 @@ _parent_of = attrgetter("parent")
 _last_of = attrgetter("last")
 
 #: ``kvpool.master.hit_density_kernels``, imported (and its kernels compiled or loaded from
-#: numba's cache) by the first ``lhd`` policy made in the process: importing numba takes
+#: numba's cache) only in a process that runs an ``lhd`` policy: importing numba takes
 #: about half a second, which no process that never evicts should pay (the CLI, clients).
 _kernels = None
+_kernels_lock = threading.Lock()
+_kernels_thread: threading.Thread | None = None
 
 
 def _load_kernels() -> None:
+    """Import and warm the kernels once; a caller meanwhile waits for the one loading them."""
     global _kernels
-    if _kernels is None:
-        from kvpool.master import hit_density_kernels
+    with _kernels_lock:
+        if _kernels is None:
+            from kvpool.master import hit_density_kernels
 
-        hit_density_kernels.warm_up()
-        _kernels = hit_density_kernels
+            hit_density_kernels.warm_up()
+            _kernels = hit_density_kernels
+
+
+def _load_kernels_soon() -> None:
+    """Start loading the kernels on a thread of their own (once)."""
+    global _kernels_thread
+    if _kernels is None and _kernels_thread is None:
+        _kernels_thread = threading.Thread(target=_load_kernels, name="lhd-kernels")
+        _kernels_thread.start()
 
 
 def _bin_start(b: int) -> int:
@@ -546,8 +560,11 @@ class HitDensityPolicy(EvictionPolicy):
     _T_SHIFT = 9
 
     @classmethod
-    def prepare(cls) -> None:
-        _load_kernels()
+    def prepare(cls, wait: bool = False) -> None:
+        if wait:
+            _load_kernels()
+        else:
+            _load_kernels_soon()
 
     def __init__(self, seed: int = 0) -> None:
         nb = self.BINS
@@ -563,7 +580,6 @@ class HitDensityPolicy(EvictionPolicy):
             HitDensityPolicy._bin_lut_shared = np.searchsorted(
                 self._edges, np.arange(self.BIN_LUT), "right").astype(np.int8)
         self._bin_lut = HitDensityPolicy._bin_lut_shared
-        _load_kernels()  # compiled (or loaded) now, not in an eviction
         self._reused = np.zeros((nc, nb))     # intervals that ended in a reuse, by class and age bin
         self._censored = np.zeros((nc, nb))   # intervals that left the history unreused
         self._ended = 0                       # intervals counted since the last halving
@@ -574,11 +590,10 @@ class HitDensityPolicy(EvictionPolicy):
         # state is in the kernels' arrays (see kvpool.master.hit_density_kernels).
         self._ids: dict[bytes, int] = {}
         self._keys: list[bytes | None] = []  # id -> key (None: free or dead)
-        self._st = np.zeros((0, _kernels.FIELDS), np.int64)
-        self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
-        self._free = np.zeros(0, np.int64)
-        self._meta = np.zeros(_kernels.META, np.int64)
-        self._grow(1024)
+        # The arrays are made once the kernels are loaded (on a thread of their own, which
+        # the index starts when it is built); calls made before are kept in order and
+        # replayed then, so a master's first requests do not wait for numba.
+        self._backlog: list[tuple] | None = []
         self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
@@ -587,6 +602,27 @@ class HitDensityPolicy(EvictionPolicy):
         # Ids of the victims handed out since the last other call: the index removes them
         # next, and their keys are found here instead of in the (large, cold) id dict.
         self._chosen: dict[bytes, int] = {}
+        self._attach(wait=False)
+
+    def _attach(self, wait: bool) -> bool:
+        """Make the state arrays if the kernels are loaded (with ``wait``, load them now),
+        then replay the calls kept meanwhile. Returns whether the policy is attached."""
+        if self._backlog is None:
+            return True
+        if _kernels is None:
+            if not wait:
+                _load_kernels_soon()
+                return False
+            _load_kernels()
+        backlog, self._backlog = self._backlog, None
+        self._st = np.zeros((0, _kernels.FIELDS), np.int64)
+        self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
+        self._free = np.zeros(0, np.int64)
+        self._meta = np.zeros(_kernels.META, np.int64)
+        self._grow(1024)
+        for call, *args in backlog:
+            getattr(self, call)(*args)
+        return True
 
     def _grow(self, size: int) -> None:
         old = self._st.shape[0]
@@ -625,10 +661,12 @@ class HitDensityPolicy(EvictionPolicy):
     @property
     def _now(self) -> int:
         """References so far (the policy's clock)."""
+        self._attach(wait=True)
         return int(self._meta[_kernels.NOW])
 
     @property
     def history_len(self) -> int:
+        self._attach(wait=True)
         return int(self._meta[_kernels.NHIST])
 
     @property
@@ -637,6 +675,7 @@ class HitDensityPolicy(EvictionPolicy):
 
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
+        self._attach(wait=True)
         s = self._ids[key]
         if not self._st[s, _kernels.FLAGS] & _kernels.F_RES:
             raise KeyError(key)
@@ -644,6 +683,7 @@ class HitDensityPolicy(EvictionPolicy):
         return float(self._rank[int(self._st[s, _kernels.CLS]) + min(_age_bin(age), self.BINS - 1)])
 
     def __len__(self) -> int:
+        self._attach(wait=True)
         return int(self._meta[_kernels.NRES])
 
     # ------------------------------------------------------------------ references
@@ -652,9 +692,12 @@ class HitDensityPolicy(EvictionPolicy):
         self.insert_many((key,), (info,))
 
     def insert_many(self, keys, infos) -> None:
-        self._chosen.clear()
         keys = list(keys)
         infos = list(infos)
+        if self._backlog is not None and not self._attach(wait=False):
+            self._backlog.append(("insert_many", keys, infos))
+            return
+        self._chosen.clear()
         m = len(keys)
         if not m:
             return
@@ -709,6 +752,9 @@ class HitDensityPolicy(EvictionPolicy):
         self.access_many((key,))
 
     def access_many(self, keys) -> None:
+        if self._backlog is not None and not self._attach(wait=False):
+            self._backlog.append(("access_many", list(keys)))
+            return
         self._chosen.clear()
         keys = dict.fromkeys(keys)  # one reference per key per batch
         m = len(keys)
@@ -729,6 +775,9 @@ class HitDensityPolicy(EvictionPolicy):
         """Exactly ``remove`` of each key in order (tested): an eviction's victims are mostly
         a chain peeled from its tail, one parent after its child."""
         keys = list(keys)
+        if self._backlog is not None and not self._attach(wait=False):
+            self._backlog.append(("remove_many", keys))
+            return
         m = len(keys)
         chosen, self._chosen = self._chosen, {}
         if not m:
@@ -860,7 +909,7 @@ class HitDensityPolicy(EvictionPolicy):
         marked and the walk made again, until all it proposes are accepted. That is the
         walk that asks ``evictable`` of each key as it meets it, since a key's answer does
         not change within one call."""
-        if count <= 0 or not len(self):
+        if count <= 0 or not len(self):  # (len() waits for the kernels, if need be)
             return []
         nl = int(self._meta[_kernels.NLEAVES])
         sampled = nl > 2 * count + 16 and self.SAMPLES * count < nl

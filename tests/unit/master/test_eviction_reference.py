@@ -115,3 +115,41 @@ def test_same_hits_as_the_reference_through_the_real_index():
         old = replay(trace, ReferenceHitDensityPolicy(), capacity)
         assert new.evictions > 100
         assert (new.hit_blocks, new.evictions, new.inserts) == (old.hit_blocks, old.evictions, old.inserts)
+
+
+def test_calls_made_before_the_kernels_load_are_kept_and_replayed_in_order(monkeypatch):
+    """A master's first requests do not wait for numba: until the kernels are loaded the
+    policy keeps its calls and replays them, with the same decisions as if they had been
+    loaded from the start."""
+    from kvpool.master import eviction
+
+    eviction._load_kernels()
+    calls = [c for c in script(11, 300) if c[0] != "select"][:40]
+    loaded = Busy(seed=11)
+    for call in calls:
+        getattr(loaded, call[0] + "_many")(*call[1:])
+    monkeypatch.setattr(eviction, "_kernels", None)                   # not loaded yet ...
+    monkeypatch.setattr(eviction, "_load_kernels_soon", lambda: None)  # ... and still loading
+    late = Busy(seed=11)
+    kept = 0
+    for call in calls:
+        getattr(late, call[0] + "_many")(*call[1:])
+        kept += 1
+    assert kept == 40 and late._backlog is not None and len(late._backlog) == kept
+    monkeypatch.undo()  # loaded now: the next call replays what was kept, then itself
+    assert late.select_victims(10_000, lambda key: True) == loaded.select_victims(10_000, lambda key: True)
+    assert late._backlog is None and late.history_len == loaded.history_len
+
+
+def test_the_kernels_load_only_where_an_lhd_policy_runs():
+    """Importing the policies costs no numba import (the CLI, clients); building an index
+    starts loading the default policy's kernels beside the rest of the start."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, kvpool.master.eviction as e; assert 'numba' not in sys.modules; "
+             "from kvpool.master.index import BlockIndex; from kvpool.master.nodes import NodeRegistry; "
+             "BlockIndex(NodeRegistry()); e._kernels_thread.join(); "
+             "assert 'numba' in sys.modules and e._kernels is not None; print('ok')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
