@@ -70,9 +70,9 @@ class EvictionPolicy(ABC):
 
     @classmethod
     def prepare(cls, wait: bool = False) -> None:
-        """Load what the policy needs once per process (compiled code): in the background,
-        so that neither the process's start nor its first requests wait for it, or, with
-        ``wait``, now (before a measurement)."""
+        """Load what the policy needs once per process (compiled code): with ``wait`` now
+        (the index does, when it is built, before the master answers), else in the
+        background (a policy made without an index keeps its calls until it is loaded)."""
 
     @abstractmethod
     def insert(self, key: bytes, info: BlockInfo) -> None: ...
@@ -590,9 +590,9 @@ class HitDensityPolicy(EvictionPolicy):
         # state is in the kernels' arrays (see kvpool.master.hit_density_kernels).
         self._ids: dict[bytes, int] = {}
         self._keys: list[bytes | None] = []  # id -> key (None: free or dead)
-        # The arrays are made once the kernels are loaded (on a thread of their own, which
-        # the index starts when it is built); calls made before are kept in order and
-        # replayed then, so a master's first requests do not wait for numba.
+        # The arrays are made once the kernels are loaded (the index loads them when it is
+        # built; a policy made before starts loading them on a thread of their own): calls
+        # made before are kept in order and replayed then.
         self._backlog: list[tuple] | None = []
         self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
         self._rng = np.random.default_rng(seed)
