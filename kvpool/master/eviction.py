@@ -503,9 +503,10 @@ class HitDensityPolicy(EvictionPolicy):
     reference). Victims are chosen among ``SAMPLES`` random leaves per requested victim (all
     leaves when there are fewer), scored from the leaf list's own copy of their class and
     tick. Measured by ``kvpool replay`` (``us_per_ref``) on the FAST'25 conversation trace,
-    on the shared 2-core development machine: 2.6 to 3.5 us of master CPU per block
-    reference, where the pure-Python version of the same decisions took 4.8 to 7 (see the
-    README's eviction section for the runs).
+    on the shared, loaded 2-core development machine: 3.6 to 4.9 us of master CPU per block
+    reference in three runs of ``tools/bench_replay.py``, 2.6 to 4.9 in two runs beside the
+    pure-Python version of the same decisions, which took 5.0 to 9.7 there; the policy's
+    calls alone, back to back, 2.1 to 2.4 (the README's eviction section has the runs).
     The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
     keys, never more than ``HISTORY_MAX``, at each recomputation (the oldest last
     references leave first), so it holds at most 1.5x that. About 310 bytes a key, its
