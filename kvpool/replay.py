@@ -311,6 +311,7 @@ def replay(
     trace = _as_trace(trace)
     if policy is None or isinstance(policy, str):
         policy = make_policy(policy)
+    type(policy).prepare(wait=True)  # compiled code is loaded before the clock starts
     checked = CheckedPolicy(policy)
     name = checked.name
     layout = KVLayout(1, 1, 8, "float16", 16)  # 512-byte blocks: the size never matters here

@@ -309,6 +309,9 @@ class BlockIndex:
         self.policy_factory = policy_factory
         if self.config.eviction_policy not in POLICIES:
             make_policy(self.config.eviction_policy)  # raises, naming the known policies
+        # Compiled code is loaded now, before the master answers: not in its first commit,
+        # and its memory does not grow once it serves.
+        POLICIES[self.config.eviction_policy].prepare(wait=True)
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._blocks: dict[bytes, Entry] = {}        # committed, visible
         self._pending: dict[bytes, Entry] = {}       # granted, not yet committed

@@ -1,0 +1,546 @@
+"""Compiled per-batch kernels of the ``lhd`` eviction policy (:class:`kvpool.master.eviction.HitDensityPolicy`).
+
+The policy gives every key it knows (resident in the tier, or only remembered in its
+reference history) a dense integer *id*, once, through one dict, and keeps everything else
+in numpy arrays indexed by id. Each call of the index (one put's inserts, one lease's
+accesses, one eviction's removals, one selection) is one call of these functions, compiled
+by numba: the per-block loop runs as machine code, and Python does only the work on
+``bytes`` keys around it (dict lookups by ``map``, a C loop).
+
+State layout (``st``, int64, one row per id, one column per field: an id's fields share a
+cache line or two, which is what the per-block work reads):
+
+* ``HVAL``: the key's history entry, ``tick << 9 | count << 1 | last`` (last reference tick,
+  references so far capped at 255, last-block flag), 0 when it is not in the history;
+* ``TICK``: tick of the block's last reference while resident (it outlives a trimmed
+  history entry); ``CLS``: its class times ``BINS`` (the first cell of its rank-table row);
+* ``KIDS``: resident children; ``PAR``: parent id or -1; ``LPOS``: index in ``leaves`` or -1;
+* ``FLAGS``: ``F_RES`` while the key is resident; ``F_DEAD`` when the block was removed
+  while it still had children: the id stays, keyless, for their parent links, and is freed
+  by its last child's removal (the key, if it is remembered, moves to a new id);
+  ``F_BLOCKED``, ``F_TAKEN``, ``F_SEEN``: scratch of one selection (a key the index refused,
+  a key chosen already, a candidate met in this walk), clear when the call returns;
+* ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside).
+
+An id is in use while its key is resident, remembered (``HVAL`` != 0) or dead; otherwise
+it is on the ``free`` stack and its key out of the dict (the functions report which ids
+lost their key). ``meta`` holds the scalars: ``NOW`` (ticks so far), ``NLEAVES``, ``NFREE``,
+``NSLOTS`` (ids ever used: the high-water mark), ``NPENDING`` (reuses counted in ``pending``
+since the last fold), ``NHIST`` (ids with a history entry) and ``NRES`` (resident ones).
+``leaves`` lists the leaf ids in no order (swap-remove). The caller grows the arrays before
+a call that may need more ids.
+
+Each function does what the policy's docstring states, in the same order as the Python
+implementation it replaced (``tests/unit/master/lhd_reference.py``, kept as the test
+oracle): the same leaf order and the same victims.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "KIDS", "KLEFT",
+    "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "TICK", "access",
+    "age_bin", "choose", "insert", "remove", "trim", "warm_up",
+]
+
+TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL = range(8)
+FIELDS = 8  # 64 bytes: one cache line per id
+#: Bits of ``FLAGS``.
+F_RES, F_DEAD, F_BLOCKED, F_TAKEN, F_SEEN = 1, 2, 4, 8, 16
+NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES = range(7)
+META = 7
+
+#: A sort key above every real one (rank << 40 plus a tick below 2**40).
+_NO_BOUND = np.int64((1 << 63) - 1)
+
+
+@njit(cache=True, nogil=True)
+def age_bin(age, lut, nb):
+    """Quarter-octave bin of an age, capped at ``nb - 1``: from ``lut`` below its length,
+    else 0..3 exactly, then 4 bins per doubling."""
+    if age < lut.shape[0]:
+        return np.int64(lut[age])
+    e = -1
+    x = age
+    while x:
+        x >>= 1
+        e += 1
+    if e < 2:
+        return age if age > 0 else 0
+    b = 4 * e + ((age >> (e - 2)) & 3) - 4
+    return b if b < nb else nb - 1
+
+
+@njit(cache=True, nogil=True)
+def _unleaf(st, leaves, meta, p):
+    """Take slot ``p`` out of the leaf list (swap-remove: the last leaf takes its place)."""
+    i = st[p, LPOS]
+    if i < 0:
+        return
+    nl = meta[NLEAVES] - 1
+    meta[NLEAVES] = nl
+    moved = leaves[nl, 0]
+    if moved != p:
+        leaves[i, 0] = moved
+        leaves[i, 1] = leaves[nl, 1]
+        st[moved, LPOS] = i
+    st[p, LPOS] = -1
+
+
+@njit(cache=True, nogil=True)
+def _leaf(st, leaves, meta, s):
+    nl = meta[NLEAVES]
+    st[s, LPOS] = nl
+    leaves[nl, 0] = s
+    leaves[nl, 1] = (st[s, CLS] << 40) | st[s, TICK]
+    meta[NLEAVES] = nl + 1
+
+
+@njit(cache=True, nogil=True)
+def _new_id(st, free, meta):
+    """A fresh id: the last freed one, or the next never used."""
+    nf = meta[NFREE]
+    if nf > 0:
+        nf -= 1
+        meta[NFREE] = nf
+        s = free[nf]
+    else:
+        s = meta[NSLOTS]
+        meta[NSLOTS] = s + 1
+    st[s, KIDS] = 0
+    st[s, PAR] = -1
+    st[s, LPOS] = -1
+    st[s, FLAGS] = 0
+    st[s, HVAL] = 0
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _free_id(free, meta, s):
+    nf = meta[NFREE]
+    free[nf] = s
+    meta[NFREE] = nf + 1
+
+
+@njit(cache=True, nogil=True)
+def _reference(st, pending, row, lut, nb, s, now, last):
+    """One reference of id ``s`` at tick ``now``: a remembered key ends a reuse interval
+    (counted in ``pending`` by the class and age bin it ends in) and counts one more
+    reference; a key without history starts at count 1 with ``last``. Sets its history
+    entry, tick and class."""
+    old = st[s, HVAL]
+    if old != 0:
+        count = (old >> 1) & 0xFF
+        last = old & 1
+        pending[row[count] + last * nb + age_bin(now - (old >> 9), lut, nb)] += 1
+        if count < 255:
+            count += 1
+    else:
+        count = 1
+    st[s, HVAL] = (now << 9) | (count << 1) | last
+    st[s, TICK] = now
+    st[s, CLS] = row[count] + last * nb
+    return old != 0
+
+
+@njit(cache=True, nogil=True)
+def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, chain):
+    """References of ``m`` keys that become resident (one insert batch), in order.
+
+    ``ids[i]``: the key's id, or -1 for a key the policy does not know (it gets a new id,
+    written back into ``ids``); ``lasts[i]``: its ``BlockInfo.last``. ``parents[i]``: the
+    parent's id if the policy knows it (it counts only while resident), -1 if none or
+    unknown, ``-2 - j`` for the ``j``-th key of this batch; with ``chain`` every key but the
+    first has the one before it as parent (``parents[0]`` is the head's). A resident parent
+    that gains a child stops being a leaf; every new block without children is a leaf.
+
+    Returns how many new ids were given, or -1, having changed nothing, if a key is
+    resident already (the caller then inserts one key at a time, removing it first).
+    """
+    m = ids.shape[0]
+    for i in range(m):
+        if ids[i] >= 0 and (st[ids[i], FLAGS] & F_RES):
+            return -1
+    now = meta[NOW]
+    npend = meta[NPENDING]
+    nhist = meta[NHIST]
+    made = 0
+    unleaf = np.empty(m, np.int64)
+    nu = 0
+    for i in range(m):
+        now += 1
+        s = ids[i]
+        if s < 0:
+            s = _new_id(st, free, meta)
+            ids[i] = s
+            made += 1
+        if _reference(st, pending, row, lut, nb, s, now, lasts[i]):
+            npend += 1
+        else:
+            nhist += 1
+        st[s, FLAGS] |= F_RES
+        ps = parents[i] if (i == 0 or not chain) else -1 - i
+        if ps == -1:
+            p = -1
+        elif ps <= -2:  # a block of this batch: new, so not a leaf yet
+            p = ids[-2 - ps]
+            st[p, KIDS] += 1
+        elif (st[ps, FLAGS] & F_RES) and ps != s:  # (a block is not its own parent, whatever it is told)
+            p = ps
+            st[p, KIDS] += 1
+            if st[p, LPOS] >= 0:
+                unleaf[nu] = p
+                nu += 1
+        else:  # known, but only in the history: not a parent here
+            p = -1
+        st[s, PAR] = p
+    for j in range(nu):
+        _unleaf(st, leaves, meta, unleaf[j])
+    for i in range(m):
+        s = ids[i]
+        if st[s, KIDS] == 0:
+            _leaf(st, leaves, meta, s)
+    meta[NOW] = now
+    meta[NPENDING] = npend
+    meta[NHIST] = nhist
+    meta[NRES] += m
+    return made
+
+
+@njit(cache=True, nogil=True)
+def access(st, leaves, meta, pending, row, lut, nb, ids, start, until):
+    """References of the resident keys among ``ids[start:]`` (one access batch, each key
+    once; -1 or a key that is not resident is no reference here), in order, until the clock
+    reaches ``until`` (a density refresh is due). Returns the index to go on from."""
+    now = meta[NOW]
+    npend = meta[NPENDING]
+    nhist = meta[NHIST]
+    n = ids.shape[0]
+    i = start
+    while i < n and now < until:
+        s = ids[i]
+        i += 1
+        if s < 0 or not (st[s, FLAGS] & F_RES):
+            continue
+        now += 1
+        if _reference(st, pending, row, lut, nb, s, now, 0):
+            npend += 1
+        else:  # trimmed from the history meanwhile: it starts again at count 1, not last
+            nhist += 1
+        if st[s, LPOS] >= 0:
+            leaves[st[s, LPOS], 1] = (st[s, CLS] << 40) | now
+    meta[NOW] = now
+    meta[NPENDING] = npend
+    meta[NHIST] = nhist
+    return i
+
+
+@njit(cache=True, nogil=True)
+def remove(st, leaves, free, meta, ids, moved):
+    """Removals in order (-1, or a key not resident: nothing). A leaf leaves the leaf list; a
+    parent left with no children becomes a leaf, or is freed if it was removed already
+    (dead); a block removed while it has children stays as a dead, keyless id for them.
+
+    Writes ``(id, new id)`` pairs to ``moved`` for each id that lost its key: the new id
+    carries the key's history, or is -1 when the key is forgotten (no history). Returns
+    how many pairs."""
+    nm = 0
+    nres = meta[NRES]
+    for j in range(ids.shape[0]):
+        s = ids[j]
+        if s < 0 or not (st[s, FLAGS] & F_RES):
+            continue
+        st[s, FLAGS] &= ~F_RES
+        nres -= 1
+        _unleaf(st, leaves, meta, s)
+        p = st[s, PAR]
+        if p >= 0:
+            left = st[p, KIDS] - 1
+            st[p, KIDS] = left
+            if left == 0:
+                if st[p, FLAGS] & F_DEAD:
+                    st[p, FLAGS] &= ~F_DEAD
+                    _free_id(free, meta, p)
+                else:
+                    _leaf(st, leaves, meta, p)
+        if st[s, KIDS]:
+            st[s, FLAGS] |= F_DEAD
+            n2 = -1
+            if st[s, HVAL] != 0:  # the key's history moves to an id of its own
+                n2 = _new_id(st, free, meta)
+                st[n2, HVAL] = st[s, HVAL]
+                st[n2, TICK] = st[s, TICK]
+                st[s, HVAL] = 0
+            moved[2 * nm] = s
+            moved[2 * nm + 1] = n2
+            nm += 1
+        elif st[s, HVAL] == 0:  # neither resident nor remembered: forgotten
+            _free_id(free, meta, s)
+            moved[2 * nm] = s
+            moved[2 * nm + 1] = -1
+            nm += 1
+    meta[NRES] = nres
+    return nm
+
+
+@njit(cache=True, nogil=True)
+def trim(st, free, meta, drop, forgotten):
+    """Take the ids in ``drop`` out of the history; those neither resident nor dead are
+    freed and written to ``forgotten`` (their keys leave the dict). Returns how many."""
+    nf = 0
+    for j in range(drop.shape[0]):
+        s = drop[j]
+        st[s, HVAL] = 0
+        if not st[s, FLAGS] & (F_RES | F_DEAD):
+            _free_id(free, meta, s)
+            forgotten[nf] = s
+            nf += 1
+    meta[NHIST] -= drop.shape[0]
+    return nf
+
+
+@njit(cache=True, nogil=True)
+def _sort_key(st, rank40, lut, nb, now, s):
+    """Victims first: density rank, then older first (``rank << 40`` plus the last tick)."""
+    t = st[s, TICK]
+    return rank40[st[s, CLS] + age_bin(now - t, lut, nb)] + t
+
+
+@njit(cache=True, nogil=True)
+def _packed_key(rank40, lut, nb, now, packed):
+    """``_sort_key`` of a leaf from its copy in the leaf list (``cls << 40 | tick``)."""
+    t = packed & 0xFFFFFFFFFF
+    return rank40[(packed >> 40) + age_bin(now - t, lut, nb)] + t
+
+
+@njit(cache=True, nogil=True)
+def _smallest(keys, k):
+    """Positions of the ``k`` smallest keys, in ascending key order (equal keys in input
+    order): the head of a stable sort, by insertion into a sorted buffer of ``k``."""
+    n = keys.shape[0]
+    if k > n:
+        k = n
+    top = np.empty(k, np.int64)
+    tk = np.empty(k, np.int64)
+    c = 0
+    for i in range(n):
+        x = keys[i]
+        if c == k:
+            if x >= tk[k - 1]:
+                continue
+            j = k - 1
+        else:
+            j = c
+            c += 1
+        while j > 0 and tk[j - 1] > x:
+            tk[j] = tk[j - 1]
+            top[j] = top[j - 1]
+            j -= 1
+        tk[j] = x
+        top[j] = i
+    return top
+
+
+@njit(cache=True, nogil=True)
+def _heap_push(hk, hv, n, key, val):
+    """Push onto the binary min-heap of ``n`` (key, value) pairs in ``hk``/``hv``."""
+    i = n
+    while i > 0:
+        up = (i - 1) >> 1
+        if hk[up] < key or (hk[up] == key and hv[up] <= val):
+            break
+        hk[i] = hk[up]
+        hv[i] = hv[up]
+        i = up
+    hk[i] = key
+    hv[i] = val
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
+def _heap_pop(hk, hv, n):
+    """Remove the smallest pair (the caller read it at index 0); returns the new size."""
+    n -= 1
+    key = hk[n]
+    val = hv[n]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and (hk[c + 1] < hk[c] or (hk[c + 1] == hk[c] and hv[c + 1] < hv[c])):
+            c += 1
+        if key < hk[c] or (key == hk[c] and val <= hv[c]):
+            break
+        hk[i] = hk[c]
+        hv[i] = hv[c]
+        i = c
+    hk[i] = key
+    hv[i] = val
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
+    """Take up to ``count`` victims (appended to ``out`` from ``nout``) from candidates sorted
+    by key, skipping keys blocked or taken; a victim's parent that becomes a leaf competes at
+    once. Returns the new length of ``out``."""
+    n = cand.shape[0]
+    hk = np.empty(count + 1, np.int64)  # parents waiting: each victim adds at most one
+    hv = np.empty(count + 1, np.int64)
+    nh = 0
+    touched = np.empty(n + 2 * count + 1, np.int64)
+    nt = 0
+    i = 0
+    got = 0
+    while got < count:
+        if nh > 0 and (i >= n or hk[0] < ckey[i]):
+            s = hv[0]
+            nh = _heap_pop(hk, hv, nh)
+        elif i < n:
+            s = cand[i]
+            i += 1
+        else:
+            break
+        if st[s, FLAGS] & F_SEEN:
+            continue
+        st[s, FLAGS] |= F_SEEN
+        touched[nt] = s
+        nt += 1
+        if st[s, FLAGS] & (F_TAKEN | F_BLOCKED):
+            continue
+        out[nout + got] = s
+        got += 1
+        # Walk up the chain while each parent becomes a leaf and is the best choice left
+        # (a dead chain peeled from its tail); a parent that is not the best yet waits in
+        # the heap. A parent met here was in no candidate list (it was not a leaf) and
+        # reaches zero children once: it needs no ``F_SEEN`` mark.
+        p = st[s, PAR]
+        if not leaves_only or p < 0:
+            continue
+        bound = ckey[i] if i < n else _NO_BOUND
+        if nh > 0 and hk[0] < bound:
+            bound = hk[0]
+        while not (st[p, FLAGS] & F_DEAD):
+            kids = st[p, KIDS]
+            if kids != 1:  # a parent with one child is met once: no count to keep
+                left = st[p, KLEFT]
+                if left < 0:
+                    left = kids
+                    touched[nt] = p
+                    nt += 1
+                left -= 1
+                st[p, KLEFT] = left
+                if left:
+                    break
+            pk = _sort_key(st, rank40, lut, nb, now, p)
+            if pk <= bound and got < count:
+                if not st[p, FLAGS] & (F_TAKEN | F_BLOCKED):
+                    out[nout + got] = p
+                    got += 1
+                    p = st[p, PAR]
+                    if p < 0:
+                        break
+                    continue
+                break
+            nh = _heap_push(hk, hv, nh, pk, p)
+            break
+    for j in range(nt):
+        s = touched[j]
+        st[s, FLAGS] &= ~F_SEEN
+        st[s, KLEFT] = -1
+    return nout + got
+
+
+@njit(cache=True, nogil=True)
+def _pick(st, rank40, lut, nb, now, cand, keys, count, leaves_only, out, nout):
+    """Up to ``count`` victims from ``cand`` (sort keys ``keys``), best first, appended to
+    ``out``: the walk looks at the best ``2 * count + 16`` candidates, and four times further
+    each time too many of them were blocked or taken."""
+    n = cand.shape[0]
+    if n == 0:
+        return nout
+    k = min(n, 2 * count + 16)
+    while True:
+        top = _smallest(keys, k)
+        got = _walk(st, rank40, lut, nb, now, cand[top], keys[top], count, leaves_only, out, nout)
+        if got - nout >= count or k >= n:
+            return got
+        k = min(n, 4 * k)
+
+
+@njit(cache=True, nogil=True)
+def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
+    """One selection: up to ``count`` victim ids into ``out``, best first; returns how many.
+
+    The candidates are the leaves at positions ``draw % leaves`` (a sample), or every leaf
+    when ``draw`` is empty; they are scored from the leaf list's own copy of their class and
+    tick (a small array, where the ids' rows are spread over the whole state). If the
+    sample runs short (blocked leaves), every leaf; if no leaf is left, interior blocks, as
+    a last resort. Keys the index refused are marked ``F_BLOCKED`` by the caller, which calls
+    again until every victim returned was accepted."""
+    now = meta[NOW]
+    nl = meta[NLEAVES]
+    nd = draw.shape[0]
+    if nd > 0:
+        cand = np.empty(nd, np.int64)
+        keys = np.empty(nd, np.int64)
+        for j in range(nd):
+            pos = draw[j] % nl
+            cand[j] = leaves[pos, 0]
+            keys[j] = _packed_key(rank40, lut, nb, now, leaves[pos, 1])
+        nout = _pick(st, rank40, lut, nb, now, cand, keys, count, True, out, 0)
+    else:
+        nout = 0
+    if nout < count and (nd > 0 or nout == 0):  # the sample ran short, or there was none: every leaf
+        for j in range(nout):
+            st[out[j], FLAGS] |= F_TAKEN
+        cand = leaves[:nl, 0].copy()
+        keys = np.empty(nl, np.int64)
+        for j in range(nl):
+            keys[j] = _packed_key(rank40, lut, nb, now, leaves[j, 1])
+        nout = _pick(st, rank40, lut, nb, now, cand, keys, count - nout, True, out, nout)
+    if nout < count:
+        for j in range(nout):
+            st[out[j], FLAGS] |= F_TAKEN
+        ns = meta[NSLOTS]
+        rest = np.empty(ns, np.int64)
+        nr = 0
+        for s in range(ns):
+            if st[s, FLAGS] & (F_RES | F_TAKEN) == F_RES:
+                rest[nr] = s
+                nr += 1
+        rest = rest[:nr]
+        keys = np.empty(nr, np.int64)
+        for j in range(nr):
+            keys[j] = _sort_key(st, rank40, lut, nb, now, rest[j])
+        nout = _pick(st, rank40, lut, nb, now, rest, keys, count - nout, False, out, nout)
+    for j in range(nout):
+        st[out[j], FLAGS] &= ~F_TAKEN
+    return nout
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel on a tiny state, so that a master
+    pays it at startup and not in its first eviction."""
+    nb = 4
+    st = np.zeros((8, FIELDS), np.int64)
+    st[:, KLEFT] = -1
+    leaves = np.zeros((8, 2), np.int64)
+    free = np.zeros(8, np.int64)
+    meta = np.zeros(META, np.int64)
+    pending = np.zeros(2 * nb, np.int64)
+    row = np.zeros(256, np.int64)
+    lut = np.zeros(4, np.int8)
+    rank40 = np.zeros(2 * nb, np.int64)
+    ids = np.full(2, -1, np.int64)
+    insert(st, leaves, free, meta, pending, row, lut, nb, ids, np.zeros(2, np.int64), np.array([-1], np.int64), True)
+    access(st, leaves, meta, pending, row, lut, nb, ids, 0, 1 << 62)
+    out = np.zeros(2, np.int64)
+    choose(st, leaves, meta, rank40, lut, nb, np.zeros(0, np.int64), 2, out)
+    choose(st, leaves, meta, rank40, lut, nb, np.zeros(2, np.int64), 2, out)
+    remove(st, leaves, free, meta, ids, np.zeros(4, np.int64))
+    trim(st, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
