@@ -46,8 +46,10 @@ run: setup
 	$(VENV)/bin/kvpool serve
 
 # Both suites run, whatever the first one says; the target fails if either does.
+# The engine suite keeps its own numba cache: its numba version differs from the main venv's,
+# and the two would otherwise overwrite each other's compiled eviction kernels.
 test: setup setup-engines system-deps
-	$(PY) -m pytest -q; main=$$?; $(ENGINES_PY) -m pytest -q tests/engines; engines=$$?; \
+	$(PY) -m pytest -q; main=$$?; NUMBA_CACHE_DIR=$(ENGINES_VENV)/numba-cache $(ENGINES_PY) -m pytest -q tests/engines; engines=$$?; \
 	  test $$main = 0 && test $$engines = 0
 
 demo: setup
