@@ -44,85 +44,8 @@ def _bin_start(b: int) -> int:
 
 
 class ReferenceHitDensityPolicy(EvictionPolicy):
-    """Learned hit density, prefix-aware and leaf-first ("lhd", the default).
-
-    The idea is LHD (Beckmann, Chen and Cidon, NSDI '18): a block is worth its expected future
-    hits per unit of cache space-time, and the policy evicts the sampled block worth least.
-    What this policy adds for a prefix cache is *where it learns from* and *what it may
-    evict*.
-
-    **Classes.** Every reference (an insert or a hit) starts an *interval* that ends at the
-    key's next reference. The interval's class is a pair of features the master knows:
-    how many times the key was referenced so far (buckets 1, 2-3, 4-7, 8+) and whether the
-    block ended the chain its writer published (``BlockInfo.last``: a request's last block
-    is the one the next turn rewrites, so it is reused far less often; the policy does not
-    assume that, it learns it per class).
-
-    **Learning from a long history, not from the cache.** The policy keeps a *history*: the
-    last reference tick, reference count and last flag of every recently referenced key,
-    resident or not. When a key in the history is referenced again, that is a reuse at
-    distance ``now - last`` for the class of the interval that ends. Keys that leave the
-    history unreused, and keys still in it, are *censored* at their age: known to survive
-    that long, fate unknown. Per class and age bin, the hazard ``h(a)`` (reuse at age ``a``
-    given survival to ``a``) is a Kaplan-Meier estimate from those counts, so the reuse
-    distributions are learned from the reference stream itself, up to ages far beyond what a
-    small cache ever keeps: a small cache can learn that what it evicts young would have
-    been reused at age 9,000, which is what lets it behave like admission control.
-
-    **Density.** For a block of class ``c`` at age ``a``, with survival ``S`` from ``a``
-    built from ``h``, keeping it until age ``T`` yields ``(1 - S(T)) / sum(S over [a, T))``
-    hits per unit of space-time. Its density is the best such ratio over ``T``. This ranks
-    blocks without knowing the capacity: a cache keeps the blocks whose density is above
-    the price its size sets, so a small one keeps few blocks that are near their likely
-    reuse (and evicts fresh ones: admission control) and a large one evicts only what is
-    unlikely to be reused at all (close to LRU). A class/age cell with no observations yet
-    borrows the hazard pooled over all classes (one pseudo-observation), and ages beyond
-    the history have density 0. Before anything is learned all densities are equal and
-    ties go to the oldest block: the policy starts as LRU.
-
-    **Leaf-first.** The index tells the policy each block's parent (the block before it in
-    the chain of one put). Only leaves, blocks with no resident child, are candidates, so
-    a non-recency order can never cut a chain in the middle and strand its tail. When a
-    victim's parent becomes a leaf it joins the candidates of the same call. Only when no
-    leaf is evictable (a pinned child) may an interior block go.
-
-    **Cost and memory.** Per reference: a few dict and list operations, batched per call
-    (one put, one lease, one eviction's removals; a put's chain is inserted list by list,
-    its stores done by ``map`` so the per-block loop runs in C). Age bins come from a shared
-    table for ages below ``BIN_LUT``. Densities are recomputed with numpy when half as many references
-    as the history holds have been made since the last time, and at least ``REFRESH_MIN``
-    (amortized O(1) per reference). Victims are chosen among ``SAMPLES`` random leaves per
-    requested victim (all leaves when there are fewer), scored in one vectorized pass.
-    The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
-    keys, never more than ``HISTORY_MAX``, at each recomputation, so it holds at most 1.5x
-    that; about 150 bytes a key (a 16-byte key and one packed int in a dict): 30 MiB at
-    the floor, under 1 GiB at the cap.
-
-    Constants, each with its reason (none was fitted to a trace):
-
-    * ``SAMPLES = 64`` candidates per victim: LHD's sample size; the victim is then in the
-      lowest ~1/65 of densities in expectation, close to a full sort at a fraction of it.
-    * Age bins: 4 per doubling, up to 2^32 references. Reuse distances span many orders of
-      magnitude, so bins are logarithmic; a quarter octave (19% wide) resolves a reuse peak
-      while keeping ~130 bins per class, few enough to fill with data.
-    * ``HISTORY_PER_BLOCK = 4``: the history must remember keys for longer than the cache
-      keeps them, or old blocks look worthless. A block in a cache of C blocks lives about
-      C / (miss ratio) references; 4 x C covers miss ratios down to 25%. ``HISTORY_MIN =
-      2**17`` keys (about 20 MiB) so that a small cache still learns reuse far beyond its own
-      size, which is the whole point; it is a memory budget, not a fit. ``HISTORY_MAX =
-      2**22`` bounds memory for huge tiers.
-    * Reference-count buckets in powers of two (1, 2-3, 4-7, 8+): reuse probability grows
-      with past references and flattens out; doubling buckets keep four classes populated.
-    * Statistics are halved each time as many intervals have ended as the history holds,
-      so the policy remembers about two histories' worth of traffic and follows changes in
-      the workload at the pace its memory allows.
-    * One pseudo-observation of the pooled hazard per cell: the weakest prior that keeps
-      an empty cell defined; a cell with data is dominated by its own counts.
-    * ``REFRESH_MIN = 256`` references between two recomputations at least: a density pass
-      costs O(classes x bins^2), about a millisecond, so this bounds it near a few
-      microseconds per reference while the history is tiny; the first densities come
-      after 256 references, so learning starts almost at once.
-    """
+    """The former pure-Python ``HitDensityPolicy`` (see its docstring in
+    kvpool/master/eviction.py: the same protocol, classes, density and constants)."""
 
     name = "lhd-reference"
 
