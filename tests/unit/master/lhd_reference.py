@@ -11,7 +11,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from kvpool.master.eviction import BlockInfo, EvictionPolicy
+from kvpool.master.eviction import BlockInfo, EvictionPolicy, HitDensityPolicy
 
 
 def _age_bin(age: int) -> int:
@@ -433,52 +433,10 @@ class ReferenceHitDensityPolicy(EvictionPolicy):
         self._rank40_l = self._rank40.tolist()
         self._refresh_at = now + max(self.REFRESH_MIN, len(self._history) // 2)
 
-    def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
-        """Histogram of history values by (class, age bin)."""
-        nb, nc = self.BINS, self._nclasses
-        if len(values) == 0:
-            return np.zeros((nc, nb))
-        cls = np.asarray(self._bucket)[(values >> 1) & 0xFF] + (values & 1)
-        bins = np.searchsorted(self._edges, now - (values >> 9), "right")
-        return np.bincount(cls * nb + bins, minlength=nc * nb).reshape(nc, nb).astype(np.float64)
-
-    def densities(self, reused: np.ndarray, exits: np.ndarray) -> np.ndarray:
-        """Hit density per (class, age bin) from reuse counts and all interval exits (reused,
-        censored or still open) by the bin they ended in: Kaplan-Meier hazards, then the best
-        hits per space-time over every horizon.
-
-        With survival ``S`` and cumulative space-time ``C`` (both from age 0, at bin starts),
-        keeping a block from bin ``i`` to bin ``T`` gives ``(S[i] - S[T]) / (C[T] - C[i])``.
-        Hazards are capped at 0.99 so that ``S`` stays representable over every bin."""
-        nc, nb = reused.shape
-        density = np.zeros((nc, nb))
-        at_risk = np.cumsum(exits[:, ::-1], axis=1)[:, ::-1]
-        seen = np.nonzero(at_risk.sum(0) > 0)[0]
-        if len(seen) == 0:
-            return density
-        top = int(seen[-1]) + 1  # past the oldest age ever observed nothing is known: density 0
-        reused, at_risk = reused[:, :top], at_risk[:, :top]
-        pooled = reused.sum(0) / np.maximum(at_risk.sum(0), 1e-300)
-        hazard = np.clip((reused + self.PRIOR * pooled) / (at_risk + self.PRIOR), 0.0, 0.99)
-        surv = np.exp(np.concatenate([np.zeros((nc, 1)), np.cumsum(np.log1p(-hazard), axis=1)], axis=1))
-        spacetime = np.concatenate(
-            [np.zeros((nc, 1)), np.cumsum(self._width[:top] * 0.5 * (surv[:, :-1] + surv[:, 1:]), axis=1)], axis=1)
-        # ratio[c, i, T] for start bin i < top and end T in (i, top]
-        gained = surv[:, :top, None] - surv[:, None, :]
-        spent = spacetime[:, None, :] - spacetime[:, :top, None]
-        later = np.arange(top + 1)[None, :] > np.arange(top)[:, None]
-        ratio = np.where(later, gained / np.where(later, spent, 1.0), 0.0)
-        density[:, :top] = ratio.max(axis=2)
-        return density
-
-    @staticmethod
-    def _ranks(dens: np.ndarray) -> np.ndarray:
-        """Dense ranks of the density cells (equal densities share a rank: age breaks ties)."""
-        flat = dens.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        rank = np.empty(len(flat), np.int64)
-        rank[order] = np.concatenate([[0], np.cumsum(np.diff(flat[order]) > 0)])
-        return rank
+    # The learning itself did not change with the kernels: the package's code, shared.
+    _cells = HitDensityPolicy._cells
+    densities = HitDensityPolicy.densities
+    _ranks = staticmethod(HitDensityPolicy._ranks)
 
     # ------------------------------------------------------------------ victims
 
