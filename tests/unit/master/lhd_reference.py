@@ -6,41 +6,18 @@ from __future__ import annotations
 
 import heapq
 from itertools import islice, repeat
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Callable, ClassVar
 
 import numpy as np
 
-from kvpool.master.eviction import BlockInfo, EvictionPolicy, HitDensityPolicy
+# The age bins and info accessors did not change with the kernels: the package's, shared.
+from kvpool.master.eviction import (BlockInfo, EvictionPolicy, HitDensityPolicy, _age_bin, _age_bin_capped,
+                                    _bin_start, _last_of, _parent_of)
 
-
-def _age_bin(age: int) -> int:
-    """Quarter-octave bin of an age in references: 0..3 exactly, then 4 bins per doubling."""
-    e = age.bit_length() - 1
-    if e < 2:
-        return age if age > 0 else 0
-    return 4 * e + ((age >> (e - 2)) & 3) - 4
-
-
-def _age_bin_capped(age: int, bins: int) -> int:
-    """:func:`_age_bin`, the last bin holding every older age."""
-    b = _age_bin(age)
-    return b if b < bins else bins - 1
-
-
-_parent_of = attrgetter("parent")
-_last_of = attrgetter("last")
 
 #: A sort key above every real one (ranks are far below 2**60).
 _NO_BOUND = 1 << 100
-
-
-def _bin_start(b: int) -> int:
-    """The smallest age in bin ``b`` (inverse of :func:`_age_bin`)."""
-    if b < 4:
-        return b
-    e, f = divmod(b + 4, 4)
-    return (4 + f) << (e - 2)
 
 
 class ReferenceHitDensityPolicy(EvictionPolicy):
