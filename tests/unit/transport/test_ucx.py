@@ -80,6 +80,21 @@ class Node:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def wait_stopped(self, timeout: float = 5.0) -> None:
+        """SIGSTOP is delivered asynchronously: wait until the kernel shows the node stopped,
+        so that CPU time it spends finishing its last slice is not counted against a read."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            # Every thread: the group stop reaches UCX's progress thread on its own time.
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            if all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.01)
+        raise AssertionError("node did not stop")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -279,6 +294,7 @@ def test_stopped_node(own_node):
         data = blocks([MIB2, KIB64], seed=5)
         share = share_for(data, [0, MIB2])
         os.kill(own_node.proc.pid, signal.SIGSTOP)
+        own_node.wait_stopped()
         if UcxTransport.one_sided_to(own_node.endpoint):
             cpu = own_node.cpu_seconds()
             t.write(share, data)
