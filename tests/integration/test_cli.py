@@ -249,10 +249,16 @@ def test_serve_with_default_settings_is_ready_within_two_seconds(tmp_path):
     within 2 s, the prefault going on in the background. Only the ports are ephemeral, so the
     test can run beside another server. On a machine so loaded that even a server with nothing
     to prefault takes over a second (measured in the same run), the default may take that long
-    plus one second, and no more (synchronous prefaulting took ~9 s)."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    floor, _ = time_to_answer(tmp_path / "a", "--dram", "64MiB", "--prefault", "false")
-    elapsed, dram = time_to_answer(tmp_path / "b")
-    assert dram == "4.0GiB"
+    plus one second, and no more (synchronous prefaulting took ~9 s). Each is timed twice,
+    alternately, and the faster start counts: a burst of load from elsewhere on a shared
+    machine then has to hit both starts of one kind to fail the test."""
+    floors, times = [], []
+    for run in range(2):
+        (tmp_path / f"a{run}").mkdir()
+        (tmp_path / f"b{run}").mkdir()
+        floors.append(time_to_answer(tmp_path / f"a{run}", "--dram", "64MiB", "--prefault", "false")[0])
+        elapsed, dram = time_to_answer(tmp_path / f"b{run}")
+        assert dram == "4.0GiB"
+        times.append(elapsed)
+    floor, elapsed = min(floors), min(times)
     assert elapsed < max(2.0, floor + 1.0), f"kvpool serve took {elapsed:.2f}s to answer ({floor:.2f}s with no prefault)"
