@@ -34,6 +34,7 @@ from operator import attrgetter
 from typing import Callable, ClassVar
 
 import numpy as np
+import xxhash
 
 __all__ = [
     "BlockInfo",
@@ -411,6 +412,27 @@ def _age_bin_capped(age: int, bins: int) -> int:
 
 _parent_of = attrgetter("parent")
 _last_of = attrgetter("last")
+_digest = xxhash.xxh3_128_digest
+_NO_PARENT = b"\xff" * 16  # words -1, -1: no parent
+
+
+def _as16(key: bytes) -> bytes:
+    return key if len(key) == 16 else _digest(key)
+
+
+def key_words(keys: list[bytes]) -> np.ndarray:
+    """The keys as the ``lhd`` kernels take them: two int64 words each, shape ``(m, 2)``.
+
+    A 16-byte key (the pool's block key, already a hash) is its own bytes; any other key is
+    its 128-bit xxh3 digest. Two keys that shared words would share one id: for keys of 16
+    bytes that cannot happen, and for others it takes a 128-bit collision. Even then only a
+    choice of victim could suffer: the index checks every victim it is handed."""
+    m = len(keys)
+    buf = b"".join(keys)
+    # All 16 bytes: the total is 16m and none is shorter (then none is longer either).
+    if len(buf) != m << 4 or (m and min(map(len, keys)) != 16):
+        buf = b"".join(map(_as16, keys))
+    return np.frombuffer(buf, np.int64).reshape(m, 2)
 
 #: ``kvpool.master.hit_density_kernels``, imported (and its kernels compiled or loaded from
 #: numba's cache) only in a process that runs an ``lhd`` policy: importing numba takes
@@ -420,15 +442,21 @@ _kernels_lock = threading.Lock()
 _kernels_thread: threading.Thread | None = None
 
 
+#: Positions in the kernels' ``meta`` array that the policy reads on every call, as plain
+#: globals (set when the kernels load; the policy reads none before).
+_NOW = _NSLOTS = _NRES = _NLEAVES = 0
+
+
 def _load_kernels() -> None:
     """Import and warm the kernels once; a caller meanwhile waits for the one loading them."""
-    global _kernels
+    global _kernels, _NOW, _NSLOTS, _NRES, _NLEAVES
     with _kernels_lock:
         if _kernels is None:
-            from kvpool.master import hit_density_kernels
+            from kvpool.master import hit_density_kernels as k
 
-            hit_density_kernels.warm_up()
-            _kernels = hit_density_kernels
+            k.warm_up()
+            _NOW, _NSLOTS, _NRES, _NLEAVES = k.NOW, k.NSLOTS, k.NRES, k.NLEAVES
+            _kernels = k
 
 
 def _load_kernels_soon() -> None:
@@ -587,9 +615,9 @@ class HitDensityPolicy(EvictionPolicy):
         self._pending = np.zeros(nc * nb, np.int64)  # reuses not yet folded in, by cell
         self._rank = np.zeros(nc * nb, np.int64)  # density rank of each (class, bin) cell
         self._refresh_at = self.REFRESH_MIN
-        # Every key the policy knows (resident or remembered) has an id; the rest of its
-        # state is in the kernels' arrays (see kvpool.master.hit_density_kernels).
-        self._ids: dict[bytes, int] = {}
+        # Every key the policy knows (resident or remembered) has an id, found from the key's
+        # words in the kernels' table; the rest of its state is in the kernels' arrays (see
+        # kvpool.master.hit_density_kernels). Python keeps only id -> key, for the victims.
         self._keys: list[bytes | None] = []  # id -> key (None: free or dead)
         # The arrays are made once the kernels are loaded (the index loads them when it is
         # built; a policy made before starts loading them on a thread of their own): calls
@@ -600,9 +628,6 @@ class HitDensityPolicy(EvictionPolicy):
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
         self._no_draw = np.zeros(0, np.int64)
-        # Ids of the victims handed out since the last other call: the index removes them
-        # next, and their keys are found here instead of in the (large, cold) id dict.
-        self._chosen: dict[bytes, int] = {}
         self._attach(wait=False)
 
     def _attach(self, wait: bool) -> bool:
@@ -617,6 +642,7 @@ class HitDensityPolicy(EvictionPolicy):
             _load_kernels()
         backlog, self._backlog = self._backlog, None
         self._st = np.zeros((0, _kernels.FIELDS), np.int64)
+        self._tab = np.zeros(0, np.int64)
         self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
         self._free = np.zeros(0, np.int64)
         self._meta = np.zeros(_kernels.META, np.int64)
@@ -635,15 +661,19 @@ class HitDensityPolicy(EvictionPolicy):
         free[:old] = self._free
         self._free = free
         self._keys.extend(repeat(None, size - old))
+        # The table stays at most half full: at least twice as many cells as ids.
+        self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int64)
+        _kernels.rehash(st, self._tab, self._meta)
 
     def _reserve(self, m: int, resident: bool = False) -> None:
         """Room for ``m`` more ids, and with ``resident`` for ``m`` more leaves (there are
         never more leaves than resident blocks); the kernels never grow an array."""
-        need = int(self._meta[_kernels.NSLOTS]) + m
+        meta = self._meta
+        need = int(meta[_NSLOTS]) + m
         if need > self._st.shape[0]:
             self._grow(max(need, 2 * self._st.shape[0]))
         if resident:
-            need = len(self) + m
+            need = int(meta[_NRES]) + m
             if need > len(self._leaves):
                 leaves = np.zeros((max(need, 2 * len(self._leaves)), 2), np.int64)
                 leaves[: len(self._leaves)] = self._leaves
@@ -652,9 +682,7 @@ class HitDensityPolicy(EvictionPolicy):
     def _forget(self, ids) -> None:
         """Drop the keys of ids the kernels freed."""
         keys = self._keys
-        id_of = self._ids
         for s in ids:
-            del id_of[keys[s]]
             keys[s] = None
 
     # ------------------------------------------------------------------ introspection
@@ -677,15 +705,18 @@ class HitDensityPolicy(EvictionPolicy):
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
         self._attach(wait=True)
-        s = self._ids[key]
-        if not self._st[s, _kernels.FLAGS] & _kernels.F_RES:
+        ids = np.empty(1, np.int64)
+        _kernels.find(self._st, self._tab, key_words([key]), ids)
+        s = int(ids[0])
+        if s < 0 or not self._st[s, _kernels.FLAGS] & _kernels.F_RES:
             raise KeyError(key)
         age = self._now - int(self._st[s, _kernels.TICK])
         return float(self._rank[int(self._st[s, _kernels.CLS]) + min(_age_bin(age), self.BINS - 1)])
 
     def __len__(self) -> int:
-        self._attach(wait=True)
-        return int(self._meta[_kernels.NRES])
+        if self._backlog is not None:
+            self._attach(wait=True)
+        return int(self._meta[_NRES])
 
     # ------------------------------------------------------------------ references
 
@@ -698,49 +729,36 @@ class HitDensityPolicy(EvictionPolicy):
         if self._backlog is not None and not self._attach(wait=False):
             self._backlog.append(("insert_many", keys, infos))
             return
-        self._chosen.clear()
         m = len(keys)
         if not m:
             return
         if len(set(keys)) != m:
             self._one_by_one(keys, infos)
             return
-        cut = self._refresh_at - self._now
+        cut = self._refresh_at - int(self._meta[_NOW])
         if cut < m:  # refresh exactly where one-at-a-time inserts would
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
-        id_of = self._ids.get
-        # Parents as ids: a put's chain (each block's parent the one before it, the usual
-        # case) needs only its head's; otherwise -2 - j names the j-th key of this batch.
+        # A put's chain (each block's parent the one before it, the usual case) passes only
+        # its head's parent; any other batch every block's.
         chain = m > 1 and list(map(_parent_of, islice(infos, 1, None))) == keys[:-1]
         if chain:
             head = infos[0].parent
-            parents = [-1 if head is None else id_of(head, -1)]
+            pw = key_words([_NO_PARENT if head is None else head])
         else:
-            at: dict[bytes, int] = {}
-            parents = []
-            for j, (key, info) in enumerate(zip(keys, infos)):
-                parent = info.parent
-                if parent is None:
-                    parents.append(-1)
-                else:
-                    i = at.get(parent)
-                    parents.append(id_of(parent, -1) if i is None else -2 - i)
-                at[key] = j
+            pw = key_words([_NO_PARENT if p is None else p for p in map(_parent_of, infos)])
         self._reserve(m, resident=True)
-        ids = np.fromiter(map(id_of, keys, repeat(-1)), np.int64, m)
-        made = _kernels.insert(self._st, self._leaves, self._free, self._meta, self._pending, self._row,
-                               self._bin_lut, self.BINS, ids, np.fromiter(map(_last_of, infos), np.int64, m),
-                               np.array(parents, np.int64), chain)
+        ids = np.empty(m, np.int64)
+        made = _kernels.insert(self._st, self._tab, self._leaves, self._free, self._meta, self._pending, self._row,
+                               self._bin_lut, self.BINS, key_words(keys), np.fromiter(map(_last_of, infos), np.int64, m),
+                               pw, chain, ids)
         if made < 0:  # a key is resident already
             self._one_by_one(keys, infos)
             return
         if made:
-            il = ids.tolist()
-            self._ids.update(zip(keys, il))
-            any(map(self._keys.__setitem__, il, keys))
-        if self._meta[_kernels.NOW] >= self._refresh_at:
+            any(map(self._keys.__setitem__, ids.tolist(), keys))
+        if self._meta[_NOW] >= self._refresh_at:
             self._refresh()
 
     def _one_by_one(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
@@ -756,17 +774,16 @@ class HitDensityPolicy(EvictionPolicy):
         if self._backlog is not None and not self._attach(wait=False):
             self._backlog.append(("access_many", list(keys)))
             return
-        self._chosen.clear()
-        keys = dict.fromkeys(keys)  # one reference per key per batch
+        keys = list(dict.fromkeys(keys))  # one reference per key per batch
         m = len(keys)
         if not m:
             return
-        ids = np.fromiter(map(self._ids.get, keys, repeat(-1)), np.int64, m)
+        kw = key_words(keys)
         i = 0
         while i < m:  # a refresh exactly where one-at-a-time accesses would make it
-            i = _kernels.access(self._st, self._leaves, self._meta, self._pending, self._row, self._bin_lut, self.BINS,
-                                ids, i, self._refresh_at)
-            if self._meta[_kernels.NOW] >= self._refresh_at:
+            i = _kernels.access(self._st, self._tab, self._leaves, self._meta, self._pending, self._row, self._bin_lut,
+                                self.BINS, kw, i, self._refresh_at)
+            if self._meta[_NOW] >= self._refresh_at:
                 self._refresh()
 
     def remove(self, key: bytes) -> None:
@@ -780,26 +797,18 @@ class HitDensityPolicy(EvictionPolicy):
             self._backlog.append(("remove_many", keys))
             return
         m = len(keys)
-        chosen, self._chosen = self._chosen, {}
         if not m:
             return
         self._reserve(m)  # a dead block's key moves to a new id
         moved = np.empty(2 * m, np.int64)
-        ids = list(map(chosen.get, keys))  # no call changed an id since they were chosen
-        if None in ids:  # not all of them victims (a Remove, a Flush): from the id dict
-            ids = map(self._ids.get, keys, repeat(-1))
-        n = _kernels.remove(self._st, self._leaves, self._free, self._meta, np.fromiter(ids, np.int64, m), moved)
+        n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, key_words(keys), moved)
         if n:
-            kl, id_of = self._keys, self._ids
+            kl = self._keys
             pairs = moved[: 2 * n].tolist()
             for s, s2 in zip(pairs[::2], pairs[1::2]):
-                key = kl[s]
+                if s2 >= 0:
+                    kl[s2] = kl[s]
                 kl[s] = None
-                if s2 < 0:
-                    del id_of[key]
-                else:
-                    kl[s2] = key
-                    id_of[key] = s2
 
     # ------------------------------------------------------------------ learning
 
@@ -826,7 +835,7 @@ class HitDensityPolicy(EvictionPolicy):
             self._censored += self._cells(values[oldest], now)
             self._ended += drop
             forgotten = np.empty(drop, np.int64)
-            nf = _kernels.trim(self._st, self._free, meta, gone, forgotten)
+            nf = _kernels.trim(self._st, self._tab, self._free, meta, gone, forgotten)
             self._forget(forgotten[:nf].tolist())
             keep = np.ones(len(values), bool)
             keep[oldest] = False
@@ -912,7 +921,7 @@ class HitDensityPolicy(EvictionPolicy):
         not change within one call."""
         if count <= 0 or not len(self):  # (len() waits for the kernels, if need be)
             return []
-        nl = int(self._meta[_kernels.NLEAVES])
+        nl = int(self._meta[_NLEAVES])
         sampled = nl > 2 * count + 16 and self.SAMPLES * count < nl
         draw = self._random(self.SAMPLES * count) if sampled else self._no_draw
         st, keys = self._st, self._keys
@@ -926,7 +935,6 @@ class HitDensityPolicy(EvictionPolicy):
                 victims = list(map(keys.__getitem__, chosen))
                 verdicts = list(map(evictable, victims))
                 if all(verdicts):
-                    self._chosen.update(zip(victims, chosen))
                     return victims
                 for s, ok in zip(chosen, verdicts):
                     if not ok:

@@ -1,11 +1,19 @@
 """Compiled per-batch kernels of the ``lhd`` eviction policy (:class:`kvpool.master.eviction.HitDensityPolicy`).
 
 The policy gives every key it knows (resident in the tier, or only remembered in its
-reference history) a dense integer *id*, once, through one dict, and keeps everything else
-in numpy arrays indexed by id. Each call of the index (one put's inserts, one lease's
-accesses, one eviction's removals, one selection) is one call of these functions, compiled
-by numba: the per-block loop runs as machine code, and Python does only the work on
-``bytes`` keys around it (dict lookups by ``map``, a C loop).
+reference history) a dense integer *id*, and keeps everything about it in numpy arrays
+indexed by id. Each call of the index (one put's inserts, one lease's accesses, one
+eviction's removals, one selection) is one call of these functions, compiled by numba: the
+per-block loop, key lookups included, runs as machine code. Python only joins the batch's
+keys into one buffer and keeps an id -> key list for the victims it hands back.
+
+Keys reach the kernels as two int64 *words* each (``kw``, shape ``(m, 2)``): a 16-byte key
+(the pool's block key) is its own bytes; any other key is its 128-bit xxh3 digest
+(:func:`kvpool.master.eviction.key_words`). ``tab`` maps words to ids: open addressing with
+linear probing over a power-of-two array of ``id + 1`` (0: empty), at most half full,
+deletions by backward shift (no tombstones, so a probe ends at the first empty cell). The
+hash is a multiply-xorshift of both words, since the words of a replayed trace are small
+integers, not random bits.
 
 State layout (``st``, int64, one row per id, one column per field: an id's fields share a
 cache line or two, which is what the per-block work reads):
@@ -20,11 +28,12 @@ cache line or two, which is what the per-block work reads):
   by its last child's removal (the key, if it is remembered, moves to a new id);
   ``F_BLOCKED``, ``F_TAKEN``, ``F_SEEN``: scratch of one selection (a key the index refused,
   a key chosen already, a candidate met in this walk), clear when the call returns;
-* ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside).
+* ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside);
+* ``K0``, ``K1``: the key's words, while the id has a key.
 
-An id is in use while its key is resident, remembered (``HVAL`` != 0) or dead; otherwise
-it is on the ``free`` stack and its key out of the dict (the functions report which ids
-lost their key). ``meta`` holds the scalars: ``NOW`` (ticks so far), ``NLEAVES``, ``NFREE``,
+An id has a key, and is in ``tab``, while it is resident or remembered (``HVAL`` != 0); a
+dead id is keyless. An id is in use while it has a key or is dead; otherwise it is on the
+``free`` stack (the functions report which ids lost their key, for the caller's list). ``meta`` holds the scalars: ``NOW`` (ticks so far), ``NLEAVES``, ``NFREE``,
 ``NSLOTS`` (ids ever used: the high-water mark), ``NPENDING`` (reuses counted in ``pending``
 since the last fold), ``NHIST`` (ids with a history entry) and ``NRES`` (resident ones).
 ``leaves`` lists the leaf ids in no order (swap-remove). The caller grows the arrays before
@@ -41,13 +50,13 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "KIDS", "KLEFT",
-    "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "TICK", "access",
-    "age_bin", "choose", "insert", "remove", "trim", "warm_up",
+    "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "K0", "K1", "KIDS",
+    "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "TICK",
+    "access", "age_bin", "choose", "find", "insert", "rehash", "remove", "trim", "warm_up",
 ]
 
-TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL = range(8)
-FIELDS = 8  # 64 bytes: one cache line per id
+TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL, K0, K1 = range(10)
+FIELDS = 10  # 80 bytes: what the per-block work reads is in the first cache line
 #: Bits of ``FLAGS``.
 F_RES, F_DEAD, F_BLOCKED, F_TAKEN, F_SEEN = 1, 2, 4, 8, 16
 NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES = range(7)
@@ -72,6 +81,82 @@ def age_bin(age, lut, nb):
         return age if age > 0 else 0
     b = 4 * e + ((age >> (e - 2)) & 3) - 4
     return b if b < nb else nb - 1
+
+
+@njit(cache=True, nogil=True)
+def _home(k0, k1, mask):
+    """The table cell a key's probe starts at."""
+    h = (k0 ^ (k1 * np.int64(-4658895280553007687))) * np.int64(-7046029254386353131)
+    return (h ^ ((h >> 29) & np.int64(0x7FFFFFFFF))) & mask
+
+
+@njit(cache=True, nogil=True)
+def _find(st, tab, k0, k1):
+    """The id of a key's words, or -1."""
+    mask = tab.shape[0] - 1
+    i = _home(k0, k1, mask)
+    while True:
+        v = tab[i]
+        if v == 0:
+            return -1
+        if st[v - 1, K0] == k0 and st[v - 1, K1] == k1:
+            return v - 1
+        i = (i + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def _tab_add(st, tab, s):
+    """Enter id ``s`` under the words in its row (they are in no other entry)."""
+    mask = tab.shape[0] - 1
+    i = _home(st[s, K0], st[s, K1], mask)
+    while tab[i] != 0:
+        i = (i + 1) & mask
+    tab[i] = s + 1
+
+
+@njit(cache=True, nogil=True)
+def _tab_cell(st, tab, s):
+    """The cell that holds id ``s`` (which is in the table)."""
+    mask = tab.shape[0] - 1
+    i = _home(st[s, K0], st[s, K1], mask)
+    while tab[i] != s + 1:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(cache=True, nogil=True)
+def _tab_del(st, tab, s):
+    """Take id ``s`` out of the table: later entries of its probe run shift back into the
+    hole, so that every probe still ends at the first empty cell."""
+    mask = tab.shape[0] - 1
+    i = _tab_cell(st, tab, s)
+    j = i
+    while True:
+        j = (j + 1) & mask
+        v = tab[j]
+        if v == 0:
+            break
+        h = _home(st[v - 1, K0], st[v - 1, K1], mask)
+        # The entry at j may move to i unless its home lies cyclically in (i, j].
+        if (i <= j and (h <= i or h > j)) or (i > j and h <= i and h > j):
+            tab[i] = v
+            i = j
+    tab[i] = 0
+
+
+@njit(cache=True, nogil=True)
+def find(st, tab, kw, ids):
+    """``ids[i]``: the id of key ``kw[i]``, or -1."""
+    for i in range(kw.shape[0]):
+        ids[i] = _find(st, tab, kw[i, 0], kw[i, 1])
+
+
+@njit(cache=True, nogil=True)
+def rehash(st, tab, meta):
+    """Enter every id that has a key into an empty ``tab`` (after it grew)."""
+    for s in range(meta[NSLOTS]):
+        if (st[s, FLAGS] & F_RES) or st[s, HVAL] != 0:
+            _tab_add(st, tab, s)
 
 
 @njit(cache=True, nogil=True)
@@ -147,23 +232,25 @@ def _reference(st, pending, row, lut, nb, s, now, last):
 
 
 @njit(cache=True, nogil=True)
-def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, chain):
-    """References of ``m`` keys that become resident (one insert batch), in order.
+def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, pw, chain, ids):
+    """References of ``m`` keys (words ``kw``) that become resident (one insert batch), in order.
 
-    ``ids[i]``: the key's id, or -1 for a key the policy does not know (it gets a new id,
-    written back into ``ids``); ``lasts[i]``: its ``BlockInfo.last``. ``parents[i]``: the
-    parent's id if the policy knows it (it counts only while resident), -1 if none or
-    unknown, ``-2 - j`` for the ``j``-th key of this batch; with ``chain`` every key but the
-    first has the one before it as parent (``parents[0]`` is the head's). A resident parent
-    that gains a child stops being a leaf; every new block without children is a leaf.
+    ``lasts[i]``: the key's ``BlockInfo.last``. ``pw[i]``: its parent's words, or a row of
+    ``-1, -1`` for none (those words stand for no key here); with ``chain`` every key but the
+    first has the one before it as parent, and ``pw`` holds only the head's. A parent counts
+    only while resident (a key of this batch before this one, or a block already resident);
+    a resident parent that gains a child stops being a leaf; every new block without
+    children is a leaf. A key that is not known gets a new id. ``ids`` receives each key's id.
 
     Returns how many new ids were given, or -1, having changed nothing, if a key is
     resident already (the caller then inserts one key at a time, removing it first).
     """
-    m = ids.shape[0]
+    m = kw.shape[0]
     for i in range(m):
-        if ids[i] >= 0 and (st[ids[i], FLAGS] & F_RES):
+        s = _find(st, tab, kw[i, 0], kw[i, 1])
+        if s >= 0 and (st[s, FLAGS] & F_RES):
             return -1
+        ids[i] = s
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
@@ -175,6 +262,9 @@ def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, c
         s = ids[i]
         if s < 0:
             s = _new_id(st, free, meta)
+            st[s, K0] = kw[i, 0]
+            st[s, K1] = kw[i, 1]
+            _tab_add(st, tab, s)
             ids[i] = s
             made += 1
         if _reference(st, pending, row, lut, nb, s, now, lasts[i]):
@@ -182,20 +272,21 @@ def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, c
         else:
             nhist += 1
         st[s, FLAGS] |= F_RES
-        ps = parents[i] if (i == 0 or not chain) else -1 - i
-        if ps == -1:
-            p = -1
-        elif ps <= -2:  # a block of this batch: new, so not a leaf yet
-            p = ids[-2 - ps]
+        if chain and i > 0:
+            p = ids[i - 1]  # new in this batch, so not a leaf yet
             st[p, KIDS] += 1
-        elif (st[ps, FLAGS] & F_RES) and ps != s:  # (a block is not its own parent, whatever it is told)
-            p = ps
-            st[p, KIDS] += 1
-            if st[p, LPOS] >= 0:
-                unleaf[nu] = p
-                nu += 1
-        else:  # known, but only in the history: not a parent here
+        else:
+            j = 0 if chain else i
             p = -1
+            if pw[j, 0] != -1 or pw[j, 1] != -1:
+                p = _find(st, tab, pw[j, 0], pw[j, 1])
+            if p >= 0 and (st[p, FLAGS] & F_RES) and p != s:  # (a block is not its own parent)
+                st[p, KIDS] += 1
+                if st[p, LPOS] >= 0:
+                    unleaf[nu] = p
+                    nu += 1
+            else:  # none, unknown, or known only in the history: not a parent here
+                p = -1
         st[s, PAR] = p
     for j in range(nu):
         _unleaf(st, leaves, meta, unleaf[j])
@@ -211,17 +302,17 @@ def insert(st, leaves, free, meta, pending, row, lut, nb, ids, lasts, parents, c
 
 
 @njit(cache=True, nogil=True)
-def access(st, leaves, meta, pending, row, lut, nb, ids, start, until):
-    """References of the resident keys among ``ids[start:]`` (one access batch, each key
-    once; -1 or a key that is not resident is no reference here), in order, until the clock
+def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until):
+    """References of the resident keys among ``kw[start:]`` (one access batch, each key
+    once; a key that is not resident is no reference here), in order, until the clock
     reaches ``until`` (a density refresh is due). Returns the index to go on from."""
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
-    n = ids.shape[0]
+    n = kw.shape[0]
     i = start
     while i < n and now < until:
-        s = ids[i]
+        s = _find(st, tab, kw[i, 0], kw[i, 1])
         i += 1
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
@@ -239,18 +330,19 @@ def access(st, leaves, meta, pending, row, lut, nb, ids, start, until):
 
 
 @njit(cache=True, nogil=True)
-def remove(st, leaves, free, meta, ids, moved):
-    """Removals in order (-1, or a key not resident: nothing). A leaf leaves the leaf list; a
-    parent left with no children becomes a leaf, or is freed if it was removed already
-    (dead); a block removed while it has children stays as a dead, keyless id for them.
+def remove(st, tab, leaves, free, meta, kw, moved):
+    """Removals of keys ``kw`` in order (a key not resident: nothing). A leaf leaves the leaf
+    list; a parent left with no children becomes a leaf, or is freed if it was removed
+    already (dead); a block removed while it has children stays as a dead, keyless id for
+    them.
 
     Writes ``(id, new id)`` pairs to ``moved`` for each id that lost its key: the new id
-    carries the key's history, or is -1 when the key is forgotten (no history). Returns
-    how many pairs."""
+    carries the key (and its history), or is -1 when the key is forgotten (no history).
+    Returns how many pairs."""
     nm = 0
     nres = meta[NRES]
-    for j in range(ids.shape[0]):
-        s = ids[j]
+    for j in range(kw.shape[0]):
+        s = _find(st, tab, kw[j, 0], kw[j, 1])
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
         st[s, FLAGS] &= ~F_RES
@@ -269,15 +361,21 @@ def remove(st, leaves, free, meta, ids, moved):
         if st[s, KIDS]:
             st[s, FLAGS] |= F_DEAD
             n2 = -1
-            if st[s, HVAL] != 0:  # the key's history moves to an id of its own
+            if st[s, HVAL] != 0:  # the key and its history move to an id of their own
                 n2 = _new_id(st, free, meta)
                 st[n2, HVAL] = st[s, HVAL]
                 st[n2, TICK] = st[s, TICK]
+                st[n2, K0] = st[s, K0]
+                st[n2, K1] = st[s, K1]
+                tab[_tab_cell(st, tab, s)] = n2 + 1
                 st[s, HVAL] = 0
+            else:
+                _tab_del(st, tab, s)
             moved[2 * nm] = s
             moved[2 * nm + 1] = n2
             nm += 1
         elif st[s, HVAL] == 0:  # neither resident nor remembered: forgotten
+            _tab_del(st, tab, s)
             _free_id(free, meta, s)
             moved[2 * nm] = s
             moved[2 * nm + 1] = -1
@@ -287,14 +385,15 @@ def remove(st, leaves, free, meta, ids, moved):
 
 
 @njit(cache=True, nogil=True)
-def trim(st, free, meta, drop, forgotten):
+def trim(st, tab, free, meta, drop, forgotten):
     """Take the ids in ``drop`` out of the history; those neither resident nor dead are
-    freed and written to ``forgotten`` (their keys leave the dict). Returns how many."""
+    freed and written to ``forgotten`` (their keys leave the table). Returns how many."""
     nf = 0
     for j in range(drop.shape[0]):
         s = drop[j]
         st[s, HVAL] = 0
         if not st[s, FLAGS] & (F_RES | F_DEAD):
+            _tab_del(st, tab, s)
             _free_id(free, meta, s)
             forgotten[nf] = s
             nf += 1
@@ -529,6 +628,7 @@ def warm_up() -> None:
     nb = 4
     st = np.zeros((8, FIELDS), np.int64)
     st[:, KLEFT] = -1
+    tab = np.zeros(16, np.int64)
     leaves = np.zeros((8, 2), np.int64)
     free = np.zeros(8, np.int64)
     meta = np.zeros(META, np.int64)
@@ -536,11 +636,15 @@ def warm_up() -> None:
     row = np.zeros(256, np.int64)
     lut = np.zeros(4, np.int8)
     rank40 = np.zeros(2 * nb, np.int64)
-    ids = np.full(2, -1, np.int64)
-    insert(st, leaves, free, meta, pending, row, lut, nb, ids, np.zeros(2, np.int64), np.array([-1], np.int64), True)
-    access(st, leaves, meta, pending, row, lut, nb, ids, 0, 1 << 62)
+    kw = np.arange(4, dtype=np.int64).reshape(2, 2)
+    ids = np.empty(2, np.int64)
+    insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, np.zeros(2, np.int64),
+           np.full((1, 2), -1, np.int64), True, ids)
+    access(st, tab, leaves, meta, pending, row, lut, nb, kw, 0, 1 << 62)
+    find(st, tab, kw, ids)
     out = np.zeros(2, np.int64)
     choose(st, leaves, meta, rank40, lut, nb, np.zeros(0, np.int64), 2, out)
     choose(st, leaves, meta, rank40, lut, nb, np.zeros(2, np.int64), 2, out)
-    remove(st, leaves, free, meta, ids, np.zeros(4, np.int64))
-    trim(st, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    remove(st, tab, leaves, free, meta, kw, np.zeros(4, np.int64))
+    trim(st, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    rehash(st, np.zeros(16, np.int64), meta)
