@@ -421,7 +421,7 @@ def _as16(key: bytes) -> bytes:
 
 
 def key_words(keys: list[bytes]) -> np.ndarray:
-    """The keys as the ``lhd`` kernels take them: two int64 words each, shape ``(m, 2)``.
+    """The keys as the ``lhd`` kernels take them: two int64 words each, one after the other.
 
     A 16-byte key (the pool's block key, already a hash) is its own bytes; any other key is
     its 128-bit xxh3 digest. Two keys that shared words would share one id: for keys of 16
@@ -432,7 +432,7 @@ def key_words(keys: list[bytes]) -> np.ndarray:
     # All 16 bytes: the total is 16m and none is shorter (then none is longer either).
     if len(buf) != m << 4 or (m and min(map(len, keys)) != 16):
         buf = b"".join(map(_as16, keys))
-    return np.frombuffer(buf, np.int64).reshape(m, 2)
+    return np.frombuffer(buf, np.int64)
 
 #: ``kvpool.master.hit_density_kernels``, imported (and its kernels compiled or loaded from
 #: numba's cache) only in a process that runs an ``lhd`` policy: importing numba takes
@@ -627,7 +627,11 @@ class HitDensityPolicy(EvictionPolicy):
         self._rng = np.random.default_rng(seed)
         self._rand = np.zeros(0, np.int64)
         self._randpos = 0
-        self._no_draw = np.zeros(0, np.int64)
+        self._no_draw = self._no_ids = np.zeros(0, np.int64)
+        self._no_words = key_words([])
+        # The last victims handed out, with their ids: the index removes them next, and the
+        # removal then needs no lookups. Any other call clears it.
+        self._victims: tuple[list[bytes], np.ndarray] | None = None
         self._attach(wait=False)
 
     def _attach(self, wait: bool) -> bool:
@@ -642,7 +646,7 @@ class HitDensityPolicy(EvictionPolicy):
             _load_kernels()
         backlog, self._backlog = self._backlog, None
         self._st = np.zeros((0, _kernels.FIELDS), np.int64)
-        self._tab = np.zeros(0, np.int64)
+        self._tab = np.zeros(0, np.int32)
         self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
         self._free = np.zeros(0, np.int64)
         self._meta = np.zeros(_kernels.META, np.int64)
@@ -662,7 +666,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._free = free
         self._keys.extend(repeat(None, size - old))
         # The table stays at most half full: at least twice as many cells as ids.
-        self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int64)
+        self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int32)
         _kernels.rehash(st, self._tab, self._meta)
 
     def _reserve(self, m: int, resident: bool = False) -> None:
@@ -729,6 +733,7 @@ class HitDensityPolicy(EvictionPolicy):
         if self._backlog is not None and not self._attach(wait=False):
             self._backlog.append(("insert_many", keys, infos))
             return
+        self._victims = None
         m = len(keys)
         if not m:
             return
@@ -740,19 +745,20 @@ class HitDensityPolicy(EvictionPolicy):
             self.insert_many(keys[:cut], infos[:cut])
             self.insert_many(keys[cut:], infos[cut:])
             return
-        # A put's chain (each block's parent the one before it, the usual case) passes only
-        # its head's parent; any other batch every block's.
+        # The keys' words, then their parents': a put's chain (each block's parent the one
+        # before it, the usual case) passes only its head's parent, any other batch every one.
         chain = m > 1 and list(map(_parent_of, islice(infos, 1, None))) == keys[:-1]
         if chain:
             head = infos[0].parent
-            pw = key_words([_NO_PARENT if head is None else head])
+            keys.append(_NO_PARENT if head is None else head)
         else:
-            pw = key_words([_NO_PARENT if p is None else p for p in map(_parent_of, infos)])
+            keys.extend([_NO_PARENT if p is None else p for p in map(_parent_of, infos)])
+        kw = key_words(keys)
+        del keys[m:]
         self._reserve(m, resident=True)
         ids = np.empty(m, np.int64)
         made = _kernels.insert(self._st, self._tab, self._leaves, self._free, self._meta, self._pending, self._row,
-                               self._bin_lut, self.BINS, key_words(keys), np.fromiter(map(_last_of, infos), np.int64, m),
-                               pw, chain, ids)
+                               self._bin_lut, self.BINS, kw, np.fromiter(map(_last_of, infos), np.int64, m), chain, ids)
         if made < 0:  # a key is resident already
             self._one_by_one(keys, infos)
             return
@@ -774,6 +780,7 @@ class HitDensityPolicy(EvictionPolicy):
         if self._backlog is not None and not self._attach(wait=False):
             self._backlog.append(("access_many", list(keys)))
             return
+        self._victims = None
         keys = list(dict.fromkeys(keys))  # one reference per key per batch
         m = len(keys)
         if not m:
@@ -799,9 +806,14 @@ class HitDensityPolicy(EvictionPolicy):
         m = len(keys)
         if not m:
             return
+        victims, self._victims = self._victims, None
         self._reserve(m)  # a dead block's key moves to a new id
         moved = np.empty(2 * m, np.int64)
-        n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, key_words(keys), moved)
+        if victims is not None and keys == victims[0]:  # no call moved an id since they were chosen
+            kw, ids = self._no_words, victims[1]
+        else:
+            kw, ids = key_words(keys), self._no_ids
+        n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
         if n:
             kl = self._keys
             pairs = moved[: 2 * n].tolist()
@@ -935,6 +947,7 @@ class HitDensityPolicy(EvictionPolicy):
                 victims = list(map(keys.__getitem__, chosen))
                 verdicts = list(map(evictable, victims))
                 if all(verdicts):
+                    self._victims = (victims, out[:n])
                     return victims
                 for s, ok in zip(chosen, verdicts):
                     if not ok:

@@ -7,10 +7,11 @@ eviction's removals, one selection) is one call of these functions, compiled by 
 per-block loop, key lookups included, runs as machine code. Python only joins the batch's
 keys into one buffer and keeps an id -> key list for the victims it hands back.
 
-Keys reach the kernels as two int64 *words* each (``kw``, shape ``(m, 2)``): a 16-byte key
-(the pool's block key) is its own bytes; any other key is its 128-bit xxh3 digest
-(:func:`kvpool.master.eviction.key_words`). ``tab`` maps words to ids: open addressing with
-linear probing over a power-of-two array of ``id + 1`` (0: empty), at most half full,
+Keys reach the kernels as two int64 *words* each (``kw``, flat: key ``i`` is ``kw[2i]``,
+``kw[2i + 1]``): a 16-byte key (the pool's block key) is its own bytes; any other key is its
+128-bit xxh3 digest (:func:`kvpool.master.eviction.key_words`). ``tab`` maps words to ids:
+open addressing with linear probing over a power-of-two int32 array of ``id + 1`` (0: empty;
+ids stay below 2**31, a history capped far lower), at most half full,
 deletions by backward shift (no tombstones, so a probe ends at the first empty cell). The
 hash is a multiply-xorshift of both words, since the words of a replayed trace are small
 integers, not random bits.
@@ -146,9 +147,9 @@ def _tab_del(st, tab, s):
 
 @njit(cache=True, nogil=True)
 def find(st, tab, kw, ids):
-    """``ids[i]``: the id of key ``kw[i]``, or -1."""
-    for i in range(kw.shape[0]):
-        ids[i] = _find(st, tab, kw[i, 0], kw[i, 1])
+    """``ids[i]``: the id of key ``i`` of ``kw``, or -1."""
+    for i in range(kw.shape[0] // 2):
+        ids[i] = _find(st, tab, kw[2 * i], kw[2 * i + 1])
 
 
 @njit(cache=True, nogil=True)
@@ -232,12 +233,12 @@ def _reference(st, pending, row, lut, nb, s, now, last):
 
 
 @njit(cache=True, nogil=True)
-def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, pw, chain, ids):
-    """References of ``m`` keys (words ``kw``) that become resident (one insert batch), in order.
+def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain, ids):
+    """References of ``m`` keys that become resident (one insert batch), in order.
 
-    ``lasts[i]``: the key's ``BlockInfo.last``. ``pw[i]``: its parent's words, or a row of
-    ``-1, -1`` for none (those words stand for no key here); with ``chain`` every key but the
-    first has the one before it as parent, and ``pw`` holds only the head's. A parent counts
+    ``kw`` holds the ``m`` keys' words, then their parents': each key's parent, or with
+    ``chain`` only the first's, since every other key has the one before it as parent.
+    Words ``-1, -1`` stand for no parent. ``lasts[i]``: the key's ``BlockInfo.last``. A parent counts
     only while resident (a key of this batch before this one, or a block already resident);
     a resident parent that gains a child stops being a leaf; every new block without
     children is a leaf. A key that is not known gets a new id. ``ids`` receives each key's id.
@@ -245,9 +246,9 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, pw, ch
     Returns how many new ids were given, or -1, having changed nothing, if a key is
     resident already (the caller then inserts one key at a time, removing it first).
     """
-    m = kw.shape[0]
+    m = lasts.shape[0]
     for i in range(m):
-        s = _find(st, tab, kw[i, 0], kw[i, 1])
+        s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
         if s >= 0 and (st[s, FLAGS] & F_RES):
             return -1
         ids[i] = s
@@ -262,8 +263,8 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, pw, ch
         s = ids[i]
         if s < 0:
             s = _new_id(st, free, meta)
-            st[s, K0] = kw[i, 0]
-            st[s, K1] = kw[i, 1]
+            st[s, K0] = kw[2 * i]
+            st[s, K1] = kw[2 * i + 1]
             _tab_add(st, tab, s)
             ids[i] = s
             made += 1
@@ -276,10 +277,10 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, pw, ch
             p = ids[i - 1]  # new in this batch, so not a leaf yet
             st[p, KIDS] += 1
         else:
-            j = 0 if chain else i
+            j = 2 * m if chain else 2 * (m + i)
             p = -1
-            if pw[j, 0] != -1 or pw[j, 1] != -1:
-                p = _find(st, tab, pw[j, 0], pw[j, 1])
+            if kw[j] != -1 or kw[j + 1] != -1:
+                p = _find(st, tab, kw[j], kw[j + 1])
             if p >= 0 and (st[p, FLAGS] & F_RES) and p != s:  # (a block is not its own parent)
                 st[p, KIDS] += 1
                 if st[p, LPOS] >= 0:
@@ -309,10 +310,10 @@ def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until):
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
-    n = kw.shape[0]
+    n = kw.shape[0] // 2
     i = start
     while i < n and now < until:
-        s = _find(st, tab, kw[i, 0], kw[i, 1])
+        s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
         i += 1
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
@@ -330,8 +331,9 @@ def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until):
 
 
 @njit(cache=True, nogil=True)
-def remove(st, tab, leaves, free, meta, kw, moved):
-    """Removals of keys ``kw`` in order (a key not resident: nothing). A leaf leaves the leaf
+def remove(st, tab, leaves, free, meta, kw, ids, moved):
+    """Removals of keys ``kw`` in order, or when ``ids`` is not empty of those ids (the
+    victims just chosen: no lookups); a key not resident: nothing. A leaf leaves the leaf
     list; a parent left with no children becomes a leaf, or is freed if it was removed
     already (dead); a block removed while it has children stays as a dead, keyless id for
     them.
@@ -341,8 +343,9 @@ def remove(st, tab, leaves, free, meta, kw, moved):
     Returns how many pairs."""
     nm = 0
     nres = meta[NRES]
-    for j in range(kw.shape[0]):
-        s = _find(st, tab, kw[j, 0], kw[j, 1])
+    by_id = ids.shape[0] > 0
+    for j in range(ids.shape[0] if by_id else kw.shape[0] // 2):
+        s = ids[j] if by_id else _find(st, tab, kw[2 * j], kw[2 * j + 1])
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
         st[s, FLAGS] &= ~F_RES
@@ -628,7 +631,7 @@ def warm_up() -> None:
     nb = 4
     st = np.zeros((8, FIELDS), np.int64)
     st[:, KLEFT] = -1
-    tab = np.zeros(16, np.int64)
+    tab = np.zeros(16, np.int32)
     leaves = np.zeros((8, 2), np.int64)
     free = np.zeros(8, np.int64)
     meta = np.zeros(META, np.int64)
@@ -636,15 +639,15 @@ def warm_up() -> None:
     row = np.zeros(256, np.int64)
     lut = np.zeros(4, np.int8)
     rank40 = np.zeros(2 * nb, np.int64)
-    kw = np.arange(4, dtype=np.int64).reshape(2, 2)
+    kw = np.frombuffer(np.array([0, 1, 2, 3, -1, -1], np.int64).tobytes(), np.int64)  # read-only, as the policy's
     ids = np.empty(2, np.int64)
-    insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, np.zeros(2, np.int64),
-           np.full((1, 2), -1, np.int64), True, ids)
-    access(st, tab, leaves, meta, pending, row, lut, nb, kw, 0, 1 << 62)
+    insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, np.zeros(2, np.int64), True, ids)
+    access(st, tab, leaves, meta, pending, row, lut, nb, kw[:4], 0, 1 << 62)
     find(st, tab, kw, ids)
     out = np.zeros(2, np.int64)
     choose(st, leaves, meta, rank40, lut, nb, np.zeros(0, np.int64), 2, out)
     choose(st, leaves, meta, rank40, lut, nb, np.zeros(2, np.int64), 2, out)
-    remove(st, tab, leaves, free, meta, kw, np.zeros(4, np.int64))
+    remove(st, tab, leaves, free, meta, kw[:4], np.zeros(0, np.int64), np.zeros(4, np.int64))
+    remove(st, tab, leaves, free, meta, kw[:0], ids, np.zeros(4, np.int64))
     trim(st, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
-    rehash(st, np.zeros(16, np.int64), meta)
+    rehash(st, np.zeros(16, np.int32), meta)
