@@ -519,28 +519,29 @@ class HitDensityPolicy(EvictionPolicy):
     leaf is evictable (a pinned child) may an interior block go.
 
     **Cost and memory.** Every key the policy knows, resident or only remembered, has a
-    dense integer id, given once through one dict; everything else about it (history entry,
-    tick, class, parent, children, leaf position, flags) is one 64-byte row of a numpy array
-    indexed by id (``kvpool.master.hit_density_kernels`` states the layout). Each call of the
-    index is one batch (one put, one lease, one eviction's removals, one selection) and one
-    call of a compiled kernel, so the per-block loop runs as machine code; Python does one
-    dict lookup per key by ``map`` around it. Removals of the victims just handed out find
-    their ids without the dict. Age bins come from a shared table below ``BIN_LUT``.
-    Densities are recomputed with numpy when half as many references as the history holds
-    have been made since the last time, and at least ``REFRESH_MIN`` (amortized O(1) per
-    reference). Victims are chosen among ``SAMPLES`` random leaves per requested victim (all
-    leaves when there are fewer), scored from the leaf list's own copy of their class and
-    tick. Measured by ``kvpool replay`` (``us_per_ref``) on the FAST'25 conversation trace,
-    on the shared, loaded 2-core development machine: 3.6 to 4.9 us of master CPU per block
-    reference in three runs of ``tools/bench_replay.py``, 2.6 to 4.9 in two runs beside the
-    pure-Python version of the same decisions, which took 5.0 to 9.7 there; the policy's
-    calls alone, back to back, 2.1 to 2.4 (the README's eviction section has the runs).
-    The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)``
-    keys, never more than ``HISTORY_MAX``, at each recomputation (the oldest last
-    references leave first), so it holds at most 1.5x that. About 310 bytes a key, its
-    16-byte key object included (the row, the dict entry and its int id, a list slot, and
-    the slack of arrays grown by doubling; measured with tracemalloc): 40 to 60 MiB at the
-    floor, up to about 2 GiB at the cap, which only a tier of a million blocks reaches.
+    dense integer id; everything about it (history entry, tick, class, parent, children,
+    leaf position, flags, and the key itself as two 64-bit words) is one 80-byte row of a
+    numpy array indexed by id, and ids are found from keys in an open-addressing table next
+    to it (``kvpool.master.hit_density_kernels`` states the layout). Each call of the index
+    is one batch (one put, one lease, one eviction's removals, one selection) and one call of
+    a compiled kernel that does the whole batch's per-block work, key lookups included; Python
+    only joins the batch's keys into one buffer around it, and keeps an id -> key list to hand
+    victims back. Removals of the victims just handed out go by id, without lookups. Age bins
+    come from a shared table below ``BIN_LUT``. Densities are recomputed with numpy when half
+    as many references as the history holds have been made since the last time, and at least
+    ``REFRESH_MIN`` (amortized O(1) per reference). Victims are chosen among ``SAMPLES``
+    random leaves per requested victim (all leaves when there are fewer), scored from the
+    leaf list's own copy of their class and tick. Measured by ``kvpool replay``
+    (``us_per_ref``) on the FAST'25 conversation trace, on the shared 2-core development
+    machine: 2.0 to 3.7 us of master CPU per block reference depending on the capacity and
+    the machine's load, about 1.3 to 2.2 for the policy's calls alone replayed back to back
+    (the README's eviction section has the runs). The history is trimmed to
+    ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)`` keys, never more than
+    ``HISTORY_MAX``, at each recomputation (the oldest last references leave first), so it
+    holds at most 1.5x that. About 220 bytes a key, its 16-byte key object included (the
+    row, two table cells, a list slot, and the slack of arrays grown by doubling; measured
+    with tracemalloc): about 30 to 45 MiB at the floor, up to about 1.4 GiB at the cap, which
+    only a tier of a million blocks reaches.
 
     Constants, each with its reason (none was fitted to a trace):
 
