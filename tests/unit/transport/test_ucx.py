@@ -340,6 +340,12 @@ t.read(share, outs)
 out["equal"] = all(np.array_equal(a, b) for a, b in zip(data, outs))
 import os, signal
 os.kill(int(pid), signal.SIGSTOP)
+def stopped():  # SIGSTOP lands asynchronously: every thread of the node must show it
+    tasks = os.listdir(f"/proc/{pid}/task")
+    return all(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks)
+deadline = time.monotonic() + 5
+while not stopped() and time.monotonic() < deadline:
+    time.sleep(0.01)
 start = time.monotonic()
 try:
     t.read(share, outs)
