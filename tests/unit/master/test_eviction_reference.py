@@ -73,9 +73,21 @@ def script(seed: int, steps: int):
             resident = resident[50:]
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_same_decisions_as_the_reference_on_any_calls(seed):
-    new, old = Busy(seed=seed), BusyReference(seed=seed)
+class Sampling(Busy):
+    """Samples with a few hundred leaves (the real sample size needs tens of thousands)."""
+
+    SAMPLES = 2
+
+
+class SamplingReference(BusyReference):
+    SAMPLES = 2
+
+
+@pytest.mark.parametrize("seed,sampling", [(0, False), (1, False), (2, False), (3, False), (4, True), (5, True)])
+def test_same_decisions_as_the_reference_on_any_calls(seed, sampling):
+    """``sampling``: most selections sample leaves, drawing from the random stream."""
+    new, old = (Sampling, SamplingReference) if sampling else (Busy, BusyReference)
+    new, old = new(seed=seed), old(seed=seed)
     selections = 0
     for call in script(seed, 2500):
         if call[0] == "insert":
