@@ -444,18 +444,18 @@ _kernels_thread: threading.Thread | None = None
 
 #: Positions in the kernels' ``meta`` array that the policy reads on every call, as plain
 #: globals (set when the kernels load; the policy reads none before).
-_NOW = _NSLOTS = _NRES = _NLEAVES = 0
+_NOW = _NSLOTS = _NRES = 0
 
 
 def _load_kernels() -> None:
     """Import and warm the kernels once; a caller meanwhile waits for the one loading them."""
-    global _kernels, _NOW, _NSLOTS, _NRES, _NLEAVES
+    global _kernels, _NOW, _NSLOTS, _NRES
     with _kernels_lock:
         if _kernels is None:
             from kvpool.master import hit_density_kernels as k
 
             k.warm_up()
-            _NOW, _NSLOTS, _NRES, _NLEAVES = k.NOW, k.NSLOTS, k.NRES, k.NLEAVES
+            _NOW, _NSLOTS, _NRES = k.NOW, k.NSLOTS, k.NRES
             _kernels = k
 
 
@@ -625,10 +625,8 @@ class HitDensityPolicy(EvictionPolicy):
         # made before are kept in order and replayed then.
         self._backlog: list[tuple] | None = []
         self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
-        self._rng = np.random.default_rng(seed)
-        self._rand = np.zeros(0, np.int64)
-        self._randpos = 0
-        self._no_draw = self._no_ids = np.zeros(0, np.int64)
+        self._seed = seed  # the kernels' random stream (SplitMix64) starts from it
+        self._no_ids = np.zeros(0, np.int64)
         self._no_words = key_words([])
         # The last victims handed out, with their ids: the index removes them next, and the
         # removal then needs no lookups. Any other call clears it.
@@ -651,16 +649,20 @@ class HitDensityPolicy(EvictionPolicy):
         self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
         self._free = np.zeros(0, np.int64)
         self._meta = np.zeros(_kernels.META, np.int64)
-        self._grow(1024)
+        self._meta[_kernels.RNG] = self._seed
+        self._ids = np.zeros(64, np.int64)  # scratch of one call: ids, or (id, new id) pairs
+        # Room for the history's floor and the half more it grows by between two trims, made
+        # once: growing by doubling up to there would copy the state ~8 times meanwhile.
+        # The pages of rows never used are never touched (numpy's zeros map them lazily).
+        self._grow(2 * self.HISTORY_MIN)
         for call, *args in backlog:
             getattr(self, call)(*args)
         return True
 
     def _grow(self, size: int) -> None:
         old = self._st.shape[0]
-        st = np.zeros((size, _kernels.FIELDS), np.int64)
+        st = np.zeros((size, _kernels.FIELDS), np.int64)  # a new id's row is set when it is given
         st[:old] = self._st
-        st[old:, _kernels.KLEFT] = -1
         self._st = st
         free = np.zeros(size, np.int64)
         free[:old] = self._free
@@ -670,9 +672,11 @@ class HitDensityPolicy(EvictionPolicy):
         self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int32)
         _kernels.rehash(st, self._tab, self._meta)
 
-    def _reserve(self, m: int, resident: bool = False) -> None:
+    def _make_room(self, m: int, resident: bool = False) -> None:
         """Room for ``m`` more ids, and with ``resident`` for ``m`` more leaves (there are
-        never more leaves than resident blocks); the kernels never grow an array."""
+        never more leaves than resident blocks). The kernels never grow an array: a call
+        that may not fit returns ``NEED_ROOM`` having changed nothing, and is made again
+        after this."""
         meta = self._meta
         need = int(meta[_NSLOTS]) + m
         if need > self._st.shape[0]:
@@ -683,6 +687,12 @@ class HitDensityPolicy(EvictionPolicy):
                 leaves = np.zeros((max(need, 2 * len(self._leaves)), 2), np.int64)
                 leaves[: len(self._leaves)] = self._leaves
                 self._leaves = leaves
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """The scratch array, at least ``n`` long."""
+        if n > len(self._ids):
+            self._ids = np.zeros(max(n, 2 * len(self._ids)), np.int64)
+        return self._ids
 
     def _forget(self, ids) -> None:
         """Drop the keys of ids the kernels freed."""
@@ -729,44 +739,47 @@ class HitDensityPolicy(EvictionPolicy):
         self.insert_many((key,), (info,))
 
     def insert_many(self, keys, infos) -> None:
-        keys = list(keys)
-        infos = list(infos)
         if self._backlog is not None and not self._attach(wait=False):
-            self._backlog.append(("insert_many", keys, infos))
+            self._backlog.append(("insert_many", list(keys), list(infos)))
             return
         self._victims = None
+        if type(keys) is not list:
+            keys = list(keys)
+        if type(infos) is not list:
+            infos = list(infos)
         m = len(keys)
         if not m:
             return
         if len(set(keys)) != m:
             self._one_by_one(keys, infos)
             return
-        cut = self._refresh_at - int(self._meta[_NOW])
-        if cut < m:  # refresh exactly where one-at-a-time inserts would
-            self.insert_many(keys[:cut], infos[:cut])
-            self.insert_many(keys[cut:], infos[cut:])
-            return
         # The keys' words, then their parents': a put's chain (each block's parent the one
         # before it, the usual case) passes only its head's parent, any other batch every one.
-        chain = m > 1 and list(map(_parent_of, islice(infos, 1, None))) == keys[:-1]
+        parents = list(map(_parent_of, infos))
+        chain = parents[1:] == keys[:-1]
         if chain:
-            head = infos[0].parent
-            keys.append(_NO_PARENT if head is None else head)
+            tail = [_NO_PARENT if parents[0] is None else parents[0]]
         else:
-            keys.extend([_NO_PARENT if p is None else p for p in map(_parent_of, infos)])
-        kw = key_words(keys)
-        del keys[m:]
-        self._reserve(m, resident=True)
-        ids = np.empty(m, np.int64)
-        made = _kernels.insert(self._st, self._tab, self._leaves, self._free, self._meta, self._pending, self._row,
-                               self._bin_lut, self.BINS, kw, np.fromiter(map(_last_of, infos), np.int64, m), chain, ids)
-        if made < 0:  # a key is resident already
-            self._one_by_one(keys, infos)
-            return
-        if made:
-            any(map(self._keys.__setitem__, ids.tolist(), keys))
-        if self._meta[_NOW] >= self._refresh_at:
-            self._refresh()
+            tail = [_NO_PARENT if p is None else p for p in parents]
+        kw = key_words(keys + tail)
+        lasts = bytes(map(_last_of, infos))
+        ids = self._scratch(m)
+        meta = self._meta
+        i = 0
+        while i < m:  # the kernel stops where a refresh is due, as one-at-a-time inserts would
+            i = _kernels.insert(self._st, self._tab, self._leaves, self._free, meta, self._pending, self._row,
+                                self._bin_lut, self.BINS, kw, lasts, chain, i, self._refresh_at, ids)
+            if i < 0:
+                if i == _kernels.NEED_ROOM:
+                    self._make_room(m, resident=True)
+                    i = 0
+                    continue
+                self._one_by_one(keys, infos)  # a key is resident already
+                return
+            if meta[_NOW] >= self._refresh_at:
+                any(map(self._keys.__setitem__, ids[:i].tolist(), keys))  # (before a trim forgets any)
+                self._refresh()
+        any(map(self._keys.__setitem__, ids[:m].tolist(), keys))
 
     def _one_by_one(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
         """Not a plain batch of keys to make resident: each key removed, then inserted."""
@@ -782,15 +795,17 @@ class HitDensityPolicy(EvictionPolicy):
             self._backlog.append(("access_many", list(keys)))
             return
         self._victims = None
-        keys = list(dict.fromkeys(keys))  # one reference per key per batch
+        if type(keys) is not list:
+            keys = list(keys)
         m = len(keys)
         if not m:
             return
         kw = key_words(keys)
+        ids = self._scratch(m)
         i = 0
         while i < m:  # a refresh exactly where one-at-a-time accesses would make it
             i = _kernels.access(self._st, self._tab, self._leaves, self._meta, self._pending, self._row, self._bin_lut,
-                                self.BINS, kw, i, self._refresh_at)
+                                self.BINS, kw, i, self._refresh_at, ids)
             if self._meta[_NOW] >= self._refresh_at:
                 self._refresh()
 
@@ -800,7 +815,8 @@ class HitDensityPolicy(EvictionPolicy):
     def remove_many(self, keys) -> None:
         """Exactly ``remove`` of each key in order (tested): an eviction's victims are mostly
         a chain peeled from its tail, one parent after its child."""
-        keys = list(keys)
+        if type(keys) is not list:
+            keys = list(keys)
         if self._backlog is not None and not self._attach(wait=False):
             self._backlog.append(("remove_many", keys))
             return
@@ -808,13 +824,15 @@ class HitDensityPolicy(EvictionPolicy):
         if not m:
             return
         victims, self._victims = self._victims, None
-        self._reserve(m)  # a dead block's key moves to a new id
-        moved = np.empty(2 * m, np.int64)
         if victims is not None and keys == victims[0]:  # no call moved an id since they were chosen
             kw, ids = self._no_words, victims[1]
         else:
             kw, ids = key_words(keys), self._no_ids
+        moved = self._scratch(2 * m)
         n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
+        if n == _kernels.NEED_ROOM:  # a dead block's key moves to a new id
+            self._make_room(m)
+            n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
         if n:
             kl = self._keys
             pairs = moved[: 2 * n].tolist()
@@ -910,17 +928,6 @@ class HitDensityPolicy(EvictionPolicy):
 
     # ------------------------------------------------------------------ victims
 
-    def _random(self, n: int) -> np.ndarray:
-        """``n`` uniform non-negative ints, cut from a buffer drawn in bulk (numpy's per-call
-        overhead is larger than a draw of a thousand numbers); the kernel takes them modulo
-        the number of leaves."""
-        if self._randpos + n > len(self._rand):
-            self._rand = self._rng.integers(0, 1 << 62, max(1 << 16, n))
-            self._randpos = 0
-        r = self._rand[self._randpos:self._randpos + n]
-        self._randpos += n
-        return r
-
     def select_victims(self, count: int, evictable: Callable[[bytes], bool]) -> list[bytes]:
         """Up to ``count`` victims, best first: the leaves with the lowest density rank (then
         the oldest) among ``SAMPLES`` random leaves per victim asked (every leaf when there
@@ -934,16 +941,14 @@ class HitDensityPolicy(EvictionPolicy):
         not change within one call."""
         if count <= 0 or not len(self):  # (len() waits for the kernels, if need be)
             return []
-        nl = int(self._meta[_NLEAVES])
-        sampled = nl > 2 * count + 16 and self.SAMPLES * count < nl
-        draw = self._random(self.SAMPLES * count) if sampled else self._no_draw
-        st, keys = self._st, self._keys
+        st, keys, meta = self._st, self._keys, self._meta
         out = np.empty(count, np.int64)
         refused: list[int] = []
+        rng = meta[_kernels.RNG]  # a walk made again draws the same sample
         try:
             while True:
-                n = _kernels.choose(st, self._leaves, self._meta, self._rank40, self._bin_lut, self.BINS,
-                                    draw, count, out)
+                n = _kernels.choose(st, self._leaves, meta, self._rank40, self._bin_lut, self.BINS,
+                                    self.SAMPLES, count, out)
                 chosen = out[:n].tolist()
                 victims = list(map(keys.__getitem__, chosen))
                 verdicts = list(map(evictable, victims))
@@ -954,6 +959,7 @@ class HitDensityPolicy(EvictionPolicy):
                     if not ok:
                         st[s, _kernels.FLAGS] |= _kernels.F_BLOCKED
                         refused.append(s)
+                meta[_kernels.RNG] = rng
         finally:
             if refused:
                 st[refused, _kernels.FLAGS] &= ~_kernels.F_BLOCKED

@@ -52,16 +52,18 @@ from numba import njit
 
 __all__ = [
     "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "K0", "K1", "KIDS",
-    "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "TICK",
-    "access", "age_bin", "choose", "find", "insert", "rehash", "remove", "trim", "warm_up",
+    "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RNG", "TICK",
+    "NEED_ROOM", "access", "age_bin", "choose", "find", "insert", "rehash", "remove", "trim", "warm_up",
 ]
 
 TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL, K0, K1 = range(10)
 FIELDS = 10  # 80 bytes: what the per-block work reads is in the first cache line
 #: Bits of ``FLAGS``.
 F_RES, F_DEAD, F_BLOCKED, F_TAKEN, F_SEEN = 1, 2, 4, 8, 16
-NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES = range(7)
-META = 7
+NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES, RNG = range(8)
+META = 8
+#: What a call that needs more room than the arrays have returns, having changed nothing.
+NEED_ROOM = -2
 
 #: A sort key above every real one (rank << 40 plus a tick below 2**40).
 _NO_BOUND = np.int64((1 << 63) - 1)
@@ -200,8 +202,15 @@ def _new_id(st, free, meta):
     st[s, PAR] = -1
     st[s, LPOS] = -1
     st[s, FLAGS] = 0
+    st[s, KLEFT] = -1  # (a row never used is all zeros: arrays are grown without a fill)
     st[s, HVAL] = 0
     return s
+
+
+@njit(cache=True, nogil=True)
+def _room(st, leaves, meta, ids, res):
+    """Whether ``ids`` more ids, and ``res`` more resident blocks (leaves), fit the arrays."""
+    return (meta[NFREE] + st.shape[0] - meta[NSLOTS] >= ids) and (leaves.shape[0] - meta[NRES] >= res)
 
 
 @njit(cache=True, nogil=True)
@@ -233,32 +242,46 @@ def _reference(st, pending, row, lut, nb, s, now, last):
 
 
 @njit(cache=True, nogil=True)
-def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain, ids):
+def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain, start, until, ids):
     """References of ``m`` keys that become resident (one insert batch), in order.
 
     ``kw`` holds the ``m`` keys' words, then their parents': each key's parent, or with
     ``chain`` only the first's, since every other key has the one before it as parent.
-    Words ``-1, -1`` stand for no parent. ``lasts[i]``: the key's ``BlockInfo.last``. A parent counts
-    only while resident (a key of this batch before this one, or a block already resident);
-    a resident parent that gains a child stops being a leaf; every new block without
-    children is a leaf. A key that is not known gets a new id. ``ids`` receives each key's id.
+    Words ``-1, -1`` stand for no parent. ``lasts[i]`` (bytes): the key's ``BlockInfo.last``.
+    A parent counts only while resident (a key of this batch before this one, or a block
+    already resident); a resident parent that gains a child stops being a leaf; every new
+    block without children is a leaf. A key that is not known gets a new id. ``ids``
+    receives each key's id.
 
-    Returns how many new ids were given, or -1, having changed nothing, if a key is
-    resident already (the caller then inserts one key at a time, removing it first).
+    Keys from ``start`` on are inserted while the clock is below ``until`` (a density
+    refresh is due there). Returns the index to go on from: the caller refreshes, then calls
+    again from it, and the rest is inserted as a batch of its own (the key before its first
+    is its first's parent), which is what inserting the two parts one after the other does.
+    With ``start`` 0 it first checks the whole batch and changes nothing, returning -1, if
+    a key is resident already (the caller then inserts one key at a time, removing it
+    first), or :data:`NEED_ROOM` if the arrays may not hold it.
     """
-    m = lasts.shape[0]
-    for i in range(m):
-        s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
-        if s >= 0 and (st[s, FLAGS] & F_RES):
-            return -1
-        ids[i] = s
+    m = len(lasts)
+    if start == 0:
+        if not _room(st, leaves, meta, m, m):
+            return NEED_ROOM
+        for i in range(m):
+            s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
+            if s >= 0 and (st[s, FLAGS] & F_RES):
+                return -1
+            ids[i] = s
+    else:  # a refresh since the last call may have forgotten some of the rest
+        for i in range(start, m):
+            ids[i] = _find(st, tab, kw[2 * i], kw[2 * i + 1])
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
-    made = 0
-    unleaf = np.empty(m, np.int64)
+    unleaf = np.empty(m - start, np.int64)
     nu = 0
-    for i in range(m):
+    end = start
+    while end < m and now < until:
+        i = end
+        end += 1
         now += 1
         s = ids[i]
         if s < 0:
@@ -267,20 +290,22 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain,
             st[s, K1] = kw[2 * i + 1]
             _tab_add(st, tab, s)
             ids[i] = s
-            made += 1
         if _reference(st, pending, row, lut, nb, s, now, lasts[i]):
             npend += 1
         else:
             nhist += 1
         st[s, FLAGS] |= F_RES
-        if chain and i > 0:
+        if chain and i > start:
             p = ids[i - 1]  # new in this batch, so not a leaf yet
             st[p, KIDS] += 1
         else:
-            j = 2 * m if chain else 2 * (m + i)
             p = -1
-            if kw[j] != -1 or kw[j + 1] != -1:
-                p = _find(st, tab, kw[j], kw[j + 1])
+            if chain and i > 0:  # a later part of a chain: its parent was inserted already
+                p = ids[i - 1]
+            else:
+                j = 2 * m if chain else 2 * (m + i)
+                if kw[j] != -1 or kw[j + 1] != -1:
+                    p = _find(st, tab, kw[j], kw[j + 1])
             if p >= 0 and (st[p, FLAGS] & F_RES) and p != s:  # (a block is not its own parent)
                 st[p, KIDS] += 1
                 if st[p, LPOS] >= 0:
@@ -291,22 +316,24 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain,
         st[s, PAR] = p
     for j in range(nu):
         _unleaf(st, leaves, meta, unleaf[j])
-    for i in range(m):
+    for i in range(start, end):
         s = ids[i]
         if st[s, KIDS] == 0:
             _leaf(st, leaves, meta, s)
     meta[NOW] = now
     meta[NPENDING] = npend
     meta[NHIST] = nhist
-    meta[NRES] += m
-    return made
+    meta[NRES] += end - start
+    return end
 
 
 @njit(cache=True, nogil=True)
-def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until):
-    """References of the resident keys among ``kw[start:]`` (one access batch, each key
-    once; a key that is not resident is no reference here), in order, until the clock
-    reaches ``until`` (a density refresh is due). Returns the index to go on from."""
+def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until, ids):
+    """References of the resident keys among ``kw[start:]`` (one access batch), in order,
+    each key once however often it is listed, until the clock reaches ``until`` (a density
+    refresh is due). Returns the index to go on from; the caller refreshes and calls again
+    from there. ``ids`` is scratch, one per key: the ids referenced carry ``F_SEEN`` across
+    the calls of one batch, and the call that ends it clears them."""
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
@@ -314,9 +341,13 @@ def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until):
     i = start
     while i < n and now < until:
         s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
-        i += 1
-        if s < 0 or not (st[s, FLAGS] & F_RES):
+        if s < 0 or (st[s, FLAGS] & (F_RES | F_SEEN)) != F_RES:  # not resident, or met already
+            ids[i] = -1
+            i += 1
             continue
+        ids[i] = s
+        i += 1
+        st[s, FLAGS] |= F_SEEN
         now += 1
         if _reference(st, pending, row, lut, nb, s, now, 0):
             npend += 1
@@ -327,6 +358,10 @@ def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until):
     meta[NOW] = now
     meta[NPENDING] = npend
     meta[NHIST] = nhist
+    if i == n:
+        for j in range(n):
+            if ids[j] >= 0:
+                st[ids[j], FLAGS] &= ~F_SEEN
     return i
 
 
@@ -340,11 +375,15 @@ def remove(st, tab, leaves, free, meta, kw, ids, moved):
 
     Writes ``(id, new id)`` pairs to ``moved`` for each id that lost its key: the new id
     carries the key (and its history), or is -1 when the key is forgotten (no history).
-    Returns how many pairs."""
+    Returns how many pairs, or :data:`NEED_ROOM`, having changed nothing, if the arrays may
+    not hold a new id for each key."""
+    n = ids.shape[0] if ids.shape[0] > 0 else kw.shape[0] // 2
+    if not _room(st, leaves, meta, n, 0):
+        return NEED_ROOM
     nm = 0
     nres = meta[NRES]
     by_id = ids.shape[0] > 0
-    for j in range(ids.shape[0] if by_id else kw.shape[0] // 2):
+    for j in range(n):
         s = ids[j] if by_id else _find(st, tab, kw[2 * j], kw[2 * j + 1])
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
@@ -574,26 +613,45 @@ def _pick(st, rank40, lut, nb, now, cand, keys, count, leaves_only, out, nout):
         k = min(n, 4 * k)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
 @njit(cache=True, nogil=True)
-def choose(st, leaves, meta, rank40, lut, nb, draw, count, out):
+def _splitmix(x):
+    """SplitMix64's output for state ``x`` (the state advances by ``_GOLDEN`` per draw)."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def choose(st, leaves, meta, rank40, lut, nb, samples, count, out):
     """One selection: up to ``count`` victim ids into ``out``, best first; returns how many.
 
-    The candidates are the leaves at positions ``draw % leaves`` (a sample), or every leaf
-    when ``draw`` is empty; they are scored from the leaf list's own copy of their class and
-    tick (a small array, where the ids' rows are spread over the whole state). If the
-    sample runs short (blocked leaves), every leaf; if no leaf is left, interior blocks, as
-    a last resort. Keys the index refused are marked ``F_BLOCKED`` by the caller, which calls
-    again until every victim returned was accepted."""
+    The candidates are ``samples * count`` leaves drawn at random (positions from SplitMix64,
+    its state in ``meta[RNG]``: ``(draw >> 32) * leaves >> 32``), or every leaf when there
+    are at most ``2 * count + 16`` or ``samples * count`` or fewer; they are scored from the
+    leaf list's own copy of their class and tick (a small array, where the ids' rows are
+    spread over the whole state). If the sample runs short (blocked leaves), every leaf; if
+    no leaf is left, interior blocks, as a last resort. Keys the index refused are marked
+    ``F_BLOCKED`` by the caller, which calls again until every victim returned was accepted
+    (each call draws afresh)."""
     now = meta[NOW]
     nl = meta[NLEAVES]
-    nd = draw.shape[0]
+    nd = samples * count if nl > 2 * count + 16 and samples * count < nl else 0
     if nd > 0:
         cand = np.empty(nd, np.int64)
         keys = np.empty(nd, np.int64)
+        state = np.uint64(meta[RNG])
+        nlu = np.uint64(nl)
         for j in range(nd):
-            pos = draw[j] % nl
+            state += _GOLDEN
+            pos = np.int64(((_splitmix(state) >> np.uint64(32)) * nlu) >> np.uint64(32))
             cand[j] = leaves[pos, 0]
             keys[j] = _packed_key(rank40, lut, nb, now, leaves[pos, 1])
+        meta[RNG] = np.int64(state)
         nout = _pick(st, rank40, lut, nb, now, cand, keys, count, True, out, 0)
     else:
         nout = 0
@@ -641,12 +699,12 @@ def warm_up() -> None:
     rank40 = np.zeros(2 * nb, np.int64)
     kw = np.frombuffer(np.array([0, 1, 2, 3, -1, -1], np.int64).tobytes(), np.int64)  # read-only, as the policy's
     ids = np.empty(2, np.int64)
-    insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, np.zeros(2, np.int64), True, ids)
-    access(st, tab, leaves, meta, pending, row, lut, nb, kw[:4], 0, 1 << 62)
+    insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, bytes(2), True, 0, 1 << 62, ids)
+    access(st, tab, leaves, meta, pending, row, lut, nb, kw[:4], 0, 1 << 62, ids)
     find(st, tab, kw, ids)
     out = np.zeros(2, np.int64)
-    choose(st, leaves, meta, rank40, lut, nb, np.zeros(0, np.int64), 2, out)
-    choose(st, leaves, meta, rank40, lut, nb, np.zeros(2, np.int64), 2, out)
+    choose(st, leaves, meta, rank40, lut, nb, 0, 2, out)
+    choose(st, leaves, meta, rank40, lut, nb, 64, 2, out)
     remove(st, tab, leaves, free, meta, kw[:4], np.zeros(0, np.int64), np.zeros(4, np.int64))
     remove(st, tab, leaves, free, meta, kw[:0], ids, np.zeros(4, np.int64))
     trim(st, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))

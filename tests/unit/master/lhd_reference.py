@@ -20,6 +20,8 @@ from kvpool.master.eviction import (BlockInfo, EvictionPolicy, HitDensityPolicy,
 _NO_BOUND = 1 << 100
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
 class ReferenceHitDensityPolicy(EvictionPolicy):
     """The former pure-Python ``HitDensityPolicy`` (see its docstring in
     kvpool/master/eviction.py: the same protocol, classes, density and constants)."""
@@ -88,9 +90,7 @@ class ReferenceHitDensityPolicy(EvictionPolicy):
         self._cls_np = np.zeros(1024, np.int64)
         self._rank40 = self._rank << 40  # the sort key's high part: rank << 40, plus the tick
         self._rank40_l: list[int] = self._rank40.tolist()
-        self._rng = np.random.default_rng(seed)
-        self._rand = np.zeros(0, np.int64)
-        self._randpos = 0
+        self._rng_state = np.uint64(seed)  # SplitMix64, as the kernels draw
 
     # ------------------------------------------------------------------ introspection
 
@@ -449,14 +449,14 @@ class ReferenceHitDensityPolicy(EvictionPolicy):
         return self._leaves_np[:nl]
 
     def _random(self, n: int, high: int) -> np.ndarray:
-        """``n`` uniform ints in [0, high), cut from a buffer drawn in bulk (numpy's per-call
-        overhead is larger than a draw of a thousand numbers)."""
-        if self._randpos + n > len(self._rand):
-            self._rand = self._rng.integers(0, 1 << 62, max(1 << 16, n))
-            self._randpos = 0
-        r = self._rand[self._randpos:self._randpos + n]
-        self._randpos += n
-        return r % high
+        """``n`` ints in [0, high): SplitMix64 draws ``d`` (its state advancing by the golden
+        gamma), each mapped to ``(d >> 32) * high >> 32``: the kernels' stream, vectorized."""
+        states = self._rng_state + _GOLDEN * np.arange(1, n + 1, dtype=np.uint64)  # wraps mod 2**64
+        self._rng_state = states[-1] if n else self._rng_state
+        z = (states ^ (states >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        return ((z >> np.uint64(32)) * np.uint64(high) >> np.uint64(32)).astype(np.int64)
 
     def _sort_keys(self, slots: np.ndarray) -> np.ndarray:
         """One int64 per slot that sorts victims first: density rank, then older first (``rank << 40``
