@@ -29,7 +29,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import repeat
 from operator import attrgetter
 from typing import Callable, ClassVar
 
