@@ -526,8 +526,8 @@ class HitDensityPolicy(EvictionPolicy):
     is one batch (one put, one lease, one eviction's removals, one selection) and one call of
     a compiled kernel that does the whole batch's per-block work, key lookups included; Python
     only joins the batch's keys into one buffer around it, and keeps an id -> key list to hand
-    victims back. Removals of the victims just handed out go by id, without lookups. Age bins
-    come from a shared table below ``BIN_LUT``. Densities are recomputed with numpy when half
+    victims back. Removals of the victims just handed out go by id, without lookups. An age's
+    bin comes from the position of its top bit. Densities are recomputed when half
     as many references as the history holds have been made since the last time, and at least
     ``REFRESH_MIN`` (amortized O(1) per reference). Victims are chosen among ``SAMPLES``
     random leaves per requested victim (all leaves when there are fewer), scored from the
@@ -580,10 +580,6 @@ class HitDensityPolicy(EvictionPolicy):
     PRIOR: ClassVar[float] = 1.0
     #: The smallest number of references between two recomputations of the densities.
     REFRESH_MIN: ClassVar[int] = 256
-    #: Ages below this read their bin from a table (an int8 array, 128 KiB shared by all
-    #: instances); older ones compute it. A speed/memory trade only: both give the same bin.
-    BIN_LUT: ClassVar[int] = 1 << 17
-    _bin_lut_shared: ClassVar[np.ndarray | None] = None
 
     # A history value packs the key's last reference tick, its reference count (capped at
     # 255) and its last-block flag into one int: tick << 9 | count << 1 | last.
@@ -602,14 +598,11 @@ class HitDensityPolicy(EvictionPolicy):
         #: Class of (count, last): 2 * bucket(count) + last.
         self._bucket = [2 * min(max(c, 1).bit_length() - 1, self.COUNT_BUCKETS - 1) for c in range(256)]
         #: First cell of the rank table's row for a count (last flag 0; add BINS for 1).
-        self._row = np.array([b * nb for b in self._bucket], np.int64)
+        self._bucket_np = np.array(self._bucket, np.int64)
+        self._row = self._bucket_np * nb
         starts = np.array([_bin_start(b) for b in range(nb + 1)], dtype=np.int64)
         self._edges = starts[1:nb]  # searchsorted(edges, age, "right") == _age_bin(age), capped
         self._width = (starts[1:] - starts[:-1]).astype(np.float64)
-        if HitDensityPolicy._bin_lut_shared is None:
-            HitDensityPolicy._bin_lut_shared = np.searchsorted(
-                self._edges, np.arange(self.BIN_LUT), "right").astype(np.int8)
-        self._bin_lut = HitDensityPolicy._bin_lut_shared
         self._reused = np.zeros((nc, nb))     # intervals that ended in a reuse, by class and age bin
         self._censored = np.zeros((nc, nb))   # intervals that left the history unreused
         self._ended = 0                       # intervals counted since the last halving
@@ -768,7 +761,7 @@ class HitDensityPolicy(EvictionPolicy):
         i = 0
         while i < m:  # the kernel stops where a refresh is due, as one-at-a-time inserts would
             i = _kernels.insert(self._st, self._tab, self._leaves, self._free, meta, self._pending, self._row,
-                                self._bin_lut, self.BINS, kw, lasts, chain, i, self._refresh_at, ids)
+                                self.BINS, kw, lasts, chain, i, self._refresh_at, ids)
             if i < 0:
                 if i == _kernels.NEED_ROOM:
                     self._make_room(m, resident=True)
@@ -804,7 +797,7 @@ class HitDensityPolicy(EvictionPolicy):
         ids = self._scratch(m)
         i = 0
         while i < m:  # a refresh exactly where one-at-a-time accesses would make it
-            i = _kernels.access(self._st, self._tab, self._leaves, self._meta, self._pending, self._row, self._bin_lut,
+            i = _kernels.access(self._st, self._tab, self._leaves, self._meta, self._pending, self._row,
                                 self.BINS, kw, i, self._refresh_at, ids)
             if self._meta[_NOW] >= self._refresh_at:
                 self._refresh()
@@ -853,11 +846,11 @@ class HitDensityPolicy(EvictionPolicy):
             self._pending[:] = 0
             meta[_kernels.NPENDING] = 0
         now = self._now
-        hval = self._st[: int(meta[_kernels.NSLOTS]), _kernels.HVAL]
-        remembered = np.flatnonzero(hval)
-        values = hval[remembered]
         cap = self.history_cap
-        if len(values) > cap:
+        if meta[_kernels.NHIST] > cap:
+            hval = self._st[: int(meta[_kernels.NSLOTS]), _kernels.HVAL]
+            remembered = np.flatnonzero(hval)
+            values = hval[remembered]
             # The oldest entries leave, down to 7/8 of the cap: the smallest last-reference
             # ticks (each is unique: one tick per reference).
             drop = len(values) - cap + cap // 8
@@ -868,17 +861,16 @@ class HitDensityPolicy(EvictionPolicy):
             forgotten = np.empty(drop, np.int64)
             nf = _kernels.trim(self._st, self._tab, self._free, meta, gone, forgotten)
             self._forget(forgotten[:nf].tolist())
-            keep = np.ones(len(values), bool)
-            keep[oldest] = False
-            values = values[keep]
-        if self._ended > len(values):
+        cells = np.zeros(nc * nb, np.int64)
+        remembered = _kernels.history_cells(self._st, meta, self._bucket_np, nb, cells)
+        if self._ended > remembered:
             self._reused *= 0.5
             self._censored *= 0.5
             self._ended //= 2
-        alive = self._cells(values, now)
+        alive = cells.reshape(nc, nb).astype(np.float64)
         self._rank = self._ranks(self.densities(self._reused, self._reused + self._censored + alive))
         self._rank40 = self._rank << 40
-        self._refresh_at = now + max(self.REFRESH_MIN, len(values) // 2)
+        self._refresh_at = now + max(self.REFRESH_MIN, remembered // 2)
 
     def _cells(self, values: np.ndarray, now: int) -> np.ndarray:
         """Histogram of history values by (class, age bin)."""
@@ -947,7 +939,7 @@ class HitDensityPolicy(EvictionPolicy):
         rng = meta[_kernels.RNG]  # a walk made again draws the same sample
         try:
             while True:
-                n = _kernels.choose(st, self._leaves, meta, self._rank40, self._bin_lut, self.BINS,
+                n = _kernels.choose(st, self._leaves, meta, self._rank40, self.BINS,
                                     self.SAMPLES, count, out)
                 chosen = out[:n].tolist()
                 victims = list(map(keys.__getitem__, chosen))

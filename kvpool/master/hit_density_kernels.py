@@ -49,11 +49,12 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import leading_zeros  # LLVM's ctlz
 
 __all__ = [
     "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "K0", "K1", "KIDS",
     "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RNG", "TICK",
-    "NEED_ROOM", "access", "age_bin", "choose", "find", "insert", "rehash", "remove", "trim", "warm_up",
+    "NEED_ROOM", "access", "age_bin", "choose", "find", "history_cells", "insert", "rehash", "remove", "trim", "warm_up",
 ]
 
 TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL, K0, K1 = range(10)
@@ -70,18 +71,13 @@ _NO_BOUND = np.int64((1 << 63) - 1)
 
 
 @njit(cache=True, nogil=True)
-def age_bin(age, lut, nb):
-    """Quarter-octave bin of an age, capped at ``nb - 1``: from ``lut`` below its length,
-    else 0..3 exactly, then 4 bins per doubling."""
-    if age < lut.shape[0]:
-        return np.int64(lut[age])
-    e = -1
-    x = age
-    while x:
-        x >>= 1
-        e += 1
-    if e < 2:
+def age_bin(age, nb):
+    """Quarter-octave bin of an age, capped at ``nb - 1``: 0..3 exactly, then 4 bins per
+    doubling (``kvpool.master.eviction._age_bin``, from the position of the top bit: a
+    single instruction, where a table of bins would sit in the caches beside the state)."""
+    if age < 4:
         return age if age > 0 else 0
+    e = 63 - leading_zeros(age)
     b = 4 * e + ((age >> (e - 2)) & 3) - 4
     return b if b < nb else nb - 1
 
@@ -221,7 +217,7 @@ def _free_id(free, meta, s):
 
 
 @njit(cache=True, nogil=True)
-def _reference(st, pending, row, lut, nb, s, now, last):
+def _reference(st, pending, row, nb, s, now, last):
     """One reference of id ``s`` at tick ``now``: a remembered key ends a reuse interval
     (counted in ``pending`` by the class and age bin it ends in) and counts one more
     reference; a key without history starts at count 1 with ``last``. Sets its history
@@ -230,7 +226,7 @@ def _reference(st, pending, row, lut, nb, s, now, last):
     if old != 0:
         count = (old >> 1) & 0xFF
         last = old & 1
-        pending[row[count] + last * nb + age_bin(now - (old >> 9), lut, nb)] += 1
+        pending[row[count] + last * nb + age_bin(now - (old >> 9), nb)] += 1
         if count < 255:
             count += 1
     else:
@@ -242,7 +238,7 @@ def _reference(st, pending, row, lut, nb, s, now, last):
 
 
 @njit(cache=True, nogil=True)
-def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain, start, until, ids):
+def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, start, until, ids):
     """References of ``m`` keys that become resident (one insert batch), in order.
 
     ``kw`` holds the ``m`` keys' words, then their parents': each key's parent, or with
@@ -290,7 +286,7 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain,
             st[s, K1] = kw[2 * i + 1]
             _tab_add(st, tab, s)
             ids[i] = s
-        if _reference(st, pending, row, lut, nb, s, now, lasts[i]):
+        if _reference(st, pending, row, nb, s, now, lasts[i]):
             npend += 1
         else:
             nhist += 1
@@ -328,7 +324,7 @@ def insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, lasts, chain,
 
 
 @njit(cache=True, nogil=True)
-def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until, ids):
+def access(st, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
     """References of the resident keys among ``kw[start:]`` (one access batch), in order,
     each key once however often it is listed, until the clock reaches ``until`` (a density
     refresh is due). Returns the index to go on from; the caller refreshes and calls again
@@ -349,7 +345,7 @@ def access(st, tab, leaves, meta, pending, row, lut, nb, kw, start, until, ids):
         i += 1
         st[s, FLAGS] |= F_SEEN
         now += 1
-        if _reference(st, pending, row, lut, nb, s, now, 0):
+        if _reference(st, pending, row, nb, s, now, 0):
             npend += 1
         else:  # trimmed from the history meanwhile: it starts again at count 1, not last
             nhist += 1
@@ -427,6 +423,20 @@ def remove(st, tab, leaves, free, meta, kw, ids, moved):
 
 
 @njit(cache=True, nogil=True)
+def history_cells(st, meta, bucket, nb, cells):
+    """Add to ``cells`` (one per class and age bin, flat) every history entry, by the class
+    of its open interval (``bucket[count] + last``) and its age's bin; returns how many."""
+    now = meta[NOW]
+    n = 0
+    for s in range(meta[NSLOTS]):
+        v = st[s, HVAL]
+        if v != 0:
+            cells[(bucket[(v >> 1) & 0xFF] + (v & 1)) * nb + age_bin(now - (v >> 9), nb)] += 1
+            n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
 def trim(st, tab, free, meta, drop, forgotten):
     """Take the ids in ``drop`` out of the history; those neither resident nor dead are
     freed and written to ``forgotten`` (their keys leave the table). Returns how many."""
@@ -444,17 +454,17 @@ def trim(st, tab, free, meta, drop, forgotten):
 
 
 @njit(cache=True, nogil=True)
-def _sort_key(st, rank40, lut, nb, now, s):
+def _sort_key(st, rank40, nb, now, s):
     """Victims first: density rank, then older first (``rank << 40`` plus the last tick)."""
     t = st[s, TICK]
-    return rank40[st[s, CLS] + age_bin(now - t, lut, nb)] + t
+    return rank40[st[s, CLS] + age_bin(now - t, nb)] + t
 
 
 @njit(cache=True, nogil=True)
-def _packed_key(rank40, lut, nb, now, packed):
+def _packed_key(rank40, nb, now, packed):
     """``_sort_key`` of a leaf from its copy in the leaf list (``cls << 40 | tick``)."""
     t = packed & 0xFFFFFFFFFF
-    return rank40[(packed >> 40) + age_bin(now - t, lut, nb)] + t
+    return rank40[(packed >> 40) + age_bin(now - t, nb)] + t
 
 
 @njit(cache=True, nogil=True)
@@ -525,7 +535,7 @@ def _heap_pop(hk, hv, n):
 
 
 @njit(cache=True, nogil=True)
-def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
+def _walk(st, rank40, nb, now, cand, ckey, count, leaves_only, out, nout):
     """Take up to ``count`` victims (appended to ``out`` from ``nout``) from candidates sorted
     by key, skipping keys blocked or taken; a victim's parent that becomes a leaf competes at
     once. Returns the new length of ``out``."""
@@ -577,7 +587,7 @@ def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
                 st[p, KLEFT] = left
                 if left:
                     break
-            pk = _sort_key(st, rank40, lut, nb, now, p)
+            pk = _sort_key(st, rank40, nb, now, p)
             if pk <= bound and got < count:
                 if not st[p, FLAGS] & (F_TAKEN | F_BLOCKED):
                     out[nout + got] = p
@@ -597,7 +607,7 @@ def _walk(st, rank40, lut, nb, now, cand, ckey, count, leaves_only, out, nout):
 
 
 @njit(cache=True, nogil=True)
-def _pick(st, rank40, lut, nb, now, cand, keys, count, leaves_only, out, nout):
+def _pick(st, rank40, nb, now, cand, keys, count, leaves_only, out, nout):
     """Up to ``count`` victims from ``cand`` (sort keys ``keys``), best first, appended to
     ``out``: the walk looks at the best ``2 * count + 16`` candidates, and four times further
     each time too many of them were blocked or taken."""
@@ -607,7 +617,7 @@ def _pick(st, rank40, lut, nb, now, cand, keys, count, leaves_only, out, nout):
     k = min(n, 2 * count + 16)
     while True:
         top = _smallest(keys, k)
-        got = _walk(st, rank40, lut, nb, now, cand[top], keys[top], count, leaves_only, out, nout)
+        got = _walk(st, rank40, nb, now, cand[top], keys[top], count, leaves_only, out, nout)
         if got - nout >= count or k >= n:
             return got
         k = min(n, 4 * k)
@@ -627,7 +637,7 @@ def _splitmix(x):
 
 
 @njit(cache=True, nogil=True)
-def choose(st, leaves, meta, rank40, lut, nb, samples, count, out):
+def choose(st, leaves, meta, rank40, nb, samples, count, out):
     """One selection: up to ``count`` victim ids into ``out``, best first; returns how many.
 
     The candidates are ``samples * count`` leaves drawn at random (positions from SplitMix64,
@@ -650,9 +660,9 @@ def choose(st, leaves, meta, rank40, lut, nb, samples, count, out):
             state += _GOLDEN
             pos = np.int64(((_splitmix(state) >> np.uint64(32)) * nlu) >> np.uint64(32))
             cand[j] = leaves[pos, 0]
-            keys[j] = _packed_key(rank40, lut, nb, now, leaves[pos, 1])
+            keys[j] = _packed_key(rank40, nb, now, leaves[pos, 1])
         meta[RNG] = np.int64(state)
-        nout = _pick(st, rank40, lut, nb, now, cand, keys, count, True, out, 0)
+        nout = _pick(st, rank40, nb, now, cand, keys, count, True, out, 0)
     else:
         nout = 0
     if nout < count and (nd > 0 or nout == 0):  # the sample ran short, or there was none: every leaf
@@ -661,8 +671,8 @@ def choose(st, leaves, meta, rank40, lut, nb, samples, count, out):
         cand = leaves[:nl, 0].copy()
         keys = np.empty(nl, np.int64)
         for j in range(nl):
-            keys[j] = _packed_key(rank40, lut, nb, now, leaves[j, 1])
-        nout = _pick(st, rank40, lut, nb, now, cand, keys, count - nout, True, out, nout)
+            keys[j] = _packed_key(rank40, nb, now, leaves[j, 1])
+        nout = _pick(st, rank40, nb, now, cand, keys, count - nout, True, out, nout)
     if nout < count:
         for j in range(nout):
             st[out[j], FLAGS] |= F_TAKEN
@@ -676,8 +686,8 @@ def choose(st, leaves, meta, rank40, lut, nb, samples, count, out):
         rest = rest[:nr]
         keys = np.empty(nr, np.int64)
         for j in range(nr):
-            keys[j] = _sort_key(st, rank40, lut, nb, now, rest[j])
-        nout = _pick(st, rank40, lut, nb, now, rest, keys, count - nout, False, out, nout)
+            keys[j] = _sort_key(st, rank40, nb, now, rest[j])
+        nout = _pick(st, rank40, nb, now, rest, keys, count - nout, False, out, nout)
     for j in range(nout):
         st[out[j], FLAGS] &= ~F_TAKEN
     return nout
@@ -695,17 +705,17 @@ def warm_up() -> None:
     meta = np.zeros(META, np.int64)
     pending = np.zeros(2 * nb, np.int64)
     row = np.zeros(256, np.int64)
-    lut = np.zeros(4, np.int8)
     rank40 = np.zeros(2 * nb, np.int64)
     kw = np.frombuffer(np.array([0, 1, 2, 3, -1, -1], np.int64).tobytes(), np.int64)  # read-only, as the policy's
     ids = np.empty(2, np.int64)
-    insert(st, tab, leaves, free, meta, pending, row, lut, nb, kw, bytes(2), True, 0, 1 << 62, ids)
-    access(st, tab, leaves, meta, pending, row, lut, nb, kw[:4], 0, 1 << 62, ids)
+    insert(st, tab, leaves, free, meta, pending, row, nb, kw, bytes(2), True, 0, 1 << 62, ids)
+    access(st, tab, leaves, meta, pending, row, nb, kw[:4], 0, 1 << 62, ids)
     find(st, tab, kw, ids)
     out = np.zeros(2, np.int64)
-    choose(st, leaves, meta, rank40, lut, nb, 0, 2, out)
-    choose(st, leaves, meta, rank40, lut, nb, 64, 2, out)
+    choose(st, leaves, meta, rank40, nb, 0, 2, out)
+    choose(st, leaves, meta, rank40, nb, 64, 2, out)
     remove(st, tab, leaves, free, meta, kw[:4], np.zeros(0, np.int64), np.zeros(4, np.int64))
     remove(st, tab, leaves, free, meta, kw[:0], ids, np.zeros(4, np.int64))
     trim(st, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    history_cells(st, meta, np.zeros(256, np.int64), nb, np.zeros(8 * nb, np.int64))
     rehash(st, np.zeros(16, np.int32), meta)

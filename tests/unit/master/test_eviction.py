@@ -316,16 +316,18 @@ def test_lhd_python_and_numpy_age_bins_agree():
     assert [min(_age_bin(int(a)), p.BINS - 1) for a in ages] == vec.tolist()
 
 
-def test_lhd_compiled_age_bins_agree_with_the_arithmetic_beyond_the_table():
-    """The kernels read bins from the table below BIN_LUT and compute them above: one scale."""
+def test_lhd_compiled_age_bins_agree_with_the_arithmetic():
+    """The kernels find an age's bin from its top bit; the densities are learned with the
+    Python arithmetic: one scale, at every power of two and around it, and capped."""
     from kvpool.master import hit_density_kernels
     from kvpool.master.eviction import _age_bin_capped
 
-    p = HitDensityPolicy()
-    ages = [0, 1, 2, 3, 4, 5, 7, 8, p.BIN_LUT - 1, p.BIN_LUT, p.BIN_LUT + 1, 3 << 20, (1 << 32) - 1, 1 << 40]
-    ages += list(range(p.BIN_LUT - 5000, p.BIN_LUT + 5000, 7))
-    assert [hit_density_kernels.age_bin(a, p._bin_lut, p.BINS) for a in ages] == [
-        _age_bin_capped(a, p.BINS) for a in ages]
+    nb = HitDensityPolicy.BINS
+    ages = list(range(0, 5000)) + [(1 << 62) - 1]
+    ages += [(1 << e) + d for e in range(2, 62) for d in (-3, -1, 0, 1, 3)]
+    ages += [(5 << e) + d for e in range(2, 59) for d in (-1, 0, 1)]
+    assert [hit_density_kernels.age_bin(a, nb) for a in ages] == [_age_bin_capped(a, nb) for a in ages]
+    assert hit_density_kernels.age_bin(-5, nb) == 0
 
 
 def test_lhd_chain_batches_and_one_block_at_a_time_agree():
@@ -360,16 +362,6 @@ def test_lhd_chain_batches_and_one_block_at_a_time_agree():
     assert batch._now == single._now and batch.history_len == single.history_len
     assert [batch.density(x) for x in resident] == [single.density(x) for x in resident]
     assert batch.select_victims(10_000, everything) == single.select_victims(10_000, everything)
-
-
-def test_lhd_age_bin_table_matches_the_arithmetic():
-    from kvpool.master.eviction import _age_bin_capped
-
-    p = HitDensityPolicy()
-    lut = p._bin_lut
-    assert len(lut) == p.BIN_LUT
-    assert all(lut[a] == _age_bin_capped(a, p.BINS) for a in range(0, len(lut), 7))
-    assert lut[-1] == _age_bin_capped(len(lut) - 1, p.BINS)
 
 
 # ---------------------------------------------------------------------------- batch calls
