@@ -29,7 +29,6 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from itertools import repeat
 from operator import attrgetter
 from typing import Callable, ClassVar
 
@@ -612,7 +611,9 @@ class HitDensityPolicy(EvictionPolicy):
         # Every key the policy knows (resident or remembered) has an id, found from the key's
         # words in the kernels' table; the rest of its state is in the kernels' arrays (see
         # kvpool.master.hit_density_kernels). Python keeps only id -> key, for the victims.
-        self._keys: list[bytes | None] = []  # id -> key (None: free or dead)
+        # id -> key (None: free or dead), an object array: numpy gathers and scatters a batch
+        # of them in one call each, where a list takes a Python step per key.
+        self._keys = np.empty(0, object)
         # The arrays are made once the kernels are loaded (the index loads them when it is
         # built; a policy made before starts loading them on a thread of their own): calls
         # made before are kept in order and replayed then.
@@ -660,7 +661,9 @@ class HitDensityPolicy(EvictionPolicy):
         free = np.zeros(size, np.int64)
         free[:old] = self._free
         self._free = free
-        self._keys.extend(repeat(None, size - old))
+        keys = np.empty(size, object)  # (filled with None)
+        keys[:old] = self._keys
+        self._keys = keys
         # The table stays at most half full: at least twice as many cells as ids.
         self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int32)
         _kernels.rehash(st, self._tab, self._meta)
@@ -687,11 +690,9 @@ class HitDensityPolicy(EvictionPolicy):
             self._ids = np.zeros(max(n, 2 * len(self._ids)), np.int64)
         return self._ids
 
-    def _forget(self, ids) -> None:
+    def _forget(self, ids: np.ndarray) -> None:
         """Drop the keys of ids the kernels freed."""
-        keys = self._keys
-        for s in ids:
-            keys[s] = None
+        self._keys[ids] = None
 
     # ------------------------------------------------------------------ introspection
 
@@ -770,9 +771,9 @@ class HitDensityPolicy(EvictionPolicy):
                 self._one_by_one(keys, infos)  # a key is resident already
                 return
             if meta[_NOW] >= self._refresh_at:
-                any(map(self._keys.__setitem__, ids[:i].tolist(), keys))  # (before a trim forgets any)
+                self._keys[ids[:i]] = np.fromiter(keys[:i], object, i)  # (before a trim forgets any)
                 self._refresh()
-        any(map(self._keys.__setitem__, ids[:m].tolist(), keys))
+        self._keys[ids[:m]] = np.fromiter(keys, object, m)
 
     def _one_by_one(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
         """Not a plain batch of keys to make resident: each key removed, then inserted."""
@@ -860,7 +861,7 @@ class HitDensityPolicy(EvictionPolicy):
             self._ended += drop
             forgotten = np.empty(drop, np.int64)
             nf = _kernels.trim(self._st, self._tab, self._free, meta, gone, forgotten)
-            self._forget(forgotten[:nf].tolist())
+            self._forget(forgotten[:nf])
         cells = np.zeros(nc * nb, np.int64)
         remembered = _kernels.history_cells(self._st, meta, self._bucket_np, nb, cells)
         if self._ended > remembered:
@@ -941,13 +942,12 @@ class HitDensityPolicy(EvictionPolicy):
             while True:
                 n = _kernels.choose(st, self._leaves, meta, self._rank40, self.BINS,
                                     self.SAMPLES, count, out)
-                chosen = out[:n].tolist()
-                victims = list(map(keys.__getitem__, chosen))
+                victims = keys[out[:n]].tolist()
                 verdicts = list(map(evictable, victims))
                 if all(verdicts):
                     self._victims = (victims, out[:n])
                     return victims
-                for s, ok in zip(chosen, verdicts):
+                for s, ok in zip(out[:n].tolist(), verdicts):
                     if not ok:
                         st[s, _kernels.FLAGS] |= _kernels.F_BLOCKED
                         refused.append(s)
