@@ -932,26 +932,33 @@ class HitDensityPolicy(EvictionPolicy):
         marked and the walk made again, until all it proposes are accepted. That is the
         walk that asks ``evictable`` of each key as it meets it, since a key's answer does
         not change within one call."""
-        if count <= 0 or not len(self):  # (len() waits for the kernels, if need be)
+        if count <= 0:
             return []
-        st, keys, meta = self._st, self._keys, self._meta
+        if self._backlog is not None:
+            self._attach(wait=True)
+        meta = self._meta
         out = np.empty(count, np.int64)
-        refused: list[int] = []
         rng = meta[_kernels.RNG]  # a walk made again draws the same sample
+        chosen = out[: _kernels.choose(self._st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
+        victims = self._keys[chosen].tolist()
+        if all(map(evictable, victims)):  # the usual case: nothing is refused
+            self._victims = (victims, chosen)
+            return victims
+        st = self._st
+        refused: list[int] = []
         try:
             while True:
-                n = _kernels.choose(st, self._leaves, meta, self._rank40, self.BINS,
-                                    self.SAMPLES, count, out)
-                victims = keys[out[:n]].tolist()
                 verdicts = list(map(evictable, victims))
                 if all(verdicts):
-                    self._victims = (victims, out[:n])
+                    self._victims = (victims, chosen)
                     return victims
-                for s, ok in zip(out[:n].tolist(), verdicts):
+                for s, ok in zip(chosen.tolist(), verdicts):
                     if not ok:
                         st[s, _kernels.FLAGS] |= _kernels.F_BLOCKED
                         refused.append(s)
                 meta[_kernels.RNG] = rng
+                chosen = out[: _kernels.choose(st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
+                victims = self._keys[chosen].tolist()
         finally:
             if refused:
                 st[refused, _kernels.FLAGS] &= ~_kernels.F_BLOCKED
