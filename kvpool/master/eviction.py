@@ -426,12 +426,17 @@ def key_words(keys: list[bytes]) -> np.ndarray:
     its 128-bit xxh3 digest. Two keys that shared words would share one id: for keys of 16
     bytes that cannot happen, and for others it takes a 128-bit collision. Even then only a
     choice of victim could suffer: the index checks every victim it is handed."""
+    return _key_words(keys)[0]
+
+
+def _key_words(keys: list[bytes]) -> tuple[np.ndarray, bool]:
+    """:func:`key_words`, and whether every key is 16 bytes long (its words are its bytes)."""
     m = len(keys)
     buf = b"".join(keys)
     # All 16 bytes: the total is 16m and none is shorter (then none is longer either).
     if len(buf) != m << 4 or (m and min(map(len, keys)) != 16):
-        buf = b"".join(map(_as16, keys))
-    return np.frombuffer(buf, np.int64)
+        return np.frombuffer(b"".join(map(_as16, keys)), np.int64), False
+    return np.frombuffer(buf, np.int64), True
 
 #: ``kvpool.master.hit_density_kernels``, imported (and its kernels compiled or loaded from
 #: numba's cache) only in a process that runs an ``lhd`` policy: importing numba takes
@@ -611,9 +616,11 @@ class HitDensityPolicy(EvictionPolicy):
         # Every key the policy knows (resident or remembered) has an id, found from the key's
         # words in the kernels' table; the rest of its state is in the kernels' arrays (see
         # kvpool.master.hit_density_kernels). Python keeps only id -> key, for the victims.
-        # id -> key (None: free or dead), an object array: numpy gathers and scatters a batch
-        # of them in one call each, where a list takes a Python step per key.
-        self._keys = np.empty(0, object)
+        # A victim's key is read back from its words (``_key_bytes``, a view of them as
+        # 16-byte records) when it is 16 bytes long. Any other key (its words are a digest)
+        # is kept here by id from each insert of it until the id loses the key (moved or
+        # forgotten), so every resident one is here.
+        self._long: dict[int, bytes] = {}
         # The arrays are made once the kernels are loaded (the index loads them when it is
         # built; a policy made before starts loading them on a thread of their own): calls
         # made before are kept in order and replayed then.
@@ -661,9 +668,7 @@ class HitDensityPolicy(EvictionPolicy):
         free = np.zeros(size, np.int64)
         free[:old] = self._free
         self._free = free
-        keys = np.empty(size, object)  # (filled with None)
-        keys[:old] = self._keys
-        self._keys = keys
+        self._key_bytes = np.ndarray((size,), "V16", st, _kernels.K0 * 8, (_kernels.FIELDS * 8,))
         # The table stays at most half full: at least twice as many cells as ids.
         self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int32)
         _kernels.rehash(st, self._tab, self._meta)
@@ -692,7 +697,19 @@ class HitDensityPolicy(EvictionPolicy):
 
     def _forget(self, ids: np.ndarray) -> None:
         """Drop the keys of ids the kernels freed."""
-        self._keys[ids] = None
+        if self._long:
+            for s in ids.tolist():
+                self._long.pop(s, None)
+
+    def _keys_of(self, ids: np.ndarray) -> list[bytes]:
+        """The keys of ``ids`` (which have keys)."""
+        keys = self._key_bytes[ids].tolist()
+        if self._long:
+            long = self._long
+            for j, s in enumerate(ids.tolist()):
+                if s in long:
+                    keys[j] = long[s]
+        return keys
 
     # ------------------------------------------------------------------ introspection
 
@@ -755,7 +772,7 @@ class HitDensityPolicy(EvictionPolicy):
             tail = [_NO_PARENT if parents[0] is None else parents[0]]
         else:
             tail = [_NO_PARENT if p is None else p for p in parents]
-        kw = key_words(keys + tail)
+        kw, plain = _key_words(keys + tail)
         lasts = bytes(map(_last_of, infos))
         ids = self._scratch(m)
         meta = self._meta
@@ -771,9 +788,12 @@ class HitDensityPolicy(EvictionPolicy):
                 self._one_by_one(keys, infos)  # a key is resident already
                 return
             if meta[_NOW] >= self._refresh_at:
-                self._keys[ids[:i]] = np.fromiter(keys[:i], object, i)  # (before a trim forgets any)
-                self._refresh()
-        self._keys[ids[:m]] = np.fromiter(keys, object, m)
+                self._refresh()  # (a trim forgets no resident key: the new ones are safe)
+        if not plain:  # keys whose words are a digest are kept, for when they are victims
+            long = self._long
+            for s, key in zip(ids[:m].tolist(), keys):
+                if len(key) != 16:
+                    long[s] = key
 
     def _one_by_one(self, keys: list[bytes], infos: list[BlockInfo]) -> None:
         """Not a plain batch of keys to make resident: each key removed, then inserted."""
@@ -827,13 +847,8 @@ class HitDensityPolicy(EvictionPolicy):
         if n == _kernels.NEED_ROOM:  # a dead block's key moves to a new id
             self._make_room(m)
             n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
-        if n:
-            kl = self._keys
-            pairs = moved[: 2 * n].tolist()
-            for s, s2 in zip(pairs[::2], pairs[1::2]):
-                if s2 >= 0:
-                    kl[s2] = kl[s]
-                kl[s] = None
+        if n > 0 and self._long:
+            self._forget(moved[: 2 * n : 2])  # ids that lost their key (not resident: no victims)
 
     # ------------------------------------------------------------------ learning
 
@@ -940,7 +955,7 @@ class HitDensityPolicy(EvictionPolicy):
         out = np.empty(count, np.int64)
         rng = meta[_kernels.RNG]  # a walk made again draws the same sample
         chosen = out[: _kernels.choose(self._st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
-        victims = self._keys[chosen].tolist()
+        victims = self._keys_of(chosen)
         if all(map(evictable, victims)):  # the usual case: nothing is refused
             self._victims = (victims, chosen)
             return victims
@@ -958,7 +973,7 @@ class HitDensityPolicy(EvictionPolicy):
                         refused.append(s)
                 meta[_kernels.RNG] = rng
                 chosen = out[: _kernels.choose(st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
-                victims = self._keys[chosen].tolist()
+                victims = self._keys_of(chosen)
         finally:
             if refused:
                 st[refused, _kernels.FLAGS] &= ~_kernels.F_BLOCKED

@@ -30,7 +30,8 @@ cache line or two, which is what the per-block work reads):
   ``F_BLOCKED``, ``F_TAKEN``, ``F_SEEN``: scratch of one selection (a key the index refused,
   a key chosen already, a candidate met in this walk), clear when the call returns;
 * ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside);
-* ``K0``, ``K1``: the key's words, while the id has a key.
+* ``K0``, ``K1``: the key's words, while the id has a key: for a 16-byte key, its bytes,
+  from which the caller reads a victim's key back.
 
 An id has a key, and is in ``tab``, while it is resident or remembered (``HVAL`` != 0); a
 dead id is keyless. An id is in use while it has a key or is dead; otherwise it is on the
