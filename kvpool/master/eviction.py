@@ -652,6 +652,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._meta = np.zeros(_kernels.META, np.int64)
         self._meta[_kernels.RNG] = self._seed
         self._ids = np.zeros(64, np.int64)  # scratch of one call: ids, or (id, new id) pairs
+        self._out = np.zeros(64, np.int64)
         # Room for the history's floor and the half more it grows by between two trims, made
         # once: growing by doubling up to there would copy the state ~8 times meanwhile.
         # The pages of rows never used are never touched (numpy's zeros map them lazily).
@@ -694,6 +695,14 @@ class HitDensityPolicy(EvictionPolicy):
         if n > len(self._ids):
             self._ids = np.zeros(max(n, 2 * len(self._ids)), np.int64)
         return self._ids
+
+    def _scratch_out(self, n: int) -> np.ndarray:
+        """The array a selection writes its victims' ids to, at least ``n`` long. The last
+        selection's victims are a view of it (``_victims``): only a selection writes it, and
+        each one replaces them."""
+        if n > len(self._out):
+            self._out = np.zeros(max(n, 2 * len(self._out)), np.int64)
+        return self._out
 
     def _forget(self, ids: np.ndarray) -> None:
         """Drop the keys of ids the kernels freed."""
@@ -774,7 +783,7 @@ class HitDensityPolicy(EvictionPolicy):
             tail = [_NO_PARENT if p is None else p for p in parents]
         kw, plain = _key_words(keys + tail)
         lasts = bytes(map(_last_of, infos))
-        ids = self._scratch(m)
+        ids = self._ids if m <= len(self._ids) else self._scratch(m)
         meta = self._meta
         i = 0
         while i < m:  # the kernel stops where a refresh is due, as one-at-a-time inserts would
@@ -815,7 +824,7 @@ class HitDensityPolicy(EvictionPolicy):
         if not m:
             return
         kw = key_words(keys)
-        ids = self._scratch(m)
+        ids = self._ids if m <= len(self._ids) else self._scratch(m)
         i = 0
         while i < m:  # a refresh exactly where one-at-a-time accesses would make it
             i = _kernels.access(self._st, self._tab, self._leaves, self._meta, self._pending, self._row,
@@ -842,7 +851,7 @@ class HitDensityPolicy(EvictionPolicy):
             kw, ids = self._no_words, victims[1]
         else:
             kw, ids = key_words(keys), self._no_ids
-        moved = self._scratch(2 * m)
+        moved = self._ids if 2 * m <= len(self._ids) else self._scratch(2 * m)
         n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
         if n == _kernels.NEED_ROOM:  # a dead block's key moves to a new id
             self._make_room(m)
@@ -952,8 +961,7 @@ class HitDensityPolicy(EvictionPolicy):
         if self._backlog is not None:
             self._attach(wait=True)
         meta = self._meta
-        out = np.empty(count, np.int64)
-        rng = meta[_kernels.RNG]  # a walk made again draws the same sample
+        out = self._out if count <= len(self._out) else self._scratch_out(count)
         chosen = out[: _kernels.choose(self._st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
         victims = self._keys_of(chosen)
         if all(map(evictable, victims)):  # the usual case: nothing is refused
@@ -971,7 +979,7 @@ class HitDensityPolicy(EvictionPolicy):
                     if not ok:
                         st[s, _kernels.FLAGS] |= _kernels.F_BLOCKED
                         refused.append(s)
-                meta[_kernels.RNG] = rng
+                meta[_kernels.RNG] = meta[_kernels.RNG0]  # the walk made again draws the same sample
                 chosen = out[: _kernels.choose(st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
                 victims = self._keys_of(chosen)
         finally:

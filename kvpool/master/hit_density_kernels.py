@@ -54,7 +54,7 @@ from numba.cpython.unsafe.numbers import leading_zeros  # LLVM's ctlz
 
 __all__ = [
     "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "K0", "K1", "KIDS",
-    "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RNG", "TICK",
+    "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RNG", "RNG0", "TICK",
     "NEED_ROOM", "access", "age_bin", "choose", "find", "history_cells", "insert", "rehash", "remove", "trim", "warm_up",
 ]
 
@@ -62,8 +62,8 @@ TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL, K0, K1 = range(10)
 FIELDS = 10  # 80 bytes: what the per-block work reads is in the first cache line
 #: Bits of ``FLAGS``.
 F_RES, F_DEAD, F_BLOCKED, F_TAKEN, F_SEEN = 1, 2, 4, 8, 16
-NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES, RNG = range(8)
-META = 8
+NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES, RNG, RNG0 = range(9)
+META = 9
 #: What a call that needs more room than the arrays have returns, having changed nothing.
 NEED_ROOM = -2
 
@@ -647,10 +647,12 @@ def choose(st, leaves, meta, rank40, nb, samples, count, out):
     leaf list's own copy of their class and tick (a small array, where the ids' rows are
     spread over the whole state). If the sample runs short (blocked leaves), every leaf; if
     no leaf is left, interior blocks, as a last resort. Keys the index refused are marked
-    ``F_BLOCKED`` by the caller, which calls again until every victim returned was accepted
-    (each call draws afresh)."""
+    ``F_BLOCKED`` by the caller, which calls again until every victim returned was accepted;
+    it first puts back the random state the call started from (kept in ``meta[RNG0]``), so
+    that the walk made again draws the same sample."""
     now = meta[NOW]
     nl = meta[NLEAVES]
+    meta[RNG0] = meta[RNG]
     nd = samples * count if nl > 2 * count + 16 and samples * count < nl else 0
     if nd > 0:
         cand = np.empty(nd, np.int64)
