@@ -236,3 +236,34 @@ def test_us_per_ref_is_the_policy_share_of_the_whole_loop():
     policy, loop = report["us_per_ref_by_capacity"], report["loop_us_per_ref_by_capacity"]
     assert all(0 < p < l for p, l in zip(policy, loop)), (policy, loop)
     assert report["us_per_ref"] == max(policy)
+
+
+def test_repeat_reports_the_median_cost_of_runs_that_agree(tmp_path):
+    """``kvpool replay ... --repeat 3`` as typed: the hits are one run's (every run's, since a
+    replay is deterministic) and the cost is the median of the runs, each of which is kept."""
+    import statistics
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"timestamp": i, "input_length": 1, "output_length": 1, "hash_ids": ids}) + "\n"
+                            for i, ids in enumerate(TRACE * 40)))
+    run = subprocess.run([sys.executable, "-m", "kvpool", "replay", str(path), "--capacity", "4", "--capacity", "9",
+                          "--repeat", "3"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "the median of 3 runs" in run.stdout
+    once = json.loads(subprocess.run([sys.executable, "-m", "kvpool", "replay", str(path), "--capacity", "4",
+                                      "--capacity", "9", "--json"], capture_output=True, text=True, timeout=120,
+                                     check=True).stdout)
+    last = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [last[k] for k in ("policy", "lru", "belady")] == [once[k] for k in ("policy", "lru", "belady")]
+
+    report = compare(load_trace(path), [4, 9], "lhd", repeat=3)
+    assert report["repeat"] == 3 and [len(r) for r in report["us_per_ref_runs"]] == [3, 3]
+    for median, runs in zip(report["us_per_ref_by_capacity"], report["us_per_ref_runs"]):
+        assert median == pytest.approx(statistics.median(runs), abs=2e-3)
+    assert report["us_per_ref"] == max(report["us_per_ref_by_capacity"])
+
+    bad = subprocess.run([sys.executable, "-m", "kvpool", "replay", str(path), "--capacity", "4", "--repeat", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--repeat must be at least 1" in bad.stderr
