@@ -880,7 +880,7 @@ class HitDensityPolicy(EvictionPolicy):
             # ticks (each is unique: one tick per reference).
             drop = len(values) - cap + cap // 8
             oldest = np.argpartition(values, drop - 1)[:drop]  # the tick is the high part
-            gone = remembered[oldest]
+            gone = np.sort(remembered[oldest])[::-1].copy()  # freed highest first: new ids come out in ascending order
             self._censored += self._cells(values[oldest], now)
             self._ended += drop
             forgotten = np.empty(drop, np.int64)
