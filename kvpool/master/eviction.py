@@ -770,9 +770,6 @@ class HitDensityPolicy(EvictionPolicy):
         m = len(keys)
         if not m:
             return
-        if len(set(keys)) != m:
-            self._one_by_one(keys, infos)
-            return
         # The keys' words, then their parents': a put's chain (each block's parent the one
         # before it, the usual case) passes only its head's parent, any other batch every one.
         parents = list(map(_parent_of, infos))
@@ -794,7 +791,7 @@ class HitDensityPolicy(EvictionPolicy):
                     self._make_room(m, resident=True)
                     i = 0
                     continue
-                self._one_by_one(keys, infos)  # a key is resident already
+                self._one_by_one(keys, infos)  # a key is resident already, or listed twice
                 return
             if meta[_NOW] >= self._refresh_at:
                 self._refresh()  # (a trim forgets no resident key: the new ones are safe)

@@ -239,6 +239,28 @@ def _reference(st, pending, row, nb, s, now, last):
 
 
 @njit(cache=True, nogil=True)
+def _repeats(kw, m):
+    """Whether one of the first ``m`` keys of ``kw`` is listed twice (a small table of
+    positions, at most half full)."""
+    mask = 1
+    while mask < 2 * m:
+        mask <<= 1
+    seen = np.zeros(mask, np.int32)
+    mask -= 1
+    for i in range(m):
+        k0 = kw[2 * i]
+        k1 = kw[2 * i + 1]
+        c = _home(k0, k1, mask)
+        while seen[c] != 0:
+            j = seen[c] - 1
+            if kw[2 * j] == k0 and kw[2 * j + 1] == k1:
+                return True
+            c = (c + 1) & mask
+        seen[c] = i + 1
+    return False
+
+
+@njit(cache=True, nogil=True)
 def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, start, until, ids):
     """References of ``m`` keys that become resident (one insert batch), in order.
 
@@ -255,13 +277,15 @@ def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, star
     again from it, and the rest is inserted as a batch of its own (the key before its first
     is its first's parent), which is what inserting the two parts one after the other does.
     With ``start`` 0 it first checks the whole batch and changes nothing, returning -1, if
-    a key is resident already (the caller then inserts one key at a time, removing it
-    first), or :data:`NEED_ROOM` if the arrays may not hold it.
+    a key is resident already or listed twice (the caller then inserts one key at a time,
+    removing it first), or :data:`NEED_ROOM` if the arrays may not hold it.
     """
     m = len(lasts)
     if start == 0:
         if not _room(st, leaves, meta, m, m):
             return NEED_ROOM
+        if _repeats(kw, m):
+            return -1
         for i in range(m):
             s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
             if s >= 0 and (st[s, FLAGS] & F_RES):

@@ -44,7 +44,8 @@ class BusyReference(ReferenceHitDensityPolicy):
 
 def script(seed: int, steps: int, k=k):
     """The index's calls, at random: chain puts (some extending a resident leaf), batches
-    that are not one chain, re-inserts of resident keys, accesses with repeats and unknown
+    that are not one chain (or list a key twice), re-inserts of resident keys, accesses with
+    repeats and unknown
     keys, removals of any block (interior ones leave dead slots), and selections where
     the index refuses some keys."""
     rnd = random.Random(seed)
@@ -64,8 +65,10 @@ def script(seed: int, steps: int, k=k):
                 parents = [rnd.choice(pool) if rnd.random() < 0.7 else None for _ in ks]
                 infos = [BlockInfo(1, -1, "", None if p == x else p, rnd.random() < 0.3)
                          for x, p in zip(ks, parents)]
+            if rnd.random() < 0.05:  # a key listed twice: the batch is taken one key at a time
+                ks, infos = ks + [ks[-1]], infos + [BlockInfo(1, -1, "", None, False)]
             yield ("insert", ks, infos)
-            resident = [x for x in resident if x not in set(ks)] + ks
+            resident = [x for x in resident if x not in set(ks)] + list(dict.fromkeys(ks))
         elif r < 0.6 and resident:
             hit = [rnd.choice(resident) for _ in range(rnd.randint(1, 12))] + [k(7000)]
             yield ("access", hit)
