@@ -528,23 +528,26 @@ class HitDensityPolicy(EvictionPolicy):
     numpy array indexed by id, and ids are found from keys in an open-addressing table next
     to it (``kvpool.master.hit_density_kernels`` states the layout). Each call of the index
     is one batch (one put, one lease, one eviction's removals, one selection) and one call of
-    a compiled kernel that does the whole batch's per-block work, key lookups included; Python
-    only joins the batch's keys into one buffer around it, and keeps an id -> key list to hand
-    victims back. Removals of the victims just handed out go by id, without lookups. An age's
-    bin comes from the position of its top bit. Densities are recomputed when half
-    as many references as the history holds have been made since the last time, and at least
-    ``REFRESH_MIN`` (amortized O(1) per reference). Victims are chosen among ``SAMPLES``
-    random leaves per requested victim (all leaves when there are fewer), scored from the
-    leaf list's own copy of their class and tick. Measured by ``kvpool replay``
-    (``us_per_ref``) on the FAST'25 conversation trace, on the shared 2-core development
-    machine: 2.0 to 3.7 us of master CPU per block reference depending on the capacity and
-    the machine's load, about 1.3 to 2.2 for the policy's calls alone replayed back to back
-    (the README's eviction section has the runs). The history is trimmed to
-    ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)`` keys, never more than
-    ``HISTORY_MAX``, at each recomputation (the oldest last references leave first), so it
-    holds at most 1.5x that. About 220 bytes a key, its 16-byte key object included (the
-    row, two table cells, a list slot, and the slack of arrays grown by doubling; measured
-    with tracemalloc): about 30 to 45 MiB at the floor, up to about 1.4 GiB at the cap, which
+    a compiled kernel that does the whole batch's per-block work: key lookups, a key listed
+    twice, random draws, age bins (from the position of the top bit). Python joins the
+    batch's keys into one buffer around it, and reads the victims' keys back from their
+    words (a key of another length than 16 bytes is kept in a dict by id, since its words
+    are a digest). Removals of the victims just handed out go by id, without lookups. A
+    trim frees ids highest first, so that a put's new blocks take neighbouring rows.
+    Densities are recomputed when half as many references as the history holds have been
+    made since the last time, and at least ``REFRESH_MIN`` (amortized O(1) per reference).
+    Victims are chosen among ``SAMPLES`` random leaves per requested victim (all leaves when
+    there are fewer), scored from the leaf list's own copy of their class and tick.
+    Measured by ``kvpool replay`` (``us_per_ref``) on the FAST'25 conversation trace, on the
+    shared 2-core development machine: about 1.4 to 2.6 us of master CPU per block reference
+    depending on the capacity and the machine's load (the README's eviction section has the
+    runs). The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident
+    blocks)`` keys, never more than ``HISTORY_MAX``, at each recomputation (the oldest last
+    references leave first), so it holds at most 1.5x that. The arrays are made for
+    ``2 x HISTORY_MIN`` ids at once (24 MiB, whose pages are touched only as ids are used)
+    and grow by doubling beyond. About 170 to 220 bytes a remembered key (the row, the
+    table cells, the free list, and the slack of arrays grown by doubling; measured with
+    tracemalloc; the policy holds no key object of 16 bytes), under 1 GiB at the cap, which
     only a tier of a million blocks reaches.
 
     Constants, each with its reason (none was fitted to a trace):
@@ -615,8 +618,7 @@ class HitDensityPolicy(EvictionPolicy):
         self._refresh_at = self.REFRESH_MIN
         # Every key the policy knows (resident or remembered) has an id, found from the key's
         # words in the kernels' table; the rest of its state is in the kernels' arrays (see
-        # kvpool.master.hit_density_kernels). Python keeps only id -> key, for the victims.
-        # A victim's key is read back from its words (``_key_bytes``, a view of them as
+        # kvpool.master.hit_density_kernels). A victim's key is read back from its words (``_key_bytes``, a view of them as
         # 16-byte records) when it is 16 bytes long. Any other key (its words are a digest)
         # is kept here by id from each insert of it until the id loses the key (moved or
         # forgotten), so every resident one is here.

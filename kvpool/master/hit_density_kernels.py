@@ -4,8 +4,9 @@ The policy gives every key it knows (resident in the tier, or only remembered in
 reference history) a dense integer *id*, and keeps everything about it in numpy arrays
 indexed by id. Each call of the index (one put's inserts, one lease's accesses, one
 eviction's removals, one selection) is one call of these functions, compiled by numba: the
-per-block loop, key lookups included, runs as machine code. Python only joins the batch's
-keys into one buffer and keeps an id -> key list for the victims it hands back.
+per-block loop, key lookups included, runs as machine code, and so do the random draws of
+a selection and the bins of ages (from the position of the top bit). Python only joins the
+batch's keys into one buffer, and reads the victims' keys back from their words.
 
 Keys reach the kernels as two int64 *words* each (``kw``, flat: key ``i`` is ``kw[2i]``,
 ``kw[2i + 1]``): a 16-byte key (the pool's block key) is its own bytes; any other key is its
