@@ -471,6 +471,14 @@ def _load_kernels_soon() -> None:
         _kernels_thread.start()
 
 
+def _aligned_rows(n: int, fields: int) -> np.ndarray:
+    """Zeroed int64 rows of ``fields`` (8: 64 bytes) that start on 64-byte boundaries, so
+    that a row is one cache line (numpy aligns large arrays to 16 bytes only)."""
+    buf = np.zeros(n * fields + 8, np.int64)
+    skip = (-buf.ctypes.data % 64) // 8
+    return buf[skip : skip + n * fields].reshape(n, fields)
+
+
 def _bin_start(b: int) -> int:
     """The smallest age in bin ``b`` (inverse of :func:`_age_bin`)."""
     if b < 4:
@@ -648,6 +656,7 @@ class HitDensityPolicy(EvictionPolicy):
             _load_kernels()
         backlog, self._backlog = self._backlog, None
         self._st = np.zeros((0, _kernels.FIELDS), np.int64)
+        self._words = np.zeros((0, 2), np.int64)
         self._tab = np.zeros(0, np.int32)
         self._leaves = np.zeros((64, 2), np.int64)  # leaf ids, each with its class << 40 | tick
         self._free = np.zeros(0, np.int64)
@@ -665,16 +674,19 @@ class HitDensityPolicy(EvictionPolicy):
 
     def _grow(self, size: int) -> None:
         old = self._st.shape[0]
-        st = np.zeros((size, _kernels.FIELDS), np.int64)  # a new id's row is set when it is given
+        st = _aligned_rows(size, _kernels.FIELDS)  # a new id's row is set when it is given
         st[:old] = self._st
         self._st = st
+        words = np.zeros((size, 2), np.int64)
+        words[:old] = self._words
+        self._words = words
+        self._key_bytes = words.view("V16").reshape(size)
         free = np.zeros(size, np.int64)
         free[:old] = self._free
         self._free = free
-        self._key_bytes = np.ndarray((size,), "V16", st, _kernels.K0 * 8, (_kernels.FIELDS * 8,))
         # The table stays at most half full: at least twice as many cells as ids.
         self._tab = np.zeros(1 << (2 * size - 1).bit_length(), np.int32)
-        _kernels.rehash(st, self._tab, self._meta)
+        _kernels.rehash(st, words, self._tab, self._meta)
 
     def _make_room(self, m: int, resident: bool = False) -> None:
         """Room for ``m`` more ids, and with ``resident`` for ``m`` more leaves (there are
@@ -743,7 +755,7 @@ class HitDensityPolicy(EvictionPolicy):
         """The current density rank of a resident block (higher is kept longer); for tests."""
         self._attach(wait=True)
         ids = np.empty(1, np.int64)
-        _kernels.find(self._st, self._tab, key_words([key]), ids)
+        _kernels.find(self._words, self._tab, key_words([key]), ids)
         s = int(ids[0])
         if s < 0 or not self._st[s, _kernels.FLAGS] & _kernels.F_RES:
             raise KeyError(key)
@@ -786,7 +798,7 @@ class HitDensityPolicy(EvictionPolicy):
         meta = self._meta
         i = 0
         while i < m:  # the kernel stops where a refresh is due, as one-at-a-time inserts would
-            i = _kernels.insert(self._st, self._tab, self._leaves, self._free, meta, self._pending, self._row,
+            i = _kernels.insert(self._st, self._words, self._tab, self._leaves, self._free, meta, self._pending, self._row,
                                 self.BINS, kw, lasts, chain, i, self._refresh_at, ids)
             if i < 0:
                 if i == _kernels.NEED_ROOM:
@@ -826,7 +838,7 @@ class HitDensityPolicy(EvictionPolicy):
         ids = self._ids if m <= len(self._ids) else self._scratch(m)
         i = 0
         while i < m:  # a refresh exactly where one-at-a-time accesses would make it
-            i = _kernels.access(self._st, self._tab, self._leaves, self._meta, self._pending, self._row,
+            i = _kernels.access(self._st, self._words, self._tab, self._leaves, self._meta, self._pending, self._row,
                                 self.BINS, kw, i, self._refresh_at, ids)
             if self._meta[_NOW] >= self._refresh_at:
                 self._refresh()
@@ -851,10 +863,10 @@ class HitDensityPolicy(EvictionPolicy):
         else:
             kw, ids = key_words(keys), self._no_ids
         moved = self._ids if 2 * m <= len(self._ids) else self._scratch(2 * m)
-        n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
+        n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
         if n == _kernels.NEED_ROOM:  # a dead block's key moves to a new id
             self._make_room(m)
-            n = _kernels.remove(self._st, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
+            n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
         if n > 0 and self._long:
             self._forget(moved[: 2 * n : 2])  # ids that lost their key (not resident: no victims)
 
@@ -883,7 +895,7 @@ class HitDensityPolicy(EvictionPolicy):
             self._censored += self._cells(values[oldest], now)
             self._ended += drop
             forgotten = np.empty(drop, np.int64)
-            nf = _kernels.trim(self._st, self._tab, self._free, meta, gone, forgotten)
+            nf = _kernels.trim(self._st, self._words, self._tab, self._free, meta, gone, forgotten)
             self._forget(forgotten[:nf])
         cells = np.zeros(nc * nb, np.int64)
         remembered = _kernels.history_cells(self._st, meta, self._bucket_np, nb, cells)

@@ -17,8 +17,8 @@ deletions by backward shift (no tombstones, so a probe ends at the first empty c
 hash is a multiply-xorshift of both words, since the words of a replayed trace are small
 integers, not random bits.
 
-State layout (``st``, int64, one row per id, one column per field: an id's fields share a
-cache line or two, which is what the per-block work reads):
+State layout (``st``, int64, one row per id, one column per field: an id's fields are one
+64-byte cache line, which is what the per-block work reads; the policy aligns the array):
 
 * ``HVAL``: the key's history entry, ``tick << 9 | count << 1 | last`` (last reference tick,
   references so far capped at 255, last-block flag), 0 when it is not in the history;
@@ -30,9 +30,12 @@ cache line or two, which is what the per-block work reads):
   by its last child's removal (the key, if it is remembered, moves to a new id);
   ``F_BLOCKED``, ``F_TAKEN``, ``F_SEEN``: scratch of one selection (a key the index refused,
   a key chosen already, a candidate met in this walk), clear when the call returns;
-* ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside);
-* ``K0``, ``K1``: the key's words, while the id has a key: for a 16-byte key, its bytes,
-  from which the caller reads a victim's key back.
+* ``KLEFT``: scratch of one walk, children left of a parent it peels (-1 outside).
+
+``words`` (int64, two per id) holds the key's words while the id has a key: for a 16-byte
+key, its bytes, from which the caller reads a victim's key back. They are apart from the
+rows because only the table's probes read them, and a probe that ends at an empty cell (a
+new key) reads none.
 
 An id has a key, and is in ``tab``, while it is resident or remembered (``HVAL`` != 0); a
 dead id is keyless. An id is in use while it has a key or is dead; otherwise it is on the
@@ -54,13 +57,13 @@ from numba import njit
 from numba.cpython.unsafe.numbers import leading_zeros  # LLVM's ctlz
 
 __all__ = [
-    "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "K0", "K1", "KIDS",
+    "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "KIDS",
     "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RNG", "RNG0", "TICK",
     "NEED_ROOM", "access", "age_bin", "choose", "find", "history_cells", "insert", "rehash", "remove", "trim", "warm_up",
 ]
 
-TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL, K0, K1 = range(10)
-FIELDS = 10  # 80 bytes: what the per-block work reads is in the first cache line
+TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL = range(8)
+FIELDS = 8  # 64 bytes: one cache line per id (the policy aligns the array to one)
 #: Bits of ``FLAGS``.
 F_RES, F_DEAD, F_BLOCKED, F_TAKEN, F_SEEN = 1, 2, 4, 8, 16
 NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES, RNG, RNG0 = range(9)
@@ -92,7 +95,7 @@ def _home(k0, k1, mask):
 
 
 @njit(cache=True, nogil=True)
-def _find(st, tab, k0, k1):
+def _find(words, tab, k0, k1):
     """The id of a key's words, or -1."""
     mask = tab.shape[0] - 1
     i = _home(k0, k1, mask)
@@ -100,44 +103,44 @@ def _find(st, tab, k0, k1):
         v = tab[i]
         if v == 0:
             return -1
-        if st[v - 1, K0] == k0 and st[v - 1, K1] == k1:
+        if words[v - 1, 0] == k0 and words[v - 1, 1] == k1:
             return v - 1
         i = (i + 1) & mask
 
 
 @njit(cache=True, nogil=True)
-def _tab_add(st, tab, s):
-    """Enter id ``s`` under the words in its row (they are in no other entry)."""
+def _tab_add(words, tab, s):
+    """Enter id ``s`` under its words (they are in no other entry)."""
     mask = tab.shape[0] - 1
-    i = _home(st[s, K0], st[s, K1], mask)
+    i = _home(words[s, 0], words[s, 1], mask)
     while tab[i] != 0:
         i = (i + 1) & mask
     tab[i] = s + 1
 
 
 @njit(cache=True, nogil=True)
-def _tab_cell(st, tab, s):
+def _tab_cell(words, tab, s):
     """The cell that holds id ``s`` (which is in the table)."""
     mask = tab.shape[0] - 1
-    i = _home(st[s, K0], st[s, K1], mask)
+    i = _home(words[s, 0], words[s, 1], mask)
     while tab[i] != s + 1:
         i = (i + 1) & mask
     return i
 
 
 @njit(cache=True, nogil=True)
-def _tab_del(st, tab, s):
+def _tab_del(words, tab, s):
     """Take id ``s`` out of the table: later entries of its probe run shift back into the
     hole, so that every probe still ends at the first empty cell."""
     mask = tab.shape[0] - 1
-    i = _tab_cell(st, tab, s)
+    i = _tab_cell(words, tab, s)
     j = i
     while True:
         j = (j + 1) & mask
         v = tab[j]
         if v == 0:
             break
-        h = _home(st[v - 1, K0], st[v - 1, K1], mask)
+        h = _home(words[v - 1, 0], words[v - 1, 1], mask)
         # The entry at j may move to i unless its home lies cyclically in (i, j].
         if (i <= j and (h <= i or h > j)) or (i > j and h <= i and h > j):
             tab[i] = v
@@ -146,18 +149,18 @@ def _tab_del(st, tab, s):
 
 
 @njit(cache=True, nogil=True)
-def find(st, tab, kw, ids):
+def find(words, tab, kw, ids):
     """``ids[i]``: the id of key ``i`` of ``kw``, or -1."""
     for i in range(kw.shape[0] // 2):
-        ids[i] = _find(st, tab, kw[2 * i], kw[2 * i + 1])
+        ids[i] = _find(words, tab, kw[2 * i], kw[2 * i + 1])
 
 
 @njit(cache=True, nogil=True)
-def rehash(st, tab, meta):
+def rehash(st, words, tab, meta):
     """Enter every id that has a key into an empty ``tab`` (after it grew)."""
     for s in range(meta[NSLOTS]):
         if (st[s, FLAGS] & F_RES) or st[s, HVAL] != 0:
-            _tab_add(st, tab, s)
+            _tab_add(words, tab, s)
 
 
 @njit(cache=True, nogil=True)
@@ -262,7 +265,7 @@ def _repeats(kw, m):
 
 
 @njit(cache=True, nogil=True)
-def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, start, until, ids):
+def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, start, until, ids):
     """References of ``m`` keys that become resident (one insert batch), in order.
 
     ``kw`` holds the ``m`` keys' words, then their parents': each key's parent, or with
@@ -288,13 +291,13 @@ def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, star
         if _repeats(kw, m):
             return -1
         for i in range(m):
-            s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
+            s = _find(words, tab, kw[2 * i], kw[2 * i + 1])
             if s >= 0 and (st[s, FLAGS] & F_RES):
                 return -1
             ids[i] = s
     else:  # a refresh since the last call may have forgotten some of the rest
         for i in range(start, m):
-            ids[i] = _find(st, tab, kw[2 * i], kw[2 * i + 1])
+            ids[i] = _find(words, tab, kw[2 * i], kw[2 * i + 1])
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
@@ -308,9 +311,9 @@ def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, star
         s = ids[i]
         if s < 0:
             s = _new_id(st, free, meta)
-            st[s, K0] = kw[2 * i]
-            st[s, K1] = kw[2 * i + 1]
-            _tab_add(st, tab, s)
+            words[s, 0] = kw[2 * i]
+            words[s, 1] = kw[2 * i + 1]
+            _tab_add(words, tab, s)
             ids[i] = s
         if _reference(st, pending, row, nb, s, now, lasts[i]):
             npend += 1
@@ -327,7 +330,7 @@ def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, star
             else:
                 j = 2 * m if chain else 2 * (m + i)
                 if kw[j] != -1 or kw[j + 1] != -1:
-                    p = _find(st, tab, kw[j], kw[j + 1])
+                    p = _find(words, tab, kw[j], kw[j + 1])
             if p >= 0 and (st[p, FLAGS] & F_RES) and p != s:  # (a block is not its own parent)
                 st[p, KIDS] += 1
                 if st[p, LPOS] >= 0:
@@ -350,7 +353,7 @@ def insert(st, tab, leaves, free, meta, pending, row, nb, kw, lasts, chain, star
 
 
 @njit(cache=True, nogil=True)
-def access(st, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
+def access(st, words, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
     """References of the resident keys among ``kw[start:]`` (one access batch), in order,
     each key once however often it is listed, until the clock reaches ``until`` (a density
     refresh is due). Returns the index to go on from; the caller refreshes and calls again
@@ -362,7 +365,7 @@ def access(st, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
     n = kw.shape[0] // 2
     i = start
     while i < n and now < until:
-        s = _find(st, tab, kw[2 * i], kw[2 * i + 1])
+        s = _find(words, tab, kw[2 * i], kw[2 * i + 1])
         if s < 0 or (st[s, FLAGS] & (F_RES | F_SEEN)) != F_RES:  # not resident, or met already
             ids[i] = -1
             i += 1
@@ -388,7 +391,7 @@ def access(st, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
 
 
 @njit(cache=True, nogil=True)
-def remove(st, tab, leaves, free, meta, kw, ids, moved):
+def remove(st, words, tab, leaves, free, meta, kw, ids, moved):
     """Removals of keys ``kw`` in order, or when ``ids`` is not empty of those ids (the
     victims just chosen: no lookups); a key not resident: nothing. A leaf leaves the leaf
     list; a parent left with no children becomes a leaf, or is freed if it was removed
@@ -406,7 +409,7 @@ def remove(st, tab, leaves, free, meta, kw, ids, moved):
     nres = meta[NRES]
     by_id = ids.shape[0] > 0
     for j in range(n):
-        s = ids[j] if by_id else _find(st, tab, kw[2 * j], kw[2 * j + 1])
+        s = ids[j] if by_id else _find(words, tab, kw[2 * j], kw[2 * j + 1])
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
         st[s, FLAGS] &= ~F_RES
@@ -429,17 +432,17 @@ def remove(st, tab, leaves, free, meta, kw, ids, moved):
                 n2 = _new_id(st, free, meta)
                 st[n2, HVAL] = st[s, HVAL]
                 st[n2, TICK] = st[s, TICK]
-                st[n2, K0] = st[s, K0]
-                st[n2, K1] = st[s, K1]
-                tab[_tab_cell(st, tab, s)] = n2 + 1
+                words[n2, 0] = words[s, 0]
+                words[n2, 1] = words[s, 1]
+                tab[_tab_cell(words, tab, s)] = n2 + 1
                 st[s, HVAL] = 0
             else:
-                _tab_del(st, tab, s)
+                _tab_del(words, tab, s)
             moved[2 * nm] = s
             moved[2 * nm + 1] = n2
             nm += 1
         elif st[s, HVAL] == 0:  # neither resident nor remembered: forgotten
-            _tab_del(st, tab, s)
+            _tab_del(words, tab, s)
             _free_id(free, meta, s)
             moved[2 * nm] = s
             moved[2 * nm + 1] = -1
@@ -463,7 +466,7 @@ def history_cells(st, meta, bucket, nb, cells):
 
 
 @njit(cache=True, nogil=True)
-def trim(st, tab, free, meta, drop, forgotten):
+def trim(st, words, tab, free, meta, drop, forgotten):
     """Take the ids in ``drop`` out of the history; those neither resident nor dead are
     freed and written to ``forgotten`` (their keys leave the table). Returns how many."""
     nf = 0
@@ -471,7 +474,7 @@ def trim(st, tab, free, meta, drop, forgotten):
         s = drop[j]
         st[s, HVAL] = 0
         if not st[s, FLAGS] & (F_RES | F_DEAD):
-            _tab_del(st, tab, s)
+            _tab_del(words, tab, s)
             _free_id(free, meta, s)
             forgotten[nf] = s
             nf += 1
@@ -727,6 +730,7 @@ def warm_up() -> None:
     nb = 4
     st = np.zeros((8, FIELDS), np.int64)
     st[:, KLEFT] = -1
+    words = np.zeros((8, 2), np.int64)
     tab = np.zeros(16, np.int32)
     leaves = np.zeros((8, 2), np.int64)
     free = np.zeros(8, np.int64)
@@ -736,14 +740,14 @@ def warm_up() -> None:
     rank40 = np.zeros(2 * nb, np.int64)
     kw = np.frombuffer(np.array([0, 1, 2, 3, -1, -1], np.int64).tobytes(), np.int64)  # read-only, as the policy's
     ids = np.empty(2, np.int64)
-    insert(st, tab, leaves, free, meta, pending, row, nb, kw, bytes(2), True, 0, 1 << 62, ids)
-    access(st, tab, leaves, meta, pending, row, nb, kw[:4], 0, 1 << 62, ids)
-    find(st, tab, kw, ids)
+    insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, bytes(2), True, 0, 1 << 62, ids)
+    access(st, words, tab, leaves, meta, pending, row, nb, kw[:4], 0, 1 << 62, ids)
+    find(words, tab, kw, ids)
     out = np.zeros(2, np.int64)
     choose(st, leaves, meta, rank40, nb, 0, 2, out)
     choose(st, leaves, meta, rank40, nb, 64, 2, out)
-    remove(st, tab, leaves, free, meta, kw[:4], np.zeros(0, np.int64), np.zeros(4, np.int64))
-    remove(st, tab, leaves, free, meta, kw[:0], ids, np.zeros(4, np.int64))
-    trim(st, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    remove(st, words, tab, leaves, free, meta, kw[:4], np.zeros(0, np.int64), np.zeros(4, np.int64))
+    remove(st, words, tab, leaves, free, meta, kw[:0], ids, np.zeros(4, np.int64))
+    trim(st, words, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
     history_cells(st, meta, np.zeros(256, np.int64), nb, np.zeros(8 * nb, np.int64))
-    rehash(st, np.zeros(16, np.int32), meta)
+    rehash(st, words, np.zeros(16, np.int32), meta)

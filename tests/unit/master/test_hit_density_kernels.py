@@ -20,7 +20,7 @@ def test_table_matches_a_dict_under_adds_and_deletes(cells):
     collides, and a wrong shift would lose a key that is still in."""
     rnd = random.Random(cells)
     ids = cells // 2  # the table is never more than half full
-    st = np.zeros((ids, k.FIELDS), np.int64)
+    words = np.zeros((ids, 2), np.int64)  # id -> its key's words
     tab = np.zeros(cells, np.int32)
     model: dict[bytes, int] = {}
     free = list(range(ids))
@@ -29,16 +29,16 @@ def test_table_matches_a_dict_under_adds_and_deletes(cells):
         key = rnd.choice(universe)
         if key in model and rnd.random() < 0.6:
             s = model.pop(key)
-            k._tab_del(st, tab, s)
+            k._tab_del(words, tab, s)
             free.append(s)
         elif key not in model and free:
             s = free.pop(rnd.randrange(len(free)))
             w = key_words([key])
-            st[s, k.K0], st[s, k.K1] = w[0], w[1]
-            k._tab_add(st, tab, s)
+            words[s] = w
+            k._tab_add(words, tab, s)
             model[key] = s
         found = np.empty(len(universe), np.int64)
-        k.find(st, tab, key_words(universe), found)
+        k.find(words, tab, key_words(universe), found)
         assert found.tolist() == [model.get(x, -1) for x in universe]
     assert np.count_nonzero(tab) == len(model)
 
@@ -52,3 +52,23 @@ def test_keys_of_other_lengths_are_digested_and_sixteen_byte_keys_are_not():
     assert key_words(mixed).tobytes() == eviction._digest(mixed[0]) + eviction._digest(mixed[1])
     assert key_words([raw, b"abc"]).tobytes() == raw + eviction._digest(b"abc")
     assert key_words([]).shape == (0,)
+
+
+def test_state_rows_are_whole_cache_lines_also_after_growing():
+    """Each id's fields are one 64-byte line (what the per-block work reads), so the array
+    starts on a line boundary, including after it grew past the history's floor."""
+    from kvpool.master.eviction import BlockInfo, HitDensityPolicy
+
+    class Small(HitDensityPolicy):
+        HISTORY_MIN = 64
+
+    p = Small()
+    p._attach(wait=True)
+    assert p._st.strides == (64, 8) and p._st.ctypes.data % 64 == 0
+    first = p._st.shape[0]
+    keys = [i.to_bytes(16, "little") for i in range(3 * first)]
+    for i in range(0, len(keys), 8):
+        chain = keys[i:i + 8]
+        p.insert_many(chain, [BlockInfo(1, j, "", chain[j - 1] if j else None, j == 7) for j in range(8)])
+    assert p._st.shape[0] > first and p._st.ctypes.data % 64 == 0 and p._st.flags.c_contiguous
+    assert sorted(p.select_victims(len(keys), lambda key: True)) == sorted(keys)  # the keys read back from words
