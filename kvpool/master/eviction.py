@@ -419,8 +419,9 @@ def _as16(key: bytes) -> bytes:
     return key if len(key) == 16 else _digest(key)
 
 
-def key_words(keys: list[bytes]) -> np.ndarray:
-    """The keys as the ``lhd`` kernels take them: two int64 words each, one after the other.
+def key_words(keys: list[bytes]) -> bytes:
+    """The keys as the ``lhd`` kernels take them: 16 bytes each (two little-endian int64
+    words), one after the other.
 
     A 16-byte key (the pool's block key, already a hash) is its own bytes; any other key is
     its 128-bit xxh3 digest. Two keys that shared words would share one id: for keys of 16
@@ -429,14 +430,13 @@ def key_words(keys: list[bytes]) -> np.ndarray:
     return _key_words(keys)[0]
 
 
-def _key_words(keys: list[bytes]) -> tuple[np.ndarray, bool]:
+def _key_words(keys: list[bytes]) -> tuple[bytes, bool]:
     """:func:`key_words`, and whether every key is 16 bytes long (its words are its bytes)."""
-    m = len(keys)
     buf = b"".join(keys)
     # All 16 bytes: the total is 16m and none is shorter (then none is longer either).
-    if len(buf) != m << 4 or (m and min(map(len, keys)) != 16):
-        return np.frombuffer(b"".join(map(_as16, keys)), np.int64), False
-    return np.frombuffer(buf, np.int64), True
+    if len(buf) != len(keys) << 4 or (keys and min(map(len, keys)) != 16):
+        return b"".join(map(_as16, keys)), False
+    return buf, True
 
 #: ``kvpool.master.hit_density_kernels``, imported (and its kernels compiled or loaded from
 #: numba's cache) only in a process that runs an ``lhd`` policy: importing numba takes

@@ -8,8 +8,10 @@ per-block loop, key lookups included, runs as machine code, and so do the random
 a selection and the bins of ages (from the position of the top bit). Python only joins the
 batch's keys into one buffer, and reads the victims' keys back from their words.
 
-Keys reach the kernels as two int64 *words* each (``kw``, flat: key ``i`` is ``kw[2i]``,
-``kw[2i + 1]``): a 16-byte key (the pool's block key) is its own bytes; any other key is its
+Keys reach the kernels as two int64 *words* each, in a bytes object (``kw``, 16 bytes a
+key, read as little-endian words: key ``i`` is words ``2i`` and ``2i + 1``; a bytes object
+passes into a kernel at a fraction of an array's cost): a 16-byte key (the pool's block
+key) is its own bytes; any other key is its
 128-bit xxh3 digest (:func:`kvpool.master.eviction.key_words`). ``tab`` maps words to ids:
 open addressing with linear probing over a power-of-two int32 array of ``id + 1`` (0: empty;
 ids stay below 2**31, a history capped far lower), at most half full,
@@ -87,6 +89,15 @@ def age_bin(age, nb):
     return b if b < nb else nb - 1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _word(kw, j):
+    """Word ``j`` of the bytes ``kw`` (little-endian int64: how numpy reads the key's bytes)."""
+    o = 8 * j
+    return (np.int64(kw[o]) | np.int64(kw[o + 1]) << 8 | np.int64(kw[o + 2]) << 16 | np.int64(kw[o + 3]) << 24
+            | np.int64(kw[o + 4]) << 32 | np.int64(kw[o + 5]) << 40 | np.int64(kw[o + 6]) << 48
+            | np.int64(kw[o + 7]) << 56)
+
+
 @njit(cache=True, nogil=True)
 def _home(k0, k1, mask):
     """The table cell a key's probe starts at."""
@@ -151,8 +162,8 @@ def _tab_del(words, tab, s):
 @njit(cache=True, nogil=True)
 def find(words, tab, kw, ids):
     """``ids[i]``: the id of key ``i`` of ``kw``, or -1."""
-    for i in range(kw.shape[0] // 2):
-        ids[i] = _find(words, tab, kw[2 * i], kw[2 * i + 1])
+    for i in range(len(kw) // 16):
+        ids[i] = _find(words, tab, _word(kw, 2 * i), _word(kw, 2 * i + 1))
 
 
 @njit(cache=True, nogil=True)
@@ -252,12 +263,12 @@ def _repeats(kw, m):
     seen = np.zeros(mask, np.int32)
     mask -= 1
     for i in range(m):
-        k0 = kw[2 * i]
-        k1 = kw[2 * i + 1]
+        k0 = _word(kw, 2 * i)
+        k1 = _word(kw, 2 * i + 1)
         c = _home(k0, k1, mask)
         while seen[c] != 0:
             j = seen[c] - 1
-            if kw[2 * j] == k0 and kw[2 * j + 1] == k1:
+            if _word(kw, 2 * j) == k0 and _word(kw, 2 * j + 1) == k1:
                 return True
             c = (c + 1) & mask
         seen[c] = i + 1
@@ -291,13 +302,13 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
         if _repeats(kw, m):
             return -1
         for i in range(m):
-            s = _find(words, tab, kw[2 * i], kw[2 * i + 1])
+            s = _find(words, tab, _word(kw, 2 * i), _word(kw, 2 * i + 1))
             if s >= 0 and (st[s, FLAGS] & F_RES):
                 return -1
             ids[i] = s
     else:  # a refresh since the last call may have forgotten some of the rest
         for i in range(start, m):
-            ids[i] = _find(words, tab, kw[2 * i], kw[2 * i + 1])
+            ids[i] = _find(words, tab, _word(kw, 2 * i), _word(kw, 2 * i + 1))
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
@@ -311,8 +322,8 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
         s = ids[i]
         if s < 0:
             s = _new_id(st, free, meta)
-            words[s, 0] = kw[2 * i]
-            words[s, 1] = kw[2 * i + 1]
+            words[s, 0] = _word(kw, 2 * i)
+            words[s, 1] = _word(kw, 2 * i + 1)
             _tab_add(words, tab, s)
             ids[i] = s
         if _reference(st, pending, row, nb, s, now, lasts[i]):
@@ -329,8 +340,8 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
                 p = ids[i - 1]
             else:
                 j = 2 * m if chain else 2 * (m + i)
-                if kw[j] != -1 or kw[j + 1] != -1:
-                    p = _find(words, tab, kw[j], kw[j + 1])
+                if _word(kw, j) != -1 or _word(kw, j + 1) != -1:
+                    p = _find(words, tab, _word(kw, j), _word(kw, j + 1))
             if p >= 0 and (st[p, FLAGS] & F_RES) and p != s:  # (a block is not its own parent)
                 st[p, KIDS] += 1
                 if st[p, LPOS] >= 0:
@@ -354,7 +365,7 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
 
 @njit(cache=True, nogil=True)
 def access(st, words, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
-    """References of the resident keys among ``kw[start:]`` (one access batch), in order,
+    """References of the resident keys of ``kw`` from key ``start`` on (one access batch), in order,
     each key once however often it is listed, until the clock reaches ``until`` (a density
     refresh is due). Returns the index to go on from; the caller refreshes and calls again
     from there. ``ids`` is scratch, one per key: the ids referenced carry ``F_SEEN`` across
@@ -362,10 +373,10 @@ def access(st, words, tab, leaves, meta, pending, row, nb, kw, start, until, ids
     now = meta[NOW]
     npend = meta[NPENDING]
     nhist = meta[NHIST]
-    n = kw.shape[0] // 2
+    n = len(kw) // 16
     i = start
     while i < n and now < until:
-        s = _find(words, tab, kw[2 * i], kw[2 * i + 1])
+        s = _find(words, tab, _word(kw, 2 * i), _word(kw, 2 * i + 1))
         if s < 0 or (st[s, FLAGS] & (F_RES | F_SEEN)) != F_RES:  # not resident, or met already
             ids[i] = -1
             i += 1
@@ -402,14 +413,14 @@ def remove(st, words, tab, leaves, free, meta, kw, ids, moved):
     carries the key (and its history), or is -1 when the key is forgotten (no history).
     Returns how many pairs, or :data:`NEED_ROOM`, having changed nothing, if the arrays may
     not hold a new id for each key."""
-    n = ids.shape[0] if ids.shape[0] > 0 else kw.shape[0] // 2
+    n = ids.shape[0] if ids.shape[0] > 0 else len(kw) // 16
     if not _room(st, leaves, meta, n, 0):
         return NEED_ROOM
     nm = 0
     nres = meta[NRES]
     by_id = ids.shape[0] > 0
     for j in range(n):
-        s = ids[j] if by_id else _find(words, tab, kw[2 * j], kw[2 * j + 1])
+        s = ids[j] if by_id else _find(words, tab, _word(kw, 2 * j), _word(kw, 2 * j + 1))
         if s < 0 or not (st[s, FLAGS] & F_RES):
             continue
         st[s, FLAGS] &= ~F_RES
@@ -738,15 +749,15 @@ def warm_up() -> None:
     pending = np.zeros(2 * nb, np.int64)
     row = np.zeros(256, np.int64)
     rank40 = np.zeros(2 * nb, np.int64)
-    kw = np.frombuffer(np.array([0, 1, 2, 3, -1, -1], np.int64).tobytes(), np.int64)  # read-only, as the policy's
+    kw = np.array([0, 1, 2, 3, -1, -1], np.int64).tobytes()
     ids = np.empty(2, np.int64)
     insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, bytes(2), True, 0, 1 << 62, ids)
-    access(st, words, tab, leaves, meta, pending, row, nb, kw[:4], 0, 1 << 62, ids)
+    access(st, words, tab, leaves, meta, pending, row, nb, kw[:32], 0, 1 << 62, ids)
     find(words, tab, kw, ids)
     out = np.zeros(2, np.int64)
     choose(st, leaves, meta, rank40, nb, 0, 2, out)
     choose(st, leaves, meta, rank40, nb, 64, 2, out)
-    remove(st, words, tab, leaves, free, meta, kw[:4], np.zeros(0, np.int64), np.zeros(4, np.int64))
+    remove(st, words, tab, leaves, free, meta, kw[:32], np.zeros(0, np.int64), np.zeros(4, np.int64))
     remove(st, words, tab, leaves, free, meta, kw[:0], ids, np.zeros(4, np.int64))
     trim(st, words, tab, free, meta, np.zeros(0, np.int64), np.zeros(0, np.int64))
     history_cells(st, meta, np.zeros(256, np.int64), nb, np.zeros(8 * nb, np.int64))

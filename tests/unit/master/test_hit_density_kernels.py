@@ -33,7 +33,7 @@ def test_table_matches_a_dict_under_adds_and_deletes(cells):
             free.append(s)
         elif key not in model and free:
             s = free.pop(rnd.randrange(len(free)))
-            w = key_words([key])
+            w = np.frombuffer(key_words([key]), np.int64)
             words[s] = w
             k._tab_add(words, tab, s)
             model[key] = s
@@ -47,11 +47,11 @@ def test_keys_of_other_lengths_are_digested_and_sixteen_byte_keys_are_not():
     """A 16-byte key is its own words; any other length goes through xxh3-128, also in a
     batch that mixes lengths whose total happens to be 16 bytes a key."""
     raw = bytes(range(16))
-    assert key_words([raw]).tobytes() == raw
+    assert key_words([raw]) == raw
     mixed = [b"x" * 8, b"y" * 24]
-    assert key_words(mixed).tobytes() == eviction._digest(mixed[0]) + eviction._digest(mixed[1])
-    assert key_words([raw, b"abc"]).tobytes() == raw + eviction._digest(b"abc")
-    assert key_words([]).shape == (0,)
+    assert key_words(mixed) == eviction._digest(mixed[0]) + eviction._digest(mixed[1])
+    assert key_words([raw, b"abc"]) == raw + eviction._digest(b"abc")
+    assert key_words([]) == b""
 
 
 def test_state_rows_are_whole_cache_lines_also_after_growing():
