@@ -448,18 +448,18 @@ _kernels_thread: threading.Thread | None = None
 
 #: Positions in the kernels' ``meta`` array that the policy reads on every call, as plain
 #: globals (set when the kernels load; the policy reads none before).
-_NOW = _NSLOTS = _NRES = 0
+_NOW = _NSLOTS = _NRES = _DUE = 0
 
 
 def _load_kernels() -> None:
     """Import and warm the kernels once; a caller meanwhile waits for the one loading them."""
-    global _kernels, _NOW, _NSLOTS, _NRES
+    global _kernels, _NOW, _NSLOTS, _NRES, _DUE
     with _kernels_lock:
         if _kernels is None:
             from kvpool.master import hit_density_kernels as k
 
             k.warm_up()
-            _NOW, _NSLOTS, _NRES = k.NOW, k.NSLOTS, k.NRES
+            _NOW, _NSLOTS, _NRES, _DUE = k.NOW, k.NSLOTS, k.NRES, k.DUE
             _kernels = k
 
 
@@ -807,7 +807,8 @@ class HitDensityPolicy(EvictionPolicy):
                     continue
                 self._one_by_one(keys, infos)  # a key is resident already, or listed twice
                 return
-            if meta[_NOW] >= self._refresh_at:
+            if i >= _DUE:
+                i -= _DUE
                 self._refresh()  # (a trim forgets no resident key: the new ones are safe)
         if not plain:  # keys whose words are a digest are kept, for when they are victims
             long = self._long
@@ -840,7 +841,8 @@ class HitDensityPolicy(EvictionPolicy):
         while i < m:  # a refresh exactly where one-at-a-time accesses would make it
             i = _kernels.access(self._st, self._words, self._tab, self._leaves, self._meta, self._pending, self._row,
                                 self.BINS, kw, i, self._refresh_at, ids)
-            if self._meta[_NOW] >= self._refresh_at:
+            if i >= _DUE:
+                i -= _DUE
                 self._refresh()
 
     def remove(self, key: bytes) -> None:
@@ -974,7 +976,7 @@ class HitDensityPolicy(EvictionPolicy):
         meta = self._meta
         out = self._out if count <= len(self._out) else self._scratch_out(count)
         chosen = out[: _kernels.choose(self._st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
-        victims = self._keys_of(chosen)
+        victims = self._key_bytes[chosen].tolist() if not self._long else self._keys_of(chosen)
         if all(map(evictable, victims)):  # the usual case: nothing is refused
             self._victims = (victims, chosen)
             return victims

@@ -61,7 +61,7 @@ from numba.cpython.unsafe.numbers import leading_zeros  # LLVM's ctlz
 __all__ = [
     "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "KIDS",
     "KLEFT", "LPOS", "META", "NFREE", "NHIST", "NLEAVES", "NOW", "NPENDING", "NRES", "NSLOTS", "PAR", "RNG", "RNG0", "TICK",
-    "NEED_ROOM", "access", "age_bin", "choose", "find", "history_cells", "insert", "rehash", "remove", "trim", "warm_up",
+    "DUE", "NEED_ROOM", "access", "age_bin", "choose", "find", "history_cells", "insert", "rehash", "remove", "trim", "warm_up",
 ]
 
 TICK, CLS, KIDS, PAR, LPOS, FLAGS, KLEFT, HVAL = range(8)
@@ -72,6 +72,9 @@ NOW, NLEAVES, NFREE, NSLOTS, NPENDING, NHIST, NRES, RNG, RNG0 = range(9)
 META = 9
 #: What a call that needs more room than the arrays have returns, having changed nothing.
 NEED_ROOM = -2
+#: Added to what ``insert`` and ``access`` return when the clock reached ``until``: the
+#: caller refreshes the densities before it goes on (one int to test, not a read of ``meta``).
+DUE = 1 << 40
 
 #: A sort key above every real one (rank << 40 plus a tick below 2**40).
 _NO_BOUND = np.int64((1 << 63) - 1)
@@ -288,8 +291,8 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
     receives each key's id.
 
     Keys from ``start`` on are inserted while the clock is below ``until`` (a density
-    refresh is due there). Returns the index to go on from: the caller refreshes, then calls
-    again from it, and the rest is inserted as a batch of its own (the key before its first
+    refresh is due there). Returns the index to go on from, plus :data:`DUE` if the clock
+    reached ``until``: the caller refreshes, then calls again from it, and the rest is inserted as a batch of its own (the key before its first
     is its first's parent), which is what inserting the two parts one after the other does.
     With ``start`` 0 it first checks the whole batch and changes nothing, returning -1, if
     a key is resident already or listed twice (the caller then inserts one key at a time,
@@ -360,15 +363,15 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
     meta[NPENDING] = npend
     meta[NHIST] = nhist
     meta[NRES] += end - start
-    return end
+    return end + DUE if now >= until else end
 
 
 @njit(cache=True, nogil=True)
 def access(st, words, tab, leaves, meta, pending, row, nb, kw, start, until, ids):
     """References of the resident keys of ``kw`` from key ``start`` on (one access batch), in order,
     each key once however often it is listed, until the clock reaches ``until`` (a density
-    refresh is due). Returns the index to go on from; the caller refreshes and calls again
-    from there. ``ids`` is scratch, one per key: the ids referenced carry ``F_SEEN`` across
+    refresh is due). Returns the index to go on from, plus :data:`DUE` if the clock reached
+    ``until``; the caller refreshes and calls again from there. ``ids`` is scratch, one per key: the ids referenced carry ``F_SEEN`` across
     the calls of one batch, and the call that ends it clears them."""
     now = meta[NOW]
     npend = meta[NPENDING]
@@ -398,7 +401,7 @@ def access(st, words, tab, leaves, meta, pending, row, nb, kw, start, until, ids
         for j in range(n):
             if ids[j] >= 0:
                 st[ids[j], FLAGS] &= ~F_SEEN
-    return i
+    return i + DUE if now >= until else i
 
 
 @njit(cache=True, nogil=True)
