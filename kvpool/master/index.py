@@ -319,6 +319,11 @@ class BlockIndex:
         #: Puts that lost slots with a node that left: put id -> (node name, grant expiry).
         self._lost_grants: dict[str, tuple[str, float]] = {}
         self._leases: dict[str, ReadLease] = {}
+        #: Pins per key, summed over the entries of that key (a removed, still leased entry
+        #: and its republished successor share one): the keys a policy may not propose. The
+        #: predicate a policy calls per candidate reads this small dict, hot in cache, where
+        #: the entry would cost a cache miss; each victim is then checked against its entry.
+        self._pinned: dict[bytes, int] = {}
         self._policies: dict[tuple[int, str], EvictionPolicy] = {}
         self._tier_blocks: dict[tuple[int, str], int] = {}
         #: While an eviction drops its victims: the keys each policy is to hear of, told in
@@ -659,8 +664,11 @@ class BlockIndex:
         # Only the pin is taken here, on the RPC's critical path. Hits, recency and the
         # policy's access() are recorded when the lease ends (_unpin): the block cannot be
         # evicted in between, so the policy loses nothing by hearing of the read later.
+        pinned = self._pinned
         for entry in entries:
             entry.pins += 1
+            key = entry.key
+            pinned[key] = pinned.get(key, 0) + 1
         lease = ReadLease(secrets.token_hex(8), entries, self.clock() + self.config.lease_ttl_s)
         self._leases[lease.lease_id] = lease
         return lease
@@ -708,8 +716,15 @@ class BlockIndex:
     def _unpin(self, lease: ReadLease) -> None:
         now = self.clock()
         touched: dict[tuple[int, str], list[bytes]] = {}
+        pinned = self._pinned
         for entry in lease.entries:
             entry.pins -= 1
+            key = entry.key
+            n = pinned[key] - 1
+            if n:
+                pinned[key] = n
+            else:
+                del pinned[key]
             if entry.doomed:
                 if entry.pins == 0:
                     self._release_storage(entry)
@@ -727,10 +742,16 @@ class BlockIndex:
 
     def pin(self, entry: Entry) -> None:
         entry.pins += 1
+        self._pinned[entry.key] = self._pinned.get(entry.key, 0) + 1
 
     def unpin(self, entry: Entry) -> bool:
         """Drop one pin. Returns False if the entry is gone (its storage freed at last unpin)."""
         entry.pins -= 1
+        n = self._pinned[entry.key] - 1
+        if n:
+            self._pinned[entry.key] = n
+        else:
+            del self._pinned[entry.key]
         if entry.doomed:
             if entry.pins == 0:
                 self._release_storage(entry)
@@ -933,15 +954,9 @@ class BlockIndex:
                 for tk, keys in leaving.items():
                     self._policy(*tk).remove_many(keys)
 
-    def _evictable(self, key: bytes) -> bool:
-        entry = self._blocks.get(key)
-        return entry is not None and entry.pins == 0
-
-    def _holds(self, key: bytes, node_id: int, tier: str) -> bool:
-        """Whether ``key`` is a committed block with a copy in this node's ``tier``."""
-        entry = self._blocks.get(key)
-        if entry is None:
-            return False
+    @staticmethod
+    def _holds(entry: Entry, node_id: int, tier: str) -> bool:
+        """Whether ``entry`` has a copy in this node's ``tier``."""
         for c in entry.copies:
             if c.node_id == node_id:
                 return c.holds(tier)
@@ -954,39 +969,43 @@ class BlockIndex:
 
         ``block_bytes`` (the size of the blocks being placed, when known) sizes the request
         to the policy: sampling policies choose better when asked for what is needed.
-        The policy's answers are checked: a key that is not an unpinned, committed block of
-        this index is never evicted, whatever the policy says.
+
+        Two checks, so that the one per candidate is cheap and the one per victim is whole:
+        the predicate the policy calls refuses a key that is pinned (``_pinned``), already
+        taken, or of another tenant; then every key the policy proposes is checked against
+        its entry (committed, unpinned, with a copy in this tier) before it is evicted. A
+        key that fails that check is refused for the rest of the call, so a policy that
+        proposes it again is asked for others: a key that is not an unpinned, committed
+        block of this index is never evicted, whatever the policy says.
         """
         policy = self._policies.get((node_id, tier))
         if policy is None:
             return []
         chosen: list[Entry] = []
-        taken: set[bytes] = set()
+        taken: set[bytes] = set()  # keys proposed so far: chosen or refused
         total = 0
         blocks = self._blocks
+        pinned = self._pinned
         suffix = None if tenant is None else tenant.encode()
 
         def evictable(key: bytes) -> bool:  # called per candidate: kept to one frame
-            if key in taken:
-                return False
-            entry = blocks.get(key)
-            return entry is not None and entry.pins == 0 and (suffix is None or key[KEY_BYTES:] == suffix)
+            return key not in pinned and key not in taken and (suffix is None or key[KEY_BYTES:] == suffix)
 
         while want_bytes is None or total < want_bytes:
             if want_bytes is not None and block_bytes > 0:
                 ask = -(-(want_bytes - total) // block_bytes)
             else:
                 ask = 64 + len(taken)
-            batch = [k for k in policy.select_victims(ask, evictable)
-                     if self._holds(k, node_id, tier) and evictable(k)]
-            if not batch:
+            proposed = [k for k in policy.select_victims(ask, evictable) if k not in taken]
+            if not proposed:
                 break
-            for key in batch:
-                if key in taken:
-                    continue
-                entry = self._blocks[key]
-                chosen.append(entry)
+            for key in proposed:
                 taken.add(key)
+                entry = blocks.get(key)
+                if (entry is None or entry.pins or not self._holds(entry, node_id, tier)
+                        or (suffix is not None and key[KEY_BYTES:] != suffix)):
+                    continue  # refused: not a block this call may evict
+                chosen.append(entry)
                 total += entry.size
                 if want_bytes is not None and total >= want_bytes:
                     break

@@ -166,6 +166,9 @@ class Spy:
     def __init__(self, inner):
         self.inner, self.inserted, self.accessed, self.removed = inner, [], [], []
         self.answer = None  # when set, select_victims returns it instead
+        self.answers = []  # when not empty, select_victims returns the first (and drops it)
+        self.verdicts = []  # per select_victims call: the predicate's verdict on each probe
+        self.probe = []
 
     def insert(self, key, info):
         self.insert_many([key], [info])
@@ -189,6 +192,9 @@ class Spy:
         self.inner.remove_many(keys)
 
     def select_victims(self, count, evictable):
+        self.verdicts.append([evictable(k) for k in self.probe])
+        if self.answers:
+            return self.answers.pop(0)
         return list(self.answer) if self.answer is not None else self.inner.select_victims(count, evictable)
 
     def __len__(self):
@@ -261,6 +267,87 @@ def test_the_index_never_evicts_a_leased_block_whatever_the_policy_answers():
         assert index.lookup(ns, [a], lease=False)[0] == 1
         assert index.lookup(ns, [b], lease=False)[0] == 0
         index.release([lease.lease_id])
+    finally:
+        node.close()
+
+
+def test_a_refused_proposal_is_not_the_end_of_an_eviction():
+    """A key the index refuses (leased here) is refused for the rest of the call, and the
+    policy is asked again for the room still missing."""
+    index, node, spies, ns = spied_index(2)
+    try:
+        a, b, c = keys(3)
+        put(index, ns, [a, b])
+        hit, lease = index.lookup(ns, [a])
+        spies[0].answers = [[a], [a, b]]
+        put(index, ns, [c])
+        assert [index.lookup(ns, [k], lease=False)[0] for k in (a, b, c)] == [1, 0, 1]
+        assert spies[0].answers == []  # asked twice: the second answer's a was skipped
+        index.release([lease.lease_id])
+    finally:
+        node.close()
+
+
+def test_the_predicate_a_policy_calls_follows_every_pin_and_unpin():
+    """The policy's per-candidate predicate reads the index's pinned keys, not the entries:
+    it must follow leases (released, shrunk, expired), the movers' pins, and a removed
+    block that is still leased when its key is published again."""
+    clock = Clock()
+    node = Node.with_dram(1, "n1", 8 * BLOCK, chunk_bytes=8 * BLOCK, prefault=False)
+    nodes = NodeRegistry()
+    nodes.add(node)
+    spies = []
+
+    def factory(name):
+        from kvpool.master.eviction import make_policy
+
+        spies.append(Spy(make_policy(name)))
+        return spies[-1]
+
+    index = BlockIndex(nodes, IndexConfig(lease_ttl_s=10, high_watermark=1.0, low_watermark=1.0),
+                       clock, policy_factory=factory)
+    namespace = Namespace("m", LAYOUT)
+    index.register_namespace(namespace)
+    ns = namespace.id
+    try:
+        a, b, c = keys(3)
+        put(index, ns, [a, b, c])
+        spy = spies[0]
+        spy.probe = [a, b, c]
+        spy.answer = []  # it proposes nothing: each question below evicts nothing
+
+        def verdict():
+            spy.verdicts.clear()
+            assert index.victims(1, "dram", BLOCK) == []
+            (verdicts,) = spy.verdicts
+            return verdicts
+
+        assert verdict() == [True, True, True]
+        _, l1 = index.lookup(ns, [a, b])
+        _, l2 = index.get(ns, [a])
+        assert verdict() == [False, False, True]
+        index.release([l1.lease_id])
+        assert verdict() == [False, True, True]  # a is still leased by l2
+        index.shrink_lease(l2, 0)
+        assert verdict() == [True, True, True]
+        _, l3 = index.lookup(ns, [c])
+        clock.t += 11
+        index.expire()
+        assert verdict() == [True, True, True]
+        entry = index.entry(b)
+        index.pin(entry)  # as the tier mover and the replicator pin what they copy
+        assert verdict() == [True, False, True]
+        index.unpin(entry)
+        assert verdict() == [True, True, True]
+        # Removed while leased, then published again: the old entry's pin still refuses
+        # the key (conservative) until its lease ends; the new block is then evictable.
+        _, l4 = index.lookup(ns, [a])
+        index.remove([a])
+        put(index, ns, [a])
+        assert verdict() == [False, True, True]
+        index.release([l4.lease_id])
+        assert verdict() == [True, True, True]
+        assert index._pinned == {}
     finally:
         node.close()
 
