@@ -28,9 +28,8 @@ import math
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from dataclasses import dataclass
 from operator import attrgetter
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 import xxhash
@@ -50,9 +49,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BlockInfo:
-    """What a policy may know about a block when it is inserted."""
+class BlockInfo(NamedTuple):
+    """What a policy may know about a block when it is inserted.
+
+    Immutable, and a named tuple rather than a frozen dataclass because the index makes one
+    per committed block: a frozen dataclass sets each field through ``object.__setattr__``
+    (about 0.7 us a block, ~10 us a typical put), a named tuple in a third of that."""
 
     size: int
     #: Index of the block in its prefix chain (0 = first block of a prompt); -1 if unknown.
