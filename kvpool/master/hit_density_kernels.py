@@ -55,8 +55,11 @@ oracle): the same leaf order and the same victims.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
 from numba.cpython.unsafe.numbers import leading_zeros  # LLVM's ctlz
+from numba.extending import intrinsic
 
 __all__ = [
     "CLS", "FIELDS", "FLAGS", "F_BLOCKED", "F_DEAD", "F_RES", "F_SEEN", "F_TAKEN", "HVAL", "KIDS",
@@ -78,6 +81,45 @@ DUE = 1 << 40
 
 #: A sort key above every real one (rank << 40 plus a tick below 2**40).
 _NO_BOUND = np.int64((1 << 63) - 1)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Hint that row ``i`` of ``arr`` (element ``i`` of a 1-d one) is read soon: LLVM's
+    ``prefetch`` (read, keep in all cache levels), which never faults and changes nothing.
+    A batch's lookups miss the caches (the index's own work between two calls evicts the
+    state), and each probe's loads depend on the one before; hinting every key's cell
+    first lets the misses of a whole batch overlap instead of queueing one after another."""
+    sig = types.void(arr, i)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        index = [args[1]] + [zero] * (aryty.ndim - 1)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, index, wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _prefetch_keys(st, words, tab, kw, start, n):
+    """Prefetch what looking up keys ``start`` to ``n`` of ``kw`` reads: each key's home
+    cell, then (once those arrive) the words and row of the id found there."""
+    mask = tab.shape[0] - 1
+    for i in range(start, n):
+        _prefetch(tab, _home(_word(kw, 2 * i), _word(kw, 2 * i + 1), mask))
+    for i in range(start, n):
+        v = tab[_home(_word(kw, 2 * i), _word(kw, 2 * i + 1), mask)]
+        if v != 0:
+            _prefetch(words, v - 1)
+            _prefetch(st, v - 1)
 
 
 @njit(cache=True, nogil=True)
@@ -302,6 +344,7 @@ def insert(st, words, tab, leaves, free, meta, pending, row, nb, kw, lasts, chai
     if start == 0:
         if not _room(st, leaves, meta, m, m):
             return NEED_ROOM
+        _prefetch_keys(st, words, tab, kw, 0, m)
         if _repeats(kw, m):
             return -1
         for i in range(m):
@@ -377,6 +420,7 @@ def access(st, words, tab, leaves, meta, pending, row, nb, kw, start, until, ids
     npend = meta[NPENDING]
     nhist = meta[NHIST]
     n = len(kw) // 16
+    _prefetch_keys(st, words, tab, kw, start, n)
     i = start
     while i < n and now < until:
         s = _find(words, tab, _word(kw, 2 * i), _word(kw, 2 * i + 1))
@@ -660,6 +704,8 @@ def _pick(st, rank40, nb, now, cand, keys, count, leaves_only, out, nout):
     k = min(n, 2 * count + 16)
     while True:
         top = _smallest(keys, k)
+        for j in range(top.shape[0]):  # the walk reads these rows in turn: let them arrive together
+            _prefetch(st, cand[top[j]])
         got = _walk(st, rank40, nb, now, cand[top], keys[top], count, leaves_only, out, nout)
         if got - nout >= count or k >= n:
             return got
