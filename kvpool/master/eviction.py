@@ -542,7 +542,8 @@ class HitDensityPolicy(EvictionPolicy):
     twice, random draws, age bins (from the position of the top bit). Python joins the
     batch's keys into one buffer around it, and reads the victims' keys back from their
     words (a key of another length than 16 bytes is kept in a dict by id, since its words
-    are a digest). Removals of the victims just handed out go by id, without lookups. A
+    are a digest). The removal of the victims just handed out goes by id, without lookups, and
+    without a call of its own: the next call's kernel does it first (an insert, usually). A
     trim frees ids highest first, so that a put's new blocks take neighbouring rows.
     Densities are recomputed when half as many references as the history holds have been
     made since the last time, and at least ``REFRESH_MIN`` (amortized O(1) per reference).
@@ -644,6 +645,10 @@ class HitDensityPolicy(EvictionPolicy):
         # The last victims handed out, with their ids: the index removes them next, and the
         # removal then needs no lookups. Any other call clears it.
         self._victims: tuple[list[bytes], np.ndarray] | None = None
+        # The ids of those victims once the index said they are gone, until the next call
+        # removes them (an insert, the usual next call, in its own kernel call; any other
+        # call first, in one of its own): ``remove_many`` then costs no kernel call.
+        self._dead: np.ndarray | None = None
         self._attach(wait=False)
 
     def _attach(self, wait: bool) -> bool:
@@ -756,6 +761,8 @@ class HitDensityPolicy(EvictionPolicy):
     def density(self, key: bytes) -> float:
         """The current density rank of a resident block (higher is kept longer); for tests."""
         self._attach(wait=True)
+        if self._dead is not None:
+            self._remove_dead()
         ids = np.empty(1, np.int64)
         _kernels.find(self._words, self._tab, key_words([key]), ids)
         s = int(ids[0])
@@ -767,7 +774,18 @@ class HitDensityPolicy(EvictionPolicy):
     def __len__(self) -> int:
         if self._backlog is not None:
             self._attach(wait=True)
-        return int(self._meta[_NRES])
+        # Victims said gone are gone, though the next call removes them from the arrays.
+        return int(self._meta[_NRES]) - (0 if self._dead is None else len(self._dead))
+
+    def _remove_dead(self) -> None:
+        """Remove the victims that ``remove_many`` left to the next call (see ``_dead``)."""
+        dead, self._dead = self._dead, None
+        moved = self._scratch(2 * len(dead))
+        args = (self._st, self._words, self._tab, self._leaves, self._free, self._meta, self._no_words, dead, moved)
+        if _kernels.remove(*args) == _kernels.NEED_ROOM:
+            self._make_room(len(dead))
+            _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, self._no_words,
+                            dead, self._scratch(2 * len(dead)))
 
     # ------------------------------------------------------------------ references
 
@@ -798,15 +816,20 @@ class HitDensityPolicy(EvictionPolicy):
         lasts = bytes(map(_last_of, infos))
         ids = self._ids if m <= len(self._ids) else self._scratch(m)
         meta = self._meta
+        dead = self._dead  # removed by the kernel's first call, before the batch
+        if dead is None:
+            dead = self._no_ids
         i = 0
         while i < m:  # the kernel stops where a refresh is due, as one-at-a-time inserts would
             i = _kernels.insert(self._st, self._words, self._tab, self._leaves, self._free, meta, self._pending, self._row,
-                                self.BINS, kw, lasts, chain, i, self._refresh_at, ids)
+                                self.BINS, kw, lasts, chain, i, self._refresh_at, ids, dead)
+            if i == _kernels.NEED_ROOM:  # nothing changed, the dead not removed either
+                self._make_room(m + len(dead), resident=True)
+                i = 0
+                continue
+            self._dead = None
+            dead = self._no_ids
             if i < 0:
-                if i == _kernels.NEED_ROOM:
-                    self._make_room(m, resident=True)
-                    i = 0
-                    continue
                 self._one_by_one(keys, infos)  # a key is resident already, or listed twice
                 return
             if i >= _DUE:
@@ -837,6 +860,8 @@ class HitDensityPolicy(EvictionPolicy):
         m = len(keys)
         if not m:
             return
+        if self._dead is not None:
+            self._remove_dead()
         kw = key_words(keys)
         ids = self._ids if m <= len(self._ids) else self._scratch(m)
         i = 0
@@ -863,9 +888,14 @@ class HitDensityPolicy(EvictionPolicy):
             return
         victims, self._victims = self._victims, None
         if victims is not None and keys == victims[0]:  # no call moved an id since they were chosen
+            if self._dead is None and not self._long:  # (a key of another length would need its moved id)
+                self._dead = victims[1]  # the next call removes them
+                return
             kw, ids = self._no_words, victims[1]
         else:
             kw, ids = key_words(keys), self._no_ids
+        if self._dead is not None:
+            self._remove_dead()
         moved = self._ids if 2 * m <= len(self._ids) else self._scratch(2 * m)
         n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
         if n == _kernels.NEED_ROOM:  # a dead block's key moves to a new id
@@ -975,6 +1005,8 @@ class HitDensityPolicy(EvictionPolicy):
             return []
         if self._backlog is not None:
             self._attach(wait=True)
+        if self._dead is not None:  # (they are a view of ``_out``, which this call rewrites)
+            self._remove_dead()
         meta = self._meta
         out = self._out if count <= len(self._out) else self._scratch_out(count)
         chosen = out[: _kernels.choose(self._st, self._leaves, meta, self._rank40, self.BINS, self.SAMPLES, count, out)]
