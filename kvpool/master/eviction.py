@@ -950,6 +950,7 @@ class HitDensityPolicy(EvictionPolicy):
         cls = np.asarray(self._bucket)[(values >> 1) & 0xFF] + (values & 1)
         bins = np.searchsorted(self._edges, now - (values >> 9), "right")
         return np.bincount(cls * nb + bins, minlength=nc * nb).reshape(nc, nb).astype(np.float64)
+
     def densities(self, reused: np.ndarray, exits: np.ndarray) -> np.ndarray:
         """Hit density per (class, age bin) from reuse counts and all interval exits (reused,
         censored or still open) by the bin they ended in: Kaplan-Meier hazards, then the best
@@ -971,12 +972,7 @@ class HitDensityPolicy(EvictionPolicy):
         surv = np.exp(np.concatenate([np.zeros((nc, 1)), np.cumsum(np.log1p(-hazard), axis=1)], axis=1))
         spacetime = np.concatenate(
             [np.zeros((nc, 1)), np.cumsum(self._width[:top] * 0.5 * (surv[:, :-1] + surv[:, 1:]), axis=1)], axis=1)
-        # ratio[c, i, T] for start bin i < top and end T in (i, top]
-        gained = surv[:, :top, None] - surv[:, None, :]
-        spent = spacetime[:, None, :] - spacetime[:, :top, None]
-        later = np.arange(top + 1)[None, :] > np.arange(top)[:, None]
-        ratio = np.where(later, gained / np.where(later, spent, 1.0), 0.0)
-        density[:, :top] = ratio.max(axis=2)
+        _kernels.best_ratios(surv, spacetime, top, density)  # the best ratio over every horizon T > i
         return density
 
     @staticmethod

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvpool.master import eviction
-from kvpool.master.eviction import key_words
+from kvpool.master.eviction import HitDensityPolicy, key_words
 
 k = pytest.importorskip("kvpool.master.hit_density_kernels")
 
@@ -72,3 +72,30 @@ def test_state_rows_are_whole_cache_lines_also_after_growing():
         p.insert_many(chain, [BlockInfo(1, j, "", chain[j - 1] if j else None, j == 7) for j in range(8)])
     assert p._st.shape[0] > first and p._st.ctypes.data % 64 == 0 and p._st.flags.c_contiguous
     assert sorted(p.select_victims(len(keys), lambda key: True)) == sorted(keys)  # the keys read back from words
+
+
+def test_compiled_densities_equal_the_numpy_broadcast_to_the_last_bit():
+    """``best_ratios`` replaced a numpy broadcast over (class, start bin, end bin); the
+    densities, and so every rank and decision, must not move by one bit. Random reuse and
+    exit counts, with histories that span few to all age bins, and halved statistics."""
+    from .lhd_reference import ReferenceHitDensityPolicy
+
+    new, old = HitDensityPolicy(), ReferenceHitDensityPolicy()
+    nc, nb = 2 * new.COUNT_BUCKETS, new.BINS
+    rng = np.random.default_rng(7)
+    nonzero = 0
+    for case in range(60):
+        top = int(rng.integers(1, nb + 1))
+        reused = rng.poisson(rng.uniform(0.05, 40), (nc, nb)).astype(np.float64)
+        exits = reused + rng.poisson(rng.uniform(0.05, 40), (nc, nb))
+        reused[:, top:] = 0
+        exits[:, top:] = 0
+        if case % 3 == 0:
+            reused *= 0.5
+            exits *= 0.5
+        got, want = new.densities(reused, exits), old.densities(reused, exits)
+        assert got.tobytes() == want.tobytes(), case
+        nonzero += int((got > 0).sum())
+    assert nonzero > 1000
+    empty = np.zeros((nc, nb))
+    assert not new.densities(empty, empty).any()
