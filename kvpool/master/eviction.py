@@ -550,9 +550,9 @@ class HitDensityPolicy(EvictionPolicy):
     Victims are chosen among ``SAMPLES`` random leaves per requested victim (all leaves when
     there are fewer), scored from the leaf list's own copy of their class and tick.
     Measured by ``kvpool replay`` (``us_per_ref``) on the FAST'25 conversation trace, on the
-    shared 2-core development machine: about 1.4 to 2.6 us of master CPU per block reference
-    depending on the capacity and the machine's load (the README's eviction section has the
-    runs). The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident
+    shared 2-core development machine: about 1.1 to 1.8 us of master CPU per block reference
+    depending on the capacity and the machine's load, more on traffic of shorter requests
+    (each call has a fixed part); the README's eviction section has the runs. The history is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident
     blocks)`` keys, never more than ``HISTORY_MAX``, at each recomputation (the oldest last
     references leave first), so it holds at most 1.5x that. The arrays are made for
     ``2 x HISTORY_MIN`` ids at once (24 MiB, whose pages are touched only as ids are used)
