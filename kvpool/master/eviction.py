@@ -553,8 +553,9 @@ class HitDensityPolicy(EvictionPolicy):
     shared 2-core development machine: about 1.1 to 1.8 us of master CPU per block reference
     depending on the capacity and the machine's load, more on traffic of shorter requests
     (each call has a fixed part); the README's eviction section has the runs. The history
-    is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)`` keys, never more than ``HISTORY_MAX``, at each recomputation (the oldest last
-    references leave first), so it holds at most 1.5x that. The arrays are made for
+    is trimmed to ``max(HISTORY_MIN, HISTORY_PER_BLOCK x resident blocks)`` keys, never
+    more than ``HISTORY_MAX``, at each recomputation (the oldest last references leave
+    first), so it holds at most 1.5x that. The arrays are made for
     ``2 x HISTORY_MIN`` ids at once (24 MiB, whose pages are touched only as ids are used)
     and grow by doubling beyond. About 170 to 220 bytes a remembered key (the row, the
     table cells, the free list, and the slack of arrays grown by doubling; measured with
