@@ -960,12 +960,21 @@ class HitDensityPolicy(EvictionPolicy):
         With survival ``S`` and cumulative space-time ``C`` (both from age 0, at bin starts),
         keeping a block from bin ``i`` to bin ``T`` gives ``(S[i] - S[T]) / (C[T] - C[i])``.
         Hazards are capped at 0.99 so that ``S`` stays representable over every bin."""
-        nc, nb = reused.shape
-        density = np.zeros((nc, nb))
+        density = np.zeros(reused.shape)
+        curves = self._curves(reused, exits)
+        if curves is not None:
+            _kernels.best_ratios(*curves, density)  # the best ratio over every horizon T > i
+        return density
+
+    def _curves(self, reused: np.ndarray, exits: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """Survival ``S`` and cumulative space-time ``C`` per class at the starts of bins
+        ``0..top`` (``top``: one past the oldest bin anything was observed in), or None when
+        nothing was."""
+        nc = reused.shape[0]
         at_risk = np.cumsum(exits[:, ::-1], axis=1)[:, ::-1]
         seen = np.nonzero(at_risk.sum(0) > 0)[0]
         if len(seen) == 0:
-            return density
+            return None
         top = int(seen[-1]) + 1  # past the oldest age ever observed nothing is known: density 0
         reused, at_risk = reused[:, :top], at_risk[:, :top]
         pooled = reused.sum(0) / np.maximum(at_risk.sum(0), 1e-300)
@@ -973,8 +982,7 @@ class HitDensityPolicy(EvictionPolicy):
         surv = np.exp(np.concatenate([np.zeros((nc, 1)), np.cumsum(np.log1p(-hazard), axis=1)], axis=1))
         spacetime = np.concatenate(
             [np.zeros((nc, 1)), np.cumsum(self._width[:top] * 0.5 * (surv[:, :-1] + surv[:, 1:]), axis=1)], axis=1)
-        _kernels.best_ratios(surv, spacetime, top, density)  # the best ratio over every horizon T > i
-        return density
+        return surv, spacetime, top
 
     @staticmethod
     def _ranks(dens: np.ndarray) -> np.ndarray:

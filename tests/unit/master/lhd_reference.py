@@ -414,22 +414,15 @@ class ReferenceHitDensityPolicy(EvictionPolicy):
     # best-ratio pass of the densities, which is compiled there (``best_ratios``) and kept
     # here as the numpy broadcast it was.
     _cells = HitDensityPolicy._cells
+    _curves = HitDensityPolicy._curves
     _ranks = staticmethod(HitDensityPolicy._ranks)
 
     def densities(self, reused: np.ndarray, exits: np.ndarray) -> np.ndarray:
-        nc, nb = reused.shape
-        density = np.zeros((nc, nb))
-        at_risk = np.cumsum(exits[:, ::-1], axis=1)[:, ::-1]
-        seen = np.nonzero(at_risk.sum(0) > 0)[0]
-        if len(seen) == 0:
+        density = np.zeros(reused.shape)
+        curves = self._curves(reused, exits)
+        if curves is None:
             return density
-        top = int(seen[-1]) + 1
-        reused, at_risk = reused[:, :top], at_risk[:, :top]
-        pooled = reused.sum(0) / np.maximum(at_risk.sum(0), 1e-300)
-        hazard = np.clip((reused + self.PRIOR * pooled) / (at_risk + self.PRIOR), 0.0, 0.99)
-        surv = np.exp(np.concatenate([np.zeros((nc, 1)), np.cumsum(np.log1p(-hazard), axis=1)], axis=1))
-        spacetime = np.concatenate(
-            [np.zeros((nc, 1)), np.cumsum(self._width[:top] * 0.5 * (surv[:, :-1] + surv[:, 1:]), axis=1)], axis=1)
+        surv, spacetime, top = curves
         # ratio[c, i, T] for start bin i < top and end T in (i, top]
         gained = surv[:, :top, None] - surv[:, None, :]
         spent = spacetime[:, None, :] - spacetime[:, :top, None]

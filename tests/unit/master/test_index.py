@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -201,7 +202,7 @@ class Spy:
         return len(self.inner)
 
 
-def spied_index(capacity_blocks=4, policy="lhd"):
+def spied_index(capacity_blocks=4, policy="lhd", clock=None, **config):
     from kvpool.master.eviction import make_policy
 
     node = Node.with_dram(1, "n1", capacity_blocks * BLOCK, chunk_bytes=capacity_blocks * BLOCK, prefault=False)
@@ -213,8 +214,8 @@ def spied_index(capacity_blocks=4, policy="lhd"):
         spies.append(Spy(make_policy(name)))
         return spies[-1]
 
-    index = BlockIndex(nodes, IndexConfig(high_watermark=1.0, low_watermark=1.0, eviction_policy=policy),
-                       policy_factory=factory)
+    index = BlockIndex(nodes, IndexConfig(high_watermark=1.0, low_watermark=1.0, eviction_policy=policy, **config),
+                       clock or time.monotonic, policy_factory=factory)
     ns = Namespace("m", LAYOUT)
     index.register_namespace(ns)
     return index, node, spies, ns.id
@@ -293,22 +294,7 @@ def test_the_predicate_a_policy_calls_follows_every_pin_and_unpin():
     it must follow leases (released, shrunk, expired), the movers' pins, and a removed
     block that is still leased when its key is published again."""
     clock = Clock()
-    node = Node.with_dram(1, "n1", 8 * BLOCK, chunk_bytes=8 * BLOCK, prefault=False)
-    nodes = NodeRegistry()
-    nodes.add(node)
-    spies = []
-
-    def factory(name):
-        from kvpool.master.eviction import make_policy
-
-        spies.append(Spy(make_policy(name)))
-        return spies[-1]
-
-    index = BlockIndex(nodes, IndexConfig(lease_ttl_s=10, high_watermark=1.0, low_watermark=1.0),
-                       clock, policy_factory=factory)
-    namespace = Namespace("m", LAYOUT)
-    index.register_namespace(namespace)
-    ns = namespace.id
+    index, node, spies, ns = spied_index(8, clock=clock, lease_ttl_s=10)
     try:
         a, b, c = keys(3)
         put(index, ns, [a, b, c])
