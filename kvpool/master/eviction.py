@@ -781,12 +781,18 @@ class HitDensityPolicy(EvictionPolicy):
     def _remove_dead(self) -> None:
         """Remove the victims that ``remove_many`` left to the next call (see ``_dead``)."""
         dead, self._dead = self._dead, None
-        moved = self._scratch(2 * len(dead))
-        args = (self._st, self._words, self._tab, self._leaves, self._free, self._meta, self._no_words, dead, moved)
-        if _kernels.remove(*args) == _kernels.NEED_ROOM:
-            self._make_room(len(dead))
-            _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, self._no_words,
-                            dead, self._scratch(2 * len(dead)))
+        self._remove(self._no_words, dead, len(dead))  # (no long keys: nothing to forget)
+
+    def _remove(self, kw: bytes, ids: np.ndarray, m: int) -> tuple[int, np.ndarray]:
+        """The remove kernel on ``m`` keys (``kw``) or ids, making room first if it asks for
+        it (a dead block's key moves to a new id); returns its count and ``moved`` pairs."""
+        moved = self._ids if 2 * m <= len(self._ids) else self._scratch(2 * m)
+        n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
+        if n == _kernels.NEED_ROOM:
+            self._make_room(m)
+            moved = self._scratch(2 * m)
+            n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
+        return n, moved
 
     # ------------------------------------------------------------------ references
 
@@ -897,11 +903,7 @@ class HitDensityPolicy(EvictionPolicy):
             kw, ids = key_words(keys), self._no_ids
         if self._dead is not None:
             self._remove_dead()
-        moved = self._ids if 2 * m <= len(self._ids) else self._scratch(2 * m)
-        n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
-        if n == _kernels.NEED_ROOM:  # a dead block's key moves to a new id
-            self._make_room(m)
-            n = _kernels.remove(self._st, self._words, self._tab, self._leaves, self._free, self._meta, kw, ids, moved)
+        n, moved = self._remove(kw, ids, m)
         if n > 0 and self._long:
             self._forget(moved[: 2 * n : 2])  # ids that lost their key (not resident: no victims)
 

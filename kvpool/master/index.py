@@ -664,11 +664,9 @@ class BlockIndex:
         # Only the pin is taken here, on the RPC's critical path. Hits, recency and the
         # policy's access() are recorded when the lease ends (_unpin): the block cannot be
         # evicted in between, so the policy loses nothing by hearing of the read later.
-        pinned = self._pinned
         for entry in entries:
             entry.pins += 1
-            key = entry.key
-            pinned[key] = pinned.get(key, 0) + 1
+            self._pin_key(entry.key)
         lease = ReadLease(secrets.token_hex(8), entries, self.clock() + self.config.lease_ttl_s)
         self._leases[lease.lease_id] = lease
         return lease
@@ -716,15 +714,9 @@ class BlockIndex:
     def _unpin(self, lease: ReadLease) -> None:
         now = self.clock()
         touched: dict[tuple[int, str], list[bytes]] = {}
-        pinned = self._pinned
         for entry in lease.entries:
             entry.pins -= 1
-            key = entry.key
-            n = pinned[key] - 1
-            if n:
-                pinned[key] = n
-            else:
-                del pinned[key]
+            self._unpin_key(entry.key)
             if entry.doomed:
                 if entry.pins == 0:
                     self._release_storage(entry)
@@ -740,18 +732,26 @@ class BlockIndex:
         for tk, keys in touched.items():
             self._policy(*tk).access_many(keys)
 
+    def _pin_key(self, key: bytes) -> None:
+        """Count one more pin of ``key`` in ``_pinned`` (with every ``entry.pins += 1``)."""
+        self._pinned[key] = self._pinned.get(key, 0) + 1
+
+    def _unpin_key(self, key: bytes) -> None:
+        """Count one pin of ``key`` less in ``_pinned`` (with every ``entry.pins -= 1``)."""
+        n = self._pinned[key] - 1
+        if n:
+            self._pinned[key] = n
+        else:
+            del self._pinned[key]
+
     def pin(self, entry: Entry) -> None:
         entry.pins += 1
-        self._pinned[entry.key] = self._pinned.get(entry.key, 0) + 1
+        self._pin_key(entry.key)
 
     def unpin(self, entry: Entry) -> bool:
         """Drop one pin. Returns False if the entry is gone (its storage freed at last unpin)."""
         entry.pins -= 1
-        n = self._pinned[entry.key] - 1
-        if n:
-            self._pinned[entry.key] = n
-        else:
-            del self._pinned[entry.key]
+        self._unpin_key(entry.key)
         if entry.doomed:
             if entry.pins == 0:
                 self._release_storage(entry)
